@@ -1,0 +1,94 @@
+"""Model architecture: one frozen dataclass, stored verbatim in every artifact's manifest.
+
+The same config describes a dense Llama-family model, a 2-expert branch, and an N-expert merged MoE; only the FFN
+fields differ. It is hashable, so jitted functions take it as a static argument.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 49152
+  d_model: int = 576
+  n_layers: int = 30
+  n_heads: int = 9
+  n_kv_heads: int = 3
+  head_dim: int = 64
+  d_ff: int = 1536
+  rms_eps: float = 1e-5
+  rope_theta: float = 100000.0
+  rope_style: str = "half"          # "half" (Hugging Face) | "interleaved" (GGUF / Meta)
+  tie_embeddings: bool = True
+  max_seq_len: int = 8192
+  # FFN slot.
+  ffn: str = "dense"                # "dense" | "moe"
+  n_experts: int = 1                # E, anchor included (branch: 2; merged: N + 1)
+  expert_kind: str = "ffn"          # "ffn" (full FFN per expert) | "lora" (anchor + low-rank delta per expert)
+  lora_rank: int = 16
+  lora_alpha: float = 32.0
+  top_k: int = 0                    # 0 means all experts (the paper's setting)
+  norm_topk: bool = False           # renormalise the chosen router probabilities
+  dispatch: str = "dense"           # "dense" | "dropless" | "expert_parallel"
+  capacity_factor: float = 0.0      # expert_parallel only; 0 = no drops (capacity = all tokens)
+  # Compute.
+  dtype: str = "float32"            # activation / matmul dtype; parameters stay float32
+  remat: str = "none"               # "none" | "full" | "dots" (jax.checkpoint policy for each scanned layer)
+  attention: str = "xla"            # "xla" | "cudnn" (jax.nn.dot_product_attention implementation)
+
+  @property
+  def k(self) -> int:
+    """Experts per token."""
+    return self.top_k if self.top_k else self.n_experts
+
+  @property
+  def n_adapters(self) -> int:
+    """LoRA experts: every expert but the anchor is an adapter over it."""
+    return self.n_experts - 1 if self.expert_kind == "lora" else 0
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown model config keys {unknown}: this artifact was written by a newer bar_jax; upgrade it")
+    return cls(**d)
+
+  def validate(self) -> "ModelConfig":
+    problems = []
+    if self.n_heads % self.n_kv_heads:
+      problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+    if self.ffn not in ("dense", "moe"):
+      problems.append(f"ffn={self.ffn!r} (use 'dense' or 'moe')")
+    if self.ffn == "moe":
+      if self.expert_kind not in ("ffn", "lora"):
+        problems.append(f"expert_kind={self.expert_kind!r} (use 'ffn' or 'lora')")
+      if not 0 <= self.top_k <= self.n_experts:
+        problems.append(f"top_k={self.top_k} is outside 0..n_experts={self.n_experts}")
+      if self.dispatch not in ("dense", "dropless", "expert_parallel"):
+        problems.append(f"dispatch={self.dispatch!r} (use 'dense', 'dropless' or 'expert_parallel')")
+    if self.rope_style not in ("half", "interleaved"):
+      problems.append(f"rope_style={self.rope_style!r} (use 'half' or 'interleaved')")
+    if self.dtype not in ("float32", "bfloat16"):
+      problems.append(f"dtype={self.dtype!r} (use 'float32' or 'bfloat16')")
+    if self.remat not in ("none", "full", "dots"):
+      problems.append(f"remat={self.remat!r} (use 'none', 'full' or 'dots')")
+    if problems:
+      raise ValueError("invalid model config: " + "; ".join(problems))
+    return self
+
+
+def tiny(**kw) -> ModelConfig:
+  """A random-weight model for unit tests only (compiles in about a second)."""
+  base = dict(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+              max_seq_len=128, rope_theta=10000.0)
+  base.update(kw)
+  return ModelConfig(**base).validate()
