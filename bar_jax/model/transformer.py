@@ -1,0 +1,281 @@
+"""Llama-family decoder as pure functions of the DESIGN.md parameter dict, plus a thin Flax NNX wrapper.
+
+RMSNorm, RoPE (half-split or interleaved pairing), grouped-query attention, SwiGLU FFN (or an MoE block in the same
+slot), tied or untied LM head. Layers are stacked on a leading axis and run under `jax.lax.scan`, so a 30-layer model
+compiles like a 1-layer one. Everything here is arrays in, arrays out: no files, no globals.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bar_jax.model import moe
+from bar_jax.model.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameters: initialisation and logical axes (one tree of names per leaf; sharding.py maps them to mesh axes).
+
+def param_shapes(cfg: ModelConfig) -> Params:
+  L, D, F, V = cfg.n_layers, cfg.d_model, cfg.d_ff, cfg.vocab_size
+  qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+  layers: Params = {
+      "attn_norm": {"scale": (L, D)},
+      "attn": {"q": {"kernel": (L, D, qd)}, "k": {"kernel": (L, D, kvd)}, "v": {"kernel": (L, D, kvd)},
+               "o": {"kernel": (L, qd, D)}},
+      "mlp_norm": {"scale": (L, D)},
+  }
+  if cfg.ffn == "dense":
+    layers["mlp"] = {"gate": {"kernel": (L, D, F)}, "up": {"kernel": (L, D, F)}, "down": {"kernel": (L, F, D)}}
+  else:
+    layers["moe"] = moe.param_shapes(cfg)
+  tree: Params = {"embed": {"embedding": (V, D)}, "layers": layers, "final_norm": {"scale": (D,)}}
+  if not cfg.tie_embeddings:
+    tree["lm_head"] = {"kernel": (D, V)}
+  return tree
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+  """Same tree as the parameters; each leaf a tuple of logical axis names (DESIGN.md)."""
+  layers: Params = {
+      "attn_norm": {"scale": ("layers", "norm")},
+      "attn": {"q": {"kernel": ("layers", "embed", "heads")}, "k": {"kernel": ("layers", "embed", "kv")},
+               "v": {"kernel": ("layers", "embed", "kv")}, "o": {"kernel": ("layers", "heads", "embed")}},
+      "mlp_norm": {"scale": ("layers", "norm")},
+  }
+  if cfg.ffn == "dense":
+    layers["mlp"] = {"gate": {"kernel": ("layers", "embed", "mlp")}, "up": {"kernel": ("layers", "embed", "mlp")},
+                     "down": {"kernel": ("layers", "mlp", "embed")}}
+  else:
+    layers["moe"] = moe.logical_axes(cfg)
+  tree: Params = {"embed": {"embedding": ("vocab", "embed")}, "layers": layers, "final_norm": {"scale": ("norm",)}}
+  if not cfg.tie_embeddings:
+    tree["lm_head"] = {"kernel": ("embed", "vocab")}
+  return tree
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+  """Random initialisation (unit tests and speed benchmarks; real runs import a checkpoint)."""
+  shapes = param_shapes(cfg)
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree.flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for path, shape, k in zip(paths, leaves, keys):
+    if "scale" in path:
+      out.append(jnp.ones(shape, jnp.float32))
+    elif "lora" in path and path.endswith("['b']"):
+      out.append(jnp.zeros(shape, jnp.float32))  # B = 0: a fresh adapter is the identity
+    else:
+      fan_in = shape[-2] if len(shape) >= 2 else shape[-1]
+      if "embedding" in path:
+        fan_in = shape[-1]
+      out.append(jax.random.normal(k, shape, jnp.float32) / math.sqrt(fan_in))
+  return jax.tree.unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks.
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (y * scale).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, style: str) -> jax.Array:
+  """x [B, T, H, hd]; positions [B, T]. 'half' rotates (i, i + hd/2) pairs, 'interleaved' rotates (2i, 2i+1)."""
+  hd = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  if style == "half":
+    x1, x2 = xf[..., : hd // 2], xf[..., hd // 2:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  else:
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(xf.shape)
+  return out.astype(x.dtype)
+
+
+def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+  dt = x.dtype
+  h = jax.nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
+  return h @ down.astype(dt)
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None, k_seg: jax.Array | None,
+                   k_valid: jax.Array | None = None) -> jax.Array:
+  """Boolean [B, 1, T, S]: causal by position, within one packed segment, over filled cache slots."""
+  mask = q_pos[:, :, None] >= k_pos[:, None, :]
+  if q_seg is not None:
+    mask &= q_seg[:, :, None] == k_seg[:, None, :]
+  if k_valid is not None:
+    mask &= k_valid[:, None, :]
+  return mask[:, None]
+
+
+def attend(q, k, v, mask, cfg: ModelConfig):
+  impl = "cudnn" if cfg.attention == "cudnn" else None
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+def _block(cfg: ModelConfig, mesh, x, lp, positions, segment_ids, cache_kv, cache_index):
+  """One decoder layer. cache_kv = (k [B,S,K,hd], v) to read from and write into at cache_index, or None."""
+  B, T, _ = x.shape
+  dt = x.dtype
+  h = rms_norm(x, lp["attn_norm"]["scale"], cfg.rms_eps)
+  q = (h @ lp["attn"]["q"]["kernel"].astype(dt)).reshape(B, T, cfg.n_heads, cfg.head_dim)
+  k = (h @ lp["attn"]["k"]["kernel"].astype(dt)).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+  v = (h @ lp["attn"]["v"]["kernel"].astype(dt)).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+  q = rope(q, positions, cfg.rope_theta, cfg.rope_style)
+  k = rope(k, positions, cfg.rope_theta, cfg.rope_style)
+  if cache_kv is None:
+    mask = attention_mask(positions, positions, segment_ids, segment_ids)
+    new_cache = None
+    keys, values = k, v
+  else:
+    ck, cv = cache_kv
+    ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+    cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+    S = ck.shape[1]
+    slots = jnp.broadcast_to(jnp.arange(S)[None], (B, S))
+    # Slot s holds position s; slots past what has been written are masked out.
+    mask = attention_mask(positions, slots, None, None, k_valid=slots < cache_index + T)
+    new_cache = (ck, cv)
+    keys, values = ck.astype(dt), cv.astype(dt)
+  o = attend(q, keys, values, mask, cfg).reshape(B, T, cfg.n_heads * cfg.head_dim)
+  x = x + o @ lp["attn"]["o"]["kernel"].astype(dt)
+  h = rms_norm(x, lp["mlp_norm"]["scale"], cfg.rms_eps)
+  if cfg.ffn == "dense":
+    m = lp["mlp"]
+    y, aux = swiglu(h, m["gate"]["kernel"], m["up"]["kernel"], m["down"]["kernel"]), {}
+  else:
+    y, aux = moe.moe_ffn(lp["moe"], h, cfg, mesh=mesh)
+  return x + y, aux, new_cache
+
+
+_REMAT = {"full": jax.checkpoint_policies.nothing_saveable,
+          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positions: jax.Array | None = None,
+            segment_ids: jax.Array | None = None, mesh=None, return_hidden: bool = False):
+  """Full-sequence forward. tokens [B, T] -> (logits [B, T, V] float32, aux).
+
+  aux holds per-layer MoE statistics stacked on a leading L axis (empty for a dense model). With
+  return_hidden=True the final-norm hidden states are returned instead of logits (for chunked losses).
+  """
+  dt = jnp.dtype(cfg.dtype)
+  B, T = tokens.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
+  x = params["embed"]["embedding"].astype(dt)[tokens]
+
+  def body(x, lp):
+    y, aux, _ = _block(cfg, mesh, x, lp, positions, segment_ids, None, None)
+    return y, aux
+
+  if cfg.remat != "none":
+    body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
+  x, aux = jax.lax.scan(body, x, params["layers"])
+  x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_eps)
+  if return_hidden:
+    return x, aux
+  return lm_logits(params, x, cfg), aux
+
+
+def lm_logits(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+  head = params["embed"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
+  return (x @ head.astype(x.dtype)).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV-cache decoding.
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
+
+
+def forward_cached(params: Params, tokens: jax.Array, cache: dict[str, jax.Array], cfg: ModelConfig, *,
+                   positions: jax.Array | None = None, mesh=None):
+  """Runs tokens [B, T] at cache slots index..index+T; returns (logits [B, T, V], new cache).
+
+  positions default to the slot index (left-padded prompts pass their own so padding does not shift RoPE).
+  """
+  dt = jnp.dtype(cfg.dtype)
+  B, T = tokens.shape
+  index = cache["index"]
+  if positions is None:
+    positions = jnp.broadcast_to(index + jnp.arange(T)[None], (B, T))
+  x = params["embed"]["embedding"].astype(dt)[tokens]
+
+  def body(x, layer):
+    lp, ck, cv = layer
+    y, _, (ck, cv) = _block(cfg, mesh, x, lp, positions, None, (ck, cv), index)
+    return y, (ck, cv)
+
+  x, (ks, vs) = jax.lax.scan(body, x, (params["layers"], cache["k"], cache["v"]))
+  x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_eps)
+  return lm_logits(params, x, cfg), {"k": ks, "v": vs, "index": index + T}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Accounting.
+
+def count_params(params: Params) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def active_matmul_params(cfg: ModelConfig) -> int:
+  """Parameters multiplied per token (embedding lookup excluded, LM head included)."""
+  D, F, L = cfg.d_model, cfg.d_ff, cfg.n_layers
+  attn = D * cfg.n_heads * cfg.head_dim * 2 + D * cfg.n_kv_heads * cfg.head_dim * 2
+  ffn = 3 * D * F * (cfg.k if cfg.ffn == "moe" else 1)
+  router = D * cfg.n_experts if cfg.ffn == "moe" else 0
+  return L * (attn + ffn + router) + D * cfg.vocab_size
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Model FLOPs per trained token (forward + backward = 3x forward), attention scores included."""
+  attn_scores = 2 * 2 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim / 2  # causal: half the square
+  return 3 * (2 * active_matmul_params(cfg) + attn_scores)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flax NNX wrapper: a module whose nnx.to_pure_dict(nnx.state(model)) is exactly the parameter dict above.
+
+class _Node(nnx.Module):
+  def __init__(self, tree: Params, axes: Params):
+    for name, value in tree.items():
+      if isinstance(value, dict):
+        setattr(self, name, _Node(value, axes[name]))
+      else:
+        setattr(self, name, nnx.Param(value, logical_axes=axes[name]))  # metadata only: sharding.py places arrays
+
+
+class Transformer(nnx.Module):
+  """NNX view of the model. Training and the transforms use the pure dict; this is for interactive use."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, params: Params | None = None):
+    self.cfg = cfg
+    if params is None:
+      params = init_params(cfg, (rngs or nnx.Rngs(0)).params())
+    axes = logical_axes(cfg)
+    for name, value in params.items():
+      setattr(self, name, _Node(value, axes[name]))
+
+  def params(self) -> Params:
+    return nnx.to_pure_dict(nnx.state(self, nnx.Param))
+
+  def __call__(self, tokens: jax.Array, **kw):
+    return forward(self.params(), tokens, self.cfg, **kw)
