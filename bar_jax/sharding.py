@@ -1,0 +1,111 @@
+"""Sharding is data: logical axis names on every parameter, one table of rules mapping them to mesh axes.
+
+Mesh axes are always ("data", "fsdp", "expert", "tensor"). The batch is split over (data, fsdp, expert) — the expert
+axis shards tokens too (MaxText-style), so expert-parallel dispatch starts with each expert shard owning its tokens.
+A rule whose mesh axis does not divide the dimension falls back to replication for that dimension, so the same code
+runs on 1 CPU, 8 simulated devices, a GPU or a pod slice.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from bar_jax.errors import BarError
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
+
+# logical axis -> mesh axis (None = replicated)
+RULES: dict[str, str | None] = {
+    "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv": "tensor", "mlp": "tensor",
+    "exp": "expert", "exp_router": None, "layers": None, "norm": None, "lora": None,
+}
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None, devices=None) -> Mesh:
+  """Mesh over MESH_AXES. shape: {"data": 2, "expert": 4} or a 4-tuple; one entry may be -1 (takes the rest).
+
+  Missing axes get size 1; with no shape everything goes on "data".
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  n = len(devices)
+  if shape is None:
+    sizes = {"data": -1}
+  elif isinstance(shape, Mapping):
+    unknown = sorted(set(shape) - set(MESH_AXES))
+    if unknown:
+      raise BarError(f"unknown mesh axes {unknown}: use only {list(MESH_AXES)}")
+    sizes = dict(shape)
+  else:
+    if len(shape) != len(MESH_AXES):
+      raise BarError(f"mesh shape {tuple(shape)} needs {len(MESH_AXES)} entries for axes {MESH_AXES}")
+    sizes = dict(zip(MESH_AXES, shape))
+  dims = [int(sizes.get(a, 1)) for a in MESH_AXES]
+  if dims.count(-1) > 1:
+    raise BarError(f"mesh shape {dict(zip(MESH_AXES, dims))} has more than one -1; give all but one axis a size")
+  known = math.prod(d for d in dims if d != -1)
+  if -1 in dims:
+    if known <= 0 or n % known:
+      raise BarError(f"mesh {dict(zip(MESH_AXES, dims))} does not divide the {n} available devices; "
+                     f"make the product of the sizes divide {n}")
+    dims[dims.index(-1)] = n // known
+  if math.prod(dims) != n:
+    raise BarError(f"mesh {dict(zip(MESH_AXES, dims))} needs {math.prod(dims)} devices but {n} are available; "
+                   f"set config.mesh so the sizes multiply to {n} (one entry may be -1)")
+  return Mesh(np.asarray(devices).reshape(dims), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+  """PartitionSpec for one array from its logical axes; a mesh axis is used once and only where it divides."""
+  used: set[str] = set()
+  out = []
+  for name, dim in zip(axes, shape):
+    mesh_axis = RULES.get(name) if name else None
+    if mesh_axis and mesh_axis not in used and mesh.shape[mesh_axis] > 1 and dim % mesh.shape[mesh_axis] == 0:
+      out.append(mesh_axis)
+      used.add(mesh_axis)
+    else:
+      out.append(None)
+  return P(*out)
+
+
+def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:
+  """NamedSharding per leaf, from matching trees of logical axes and shapes (or arrays)."""
+  is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
+  return jax.tree.map(lambda ax, s: NamedSharding(mesh, spec_for(ax, np.shape(s) if not isinstance(s, tuple) else s,
+                                                                 mesh)),
+                      axes_tree, shapes_tree, is_leaf=is_axes)
+
+
+def param_shardings(cfg, mesh: Mesh, params: Any | None = None) -> Any:
+  """Shardings for a model's parameter dict (shapes from cfg, or from `params` when given)."""
+  from bar_jax.model import transformer
+  shapes = params if params is not None else transformer.param_shapes(cfg)
+  return tree_shardings(transformer.logical_axes(cfg), shapes, mesh)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Leading (batch) dimension split over every data-like mesh axis."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, batch_axis: int = 0) -> dict[str, jax.Array]:
+  """This process's slice of the batch -> global arrays sharded over the batch axes (multi-process safe)."""
+  out = {}
+  for k, v in local.items():
+    spec = [None] * v.ndim
+    spec[batch_axis] = BATCH_AXES
+    out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, P(*spec)), np.asarray(v))
+  return out
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
