@@ -1,0 +1,212 @@
+"""Sparse MoE dispatch: the `dropless` grouped-matmul path and the `expert_parallel` shard_map path.
+
+Both compute exactly what `moe.dense_dispatch` computes (every token's top-k experts, combined by the router weights),
+only without running the experts a token did not pick:
+
+  dropless         the N*k token copies are sorted by expert and multiplied group by group. On the CPU the groups
+                   are padded to blocks of `block` rows and run as one batched matmul (each block belongs to one
+                   expert); elsewhere `jax.lax.ragged_dot` runs the ragged groups directly. Nothing is dropped.
+  expert_parallel  `jax.shard_map` over the mesh: experts are split over the `expert` axis, the token batch over
+                   (data, fsdp, expert). Each device buckets its token copies by expert into slots of `capacity`
+                   rows, exchanges them with `all_to_all`, runs its local experts, and sends the results back.
+
+Capacity (expert_parallel): each device holds n = N / (data*fsdp*expert) tokens, i.e. n*k copies. For each expert
+it sends at most C = min(n, ceil(capacity_factor * n * k / E)) copies; capacity_factor 0 means C = n, which can hold
+every copy (a token picks an expert at most once), so nothing drops. Copies beyond C are dropped in token order (a
+later token loses first): they contribute nothing to the output, and `run` returns their global count.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from bar_jax.errors import BarError
+from bar_jax.model.config import ModelConfig
+
+BATCH_AXES = ("data", "fsdp", "expert")
+
+
+def run(kind: str, x, weights, idx, gate, up, down, cfg: ModelConfig, mesh=None, *, impl: str = "auto"):
+  """x [N, D], weights [N, E] (zero off the top-k), idx [N, k] -> (y [N, D], dropped token copies, int32 scalar).
+
+  impl: "auto" (blocked on the CPU, ragged elsewhere), "blocked" or "ragged" (grouped matmul and all-to-all).
+  """
+  if impl == "auto":
+    impl = "blocked" if jax.default_backend() == "cpu" else "ragged"
+  if kind == "expert_parallel" and mesh is not None and mesh.shape.get("expert", 1) > 1:
+    return expert_parallel(x, weights, idx, gate, up, down, mesh, cfg.capacity_factor, impl=impl)
+  if kind in ("dropless", "expert_parallel"):
+    return dropless(x, weights, idx, gate, up, down, impl=impl), jnp.zeros((), jnp.int32)
+  raise BarError(f"unknown dispatch {kind!r}: use 'dense', 'dropless' or 'expert_parallel'")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers shared by both paths.
+
+def _swiglu_grouped(h, gate, up, down):
+  """h [G, M, D] rows of group g through expert g: [G, M, D]."""
+  dt = h.dtype
+  a = jnp.einsum("gmd,gdf->gmf", h, gate.astype(dt))
+  b = jnp.einsum("gmd,gdf->gmf", h, up.astype(dt))
+  return jnp.einsum("gmf,gfd->gmd", jax.nn.silu(a) * b, down.astype(dt))
+
+
+def _combine(y_copies, weights, idx):
+  """y_copies [N*k, D] in (token, slot) order -> sum over slots weighted by the router: [N, D]."""
+  N, k = idx.shape
+  w = jnp.take_along_axis(weights, idx, axis=1).astype(y_copies.dtype)
+  return jnp.einsum("nkd,nk->nd", y_copies.reshape(N, k, -1), w)
+
+
+def _rank_in_group(flat_e, n_groups: int):
+  """Position of each element among the earlier elements with the same group id (stable, token-major)."""
+  onehot = jax.nn.one_hot(flat_e, n_groups, dtype=jnp.int32)
+  return jnp.take_along_axis(jnp.cumsum(onehot, axis=0) - 1, flat_e[:, None], axis=1)[:, 0]
+
+
+def default_block(n_copies: int, n_experts: int) -> int:
+  """Rows per block of the CPU grouped matmul: big enough that the per-block expert-weight gather is amortised,
+  small enough that padding (about half a block per expert) stays a small share of the n_copies rows."""
+  target = max(n_copies // (4 * n_experts), 8)
+  return min(1 << int(math.log2(target)), 512)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dropless: sort token copies by expert, grouped matmul.
+
+def dropless(x, weights, idx, gate, up, down, *, impl: str = "blocked", block: int | None = None):
+  N, k = idx.shape
+  E = gate.shape[0]
+  flat_e = idx.reshape(-1)                                   # copy c = token c // k, slot c % k
+  order = jnp.argsort(flat_e, stable=True)                   # copies sorted by expert
+  sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
+  xs = x[order // k]                                         # [N*k, D] sorted copies
+  if impl == "ragged":
+    dt = x.dtype
+    a = jax.lax.ragged_dot(xs, gate.astype(dt), sizes)
+    b = jax.lax.ragged_dot(xs, up.astype(dt), sizes)
+    ys = jax.lax.ragged_dot(jax.nn.silu(a) * b, down.astype(dt), sizes)
+  else:
+    ys = _blocked_grouped_ffn(xs, flat_e[order], sizes, gate, up, down, block or default_block(N * k, E))
+  y_copies = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)   # back to (token, slot) order
+  return _combine(y_copies, weights, idx)
+
+
+def _blocked_grouped_ffn(xs, sorted_e, sizes, gate, up, down, block: int):
+  """xs [M, D] sorted by expert (sorted_e [M], sizes [E]) -> ys [M, D]. Each expert's rows start on a fresh block
+  of `block` rows; every block is multiplied by its own expert's weights in one batched einsum."""
+  M, D = xs.shape
+  E = gate.shape[0]
+  # Static bound on the blocks needed: sum_e ceil(n_e / B) <= (M + E (B - 1)) / B, and n_e <= M / k <= M.
+  n_blocks = min((M + E * (block - 1)) // block, E * -(-M // block))
+  blocks_per_expert = -(-sizes // block)
+  block_end = jnp.cumsum(blocks_per_expert)
+  first_block = block_end - blocks_per_expert
+  group_start = jnp.cumsum(sizes) - sizes
+  rank = jnp.arange(M) - group_start[sorted_e]
+  row = first_block[sorted_e] * block + rank                 # padded row of each sorted copy
+  padded = jnp.zeros((n_blocks * block, D), xs.dtype).at[row].set(xs, unique_indices=True)
+  block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(n_blocks), side="right"), E - 1)
+  yb = _swiglu_grouped(padded.reshape(n_blocks, block, D), gate[block_expert], up[block_expert], down[block_expert])
+  return yb.reshape(n_blocks * block, D)[row]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Expert parallel: shard_map over the expert axis, tokens exchanged by all_to_all.
+
+def capacity(tokens_per_shard: int, k: int, n_experts: int, capacity_factor: float) -> int:
+  """Copies each device may send to one expert (see the module docstring); capacity_factor <= 0: no drops."""
+  if capacity_factor <= 0:
+    return tokens_per_shard
+  return max(1, min(tokens_per_shard, math.ceil(capacity_factor * tokens_per_shard * k / n_experts)))
+
+
+def expert_parallel(x, weights, idx, gate, up, down, mesh, capacity_factor: float, *, impl: str = "blocked"):
+  N, D = x.shape
+  k = idx.shape[1]
+  E = gate.shape[0]
+  X = mesh.shape["expert"]
+  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  if E % X:
+    raise BarError(f"{E} experts do not split over the expert mesh axis of size {X}: pick an expert axis dividing {E}")
+  if N % shards:
+    raise BarError(f"{N} tokens do not split over the {shards} batch shards (data*fsdp*expert): "
+                   f"make batch*seq a multiple of {shards}")
+  n = N // shards
+  C = capacity(n, k, E, capacity_factor)
+  body = _ragged_body if impl == "ragged" else _padded_body
+  tok, exp = P(BATCH_AXES), P("expert")
+
+  def shard(x, weights, idx, gate, up, down):
+    y, dropped = body(x, idx, gate, up, down, X=X, E=E, C=C)
+    return _combine(y, weights, idx), jax.lax.psum(dropped, BATCH_AXES)
+
+  f = jax.shard_map(shard, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=(tok, P()), check_vma=True)
+  return f(x, weights, idx, gate, up, down)
+
+
+def _padded_body(x, idx, gate, up, down, *, X: int, E: int, C: int):
+  """One device: x [n, D], idx [n, k], local experts [E/X, ...] -> (y_copies [n*k, D], dropped copies)."""
+  n, D = x.shape
+  k = idx.shape[1]
+  El = E // X
+  flat_e = idx.reshape(-1)
+  rank = _rank_in_group(flat_e, E)
+  keep = rank < C
+  slot = jnp.where(keep, flat_e * C + rank, E * C)           # dropped copies point at a zero row
+  token = jnp.full((E * C + 1,), n, jnp.int32).at[slot].set(jnp.arange(n * k, dtype=jnp.int32) // k)[:E * C]
+  x_ext = jnp.concatenate([x, jnp.zeros((1, D), x.dtype)])
+  send = x_ext[token].reshape(X, El, C, D)                   # bucket j goes to expert shard j
+  recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)  # [X sources, El, C, D]
+  h = recv.transpose(1, 0, 2, 3).reshape(El, X * C, D)
+  y = _swiglu_grouped(h, gate, up, down).reshape(El, X, C, D).transpose(1, 0, 2, 3)
+  back = jax.lax.all_to_all(y, "expert", 0, 0, tiled=True).reshape(E * C, D)  # global expert order
+  y_copies = jnp.concatenate([back, jnp.zeros((1, D), back.dtype)])[slot]
+  return y_copies, jnp.sum(~keep).astype(jnp.int32)
+
+
+def _ragged_body(x, idx, gate, up, down, *, X: int, E: int, C: int):
+  """GPU/TPU variant of `_padded_body`: only the kept copies travel (`ragged_all_to_all`), local experts run as a
+  ragged grouped matmul. XLA:CPU does not implement ragged_all_to_all, so this path is untested on the CPU."""
+  n, D = x.shape
+  k = idx.shape[1]
+  El = E // X
+  me = jax.lax.axis_index("expert")
+  flat_e = idx.reshape(-1)
+  keep = _rank_in_group(flat_e, E) < C
+  key = jnp.where(keep, flat_e, E)                           # dropped copies sort last and are never sent
+  order = jnp.argsort(key, stable=True)
+  sorted_e = key[order]
+  xs = x[order // k]
+  per_expert = jnp.bincount(key, length=E + 1)[:E].astype(jnp.int32)
+  send_sizes = per_expert.reshape(X, El).sum(1)
+  in_off = jnp.cumsum(send_sizes) - send_sizes
+  counts = jax.lax.all_gather(per_expert.reshape(X, El), "expert")   # [src, dst, El] copies src sends to dst
+  to_me = counts[:, me]                                      # [src, El]
+  recv_sizes = to_me.sum(1)
+  out_off_at_dst = jnp.cumsum(counts.sum(2), axis=0) - counts.sum(2)  # [src, dst] where src's chunk lands on dst
+  out_off = out_off_at_dst[me]
+  cap_rows = X * n * k if C >= n else X * El * C             # static bound on received rows
+  buf = jnp.zeros((cap_rows, D), x.dtype)
+  recv = jax.lax.ragged_all_to_all(xs, buf, in_off, send_sizes, out_off, recv_sizes, axis_name="expert")
+  recv_e = jax.lax.ragged_all_to_all((sorted_e % El).astype(jnp.int32), jnp.full((cap_rows,), El, jnp.int32),
+                                     in_off, send_sizes, out_off, recv_sizes, axis_name="expert")
+  local_order = jnp.argsort(recv_e, stable=True)             # received rows grouped by local expert
+  sizes = jnp.bincount(recv_e, length=El + 1)[:El].astype(jnp.int32)
+  dt = x.dtype
+  hr = recv[local_order]
+  a = jax.lax.ragged_dot(hr, gate.astype(dt), sizes)
+  b = jax.lax.ragged_dot(hr, up.astype(dt), sizes)
+  yr = jax.lax.ragged_dot(jax.nn.silu(a) * b, down.astype(dt), sizes)
+  y_recv = jnp.zeros_like(yr).at[local_order].set(yr)
+  # Send each result back to where its source holds it: source s's rows sit at out_off_at_dst[s, me] here and at
+  # s's in_off[me] there.
+  src_in_off = jax.lax.all_gather(in_off, "expert")[:, me]
+  back = jax.lax.ragged_all_to_all(y_recv, jnp.zeros((n * k, D), dt), out_off_at_dst[:, me], recv_sizes,
+                                   src_in_off, send_sizes, axis_name="expert")
+  ys = jnp.where((sorted_e < E)[:, None], back, 0)
+  y_copies = jnp.zeros_like(ys).at[order].set(ys)
+  return y_copies, jnp.sum(~keep).astype(jnp.int32)
