@@ -39,8 +39,8 @@ def path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def flatten(tree: Any) -> dict[str, Any]:
-  return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def flatten(tree: Any, is_leaf=None) -> dict[str, Any]:
+  return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
 
 
 def unflatten(flat: dict[str, Any]) -> dict:
@@ -82,8 +82,7 @@ def _expert_positions(path: str, axis_names: tuple, cfg: ModelConfig) -> tuple[i
 def make_partition(params: Any, cfg: ModelConfig, trainable: Sequence[str], frozen_experts: Sequence[int] = (0,)
                    ) -> Partition:
   flat = flatten(params)
-  axes = flatten(jax.tree.map(lambda a: a, transformer.logical_axes(cfg),
-                              is_leaf=lambda x: isinstance(x, tuple)))
+  axes = flatten(transformer.logical_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
   compiled = []
   for pattern in trainable:
     try:

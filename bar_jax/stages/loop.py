@@ -1,0 +1,238 @@
+"""The one training loop: a jitted step over a (trainable, frozen) split, sharded, checkpointed, resumable.
+
+Every stage that trains (dense LM, branch mid-training/SFT, router, RL) calls `train(...)` with its own loss function
+and partition. Frozen leaves are arguments of the step but never reach the optimiser; trainable leaves and the
+optimiser state are donated. A run killed at any point and started again with the same command resumes from the last
+checkpoint (params, optimiser state, step, data iterator) and ends bit-identical to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bar_jax import optim, sharding
+from bar_jax.io.checkpoint import Checkpointer, check_run_identity
+from bar_jax.model import transformer
+from bar_jax.model.config import ModelConfig
+from bar_jax.transforms import freeze
+
+LossFn = Callable[[dict, dict], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses.
+
+def lm_loss(cfg: ModelConfig, mesh=None, z_loss: float = 0.0, lb_loss: float = 0.0) -> LossFn:
+  """Next-token cross-entropy over batch["mask"] (assistant tokens for SFT), plus the MoE router losses."""
+
+  def loss_fn(params, batch):
+    logits, aux = transformer.forward(params, batch["inputs"], cfg, positions=batch["positions"],
+                                      segment_ids=batch["segment_ids"], mesh=mesh)
+    mask = batch["mask"].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    n = jnp.maximum(mask.sum(), 1.0)
+    nll = (ce * mask).sum() / n
+    metrics = {"nll": nll, "tokens": mask.sum()}
+    loss = nll
+    if aux:
+      metrics["z_loss"] = aux["z_loss"].mean()
+      metrics["lb_loss"] = aux["lb_loss"].mean()
+      loss = loss + z_loss * metrics["z_loss"] + lb_loss * metrics["lb_loss"]
+    return loss, metrics
+
+  return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The step.
+
+def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, part: freeze.Partition, accum: int):
+  """(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics); batch leading dim = accum."""
+
+  def micro(trainable, frozen, mb):
+    return loss_fn(freeze.join(trainable, frozen, part), mb)
+
+  grad_fn = jax.value_and_grad(micro, has_aux=True)
+
+  def step(trainable, opt_state, frozen, batch):
+    if accum == 1:
+      (loss, metrics), grads = grad_fn(trainable, frozen, jax.tree.map(lambda x: x[0], batch))
+    else:
+      def body(carry, mb):
+        (loss, metrics), grads = grad_fn(trainable, frozen, mb)
+        return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+      zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, trainable, frozen,
+                                                         jax.tree.map(lambda x: x[0], batch)))
+      (loss, metrics, grads), _ = jax.lax.scan(body, (zero[0][0], zero[0][1], zero[1]), batch)
+      loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+      metrics = {k: (v if k == "tokens" else v / accum) for k, v in metrics.items()}
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    return trainable, opt_state, metrics
+
+  return step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop.
+
+@dataclasses.dataclass
+class Result:
+  params: dict
+  steps: int
+  tokens: float
+  seconds: float
+  history: list[dict]
+
+
+def _to_micro(local: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarray]:
+  """[B, ...] -> [accum, B/accum, ...] (the batch axis of each micro-batch stays axis 1)."""
+  return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in local.items()}
+
+
+def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: LossFn, batches: Iterator[dict],
+          opt, steps: int, workdir: str, mesh, identity: dict, accum: int = 1, checkpoint_every: int = 100,
+          log_every: int = 10, desc: str = "train", data_iter=None, on_log: Callable[[dict], None] | None = None
+          ) -> Result:
+  """Trains `part`'s trainable leaves of `params` for `steps` steps; resumes from workdir/checkpoints if present.
+
+  batches yields this process's share of each global batch as numpy dicts [B_local, ...]; data_iter (if it has
+  get_state/set_state, e.g. a grain iterator) is checkpointed with the state so the data resumes exactly.
+  """
+  check_run_identity(workdir, identity)
+  tx, sched = optim.adamw(opt, steps)
+  flat_shardings = freeze.flatten(sharding.param_shardings(cfg, mesh, params))
+  params = jax.tree.map(lambda x, s: jax.device_put(x, s), params, sharding.param_shardings(cfg, mesh, params))
+  trainable, frozen = freeze.split(params, part)
+  # Partially frozen leaves were sliced along the expert axis: re-derive their shardings from the slices.
+  # Trainable leaves are donated to the step: copy them so the caller's arrays stay alive.
+  trainable = {k: jnp.copy(jax.device_put(v, _slice_sharding(flat_shardings[k], v))) for k, v in trainable.items()}
+  frozen = {k: jax.device_put(v, _slice_sharding(flat_shardings[k], v)) for k, v in frozen.items()}
+  opt_state = jax.jit(tx.init)(trainable)
+  # Scalars (Adam's count) come back on one device: replicate them over the mesh like everything else.
+  opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
+                           else jax.device_put(x, sharding.replicated(mesh)), opt_state)
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  start = ckpt.latest_step() or 0
+  history_path = os.path.join(workdir, "metrics.jsonl")
+  if start:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            {"trainable": trainable, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)})
+    state = ckpt.restore(start, abstract, data_iter)
+    trainable, opt_state = state["trainable"], state["opt_state"]
+  history = _read_history(history_path, upto=start)
+
+  # Pinning output shardings to the inputs' keeps step 2 from recompiling for a different layout.
+  keep = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  step_fn = jax.jit(make_step(loss_fn, tx, part, accum), donate_argnums=(0, 1),
+                    out_shardings=(keep(trainable), keep(opt_state), None))
+  writer = _Writer(workdir, history_path, history) if jax.process_index() == 0 else None
+  tokens_seen = sum(h.get("tokens", 0.0) for h in history)
+  t0, t_last, seconds = time.time(), time.time(), 0.0
+  bar = _progress(desc, steps, start)
+  pending: list[tuple[int, dict]] = []
+  for step in range(start, steps):
+    local = next(batches)
+    batch = sharding.global_batch(_to_micro(local, accum), mesh, batch_axis=1)
+    trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch)
+    pending.append((step + 1, metrics))
+    done = step + 1
+    if done % log_every == 0 or done == steps or done % checkpoint_every == 0:
+      now = time.time()
+      for s, m in pending:  # one host sync per log interval, not per step
+        row = {k: float(v) for k, v in m.items()}
+        row.update(step=s, lr=float(sched(s - 1)))
+        tokens_seen += row.get("tokens", 0.0)
+        row["tokens_seen"] = tokens_seen
+        history.append(row)
+        if writer:
+          writer.write(row)
+      row = history[-1]
+      row["step_time"] = (now - t_last) / len(pending)
+      seconds += now - t_last
+      t_last, pending = now, []
+      if on_log:
+        on_log(row)
+      bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+    bar.update(1)
+    if done % checkpoint_every == 0 or done == steps:
+      ckpt.save(done, {"trainable": trainable, "opt_state": opt_state, "step": jnp.asarray(done, jnp.int32)},
+                data_iter)
+  bar.close()
+  ckpt.close()
+  if writer:
+    writer.close()
+  final = freeze.join(trainable, frozen, part)
+  return Result(params=final, steps=steps, tokens=tokens_seen, seconds=time.time() - t0, history=history)
+
+
+def _slice_sharding(full: jax.sharding.NamedSharding, x) -> jax.sharding.NamedSharding:
+  spec = tuple(full.spec) + (None,) * (x.ndim - len(full.spec))
+  fixed = tuple(a if a is None or x.shape[i] % _axis_size(full.mesh, a) == 0 else None for i, a in enumerate(spec))
+  return jax.sharding.NamedSharding(full.mesh, jax.sharding.PartitionSpec(*fixed))
+
+
+def _axis_size(mesh, a) -> int:
+  names = a if isinstance(a, tuple) else (a,)
+  return int(np.prod([mesh.shape[n] for n in names]))
+
+
+def _read_history(path: str, upto: int) -> list[dict]:
+  """metrics.jsonl rows of steps <= upto (rows written after the last checkpoint are dropped, then rewritten)."""
+  if not os.path.exists(path) or not upto:
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        break  # a torn last line from a kill
+      if row.get("step", 0) <= upto:
+        rows.append(row)
+  return rows
+
+
+class _Writer:
+  """metrics.jsonl (rewritten on resume to the checkpointed prefix) + TensorBoard events."""
+
+  def __init__(self, workdir: str, path: str, history: list[dict]):
+    with open(path + ".tmp", "w") as f:
+      for row in history:
+        f.write(json.dumps(row) + "\n")
+    os.replace(path + ".tmp", path)
+    self.f = open(path, "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:
+      self.tb = None
+
+  def write(self, row: dict) -> None:
+    self.f.write(json.dumps(row) + "\n")
+    self.f.flush()
+    if self.tb:
+      for k, v in row.items():
+        if k != "step":
+          self.tb.add_scalar(k, v, row["step"])
+
+  def close(self) -> None:
+    self.f.close()
+    if self.tb:
+      self.tb.close()
+
+
+def _progress(desc: str, total: int, initial: int):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0,
+              mininterval=2.0)
