@@ -10,3 +10,36 @@ import jax  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The real base model, loaded once per test session (the GGUF takes ~5-8 s; the tokenizer alone ~3 s).
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """(ModelConfig, float32 numpy params, Tokenizer) of SmolLM2-135M-Instruct from the packaged GGUF."""
+  from bar_jax.io import gguf
+  return gguf.load()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+  """Only the base tokenizer (~3 s), for tests that do not need the weights."""
+  from bar_jax.io import gguf
+  return gguf.load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+  """A 259-token ChatML tokenizer (3 specials + the 256 byte symbols, no merges) for tiny-model tests: fast, and
+  built by the same Tokenizer.from_gguf path as the real one. Use with tiny(vocab_size=259)."""
+  from tokenizers import pre_tokenizers
+  from bar_jax.data.tokenizer import Tokenizer
+  specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+  tokens = specials + sorted(pre_tokenizers.ByteLevel.alphabet())
+  return Tokenizer.from_gguf({
+      "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": [],
+      "tokenizer.ggml.token_type": [3] * 3 + [1] * 256, "tokenizer.ggml.eos_token_id": 2,
+      "tokenizer.chat_template": "<|im_start|>system\nYou are a tiny test model.<|im_end|>\n"})
