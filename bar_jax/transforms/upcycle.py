@@ -1,0 +1,80 @@
+"""Dense -> 2-expert branch: every FFN becomes an MoE of the frozen anchor (expert 0) and a domain expert (expert 1).
+
+Router init: zeros by default, so the softmax is exactly 50/50 and a fresh branch (both experts equal to the anchor)
+computes 0.5 f(x) + 0.5 f(x) = f(x), the dense base's output bit for bit in the FFN. With zeros both experts' router
+gradients vanish until expert 1 moves away from the anchor, which happens on the first step (the expert gradient is
+not zero). Pass `key` (and `router_scale`) for a small random router instead; the branch then matches the base only
+up to float rounding of w0 + w1 = 1.
+
+Expert kinds:
+  ffn   experts [L, 2, D, F]: the anchor and a full copy (of the base, or of `expert_init`'s FFN: the paper's recipe
+        initialises the domain expert from the pre-trained rather than the post-trained model).
+  lora  experts [L, 1, D, F] hold only the anchor; expert 1 = anchor + (a @ b) * alpha / rank with a small random
+        and b = 0, so a fresh branch is exactly the base.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from bar_jax.errors import BarError
+from bar_jax.model.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+def upcycle(dense_params: Mapping[str, Any], dense_cfg: ModelConfig, *, expert_kind: str = "ffn",
+            lora_rank: int = 16, lora_alpha: float = 32.0, expert_init: Mapping[str, Any] | None = None,
+            key: jax.Array | None = None, router_scale: float = 0.02) -> tuple[Params, ModelConfig]:
+  """Returns (branch_params, branch_cfg). dense_params is the DESIGN.md dict of a dense model; nothing is copied
+  except the FFN stack; the shared leaves of the result are the input's own arrays."""
+  if dense_cfg.ffn != "dense" or "mlp" not in dense_params.get("layers", {}):
+    raise BarError("upcycle needs a dense model (ffn='dense' with layers/mlp): this one is already an MoE")
+  if expert_kind not in ("ffn", "lora"):
+    raise BarError(f"unknown expert kind {expert_kind!r}: use 'ffn' or 'lora'")
+  if expert_kind == "lora" and expert_init is not None:
+    raise BarError("expert_init needs expert_kind='ffn': a LoRA expert starts as the anchor plus a zero delta")
+  mlp = dense_params["layers"]["mlp"]
+  anchor = {w: jnp.asarray(mlp[w]["kernel"]) for w in ("gate", "up", "down")}
+  L, D, F = anchor["gate"].shape
+  if (L, D, F) != (dense_cfg.n_layers, dense_cfg.d_model, dense_cfg.d_ff):
+    raise BarError(f"dense params have FFN shape {(L, D, F)} but the config says "
+                   f"{(dense_cfg.n_layers, dense_cfg.d_model, dense_cfg.d_ff)}: pass the config of these params")
+  domain = anchor
+  if expert_init is not None:
+    init_mlp = expert_init["layers"]["mlp"]
+    domain = {w: jnp.asarray(init_mlp[w]["kernel"]) for w in ("gate", "up", "down")}
+    for w in domain:
+      if domain[w].shape != anchor[w].shape:
+        raise BarError(f"expert_init's mlp/{w} has shape {domain[w].shape}, the base's {anchor[w].shape}: "
+                       "initialise the expert from a checkpoint of the same architecture")
+
+  key_router, key_lora = jax.random.split(key if key is not None else jax.random.key(0))
+  if key is None:
+    router = jnp.zeros((L, D, 2), jnp.float32)
+  else:
+    router = jax.random.normal(key_router, (L, D, 2), jnp.float32) * router_scale
+
+  if expert_kind == "ffn":
+    experts = {w: jnp.stack([anchor[w], domain[w]], axis=1) for w in anchor}
+    moe_params: Params = {"router": {"kernel": router}, "experts": experts}
+  else:
+    experts = {w: anchor[w][:, None] for w in anchor}
+    dims = {"gate": (D, F), "up": (D, F), "down": (F, D)}
+    lora = {}
+    for w, k in zip(dims, jax.random.split(key_lora, 3)):
+      fan_in, fan_out = dims[w]
+      # a ~ N(0, 1/fan_in) (the usual LoRA init), b = 0: the delta a @ b is exactly zero until b trains.
+      lora[w] = {"a": jax.random.normal(k, (L, 1, fan_in, lora_rank), jnp.float32) / jnp.sqrt(fan_in),
+                 "b": jnp.zeros((L, 1, lora_rank, fan_out), jnp.float32)}
+    moe_params = {"router": {"kernel": router}, "experts": experts, "lora": lora}
+
+  layers = {name: leaf for name, leaf in dense_params["layers"].items() if name != "mlp"}
+  layers["moe"] = moe_params
+  branch = {name: leaf for name, leaf in dense_params.items() if name != "layers"}
+  branch["layers"] = layers
+  cfg = dense_cfg.replace(ffn="moe", n_experts=2, expert_kind=expert_kind, lora_rank=lora_rank,
+                          lora_alpha=lora_alpha, top_k=0, norm_topk=False).validate()
+  return branch, cfg
