@@ -1,0 +1,218 @@
+"""Base + N branches -> one MoE with E = N + 1 experts (anchor first, then each branch's domain expert in order).
+
+  experts        slot 0 = the anchor (the branches' expert 0; averaged if they drifted apart, else copied exactly),
+                 slot i = branch i's expert 1. LoRA branches give a LoRA MoE: the anchor plus N stacked adapters.
+  router         column 0 = mean of the branches' anchor columns, column i = branch i's domain column.
+  shared leaves  (embeddings, attention, norms, LM head) reconciled by `rule`:
+                   average   uniform mean over the N branches (the paper's);
+                   base      the base model's own leaf;
+                   weighted  sum_i w_i * branch_i with `weights` normalised to sum to 1;
+                   ties      TIES over the deltas d_i = branch_i - base: keep each d_i's top `ties_density` share
+                             of entries by magnitude (per leaf), elect each entry's sign from the summed trimmed
+                             deltas, average the trimmed deltas that agree with it, add `ties_scale` x that to base.
+
+Memory: branches are Mappings path -> array ("layers/attn/q/kernel"), e.g. the artifact reader's lazy mapping
+that loads a leaf when indexed; nested dicts are accepted too. Each output leaf is built from one input leaf at a
+time, accumulating in a float64 buffer of one leaf, so peak memory is the output plus about three leaves (the TIES
+rule reads each branch's leaf twice to stay within that). Means are taken in float64 and rounded once, so averaging
+identical leaves returns them bit for bit.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from bar_jax.errors import BarError
+from bar_jax.model.config import ModelConfig
+
+RULES = ("average", "base", "weighted", "ties")
+ROUTING_FIELDS = ("ffn", "n_experts", "expert_kind", "lora_rank", "lora_alpha", "top_k", "norm_topk", "dispatch",
+                  "capacity_factor")
+COMPUTE_FIELDS = ("dtype", "remat", "attention")
+MOE = "layers/moe/"
+
+
+def architecture(cfg: ModelConfig) -> dict[str, Any]:
+  """What must match across merged branches: the model config minus the FFN-slot routing fields and the compute
+  settings (d_ff stays: experts of different widths cannot be stacked)."""
+  return {k: v for k, v in cfg.to_dict().items() if k not in ROUTING_FIELDS + COMPUTE_FIELDS}
+
+
+def flat(tree: Mapping[str, Any]) -> Mapping[str, Any]:
+  """A nested param dict -> {"a/b/c": leaf}; an already flat (possibly lazy) mapping is returned untouched."""
+  if any("/" in k for k in tree):  # every parameter path has at least two parts
+    return tree
+  out: dict[str, Any] = {}
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      if isinstance(v, Mapping):
+        walk(v, prefix + k + "/")
+      else:
+        out[prefix + k] = v
+  walk(tree, "")
+  return out
+
+
+def unflat(flat_tree: Mapping[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, x in flat_tree.items():
+    node = tree
+    *parents, last = path.split("/")
+    for k in parents:
+      node = node.setdefault(k, {})
+    node[last] = x
+  return tree
+
+
+def merge(base_params: Mapping[str, Any] | None, branch_params: Sequence[Mapping[str, Any]],
+          branch_cfgs: Sequence[ModelConfig], *, rule: str = "average", weights: Sequence[float] | None = None,
+          ties_density: float = 0.2, ties_scale: float = 1.0, top_k: int = 0, norm_topk: bool = False,
+          dispatch: str = "dense") -> tuple[dict[str, Any], ModelConfig]:
+  """Returns (moe_params as a nested dict of numpy arrays, moe_cfg). base_params (the dense base, or None) is only
+  read by the `base` and `ties` rules. top_k / norm_topk / dispatch set the merged model's routing."""
+  n = len(branch_params)
+  cfg = _check(base_params, branch_params, branch_cfgs, rule, weights, ties_density)
+  branches = [flat(b) for b in branch_params]
+  base = flat(base_params) if base_params is not None else None
+  w = None
+  if rule == "weighted":
+    w = np.asarray(weights, np.float64) / float(np.sum(weights))
+  out: dict[str, Any] = {}
+  paths = list(branches[0])
+  for i, b in enumerate(branches[1:], 1):
+    if set(b) != set(paths):
+      missing = sorted(set(paths) ^ set(b))[:3]
+      raise BarError(f"branch {i} and branch 0 hold different parameters (e.g. {missing}): merge only branches of "
+                     "the same base and expert kind")
+  if base is not None and rule in ("base", "ties"):
+    missing = sorted(p for p in paths if not p.startswith(MOE) and p not in base)[:3]
+    if missing:
+      raise BarError(f"the base model lacks the branches' shared parameters {missing}: pass the branches' base")
+  for path in paths:
+    leaves = lambda: (b[path] for b in branches)  # noqa: E731  (re-iterable: loads one leaf at a time)
+    if path == MOE + "router/kernel":
+      out[path] = _router(leaves())
+    elif path.startswith(MOE + "experts/"):
+      out[path] = _experts(leaves(), n, cfg.expert_kind)
+    elif path.startswith(MOE + "lora/"):
+      out[path] = np.concatenate([np.asarray(x) for x in leaves()], axis=1)  # [L, N, ...]: adapter i = branch i
+    elif rule == "average":
+      out[path] = _mean(leaves())
+    elif rule == "weighted":
+      out[path] = _weighted(leaves(), w)
+    elif rule == "base":
+      out[path] = np.array(base[path])
+    else:
+      out[path] = _ties(np.asarray(base[path]), leaves, ties_density, ties_scale)
+  moe_cfg = cfg.replace(n_experts=n + 1, top_k=top_k, norm_topk=norm_topk, dispatch=dispatch).validate()
+  return unflat(out), moe_cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks (before reading any array).
+
+def _check(base, branches, cfgs, rule, weights, ties_density) -> ModelConfig:
+  n = len(branches)
+  if n == 0 or n != len(cfgs):
+    raise BarError(f"merge needs one config per branch and at least one branch (got {n} branches, "
+                   f"{len(cfgs)} configs)")
+  if rule not in RULES:
+    raise BarError(f"unknown merge rule {rule!r}: use one of {RULES}")
+  if rule in ("base", "ties") and base is None:
+    raise BarError(f"merge rule {rule!r} needs the base model's params: pass base_params (config.base)")
+  if rule == "weighted" and (weights is None or len(weights) != n or min(weights) < 0 or sum(weights) <= 0):
+    raise BarError(f"merge rule 'weighted' needs {n} non-negative weights with a positive sum, got {weights}")
+  if rule == "ties" and not 0 < ties_density <= 1:
+    raise BarError(f"ties_density={ties_density} must be in (0, 1]")
+  first = cfgs[0]
+  for i, c in enumerate(cfgs):
+    if c.ffn != "moe" or c.n_experts != 2:
+      raise BarError(f"branch {i} is not a 2-expert branch (ffn={c.ffn}, n_experts={c.n_experts}): "
+                     "merge branches made by the branch stage")
+    if architecture(c) != architecture(first):
+      diff = sorted(k for k, v in architecture(c).items() if architecture(first).get(k) != v)
+      raise BarError(f"branch {i} has a different architecture from branch 0 ({', '.join(diff)}): "
+                     "merge only branches of the same base")
+    for field in ("expert_kind",) + (("lora_rank", "lora_alpha") if c.expert_kind == "lora" else ()):
+      if getattr(c, field) != getattr(first, field):
+        raise BarError(f"branch {i} has {field}={getattr(c, field)} but branch 0 has {getattr(first, field)}: "
+                       "the experts cannot be stacked; re-train the branch with matching expert settings")
+  return first
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-leaf rules. Each takes an iterator that loads one branch leaf at a time.
+
+def _mean(leaves: Iterator[Any]) -> np.ndarray:
+  acc, count, dtype = None, 0, None
+  for x in leaves:
+    x = np.asarray(x)
+    dtype = x.dtype
+    acc = x.astype(np.float64) if acc is None else np.add(acc, x, out=acc)
+    count += 1
+  return (acc / count).astype(dtype) if count > 1 else acc.astype(dtype)
+
+
+def _weighted(leaves: Iterator[Any], w: np.ndarray) -> np.ndarray:
+  acc, dtype = None, None
+  for wi, x in zip(w, leaves):
+    x = np.asarray(x)
+    dtype = x.dtype
+    term = x.astype(np.float64) * wi
+    acc = term if acc is None else np.add(acc, term, out=acc)
+  return acc.astype(dtype)
+
+
+def _router(leaves: Iterator[Any]) -> np.ndarray:
+  """[L, D, 2] per branch -> [L, D, N + 1]: column 0 the mean anchor column, column i branch i's column 1."""
+  anchor, domain, count, dtype = None, [], 0, None
+  for x in leaves:
+    x = np.asarray(x)
+    dtype = x.dtype
+    anchor = x[..., 0].astype(np.float64) if anchor is None else np.add(anchor, x[..., 0], out=anchor)
+    domain.append(np.array(x[..., 1]))
+    count += 1
+  return np.stack([(anchor / count).astype(dtype)] + domain, axis=-1)
+
+
+def _experts(leaves: Iterator[Any], n: int, kind: str) -> np.ndarray:
+  """[L, 2, ...] per ffn branch -> [L, N + 1, ...]; [L, 1, ...] (the anchor only) per lora branch -> [L, 1, ...]."""
+  out, anchor, dtype = None, None, None
+  for i, x in enumerate(leaves):
+    x = np.asarray(x)
+    if out is None:
+      dtype = x.dtype
+      out = np.empty((x.shape[0], n + 1 if kind == "ffn" else 1) + x.shape[2:], dtype)
+    anchor = x[:, 0].astype(np.float64) if anchor is None else np.add(anchor, x[:, 0], out=anchor)
+    if kind == "ffn":
+      out[:, i + 1] = x[:, 1]
+  out[:, 0] = anchor / n if n > 1 else anchor
+  return out
+
+
+def _trim(delta: np.ndarray, density: float) -> np.ndarray:
+  """Zero all but the ceil(density * size) largest-magnitude entries (ties at the threshold are kept)."""
+  keep = int(np.ceil(density * delta.size))
+  if keep >= delta.size:
+    return delta
+  mag = np.abs(delta).ravel()
+  threshold = np.partition(mag, delta.size - keep)[delta.size - keep]
+  return np.where(np.abs(delta) >= threshold, delta, 0.0)
+
+
+def _ties(base: np.ndarray, leaves: Callable[[], Iterator[Any]], density: float, scale: float) -> np.ndarray:
+  b64 = base.astype(np.float64)
+  elected = np.zeros_like(b64)
+  for x in leaves():                                   # pass 1: the elected sign of the summed trimmed deltas
+    elected += _trim(np.asarray(x, np.float64) - b64, density)
+  elected = np.sign(elected)
+  total, count = np.zeros_like(b64), np.zeros_like(b64)
+  for x in leaves():                                   # pass 2: disjoint mean of the deltas that agree with it
+    d = _trim(np.asarray(x, np.float64) - b64, density)
+    agree = (np.sign(d) == elected) & (d != 0)
+    total += np.where(agree, d, 0.0)
+    count += agree
+  merged = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+  return (b64 + scale * merged).astype(base.dtype)
