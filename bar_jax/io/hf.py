@@ -1,0 +1,441 @@
+"""Hugging Face import and export: Llama (dense) and Mixtral (the merged MoE) directories <-> the DESIGN.md dict.
+
+Import (`load_dir`) reads config.json + *.safetensors (one file or a sharded index) with safetensors and builds each
+parameter leaf straight into a (optionally sharded) jax array: with a sharding, every device's block is read from
+disk by itself (`jax.make_array_from_callback` + safetensors slices), so a big model never sits whole on one host
+device. HF Linear weights are [out, in]; ours are [in, out], with layers (and experts) stacked on leading axes.
+
+Export (`save_dir`) writes the layout transformers loads natively: LlamaForCausalLM for a dense model,
+MixtralForCausalLM for a merged MoE (block_sparse_moe.gate = router, experts.{i}.w1/w3/w2 = gate/up/down).
+LoRA experts are materialised (anchor + delta) first, since no HF MoE architecture has per-expert adapters.
+
+Top-k mapping (why Mixtral matches bar_jax exactly, and when it cannot):
+  bar_jax routes with softmax over all E experts, keeps the top_k, and renormalises the kept probabilities only when
+  norm_topk=True. Mixtral always renormalises its top-k softmax. So the two agree exactly when norm_topk=True, or when
+  top_k = E (the paper's released setting: all experts, and the full softmax already sums to one, so unnormalised =
+  normalised). With norm_topk=False and top_k < E the kept weights sum to less than one and Mixtral would rescale
+  them: export refuses. transformers' MoE architectures that have a `norm_topk_prob` switch all add modules a
+  Llama-style MoE lacks (Qwen2-MoE: a gated shared expert and qkv biases; Qwen3-MoE, OLMoE, FlexOlmo: QK-norm;
+  DeepSeek/GLM/Dots: MLA, sigmoid routing or shared experts), so none of them reproduces these logits.
+Import maps Mixtral back the same way: num_experts_per_tok = k gives top_k = k and norm_topk = (k < E).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from bar_jax.errors import BarError
+from bar_jax.model import moe, transformer
+from bar_jax.model.config import ModelConfig
+
+Params = dict[str, Any]
+CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
+TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
+MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed by every loader
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Name mapping: one `_Source` per parameter leaf says which HF tensors it is stacked from and how they are laid out.
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  name: Callable[..., str]          # lead indices (layer, expert) -> HF tensor name
+  lead: tuple[int, ...]             # stacked leading axes: () | (L,) | (L, E)
+  hf_shape: tuple[int, ...]         # the full shape of each HF tensor, as it is stored
+  perm: tuple[int, ...]             # our trailing axes = the HF tensor's axes in this order
+  offset: tuple[int, ...] = ()      # start along each HF axis (gate/up halves of a fused tensor)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    trailing = [self.hf_shape[a] for a in self.perm]
+    return self.lead + tuple(trailing)
+
+
+def _sources(cfg: ModelConfig, moe_layout: str = "legacy") -> Params:
+  """The DESIGN.md tree with a `_Source` at every leaf (moe_layout: 'legacy' experts.{e}.w1 or 'fused')."""
+  L, D, F, V, E = cfg.n_layers, cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_experts
+  qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+  T, I = (1, 0), (0,)  # transpose a Linear weight; keep a vector
+
+  def layer(suffix: str, hf_shape, perm) -> _Source:
+    return _Source(lambda l: f"model.layers.{l}.{suffix}", (L,), hf_shape, perm)
+
+  layers: Params = {
+      "attn_norm": {"scale": layer("input_layernorm.weight", (D,), I)},
+      "attn": {"q": {"kernel": layer("self_attn.q_proj.weight", (qd, D), T)},
+               "k": {"kernel": layer("self_attn.k_proj.weight", (kvd, D), T)},
+               "v": {"kernel": layer("self_attn.v_proj.weight", (kvd, D), T)},
+               "o": {"kernel": layer("self_attn.o_proj.weight", (D, qd), T)}},
+      "mlp_norm": {"scale": layer("post_attention_layernorm.weight", (D,), I)},
+  }
+  if cfg.ffn == "dense":
+    layers["mlp"] = {"gate": {"kernel": layer("mlp.gate_proj.weight", (F, D), T)},
+                     "up": {"kernel": layer("mlp.up_proj.weight", (F, D), T)},
+                     "down": {"kernel": layer("mlp.down_proj.weight", (D, F), T)}}
+  elif moe_layout == "legacy":  # what Mixtral checkpoints ship and what save_dir writes
+    def expert(w: str, hf_shape) -> _Source:
+      return _Source(lambda l, e: f"model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight", (L, E), hf_shape, T)
+    layers["moe"] = {"router": {"kernel": layer("block_sparse_moe.gate.weight", (E, D), T)},
+                     "experts": {"gate": expert("w1", (F, D)), "up": expert("w3", (F, D)), "down": expert("w2", (D, F))}}
+  else:  # transformers 5's in-memory Mixtral: gate_up_proj [E, 2F, D], down_proj [E, D, F]
+    gate_up = lambda off: _Source(lambda l: f"model.layers.{l}.mlp.experts.gate_up_proj", (L,), (E, 2 * F, D),
+                                  (0, 2, 1), (0, off, 0))
+    layers["moe"] = {"router": {"kernel": layer("mlp.gate.weight", (E, D), T)},
+                     "experts": {"gate": gate_up(0), "up": gate_up(F),
+                                 "down": layer("mlp.experts.down_proj", (E, D, F), (0, 2, 1))}}
+  tree: Params = {"embed": {"embedding": _Source(lambda: "model.embed_tokens.weight", (), (V, D), (0, 1))},
+                  "layers": layers, "final_norm": {"scale": _Source(lambda: "model.norm.weight", (), (D,), I)}}
+  if not cfg.tie_embeddings:
+    tree["lm_head"] = {"kernel": _Source(lambda: "lm_head.weight", (), (V, D), T)}
+  return tree
+
+
+def _is_source(x) -> bool:
+  return isinstance(x, _Source)
+
+
+def _names(src: _Source) -> list[str]:
+  return [src.name(*idx) for idx in np.ndindex(*src.lead)] if src.lead else [src.name()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Import.
+
+def _read_json(path: str) -> dict[str, Any]:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise BarError(f"{path} is unreadable ({e}); re-download or re-export the model directory") from None
+
+
+def config_from_hf(hf: dict[str, Any], path: str = CONFIG_FILE) -> ModelConfig:
+  """A Llama or Mixtral config.json dict -> ModelConfig (BarError for anything these weights cannot express)."""
+  arch = (hf.get("architectures") or [None])[0]
+  kind = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral"}.get(arch) or (
+      hf.get("model_type") if arch is None else None)
+  if kind not in ("llama", "mixtral"):
+    raise BarError(f"{path}: architecture {arch or hf.get('model_type')!r} is not supported; "
+                   "import a LlamaForCausalLM or MixtralForCausalLM directory")
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+  problems = []
+  if rope_type not in ("default", None):
+    problems.append(f"rope_type={rope_type!r} (only plain RoPE)")
+  if hf.get("hidden_act", "silu") != "silu":
+    problems.append(f"hidden_act={hf['hidden_act']!r} (only silu)")
+  if hf.get("attention_bias") or hf.get("mlp_bias"):
+    problems.append("attention_bias/mlp_bias (no biases)")
+  if hf.get("sliding_window") not in (None, 0) and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
+    problems.append(f"sliding_window={hf['sliding_window']} (full attention only)")
+  if problems:
+    raise BarError(f"{path}: unsupported {', '.join(problems)}; export the model without them")
+  heads = hf["num_attention_heads"]
+  kw = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
+            n_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, d_ff=hf["intermediate_size"],
+            rms_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_style="half",
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_seq_len=int(hf.get("max_position_embeddings", 8192)))
+  if kind == "mixtral":
+    E, k = hf["num_local_experts"], hf.get("num_experts_per_tok", 2)
+    kw.update(ffn="moe", n_experts=E, expert_kind="ffn", top_k=k, norm_topk=k < E)  # see the module docstring
+  try:
+    return ModelConfig(**kw).validate()
+  except ValueError as e:
+    raise BarError(f"{path}: {e}") from None
+
+
+class _Checkpoint:
+  """The safetensors files of one directory: tensor name -> file, opened lazily (numpy; bfloat16 via flax)."""
+
+  def __init__(self, path: str):
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index):
+      weight_map = _read_json(index).get("weight_map", {})
+      files = sorted(set(weight_map.values()))
+    else:
+      files = sorted(os.path.basename(f) for f in glob.glob(os.path.join(path, "*.safetensors")))
+      weight_map = None
+    if not files:
+      hint = " (found PyTorch .bin weights: re-save them with save_pretrained(safe_serialization=True))" if glob.glob(
+          os.path.join(path, "*.bin")) else ""
+      raise BarError(f"{path}: no *.safetensors weights{hint}; point at a Hugging Face model directory")
+    self.file_of: dict[str, str] = {}
+    self._handles: dict[tuple[str, str], Any] = {}
+    self.path = path
+    for fname in files:
+      handle = self._open(fname, "numpy")
+      for name in handle.keys():
+        self.file_of[name] = fname
+    if weight_map is not None:
+      missing = sorted(set(weight_map) - set(self.file_of))
+      if missing:
+        raise BarError(f"{index} lists {missing[0]} in {weight_map[missing[0]]}, which lacks it; re-download the shards")
+
+  def _open(self, fname: str, framework: str):
+    key = (fname, framework)
+    if key not in self._handles:
+      from safetensors import safe_open
+      full = os.path.join(self.path, fname)
+      if not os.path.isfile(full):
+        raise BarError(f"{full} is missing; re-download it (the index names it)")
+      try:
+        self._handles[key] = safe_open(full, framework=framework)
+      except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+        raise BarError(f"{full} is not a readable safetensors file ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}); re-download or re-export it") from None
+    return self._handles[key]
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._open(self.file_of[name], "numpy").get_slice(name).get_shape())
+
+  def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    fname = self.file_of[name]
+    sl = self._open(fname, "numpy").get_slice(name)
+    try:
+      if sl.get_dtype() == "BF16":  # numpy has no bfloat16: read this slice through flax, then widen
+        return np.asarray(self._open(fname, "flax").get_slice(name)[index], np.float32)
+      return np.asarray(sl[index])
+    except Exception as e:
+      raise BarError(f"{os.path.join(self.path, fname)}: reading {name} failed ({type(e).__name__}: {e}); "
+                     "re-download or re-export it") from None
+
+
+def _read_block(ckpt: _Checkpoint, src: _Source, index: tuple[slice, ...] | None, dtype) -> np.ndarray:
+  """The block `index` (slices over src.shape, as make_array_from_callback passes them) of one stacked leaf."""
+  shape = src.shape
+  index = tuple(index or ()) + (slice(None),) * (len(shape) - len(index or ()))
+  ranges = [range(*s.indices(n)) for s, n in zip(index, shape)]
+  nlead = len(src.lead)
+  hf_index = [slice(o, o + n) for o, n in zip(src.offset or (0,) * len(src.hf_shape), src.hf_shape)]
+  for j, a in enumerate(src.perm):  # our trailing axis j reads HF axis a
+    r, start = ranges[nlead + j], hf_index[a].start
+    hf_index[a] = slice(start + r.start, start + r.stop)
+  out = np.empty([len(r) for r in ranges], dtype)
+  for pos, idx in enumerate(np.ndindex(*[len(r) for r in ranges[:nlead]])):
+    lead = tuple(ranges[i][k] for i, k in enumerate(idx))
+    block = ckpt.read(src.name(*lead), tuple(hf_index))
+    out[idx] = np.transpose(block, src.perm)
+  return out
+
+
+def load_dir(path: str, *, shardings=None, dtype=np.float32):
+  """A Hugging Face Llama/Mixtral directory -> (ModelConfig, params, Tokenizer or None).
+
+  shardings: None (default device), one `jax.sharding.Sharding` for every leaf, a tree of shardings shaped like the
+  params, or a function ModelConfig -> either of those (the config is only known once config.json is read).
+  """
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise BarError(f"{path} is not a directory; point at a Hugging Face model directory")
+  cfg_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(cfg_path):
+    raise BarError(f"{cfg_path} is missing; a Hugging Face model directory needs its config.json")
+  hf = _read_json(cfg_path)
+  cfg = config_from_hf(hf, cfg_path)
+  ckpt = _Checkpoint(path)
+  if "lm_head.weight" not in ckpt.file_of and not cfg.tie_embeddings:
+    cfg = cfg.replace(tie_embeddings=True)  # no separate head stored: the embeddings are the head
+  layout = "fused" if cfg.ffn == "moe" and "model.layers.0.mlp.gate.weight" in ckpt.file_of else "legacy"
+  sources = _sources(cfg, layout)
+
+  used = set()
+  for src in jax.tree.leaves(sources, is_leaf=_is_source):
+    for name in _names(src):
+      if name not in ckpt.file_of:
+        raise BarError(f"{path}: tensor {name} is missing from the safetensors files; "
+                       f"the weights do not match {CONFIG_FILE} (re-export the directory)")
+      if ckpt.shape(name) != src.hf_shape:
+        raise BarError(f"{os.path.join(path, ckpt.file_of[name])}: {name} has shape {list(ckpt.shape(name))}, "
+                       f"{CONFIG_FILE} implies {list(src.hf_shape)}; re-export the directory")
+      used.add(name)
+  unused = sorted(n for n in set(ckpt.file_of) - used
+                  if not n.endswith(_IGNORED_SUFFIXES) and not (n == "lm_head.weight" and cfg.tie_embeddings))
+  if unused:
+    raise BarError(f"{path}: tensor {unused[0]} (and {len(unused) - 1} more) has no place in a plain "
+                   f"{hf.get('architectures', ['?'])[0]}; this variant is not supported")
+
+  if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding):
+    shardings = shardings(cfg)
+  if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, sources, is_leaf=_is_source)
+
+  def place(src: _Source, sharding):
+    if sharding is None:
+      return jax.device_put(_read_block(ckpt, src, None, dtype))
+    return jax.make_array_from_callback(src.shape, sharding, lambda idx: _read_block(ckpt, src, idx, dtype))
+
+  params = jax.tree.map(place, sources, shardings, is_leaf=_is_source)
+  return cfg, params, _load_tokenizer(path)
+
+
+def _load_tokenizer(path: str):
+  """bar_jax's Tokenizer from tokenizer.json (+ tokenizer_chat.json, or the chat template of tokenizer_config.json)."""
+  if not os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
+    return None
+  from bar_jax.data import tokenizer as tokenizer_lib
+  if os.path.isfile(os.path.join(path, tokenizer_lib.CHAT_FILE)):
+    return tokenizer_lib.Tokenizer.load(path)
+  import tokenizers
+  tok = tokenizers.Tokenizer.from_file(os.path.join(path, TOKENIZER_FILE))
+  tc_path = os.path.join(path, TOKENIZER_CONFIG_FILE)
+  tc = _read_json(tc_path) if os.path.isfile(tc_path) else {}
+  template = tc.get("chat_template") or ""
+  match = tokenizer_lib._DEFAULT_SYSTEM.search(template)
+
+  def token_id(key):
+    t = tc.get(key)
+    t = t.get("content") if isinstance(t, dict) else t
+    return None if t is None else tok.token_to_id(t)
+
+  eos = token_id("eos_token")
+  pad = token_id("pad_token")
+  chat = {"format": "chatml", "default_system": match.group(1) if match else None, "chat_template": template,
+          "eos_token_id": eos, "pad_token_id": eos if pad is None else pad}
+  try:
+    return tokenizer_lib.Tokenizer(tok, chat)
+  except BarError as e:
+    raise BarError(f"{os.path.join(path, TOKENIZER_FILE)}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export.
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  """ModelConfig -> a LlamaForCausalLM or MixtralForCausalLM config.json dict (BarError where HF cannot match)."""
+  if cfg.rope_style != "half":
+    raise BarError(f"rope_style={cfg.rope_style!r}: Hugging Face Llama uses half-split RoPE; "
+                   "re-import the base model with rope_style='half' before exporting")
+  hf: dict[str, Any] = {
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+      "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+      "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
+      "rms_norm_eps": cfg.rms_eps, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      "rope_theta": cfg.rope_theta,  # for readers older than transformers 5
+      "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,
+      "initializer_range": 0.02, "use_cache": True, "dtype": "float32", "torch_dtype": "float32",
+  }
+  if cfg.ffn == "dense":
+    hf.update(architectures=["LlamaForCausalLM"], model_type="llama", mlp_bias=False)
+    return hf
+  k, E = cfg.k, cfg.n_experts
+  if k < E and not cfg.norm_topk:
+    raise BarError(f"top_k={k} of {E} experts with norm_topk=False has no Hugging Face equivalent (Mixtral "
+                   "renormalises the top-k weights); export with norm_topk=True or top_k=0 (all experts)")
+  hf.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=E, num_experts_per_tok=k,
+            sliding_window=None, router_jitter_noise=0.0, output_router_logits=False, router_aux_loss_coef=0.0)
+  return hf
+
+
+def _host_tree(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
+  """Params with LoRA experts materialised (anchor + delta): the stacked (E, D, F) ffn layout Mixtral stores."""
+  if cfg.ffn != "moe" or cfg.expert_kind != "lora":
+    return cfg, params
+  gate, up, down = jax.vmap(lambda lp: moe.expert_weights(lp, cfg))(params["layers"]["moe"])
+  layers = dict(params["layers"])
+  layers["moe"] = {"router": params["layers"]["moe"]["router"], "experts": {"gate": gate, "up": up, "down": down}}
+  return cfg.replace(expert_kind="ffn"), {**params, "layers": layers}
+
+
+def _check_shapes(cfg: ModelConfig, params: Params) -> None:
+  want = transformer.param_shapes(cfg)
+  is_shape = lambda s: isinstance(s, tuple)
+  w_paths = {jax.tree_util.keystr(p): s for p, s in jax.tree.flatten_with_path(want, is_leaf=is_shape)[0]}
+  g_paths = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree.flatten_with_path(params)[0]}
+  if w_paths != g_paths:
+    bad = sorted(set(w_paths.items()) ^ set(g_paths.items()))[0]
+    raise BarError(f"params do not match the model config at {bad[0]} ({bad[1]}); export the config these params "
+                   "were trained with")
+
+
+def save_dir(path: str, cfg: ModelConfig, params: Params, tokenizer=None, *,
+             max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
+  """Write a Hugging Face model directory (config.json, safetensors, tokenizer files); returns path.
+
+  Written to a temporary sibling and renamed into place, so a killed export leaves nothing at `path`; an existing
+  `path` is never overwritten. Weights are stored in float32, bit-identical to the params.
+  """
+  from safetensors.numpy import save_file
+  path = os.fspath(path)
+  if os.path.exists(path):
+    raise BarError(f"{path} already exists; choose a new output directory or remove the old export")
+  hf_config = config_to_hf(cfg)
+  _check_shapes(cfg, params)
+  cfg, params = _host_tree(cfg, params)
+
+  # Plan: one (HF name, leaf, lead index, perm) per tensor; shard by size before any array leaves the devices.
+  sources = _sources(cfg)
+  plan = []
+  for src, leaf in zip(jax.tree.leaves(sources, is_leaf=_is_source),
+                       jax.tree.leaves(jax.tree.map(lambda s, x: x, sources, params, is_leaf=_is_source))):
+    for idx in (np.ndindex(*src.lead) if src.lead else [()]):
+      plan.append((src.name(*idx), leaf, idx, src))
+  plan.sort(key=lambda t: t[0])
+  shards, size = [[]], 0
+  for item in plan:
+    nbytes = int(np.prod(item[3].hf_shape)) * 4
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(item)
+    size += nbytes
+
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  try:
+    names = [WEIGHTS_FILE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total = {}, 0
+    for fname, shard in zip(names, shards):
+      tensors = {}
+      for name, leaf, idx, src in shard:
+        block = np.asarray(jax.device_get(leaf[idx] if idx else leaf), np.float32)
+        # Our trailing axes are the HF axes in `perm` order; invert it to get the stored layout back.
+        tensors[name] = np.ascontiguousarray(np.transpose(block, np.argsort(src.perm)))
+        weight_map[name] = fname
+        total += tensors[name].nbytes
+      save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+      del tensors
+    if len(shards) > 1:
+      with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    if tokenizer is not None:
+      _save_tokenizer(tmp, tokenizer, hf_config)
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      json.dump(hf_config, f, indent=2, sort_keys=True)
+    os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path
+
+
+def _save_tokenizer(directory: str, tokenizer, hf_config: dict[str, Any]) -> None:
+  """tokenizer.json (+ bar_jax's tokenizer_chat.json) and the tokenizer_config.json transformers reads."""
+  import tokenizers
+  if isinstance(tokenizer, tokenizers.Tokenizer):
+    tokenizer.save(os.path.join(directory, TOKENIZER_FILE))
+    return
+  tokenizer.save(directory)
+  tok, chat = tokenizer.tok, tokenizer.chat
+  eos = chat.get("eos_token_id")
+  pad = chat.get("pad_token_id")
+  tc = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": chat.get("chat_template") or None,
+        "eos_token": None if eos is None else tok.id_to_token(eos),
+        "pad_token": None if pad is None else tok.id_to_token(pad),
+        "model_max_length": hf_config["max_position_embeddings"], "clean_up_tokenization_spaces": False}
+  with open(os.path.join(directory, TOKENIZER_CONFIG_FILE), "w") as f:
+    json.dump(tc, f, indent=2)
+  hf_config.update(eos_token_id=eos, pad_token_id=pad)
