@@ -143,23 +143,39 @@ def test_moe_export_refuses_unnormalised_top_k(tmp_path):
   assert not os.path.exists(tmp_path / "out") and os.listdir(tmp_path) == []
 
 
-def test_tokenizer_round_trip(tmp_path):
-  tokenizers = pytest.importorskip("tokenizers")
+def chatml_tokenizer():
+  import tokenizers
   from bar_jax.data.tokenizer import Tokenizer
-  vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyzĠ\n")}
+  vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz\u0120\u010a")}  # byte-level letters, space, newline
   tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = tokenizers.decoders.ByteLevel()
   tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
-  chat = {"format": "chatml", "default_system": None, "chat_template": "", "eos_token_id": 30, "pad_token_id": 30}
-  cfg = tiny(vocab_size=128)
-  hf.save_dir(tmp_path / "out", cfg, random_params(cfg), tokenizer=Tokenizer(tok, chat))
-  _, _, tok2 = hf.load_dir(tmp_path / "out")
-  text = "<|im_start|>ab cd<|im_end|>"
-  assert tok2.encode(text) == Tokenizer(tok, chat).encode(text)
-  assert tok2.eot_id == 29
-  fast = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
-  assert fast.encode(text) == tok2.encode(text) and fast.eos_token == "<|endoftext|>"
+  return Tokenizer(tok, {"format": "chatml", "default_system": None, "chat_template": "", "eos_token_id": 30,
+                         "pad_token_id": 30})
+
+
+def test_export_stage_from_artifact(tmp_path):
+  from bar_jax import train
+  from bar_jax.io import artifact
+  import configs.export_hf
+  cfg = tiny(vocab_size=128, tie_embeddings=True, rms_eps=1e-5)
+  params = random_params(cfg, seed=7)
+  tok = chatml_tokenizer()
+  artifact.write(str(tmp_path / "art"), params, {"kind": "dense", "model": cfg.to_dict()}, tok)
+  out = train.run(configs.export_hf.get_config(str(tmp_path / "art")), str(tmp_path / "hf"))
+  assert out == str(tmp_path / "hf")
+  assert json.load(open(tmp_path / "hf" / hf.PROVENANCE_FILE))["fingerprint"] == artifact.fingerprint(params)
+  np.testing.assert_allclose(hf_logits(out), bar_logits(cfg, params), atol=1e-4, rtol=0)
+  cfg2, params2, tok2 = hf.load_dir(out)
+  assert cfg2 == cfg
+  assert_bit_identical(params2, params)
+  text = "<|im_start|>ab cd\n<|im_end|>"
+  assert tok2.encode(text) == tok.encode(text) and tok2.eot_id == tok.eot_id == 29
+  fast = transformers.AutoTokenizer.from_pretrained(out)
+  assert fast.encode(text) == tok.encode(text) and fast.eos_token == "<|endoftext|>"
+  with pytest.raises(BarError, match="not empty"):
+    train.run(configs.export_hf.get_config(str(tmp_path / "art")), out)
 
 
 def _one_line_error(fn, match):

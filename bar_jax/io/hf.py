@@ -39,6 +39,7 @@ from bar_jax.model.config import ModelConfig
 Params = dict[str, Any]
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
 TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
+PROVENANCE_FILE = "bar_jax_export.json"
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed by every loader
 
@@ -359,16 +360,17 @@ def _check_shapes(cfg: ModelConfig, params: Params) -> None:
                    "were trained with")
 
 
-def save_dir(path: str, cfg: ModelConfig, params: Params, tokenizer=None, *,
+def save_dir(path: str, cfg: ModelConfig, params: Params, tokenizer=None, *, provenance: dict | None = None,
              max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
   """Write a Hugging Face model directory (config.json, safetensors, tokenizer files); returns path.
 
   Written to a temporary sibling and renamed into place, so a killed export leaves nothing at `path`; an existing
-  `path` is never overwritten. Weights are stored in float32, bit-identical to the params.
+  `path` is never overwritten (an empty directory is replaced). Weights are stored in float32, bit-identical to the
+  params. `provenance` (e.g. the source artifact's name and fingerprint) goes to bar_jax_export.json beside them.
   """
   from safetensors.numpy import save_file
   path = os.fspath(path)
-  if os.path.exists(path):
+  if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
     raise BarError(f"{path} already exists; choose a new output directory or remove the old export")
   hf_config = config_to_hf(cfg)
   _check_shapes(cfg, params)
@@ -413,9 +415,12 @@ def save_dir(path: str, cfg: ModelConfig, params: Params, tokenizer=None, *,
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     if tokenizer is not None:
       _save_tokenizer(tmp, tokenizer, hf_config)
+    if provenance is not None:
+      with open(os.path.join(tmp, PROVENANCE_FILE), "w") as f:
+        json.dump(provenance, f, indent=1, sort_keys=True)
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(hf_config, f, indent=2, sort_keys=True)
-    os.rename(tmp, path)
+    os.rename(tmp, path)  # atomic; also replaces an empty directory
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

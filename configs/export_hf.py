@@ -1,0 +1,20 @@
+"""Export a bar_jax artifact to a Hugging Face directory that transformers (and vLLM, TGI, llama.cpp's converter) load.
+
+  python -m bar_jax.train --config=configs/export_hf.py --config.model=runs/moe --workdir=runs/moe_hf
+
+Expected: runs/moe_hf holds config.json (LlamaForCausalLM for a dense artifact, MixtralForCausalLM for an MoE),
+model.safetensors (float32; sharded with an index above max_shard_gb), tokenizer.json + tokenizer_config.json (ChatML
+template) and bar_jax_export.json (the source artifact's fingerprint). transformers.AutoModelForCausalLM loads it and
+its logits equal bar_jax's within 1e-4 (tests/test_hf.py). An MoE with top_k < n_experts and norm_topk=False is
+refused with one line (Mixtral renormalises the top-k weights): export with norm_topk=True or top_k=0.
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.stage = "export_hf"
+  c.model = arg or ""           # the artifact dir to export
+  c.max_shard_gb = 5.0          # safetensors shard size (transformers' default)
+  c.verify = True               # check the artifact's fingerprints before exporting
+  return c
