@@ -21,6 +21,7 @@ from configs import merge as merge_config
 CFG = tiny(vocab_size=259)
 TOKENS = jax.random.randint(jax.random.key(1), (2, 16), 0, CFG.vocab_size)
 forward = jax.jit(lambda p, t, cfg: transformer.forward(p, t, cfg)[0], static_argnums=2)
+expert_out = jax.jit(lambda p, w, x, cfg: moe.dense_dispatch(x, w, *moe.expert_weights(p, cfg)), static_argnums=3)
 
 
 def trained_branch(base, kind, seed, shared=True):
@@ -84,11 +85,10 @@ def test_one_hot_routing_selects_each_branch_expert(base, kind):
   x = jax.random.normal(jax.random.key(9), (8, CFG.d_model))
   layer = lambda p, l: jax.tree.map(lambda a: jnp.asarray(a)[l], p["layers"]["moe"])  # noqa: E731
   for l in range(CFG.n_layers):
-    merged_w = moe.expert_weights(layer(merged, l), mcfg)
     for i in range(mcfg.n_experts):
-      got = moe.dense_dispatch(x, jax.nn.one_hot(jnp.full((8,), i), 4), *merged_w)
+      got = expert_out(layer(merged, l), jax.nn.one_hot(jnp.full((8,), i), 4), x, mcfg)
       b, bcfg = branches[max(i - 1, 0)]  # expert 0 is every branch's anchor
-      want = moe.dense_dispatch(x, jax.nn.one_hot(jnp.full((8,), min(i, 1)), 2), *moe.expert_weights(layer(b, l), bcfg))
+      want = expert_out(layer(b, l), jax.nn.one_hot(jnp.full((8,), min(i, 1)), 2), x, bcfg)
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
   router = merged["layers"]["moe"]["router"]["kernel"]
   np.testing.assert_array_equal(router[..., 2], branches[1][0]["layers"]["moe"]["router"]["kernel"][..., 1])

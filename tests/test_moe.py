@@ -63,6 +63,7 @@ def test_dropless_matches_dense_forward_and_gradient(n_experts, top_k, norm_topk
 
 @pytest.mark.parametrize("data,expert,top_k,norm_topk", [
     (1, 1, 2, False),   # a 1-device mesh falls back to dropless
+    (8, 1, 2, True),    # no expert axis: dropless on each data shard's tokens
     (1, 8, 1, False), (1, 8, 2, True), (1, 8, 8, False),
     (2, 4, 1, True), (2, 4, 2, False), (2, 4, 4, True),
 ])

@@ -6,6 +6,7 @@ only without running the experts a token did not pick:
   dropless         the N*k token copies are sorted by expert and multiplied group by group. On the CPU the groups
                    are padded to blocks of `block` rows and run as one batched matmul (each block belongs to one
                    expert); elsewhere `jax.lax.ragged_dot` runs the ragged groups directly. Nothing is dropped.
+                   With a mesh, each batch shard sorts and multiplies its own tokens (experts replicated).
   expert_parallel  `jax.shard_map` over the mesh: experts are split over the `expert` axis, the token batch over
                    (data, fsdp, expert). Each device buckets its token copies by expert into slots of `capacity`
                    rows, exchanges them with `all_to_all`, runs its local experts, and sends the results back.
@@ -39,7 +40,7 @@ def run(kind: str, x, weights, idx, gate, up, down, cfg: ModelConfig, mesh=None,
   if kind == "expert_parallel" and mesh is not None and mesh.shape.get("expert", 1) > 1:
     return expert_parallel(x, weights, idx, gate, up, down, mesh, cfg.capacity_factor, impl=impl)
   if kind in ("dropless", "expert_parallel"):
-    return dropless(x, weights, idx, gate, up, down, impl=impl), jnp.zeros((), jnp.int32)
+    return dropless_sharded(x, weights, idx, gate, up, down, mesh, impl=impl), jnp.zeros((), jnp.int32)
   raise BarError(f"unknown dispatch {kind!r}: use 'dense', 'dropless' or 'expert_parallel'")
 
 
@@ -93,6 +94,18 @@ def dropless(x, weights, idx, gate, up, down, *, impl: str = "blocked", block: i
     ys = _blocked_grouped_ffn(xs, flat_e[order], sizes, gate, up, down, block or default_block(N * k, E))
   y_copies = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)   # back to (token, slot) order
   return _combine(y_copies, weights, idx)
+
+
+def dropless_sharded(x, weights, idx, gate, up, down, mesh, *, impl: str = "blocked"):
+  """`dropless` on each batch shard's own tokens (shard_map over data, fsdp, expert; experts replicated), so the
+  sort never crosses devices. Without a mesh, or with tokens that do not split evenly, it is plain `dropless`."""
+  shards = math.prod(mesh.shape[a] for a in BATCH_AXES) if mesh is not None else 1
+  if shards == 1 or x.shape[0] % shards:
+    return dropless(x, weights, idx, gate, up, down, impl=impl)
+  tok, rep = P(BATCH_AXES), P()
+  f = jax.shard_map(lambda *a: dropless(*a, impl=impl), mesh=mesh, in_specs=(tok, tok, tok, rep, rep, rep),
+                    out_specs=tok, check_vma=True)
+  return f(x, weights, idx, gate, up, down)
 
 
 def _blocked_grouped_ffn(xs, sorted_e, sizes, gate, up, down, block: int):
