@@ -1,0 +1,82 @@
+"""Stage branch (Branch + Adapt): upcycle the dense base into a 2-expert branch and adapt it on one domain.
+
+  dense base --upcycle--> [anchor (frozen) | domain expert] + router --midtrain--> --sft--> (--rl-->) branch artifact
+
+Each phase trains the regexes of config.schedule[phase] (the paper's progressive unfreezing by default) with the
+anchor's slices (config.frozen_experts) frozen; its data is the domain mixed with general data at
+config.general_ratio. Nothing is shared with other branches but the base artifact, so branches can be trained on
+different machines. The branch's manifest records the base fingerprint, the domain, every phase (steps, tokens,
+FLOPs, data fingerprint) and the domain's eval metrics before and after.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+
+from bar_jax.errors import BarError
+from bar_jax.stages import common
+from bar_jax.transforms import freeze, upcycle
+
+PHASES = ("midtrain", "sft", "rl")
+
+
+def phase_configs(config) -> dict[str, ml_collections.ConfigDict]:
+  """The phases to run, in order, each with its data mix filled in from config.domain and config.general_ratio."""
+  out = {}
+  for name in config.phase_order:
+    if name not in PHASES:
+      raise BarError(f"unknown branch phase {name!r} in phase_order; use some of {list(PHASES)} in that order")
+    phase = ml_collections.ConfigDict(config.phases[name].to_dict())
+    if name != "rl" and not phase.data.mix:
+      r = float(config.general_ratio)
+      if not 0.0 <= r < 1.0:
+        raise BarError(f"general_ratio={r} must be in [0, 1): the share of general data mixed into the domain's")
+      phase.data.mix = {config.domain: 1.0 - r, "general": r} if r else {config.domain: 1.0}
+    out[name] = phase
+  return out
+
+
+def run(config, workdir: str) -> str:
+  if common.done(workdir):
+    return workdir
+  from bar_jax.data import domains
+  domains.get(config.domain)  # unknown domain -> one line naming the known ones
+  if config.expert_kind not in ("ffn", "lora"):
+    raise BarError(f"expert_kind={config.expert_kind!r}: use 'ffn' (full FFN copy) or 'lora' (adapter)")
+  phases = phase_configs(config)
+
+  base = common.load_model(config.base)
+  init = common.load_model(config.expert_init).params if config.get("expert_init") else None
+  # Router init: "zeros" (a fresh branch is the base exactly) or "random" (small; symmetric experts break sooner).
+  key = jax.random.key(config.seed) if config.router_init == "random" else None
+  params, cfg = upcycle.upcycle(base.params, base.cfg, expert_kind=config.expert_kind, lora_rank=config.lora_rank,
+                                lora_alpha=config.lora_alpha, expert_init=init, key=key)
+  cfg = common.model_overrides(cfg, config.get("model", None))
+  # Check every phase's trainable set now, before any data is built or anything is written.
+  for name, phase in phases.items():
+    freeze.make_partition(params, cfg, list(config.schedule[name]), list(config.frozen_experts))
+  mesh = common.mesh_from(config)
+
+  metrics_before = common.evaluate(config, cfg, params, base.tokenizer, mesh) if config.eval.get("before") else {}
+  stages = []
+  for name, phase in phases.items():
+    if name == "rl":
+      from bar_jax.stages import rl
+      params, record = rl.run_rl(params, cfg, base.tokenizer, phase, os.path.join(workdir, "phases", name),
+                                 mesh=mesh, domain=config.domain, trainable=list(config.schedule[name]),
+                                 frozen_experts=list(config.frozen_experts), seed=config.seed)
+    else:
+      params, record = common.train_phase(name=name, model=base, cfg=cfg, params=params, phase=phase,
+                                          workdir=workdir, mesh=mesh, seed=config.seed,
+                                          trainable=list(config.schedule[name]),
+                                          frozen_experts=list(config.frozen_experts))
+    stages.append(record)
+  metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh)
+  parent = dict(base.manifest, role="base")
+  return common.write_artifact(
+      workdir, base, params, cfg, "branch", stages, [parent], domain=config.domain,
+      base_fingerprint=base.manifest["fingerprint"], base_name=base.name, expert_kind=config.expert_kind,
+      metrics=metrics, metrics_before=metrics_before, general_ratio=config.general_ratio,
+      expert_init=config.get("expert_init") or "base")
