@@ -19,9 +19,11 @@ from bar_jax.errors import BarError
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 
-# logical axis -> mesh axis (None = replicated)
-RULES: dict[str, str | None] = {
-    "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv": "tensor", "mlp": "tensor",
+# logical axis -> mesh axis or axes (None = replicated). "embed" is FSDP over fsdp and also over expert where the
+# leaf has no expert dimension (attention, embeddings, router): the expert axis carries the batch like fsdp does, so
+# on an (fsdp=4, expert=2) mesh dense weights are split 8 ways, not 4 (MaxText maps embed the same way).
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "vocab": "tensor", "embed": ("fsdp", "expert"), "heads": "tensor", "kv": "tensor", "mlp": "tensor",
     "exp": "expert", "exp_router": None, "layers": None, "norm": None, "lora": None,
 }
 
@@ -60,16 +62,21 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None, devices=No
 
 
 def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
-  """PartitionSpec for one array from its logical axes; a mesh axis is used once and only where it divides."""
+  """PartitionSpec for one array from its logical axes; a mesh axis is used once and only where it divides.
+
+  Leaves are read left to right, so in experts [L, E, D, F] "exp" claims the expert axis before "embed" does.
+  """
   used: set[str] = set()
   out = []
   for name, dim in zip(axes, shape):
-    mesh_axis = RULES.get(name) if name else None
-    if mesh_axis and mesh_axis not in used and mesh.shape[mesh_axis] > 1 and dim % mesh.shape[mesh_axis] == 0:
-      out.append(mesh_axis)
-      used.add(mesh_axis)
-    else:
-      out.append(None)
+    rule = RULES.get(name) if name else None
+    picked: list[str] = []
+    for mesh_axis in ((rule,) if isinstance(rule, str) else rule or ()):
+      size = mesh.shape[mesh_axis] * math.prod(mesh.shape[a] for a in picked)
+      if mesh_axis not in used and mesh.shape[mesh_axis] > 1 and dim % size == 0:
+        picked.append(mesh_axis)
+    used.update(picked)
+    out.append(None if not picked else picked[0] if len(picked) == 1 else tuple(picked))
   return P(*out)
 
 

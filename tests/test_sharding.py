@@ -1,0 +1,83 @@
+"""Sharding rules: experts on `expert`, embed on `fsdp`, heads/mlp/vocab on `tensor`; a sharded forward equals the
+1-device forward; at a 7B shape every large leaf is split over every mesh axis it can use."""
+import math
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from bar_jax import sharding
+from bar_jax.errors import BarError
+from bar_jax.model import transformer
+from bar_jax.model.config import ModelConfig, tiny
+
+CFG = tiny(ffn="moe", n_experts=2)
+MESH_SHAPE = {"fsdp": 2, "expert": 2, "tensor": 2}
+
+
+def test_param_shardings_follow_the_rules():
+  mesh = sharding.make_mesh(MESH_SHAPE)
+  s = sharding.param_shardings(CFG, mesh)
+  moe = s["layers"]["moe"]
+  for w in ("gate", "up"):
+    assert moe["experts"][w].spec == P(None, "expert", "fsdp", "tensor")
+  assert moe["experts"]["down"].spec == P(None, "expert", "tensor", "fsdp")
+  # Leaves without an expert dimension are FSDP-split over fsdp and expert together.
+  fsdp = ("fsdp", "expert")
+  assert moe["router"]["kernel"].spec == P(None, fsdp, None)
+  assert s["embed"]["embedding"].spec == P("tensor", fsdp)
+  assert s["layers"]["attn"]["q"]["kernel"].spec == P(None, fsdp, "tensor")
+  assert s["layers"]["attn"]["o"]["kernel"].spec == P(None, "tensor", fsdp)
+  assert s["final_norm"]["scale"].spec == P(None)
+  # A rule whose axis does not divide the dimension replicates instead of failing.
+  odd = tiny(vocab_size=255)
+  assert sharding.param_shardings(odd, mesh)["embed"]["embedding"].spec == P(None, fsdp)
+  assert sharding.spec_for(("embed",), (6,), mesh) == P("fsdp")  # 6 splits 2 ways, not 4
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "expert_parallel"])
+def test_sharded_forward_matches_one_device(dispatch):
+  cfg = CFG.replace(dispatch=dispatch, top_k=1)
+  params = transformer.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, cfg.vocab_size)
+  one = jax.devices()[:1]
+  ref_mesh = sharding.make_mesh(None, devices=one)
+  want = jax.jit(lambda p, t: transformer.forward(p, t, cfg, mesh=ref_mesh)[0])(
+      jax.device_put(params, one[0]), jax.device_put(tokens, one[0]))
+
+  mesh = sharding.make_mesh(MESH_SHAPE)
+  ps = sharding.param_shardings(cfg, mesh)
+  f = jax.jit(lambda p, t: transformer.forward(p, t, cfg, mesh=mesh)[0],
+              in_shardings=(ps, sharding.batch_sharding(mesh)))
+  got = f(jax.device_put(params, ps), jax.device_put(tokens, sharding.batch_sharding(mesh)))
+  assert len(got.sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+  assert float(np.abs(np.asarray(want)).max()) > 0.1
+
+
+def _per_device_bytes(cfg: ModelConfig, mesh) -> int:
+  shapes = transformer.param_shapes(cfg)
+  shards = sharding.param_shardings(cfg, mesh)
+  is_shape = lambda x: isinstance(x, tuple)
+  sizes = jax.tree.map(lambda shp, s: math.prod(s.shard_shape(shp)) * 4, shapes, shards, is_leaf=is_shape)
+  return sum(jax.tree.leaves(sizes))
+
+
+def test_7b_branch_shards_evenly():
+  """Llama-2-7B shape as a 2-expert branch: fsdp=8 and fsdp=4 x expert=2 both hold ~1/8 of the bytes per device."""
+  cfg = ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
+                    d_ff=11008, tie_embeddings=False, ffn="moe", n_experts=2)
+  total = sum(math.prod(s) for s in jax.tree.leaves(transformer.param_shapes(cfg),
+                                                     is_leaf=lambda x: isinstance(x, tuple))) * 4
+  assert 10.5e9 < total / 4 < 11.5e9  # 6.7B dense + one more FFN copy
+  for shape in ({"fsdp": 8}, {"fsdp": 4, "expert": 2}, {"fsdp": 4, "tensor": 2}):
+    mesh = jax.sharding.AbstractMesh((shape.get("data", 1), shape.get("fsdp", 1), shape.get("expert", 1),
+                                      shape.get("tensor", 1)), sharding.MESH_AXES)
+    per = _per_device_bytes(cfg, mesh)
+    assert per <= total / 8 * 1.001, (shape, per, total / 8)  # norms (replicated) are the only excess
+
+
+def test_bad_mesh():
+  with pytest.raises(BarError, match="does not divide"):
+    sharding.make_mesh({"fsdp": 3, "data": -1})
