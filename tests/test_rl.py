@@ -1,0 +1,164 @@
+"""GRPO: advantages and the clipped loss against plain numpy; a tiny branch learns to emit a rewarded token; the
+anchor stays bit-identical; bad verifier output scores 0 and is counted; a killed run resumes bit-identically."""
+import os
+import shutil
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from bar_jax.evals import verifiers
+from bar_jax.model import transformer
+from bar_jax.model.config import tiny
+from bar_jax.stages import rl
+from bar_jax.transforms import freeze, grpo
+from bar_jax.transforms.upcycle import upcycle
+
+DENSE = tiny(vocab_size=259)
+TARGET = "a"  # the byte the fixed-token verifier rewards
+
+
+def _np_logp(logits, targets):
+  logits = np.asarray(logits, np.float64)
+  m = logits.max(-1, keepdims=True)
+  logz = m[..., 0] + np.log(np.exp(logits - m).sum(-1))
+  return np.take_along_axis(logits, targets[..., None], -1)[..., 0] - logz
+
+
+def test_advantages_match_numpy():
+  rewards = np.array([1, 0, 0, 1, 0.5, 0.5, 0.5, 0.5, 0, 0, 0, 1], np.float32)
+  got = grpo.group_advantages(rewards, 4, eps=1e-6)
+  want = []
+  for g in rewards.reshape(3, 4).astype(np.float64):
+    want += list((g - g.mean()) / (np.sqrt(((g - g.mean()) ** 2).mean()) + 1e-6))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  assert np.all(got[4:8] == 0)  # a group that all scored the same carries no signal
+  np.testing.assert_allclose(grpo.group_advantages(rewards, 4, scale=False)[:4], [0.5, -0.5, -0.5, 0.5])
+
+
+def test_clipped_loss_matches_numpy():
+  rng = np.random.default_rng(0)
+  B, T = 4, 12
+  params = transformer.init_params(DENSE, jax.random.key(0))
+  tokens = rng.integers(3, 259, (B, T)).astype(np.int32)
+  mask = grpo.response_mask([3, 4, 5, 6], [5, 7, 2, 0], T)
+  assert mask.sum(1).tolist() == [5, 7, 2, 0] and mask[0, 2:7].all() and not mask[0, 7:].any()
+  logits, _ = transformer.forward(params, tokens[:, :-1], DENSE)
+  temperature, clip_low, clip_high, kl_coef = 0.7, 0.2, 0.28, 0.05
+  logp = _np_logp(np.asarray(logits) / temperature, tokens[:, 1:])
+  old = logp + rng.normal(0, 0.3, logp.shape)  # ratios on both sides of both clip edges
+  ref = logp + rng.normal(0, 0.3, logp.shape)
+  adv = np.array([1.5, -0.7, 0.3, -1.0])
+  weights = mask / mask.sum()
+  ratio = np.exp(logp - old)
+  surrogate = np.minimum(ratio * adv[:, None], np.clip(ratio, 1 - clip_low, 1 + clip_high) * adv[:, None])
+  kl = np.exp(ref - logp) - (ref - logp) - 1
+  want_pg = -(surrogate * weights).sum()
+  want = want_pg + kl_coef * (kl * weights).sum()
+  assert ((ratio > 1 + clip_high) & (mask > 0)).any() and ((ratio < 1 - clip_low) & (mask > 0)).any()
+
+  loss_fn = grpo.grpo_loss(DENSE, clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef, temperature=temperature)
+  batch = {"tokens": tokens, "resp_mask": mask, "weights": weights.astype(np.float32),
+           "advantages": adv.astype(np.float32), "old_logp": old.astype(np.float32),
+           "ref_logp": ref.astype(np.float32)}
+  loss, metrics = loss_fn(params, batch)
+  np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(float(metrics["pg_loss"]), want_pg, rtol=2e-5, atol=1e-6)
+  clipped = (np.clip(ratio, 1 - clip_low, 1 + clip_high) * adv[:, None] < ratio * adv[:, None])
+  np.testing.assert_allclose(float(metrics["clip_frac"]), (clipped * mask).sum() / mask.sum(), rtol=1e-6)
+
+
+def _fraction_of_target(response: str, reference) -> float:
+  return response.count(TARGET) / len(response) if response else 0.0
+
+
+@pytest.fixture(scope="module")
+def branch():
+  dense = transformer.init_params(DENSE, jax.random.key(0))
+  params, cfg = upcycle(dense, DENSE)
+  return jax.tree.map(np.asarray, params), cfg
+
+
+def _task(byte_tokenizer, verifier=_fraction_of_target):
+  prompts = [byte_tokenizer.encode(s) for s in ("hello", "abc", "xyz?", "12")]
+  return rl.Task("fixed_token", prompts, [None] * len(prompts), verifier)
+
+
+def _config(**kw):
+  c = rl.default_config(steps=30, prompts_per_step=4, group_size=8, max_prompt_len=8, max_response_len=8,
+                        checkpoint_every=10, log_every=10)
+  c.opt.lr = 1e-2
+  c.update(kw)
+  return c
+
+
+def test_grpo_learns_the_rewarded_token_and_keeps_the_anchor(branch, byte_tokenizer, tmp_path):
+  params, cfg = branch
+  t0 = time.time()
+  out, record = rl.run_rl(params, cfg, byte_tokenizer, _config(), str(tmp_path / "run"),
+                          task=_task(byte_tokenizer))
+  curve = record["reward_curve"]
+  assert len(curve) == 30 and np.mean(curve[:3]) < 0.2, curve
+  assert np.mean(curve[-3:]) > 0.9, curve
+  assert record["rollouts"] == 30 * 32 and record["tokens"] > 0 and record["verifier_failures"]["error"] == 0
+  # The anchor (expert 0 and its router column) and nothing else among the frozen: bit-identical.
+  before, after = params["layers"]["moe"], jax.tree.map(np.asarray, out["layers"]["moe"])
+  for w in ("gate", "up", "down"):
+    np.testing.assert_array_equal(after["experts"][w][:, 0], before["experts"][w][:, 0])
+    assert not np.array_equal(after["experts"][w][:, 1], before["experts"][w][:, 1])
+  np.testing.assert_array_equal(after["router"]["kernel"][..., 0], before["router"]["kernel"][..., 0])
+  assert not np.array_equal(np.asarray(out["layers"]["attn"]["q"]["kernel"]), params["layers"]["attn"]["q"]["kernel"])
+  print(f"learned in {time.time() - t0:.1f}s: {curve}")
+
+
+def test_frozen_shared_params_stay_bit_identical(branch, byte_tokenizer, tmp_path):
+  """The ablation's partition (shared parameters frozen): only expert 1 and its router column may move."""
+  params, cfg = branch
+  c = _config(steps=2, trainable=[r"layers/moe/(experts|lora)/.*", r"layers/moe/router/kernel"])
+  first_char_early = lambda response, ref: float(bool(response) and response[0] < "m")  # a signal in every group
+  out, record = rl.run_rl(params, cfg, byte_tokenizer, c, str(tmp_path / "frozen"),
+                          task=_task(byte_tokenizer, first_char_early))
+  assert 0 < record["reward_curve"][0] < 1
+  flat_in, flat_out = freeze.flatten(params), freeze.flatten(jax.tree.map(np.asarray, out))
+  for path, x in flat_in.items():
+    if "/moe/" not in path:
+      np.testing.assert_array_equal(flat_out[path], x, err_msg=path)
+  assert not np.array_equal(flat_out["layers/moe/experts/up"][:, 1], flat_in["layers/moe/experts/up"][:, 1])
+
+
+def test_bad_verifier_output_scores_zero_and_is_counted(branch, byte_tokenizer, tmp_path):
+  calls = []
+
+  def flaky(response, reference):
+    calls.append(response)
+    kind = len(calls) % 4
+    if kind == 0:
+      raise ValueError("verifier bug")
+    if kind == 1:
+      return "not a number"
+    if kind == 2:
+      time.sleep(5)  # interrupted by the timeout
+    return float("nan") if len(calls) % 8 == 3 else 1.0
+
+  rewards, failures = verifiers.score_all(flaky, ["x"] * 8, [None] * 8, timeout_s=0.05)
+  assert failures == {"error": 2, "timeout": 2, "invalid": 3}
+  assert rewards == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+  calls.clear()
+  c = _config(steps=1, verifier_timeout_s=0.05)
+  _, record = rl.run_rl(branch[0], branch[1], byte_tokenizer, c, str(tmp_path / "flaky"),
+                        task=_task(byte_tokenizer, flaky))
+  assert record["verifier_failures"] == {"error": 8, "timeout": 8, "invalid": 12}
+  assert record["reward_curve"] == [round(4 / 32, 4)]
+
+
+def test_killed_run_resumes_bit_identical(branch, byte_tokenizer, tmp_path):
+  params, cfg = branch
+  c = _config(steps=4, checkpoint_every=2)
+  full, rec_full = rl.run_rl(params, cfg, byte_tokenizer, c, str(tmp_path / "a"), task=_task(byte_tokenizer))
+  work = str(tmp_path / "b")
+  rl.run_rl(params, cfg, byte_tokenizer, c, work, task=_task(byte_tokenizer))
+  shutil.rmtree(os.path.join(work, "checkpoints", "4"))  # as if killed between step 2's and step 4's checkpoints
+  resumed, rec = rl.run_rl(params, cfg, byte_tokenizer, c, work, task=_task(byte_tokenizer))
+  assert rec["reward_curve"] == rec_full["reward_curve"]
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), resumed, full)
