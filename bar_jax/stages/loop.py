@@ -117,10 +117,7 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
   # Trainable leaves are donated to the step: copy them so the caller's arrays stay alive.
   trainable = {k: jnp.copy(jax.device_put(v, _slice_sharding(flat_shardings[k], v))) for k, v in trainable.items()}
   frozen = {k: jax.device_put(v, _slice_sharding(flat_shardings[k], v)) for k, v in frozen.items()}
-  opt_state = jax.jit(tx.init)(trainable)
-  # Scalars (Adam's count) come back on one device: replicate them over the mesh like everything else.
-  opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
-                           else jax.device_put(x, sharding.replicated(mesh)), opt_state)
+  opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, mesh))(trainable)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   start = ckpt.latest_step() or 0
@@ -176,6 +173,18 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
     writer.close()
   final = freeze.join(trainable, frozen, part)
   return Result(params=final, steps=steps, tokens=tokens_seen, seconds=time.time() - t0, history=history)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, trainable: dict, mesh) -> Any:
+  """Each optimiser-state leaf shaped like a parameter (Adam's mu, nu) sharded like it; scalars replicated.
+
+  jit(tx.init) alone does not propagate them: zeros_like ignores its input's layout, and the moments would land
+  unsharded on one device, i.e. replicated (2 x the trainable bytes on every device).
+  """
+  return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, trainable),
+                               {k: v.sharding for k, v in trainable.items()},
+                               transform_non_params=lambda _: sharding.replicated(mesh),
+                               is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
 
 
 def _slice_sharding(full: jax.sharding.NamedSharding, x) -> jax.sharding.NamedSharding:
