@@ -152,16 +152,20 @@ def _mean(leaves: Iterator[Any]) -> np.ndarray:
     dtype = x.dtype
     acc = x.astype(np.float64) if acc is None else np.add(acc, x, out=acc)
     count += 1
-  return (acc / count).astype(dtype) if count > 1 else acc.astype(dtype)
+    del x  # drop this branch's leaf before the next one is read
+  return np.divide(acc, count, out=acc).astype(dtype)
 
 
 def _weighted(leaves: Iterator[Any], w: np.ndarray) -> np.ndarray:
-  acc, dtype = None, None
-  for wi, x in zip(w, leaves):
+  acc, dtype, i = None, None, -1
+  for x in leaves:
+    i += 1
+    wi = w[i]
     x = np.asarray(x)
     dtype = x.dtype
     term = x.astype(np.float64) * wi
     acc = term if acc is None else np.add(acc, term, out=acc)
+    del x, term
   return acc.astype(dtype)
 
 
@@ -174,13 +178,15 @@ def _router(leaves: Iterator[Any]) -> np.ndarray:
     anchor = x[..., 0].astype(np.float64) if anchor is None else np.add(anchor, x[..., 0], out=anchor)
     domain.append(np.array(x[..., 1]))
     count += 1
+    del x
   return np.stack([(anchor / count).astype(dtype)] + domain, axis=-1)
 
 
 def _experts(leaves: Iterator[Any], n: int, kind: str) -> np.ndarray:
   """[L, 2, ...] per ffn branch -> [L, N + 1, ...]; [L, 1, ...] (the anchor only) per lora branch -> [L, 1, ...]."""
-  out, anchor, dtype = None, None, None
-  for i, x in enumerate(leaves):
+  out, anchor, dtype, i = None, None, None, -1
+  for x in leaves:  # (not enumerate: its cached result tuple would keep the previous leaf alive during a read)
+    i += 1
     x = np.asarray(x)
     if out is None:
       dtype = x.dtype
@@ -188,7 +194,8 @@ def _experts(leaves: Iterator[Any], n: int, kind: str) -> np.ndarray:
     anchor = x[:, 0].astype(np.float64) if anchor is None else np.add(anchor, x[:, 0], out=anchor)
     if kind == "ffn":
       out[:, i + 1] = x[:, 1]
-  out[:, 0] = anchor / n if n > 1 else anchor
+    del x
+  out[:, 0] = np.divide(anchor, n, out=anchor)
   return out
 
 

@@ -1,0 +1,217 @@
+"""MoE dispatch and merge benchmark at SmolLM2 shapes (D=576, F=1536), E=5 experts, ~4096 tokens.
+
+  python experiments/bench_moe.py            # ~5 min on 2 CPU cores; writes experiments/results/bench_moe.md
+
+Dispatch: step time (forward + backward w.r.t. tokens, router and experts) of one MoE layer per dispatch path at
+top_k = 1, 2, 5, against a dense SwiGLU FFN of width k*F (the same active FLOPs), on 1 and on 8 simulated CPU
+devices (two subprocesses with different XLA_FLAGS). On 8 devices the tokens are split over a data axis of 8;
+expert_parallel needs an expert axis dividing E=5, so it runs on 5 of the 8 devices (expert=5). On 1 device
+expert_parallel falls back to dropless (no expert axis). Each process also measures its fp32 matmul peak.
+
+Merge: the merge transform on 4 branches with SmolLM2's shapes and random weights, served by a lazy mapping that
+makes each leaf when it is read (as artifact.open_params reads it from disk): run time, peak memory (tracemalloc,
+which sees numpy's buffers) against the bytes read and written. Goals: dispatch overhead <= 20% over the dense cost
+of the active FLOPs; merge peak memory <= 1.5x the output size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+D, F, E, N_TOKENS, TOP_KS = 576, 1536, 5, 4080, (1, 2, 5)  # 4080 ~ 4096, divisible by 8 and by 5 batch shards
+REPEATS = 3
+
+
+def _time(f, *args) -> float:
+  import jax
+  jax.block_until_ready(f(*args))  # compile + warm up
+  best = float("inf")
+  for _ in range(REPEATS):
+    t = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def matmul_peak() -> float:
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  return 2 * 2048 ** 3 / _time(f, a) / 1e9
+
+
+def dispatch_worker(n_devices: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from bar_jax.model import moe
+  from bar_jax.model.config import ModelConfig
+  from bar_jax.sharding import make_mesh, BATCH_AXES
+
+  assert jax.device_count() == n_devices
+  ks = jax.random.split(jax.random.key(0), 6)
+  x = jax.random.normal(ks[0], (N_TOKENS, D), jnp.float32)
+  p = {"router": {"kernel": jax.random.normal(ks[1], (D, E)) * 0.05},
+       "experts": {"gate": jax.random.normal(ks[2], (E, D, F)) / D ** .5,
+                   "up": jax.random.normal(ks[3], (E, D, F)) / D ** .5,
+                   "down": jax.random.normal(ks[4], (E, F, D)) / F ** .5}}
+  probe = jax.random.normal(ks[5], (N_TOKENS, D))
+  data_mesh = make_mesh({"data": n_devices}) if n_devices > 1 else None
+  ep_mesh = make_mesh({"expert": E}, devices=jax.devices()[:E]) if n_devices >= E else None
+
+  def place(tree, mesh, batch):
+    if mesh is None:
+      return tree
+    return jax.device_put(tree, NamedSharding(mesh, P(BATCH_AXES) if batch else P()))
+
+  def moe_step(cfg, mesh):
+    def loss(p, x):
+      y, aux = moe.moe_ffn(p, x[None], cfg, mesh=mesh)
+      return jnp.sum(y[0] * probe_s) + 1e-3 * aux["z_loss"]
+    probe_s = place(probe, mesh, True)
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return lambda: f(place(p, mesh, False), place(x, mesh, True))
+
+  def dense_ffn_step(k, mesh):
+    w = {"gate": jnp.concatenate([p["experts"]["gate"][i % E] for i in range(k)], 1),
+         "up": jnp.concatenate([p["experts"]["up"][i % E] for i in range(k)], 1),
+         "down": jnp.concatenate([p["experts"]["down"][i % E] for i in range(k)], 0)}
+
+    def loss(w, x):
+      y = (jax.nn.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]
+      return jnp.sum(y * probe_s)
+    probe_s = place(probe, mesh, True)
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return lambda: f(place(w, mesh, False), place(x, mesh, True))
+
+  out = {"devices": n_devices, "peak_gflops": matmul_peak(), "rows": []}
+  for k in TOP_KS:
+    cfg = ModelConfig(d_model=D, d_ff=F, n_layers=1, ffn="moe", n_experts=E, top_k=k)
+    row = {"k": k, "flops": 3 * 2 * N_TOKENS * 3 * D * F * k}
+    row["dense_ffn"] = _time(dense_ffn_step(k, data_mesh))
+    for kind in ("dense", "dropless", "expert_parallel"):
+      mesh = ep_mesh if kind == "expert_parallel" else data_mesh
+      if kind == "expert_parallel" and mesh is None:
+        continue  # no expert axis on one device: it is the dropless path
+      row[kind] = _time(moe_step(cfg.replace(dispatch=kind), mesh))
+    out["rows"].append(row)
+    print(json.dumps(row), file=sys.stderr, flush=True)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Merge.
+
+class RandomBranch(dict):
+  """{path: array} of a SmolLM2-shaped 2-expert branch whose leaves are made when read (like a lazy reader)."""
+
+  def __init__(self, shapes: dict, seed: int):
+    super().__init__(shapes)
+    self.seed = seed
+    self.bytes_read = 0
+
+  def __getitem__(self, path):
+    import numpy as np
+    shape = super().__getitem__(path)
+    rng = np.random.default_rng([self.seed, abs(hash(path)) % 2 ** 31])
+    x = rng.random(shape, dtype=np.float32)
+    self.bytes_read += x.nbytes
+    return x
+
+
+def merge_worker(n_branches: int = 4) -> dict:
+  import tracemalloc
+
+  import numpy as np
+
+  from bar_jax.model import transformer
+  from bar_jax.model.config import ModelConfig
+  from bar_jax.transforms import merge as merge_lib
+
+  cfg = ModelConfig(ffn="moe", n_experts=2)  # SmolLM2-135M shapes, 2-expert ffn branch
+  shapes = {k: v for k, v in merge_lib.flat(transformer.param_shapes(cfg)).items()}
+  branches = [RandomBranch(shapes, seed) for seed in range(n_branches)]
+  t = time.perf_counter()
+  for path in shapes:  # the cost of producing ("reading") every leaf once, without merging
+    branches[0][path]
+  read_one = time.perf_counter() - t
+  branches[0].bytes_read = 0
+  tracemalloc.start()
+  base_mem = tracemalloc.get_traced_memory()[0]
+  t = time.perf_counter()
+  merged, mcfg = merge_lib.merge(None, branches, [cfg] * n_branches, rule="average")
+  seconds = time.perf_counter() - t
+  peak = tracemalloc.get_traced_memory()[1] - base_mem
+  tracemalloc.stop()
+  out_bytes = sum(x.nbytes for x in merge_lib.flat(merged).values())
+  del merged
+  return {"branches": n_branches, "seconds": seconds, "read_seconds_est": read_one * n_branches,
+          "peak_bytes": peak, "out_bytes": out_bytes, "read_bytes": sum(b.bytes_read for b in branches),
+          "n_experts": mcfg.n_experts}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver.
+
+def _subprocess(args: list[str], env_extra: dict) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **env_extra)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  res = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, env=env, stdout=subprocess.PIPE,
+                       check=True, text=True)
+  return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def report(results: list[dict], merge: dict) -> str:
+  gb = lambda b: f"{b / 2 ** 30:.2f} GiB"  # noqa: E731
+  lines = ["# bench_moe: MoE dispatch paths and the merge transform", "",
+           "Command: `python experiments/bench_moe.py` (CPU; 1 and 8 simulated devices via XLA_FLAGS).", "",
+           f"One MoE layer, D={D}, F={F}, E={E}, {N_TOKENS} tokens, float32; step = forward + backward w.r.t. "
+           "tokens, router and experts. `dense FFN` is one SwiGLU of width k*F: the active FLOPs of top-k. "
+           "Overhead = path time / dense-FFN time - 1. expert_parallel on 8 devices runs on 5 of them (expert=5, "
+           "since 5 experts cannot split over 8); on 1 device it is the dropless path.", ""]
+  for r in results:
+    lines += [f"## {r['devices']} device(s): fp32 matmul peak {r['peak_gflops']:.0f} GFLOP/s", "",
+              "| top_k | dense FFN (k*F) | GFLOP/s | dense (all E) | dropless | expert_parallel |",
+              "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+      base = row["dense_ffn"]
+      cell = lambda kind: (f"{row[kind] * 1e3:.0f} ms ({row[kind] / base - 1:+.0%})"  # noqa: E731
+                           if kind in row else "= dropless")
+      lines.append(f"| {row['k']} | {base * 1e3:.0f} ms | {row['flops'] / base / 1e9:.0f} | {cell('dense')} | "
+                   f"{cell('dropless')} | {cell('expert_parallel')} |")
+    lines.append("")
+  m = merge
+  lines += [f"## Merge: {m['branches']} SmolLM2-shaped ffn branches -> {m['n_experts']} experts (rule average)", "",
+            "| run time | of which producing the leaves (est.) | peak memory | output | peak / output | read |",
+            "|---|---|---|---|---|---|",
+            f"| {m['seconds']:.1f} s | {m['read_seconds_est']:.1f} s | {gb(m['peak_bytes'])} | {gb(m['out_bytes'])} | "
+            f"{m['peak_bytes'] / m['out_bytes']:.2f}x | {gb(m['read_bytes'])} |", ""]
+  return "\n".join(lines)
+
+
+def main():
+  if len(sys.argv) > 2 and sys.argv[1] == "--dispatch":
+    print(json.dumps(dispatch_worker(int(sys.argv[2]))))
+    return
+  if len(sys.argv) > 1 and sys.argv[1] == "--merge":
+    print(json.dumps(merge_worker()))
+    return
+  results = [_subprocess(["--dispatch", str(n)], {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+             for n in (1, 8)]
+  merge = _subprocess(["--merge"], {})
+  text = report(results, merge)
+  print(text)
+  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_moe.md")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    f.write(text)
+
+
+if __name__ == "__main__":
+  main()
