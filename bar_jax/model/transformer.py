@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bar_jax import sharding
 from bar_jax.model import moe
 from bar_jax.model.config import ModelConfig
 
@@ -127,8 +128,11 @@ def attend(q, k, v, mask, cfg: ModelConfig):
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
-def _block(cfg: ModelConfig, mesh, x, lp, positions, segment_ids, cache_kv, cache_index):
-  """One decoder layer. cache_kv = (k [B,S,K,hd], v) to read from and write into at cache_index, or None."""
+def _block(cfg: ModelConfig, mesh, x, lp, positions, segment_ids, cache_kv, cache_index, kv_valid=None):
+  """One decoder layer. cache_kv = (k [B,S,K,hd], v) to read from and write into at cache_index, or None.
+
+  kv_valid [B, S] marks cache slots that hold real tokens (left padding False); causality is by slot.
+  """
   B, T, _ = x.shape
   dt = x.dtype
   h = rms_norm(x, lp["attn_norm"]["scale"], cfg.rms_eps)
@@ -147,8 +151,12 @@ def _block(cfg: ModelConfig, mesh, x, lp, positions, segment_ids, cache_kv, cach
     cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
     S = ck.shape[1]
     slots = jnp.broadcast_to(jnp.arange(S)[None], (B, S))
-    # Slot s holds position s; slots past what has been written are masked out.
-    mask = attention_mask(positions, slots, None, None, k_valid=slots < cache_index + T)
+    # Causal by slot (a left-padded row's RoPE positions lag its slots); unwritten and padding slots masked out.
+    q_slots = jnp.broadcast_to(cache_index + jnp.arange(T)[None], (B, T))
+    valid = slots < cache_index + T
+    if kv_valid is not None:
+      valid &= kv_valid
+    mask = attention_mask(q_slots, slots, None, None, k_valid=valid)
     new_cache = (ck, cv)
     keys, values = ck.astype(dt), cv.astype(dt)
   o = attend(q, keys, values, mask, cfg).reshape(B, T, cfg.n_heads * cfg.head_dim)
@@ -180,8 +188,11 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positions: j
   x = params["embed"]["embedding"].astype(dt)[tokens]
 
   def body(x, lp):
+    # Pinning the residual stream to batch sharding makes XLA all-gather each layer's FSDP-sharded weights (FSDP)
+    # instead of all-gathering the activations over the batch (what it picks unconstrained: 8x the activations).
+    x = sharding.constrain_batch(x, mesh)
     y, aux, _ = _block(cfg, mesh, x, lp, positions, segment_ids, None, None)
-    return y, aux
+    return sharding.constrain_batch(y, mesh), aux
 
   if cfg.remat != "none":
     body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
@@ -207,10 +218,11 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[s
 
 
 def forward_cached(params: Params, tokens: jax.Array, cache: dict[str, jax.Array], cfg: ModelConfig, *,
-                   positions: jax.Array | None = None, mesh=None):
+                   positions: jax.Array | None = None, kv_valid: jax.Array | None = None, mesh=None):
   """Runs tokens [B, T] at cache slots index..index+T; returns (logits [B, T, V], new cache).
 
-  positions default to the slot index (left-padded prompts pass their own so padding does not shift RoPE).
+  positions default to the slot index (left-padded prompts pass their own so padding does not shift RoPE);
+  kv_valid [B, S] (cache length S) masks padding slots out of attention.
   """
   dt = jnp.dtype(cfg.dtype)
   B, T = tokens.shape
@@ -221,7 +233,7 @@ def forward_cached(params: Params, tokens: jax.Array, cache: dict[str, jax.Array
 
   def body(x, layer):
     lp, ck, cv = layer
-    y, _, (ck, cv) = _block(cfg, mesh, x, lp, positions, None, (ck, cv), index)
+    y, _, (ck, cv) = _block(cfg, mesh, x, lp, positions, None, (ck, cv), index, kv_valid)
     return y, (ck, cv)
 
   x, (ks, vs) = jax.lax.scan(body, x, (params["layers"], cache["k"], cache["v"]))
