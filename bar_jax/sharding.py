@@ -114,5 +114,13 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, batch_axis: int = 
   return out
 
 
+def constrain_batch(x: jax.Array, mesh: Mesh | None) -> jax.Array:
+  """Inside jit: x's leading (batch) dimension split over the batch axes, the rest replicated. A no-op without a
+  mesh, on one device, or when the batch does not divide (e.g. a single decoded sequence)."""
+  if mesh is None or mesh.size == 1 or x.shape[0] % batch_divisor(mesh):
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES, *([None] * (x.ndim - 1)))))
+
+
 def batch_divisor(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
