@@ -76,7 +76,7 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, part: freeze.Pa
       metrics = {k: (v if k == "tokens" else v / accum) for k, v in metrics.items()}
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     return trainable, opt_state, metrics
 
   return step
@@ -92,6 +92,7 @@ class Result:
   tokens: float
   seconds: float
   history: list[dict]
+  opt_state: Any = None  # the final optimiser state (over the trainable leaves only)
 
 
 def _to_micro(local: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarray]:
@@ -172,7 +173,8 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
   if writer:
     writer.close()
   final = freeze.join(trainable, frozen, part)
-  return Result(params=final, steps=steps, tokens=tokens_seen, seconds=time.time() - t0, history=history)
+  return Result(params=final, steps=steps, tokens=tokens_seen, seconds=time.time() - t0, history=history,
+                opt_state=opt_state)
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, trainable: dict, mesh) -> Any:

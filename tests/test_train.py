@@ -1,0 +1,149 @@
+"""The trainer: same loss curve on 1 and 8 devices, exact resume after kill -9, one-line errors for bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from bar_jax import sharding, train
+from bar_jax.errors import BarError
+from bar_jax.io import artifact
+from bar_jax.model import config as config_lib, transformer
+from bar_jax.stages import common, loop
+from bar_jax.transforms import freeze
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class SyntheticBatches:
+  """Deterministic random token batches with get_state/set_state, like a grain iterator."""
+
+  def __init__(self, batch=16, seq=32, vocab=256):
+    self.i, self.batch, self.seq, self.vocab = 0, batch, seq, vocab
+
+  def __next__(self):
+    rng = np.random.default_rng(self.i)
+    self.i += 1
+    x = rng.integers(0, self.vocab, (self.batch, self.seq + 1)).astype(np.int32)
+    seg = np.ones((self.batch, self.seq), np.int32)
+    return {"inputs": x[:, :-1], "targets": x[:, 1:], "mask": np.ones((self.batch, self.seq), np.float32),
+            "segment_ids": seg, "positions": np.tile(np.arange(self.seq, dtype=np.int32), (self.batch, 1))}
+
+  def get_state(self):
+    return {"i": self.i}
+
+  def set_state(self, state):
+    self.i = state["i"]
+
+
+def opt(lr=1e-2):
+  return common.opt_defaults(lr=lr, warmup_steps=2)
+
+
+def run_loop(cfg, params, mesh, workdir, steps=6, trainable=(r".*",), frozen_experts=(), accum=1):
+  part = freeze.make_partition(params, cfg, list(trainable), frozen_experts)
+  it = SyntheticBatches(vocab=cfg.vocab_size)
+  return loop.train(params=params, cfg=cfg, part=part, loss_fn=loop.lm_loss(cfg, mesh, z_loss=1e-3), batches=it,
+                    opt=opt(), steps=steps, workdir=workdir, mesh=mesh, identity={"test": 1}, accum=accum,
+                    checkpoint_every=100, log_every=1, data_iter=it)
+
+
+def test_one_and_eight_devices_give_the_same_loss_curve(tmp_path):
+  cfg = config_lib.tiny()
+  params = transformer.init_params(cfg, jax.random.key(0))
+  one = run_loop(cfg, params, sharding.make_mesh({"data": 1}, jax.devices()[:1]), str(tmp_path / "one"), accum=2)
+  eight = run_loop(cfg, params, sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), str(tmp_path / "eight"),
+                   accum=2)
+  a, b = [h["loss"] for h in one.history], [h["loss"] for h in eight.history]
+  assert len(a) == 6 and a[-1] < a[0]
+  np.testing.assert_allclose(a, b, rtol=2e-5)
+
+
+def _cli(workdir, *overrides):
+  cmd = [sys.executable, "-m", "bar_jax.train", "--config=configs/train_lm.py:tiny", f"--workdir={workdir}",
+         *overrides]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  return cmd, env
+
+
+def test_kill_9_and_restart_resumes_bit_identical(tmp_path):
+  steps = ["--config.phases.midtrain.steps=8", "--config.phases.midtrain.checkpoint_every=2"]
+  cmd, env = _cli(tmp_path / "full", *steps)
+  subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
+
+  cmd, env = _cli(tmp_path / "killed", *steps)
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = tmp_path / "killed" / "phases" / "midtrain" / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):
+    time.sleep(0.2)
+  time.sleep(0.5)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not artifact.is_complete(str(tmp_path / "killed")), "the run finished before it could be killed"
+  subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
+
+  full, resumed = artifact.read_manifest(str(tmp_path / "full")), artifact.read_manifest(str(tmp_path / "killed"))
+  assert full["leaf_fingerprints"] == resumed["leaf_fingerprints"]
+  rows = [json.loads(l) for l in open(tmp_path / "killed" / "phases" / "midtrain" / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == list(range(1, 9))
+
+
+def test_unknown_config_key_is_one_line(tmp_path):
+  cmd, env = _cli(tmp_path / "w", "--config.phases.midtrain.stepz=3")
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+  assert out.returncode == 2
+  assert out.stderr.strip().count("\n") == 0 and "stepz" in out.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def _tiny_lm_config():
+  from configs import train_lm
+  return train_lm.get_config("tiny")
+
+
+def test_mesh_that_does_not_divide_the_devices(tmp_path):
+  c = _tiny_lm_config()
+  c.mesh = ml_collections.ConfigDict({"data": 3})
+  with pytest.raises(BarError, match="needs 3 devices but 8"):
+    train.run(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_missing_model_and_corrupt_artifact(tmp_path):
+  c = _tiny_lm_config()
+  c.base = str(tmp_path / "nope")
+  with pytest.raises(BarError, match="neither an artifact directory"):
+    train.run(c, str(tmp_path / "w"))
+  params = transformer.init_params(config_lib.tiny(), jax.random.key(0))
+  from bar_jax.io import gguf
+  art = str(tmp_path / "art")
+  artifact.write(art, jax.tree.map(np.asarray, params), {"kind": "dense", "model": config_lib.tiny().to_dict()},
+                 gguf.load_tokenizer())
+  manifest = json.load(open(os.path.join(art, "manifest.json")))
+  manifest["leaf_fingerprints"]["embed/embedding"] = "0" * 64
+  json.dump(manifest, open(os.path.join(art, "manifest.json"), "w"))
+  c.base = art
+  with pytest.raises(BarError, match="embed/embedding"):
+    train.run(c, str(tmp_path / "w2"))
+  assert not (tmp_path / "w2").exists()
+
+
+def test_workdir_of_another_run_is_refused_and_kept(tmp_path):
+  cfg = config_lib.tiny()
+  params = transformer.init_params(cfg, jax.random.key(0))
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  wd = str(tmp_path / "w")
+  run_loop(cfg, params, mesh, wd, steps=2)
+  before = sorted(os.listdir(os.path.join(wd, "checkpoints")))
+  part = freeze.make_partition(params, cfg, [r".*"])
+  with pytest.raises(BarError, match="another run"):
+    loop.train(params=params, cfg=cfg, part=part, loss_fn=loop.lm_loss(cfg), batches=SyntheticBatches(),
+               opt=opt(), steps=2, workdir=wd, mesh=mesh, identity={"test": 2})
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == before
