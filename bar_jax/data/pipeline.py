@@ -11,7 +11,7 @@ no token is lost: consecutive windows overlap by one token so every target appea
 conversations dropped or truncated (SFT), empty examples. Nothing is lost without being counted in `stats`.
 
 The iterator is a grain DatasetIterator: deterministic given the seed, repeats epochs (num_epochs=None: forever,
-each epoch reshuffled), and its get_state()/set_state() (or grain.checkpoint.CheckpointSave with orbax) resume
+each epoch reshuffled, domains drawn by weight; num_epochs=n: every element exactly n times, weights unused), and its get_state()/set_state() (or grain.checkpoint.CheckpointSave with orbax) resume
 exactly.
 """
 from __future__ import annotations
@@ -176,7 +176,7 @@ def build(examples: Mapping[str, Sequence], weights: Mapping[str, float], tokeni
     if not els:
       raise BarError(f"domain {name!r} has no usable {kind} examples ({dataclasses.asdict(stats[name])}): "
                      "check its source or raise seq_len")
-    ds = grain.MapDataset.source(els).seed(seed * 1000 + d).shuffle().repeat(num_epochs)
+    ds = grain.MapDataset.source(els).seed(seed * 1000 + d).shuffle()
     parts.append(ds)
     part_weights.append(w)
   for name, s in stats.items():
@@ -184,10 +184,15 @@ def build(examples: Mapping[str, Sequence], weights: Mapping[str, float], tokeni
     if lost:
       logging.warning("data %s/%s: %d of %d examples dropped or cut (%s)", kind, name, lost, s.examples,
                       {k: v for k, v in dataclasses.asdict(s).items() if k in ("dropped_too_long", "truncated", "empty") and v})
-  mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, part_weights)
+  if num_epochs is None:  # endless: each domain reshuffled every epoch, drawn by weight
+    parts = [p.repeat(None) for p in parts]
+    mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, part_weights)
+  else:  # a finite pass (evaluation, tests): every element exactly num_epochs times, order shuffled, weights unused
+    mixed = grain.MapDataset.concatenate([p.repeat(num_epochs) for p in parts]).seed(seed).shuffle()
   mixed = mixed[process_index::process_count]
   pad = tokenizer.pad_id
-  it = mixed.to_iter_dataset()
+  # Elements are tokenised already: reading is a few numpy copies, so no reader threads (they only contend for cores).
+  it = mixed.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   if kind == "lm":
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={"inputs": seq_len, "targets": seq_len, "mask": seq_len}, num_packing_bins=batch_size,
@@ -195,7 +200,8 @@ def build(examples: Mapping[str, Sequence], weights: Mapping[str, float], tokeni
     it = it.map(lambda row: _from_packed(row, pad))
   else:
     it = it.map(lambda el: _pad_row(el, seq_len, pad))
-  it = it.batch(batch_size, drop_remainder=True)
+  # Endless streams keep one batch shape; a finite run (num_epochs=n) ends with its last, smaller batch: no loss.
+  it = it.batch(batch_size, drop_remainder=num_epochs is None)
   full_spec = {"kind": kind, "weights": weights, "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
                "num_epochs": num_epochs, "overlong": overlong, "process_count": process_count, **(spec or {})}
   return Batches(it, stats, full_spec)

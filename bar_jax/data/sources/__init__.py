@@ -30,16 +30,25 @@ def data_file(package: str, *parts: str) -> str:
   return path
 
 
+def _decode(raw: bytes) -> tuple[str | None, str | None]:
+  """(text, None) for non-empty UTF-8; (None, "empty" | "not_utf8") otherwise."""
+  if not raw.strip():
+    return None, "empty"
+  try:
+    return raw.decode("utf-8"), None
+  except UnicodeDecodeError:
+    return None, "not_utf8"
+
+
 def read_text_file(path: str) -> str:
   """A source file's text: UTF-8, not empty. Anything else is a BarError naming the file."""
   with open(path, "rb") as f:
-    raw = f.read()
-  if not raw.strip():
+    text, problem = _decode(f.read())
+  if problem == "empty":
     raise BarError(f"source file {path} is empty: remove it from the corpus or give it content")
-  try:
-    return raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise BarError(f"source file {path} is not UTF-8 (byte {e.start}): re-encode it as UTF-8 or drop it") from None
+  if problem == "not_utf8":
+    raise BarError(f"source file {path} is not UTF-8: re-encode it as UTF-8 or drop it")
+  return text
 
 
 @dataclasses.dataclass
@@ -59,13 +68,14 @@ def read_text_files(paths: list[str], report: ScanReport, root: str = "") -> lis
   """(relative path, text) for each readable file; empty and non-UTF-8 files are counted in `report`."""
   out = []
   for path in paths:
-    try:
-      text = read_text_file(path)
-    except BarError as e:
-      report.skip("empty" if "empty" in str(e) else "not_utf8", os.path.relpath(path, root) if root else path)
+    rel = os.path.relpath(path, root) if root else path
+    with open(path, "rb") as f:
+      text, problem = _decode(f.read())
+    if problem:
+      report.skip(problem, rel)
       continue
     report.read += 1
-    out.append((os.path.relpath(path, root) if root else path, text))
+    out.append((rel, text))
   return out
 
 

@@ -10,7 +10,6 @@ import ast
 import functools
 import os
 import sysconfig
-import textwrap
 
 from bar_jax.data.sources import ScanReport, is_eval, read_text_files
 
@@ -63,13 +62,26 @@ def functions_in(path: str, source: str, *, min_body_lines: int = 2, max_body_li
     n_body = sum(1 for l in body.splitlines() if l.strip())
     if not min_body_lines <= n_body <= max_body_lines:
       continue
-    code_lines = textwrap.dedent(header + body).splitlines(keepends=True)
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    code_lines = [_unindent(l, indent) for l in lines[start:node.end_lineno]]
     n_header = doc.end_lineno - start
     out.append({"name": f"{path}:{node.name}", "header": "".join(code_lines[:n_header]),
-                "body": "".join(code_lines[n_header:])})
+                "body": "".join(code_lines[n_header:]), "source": header + body})
   return out
+
+
+def _unindent(line: str, n: int) -> str:
+  """Strips up to n leading spaces (a comment at column 0 inside a method stays as it is)."""
+  k = len(line) - len(line.lstrip(" "))
+  return line[min(k, n):]
 
 
 @functools.lru_cache(maxsize=4)
 def functions(which: str, eval_pct: int, max_files: int = 0) -> tuple[dict, ...]:
-  return tuple(f for path, src in split_files(which, eval_pct, max_files) for f in functions_in(path, src))
+  """Functions of one split's files. Held-out ones whose source also occurs in a training file (the stdlib has a
+  few copied functions) are left out, so no held-out body is ever trained on."""
+  found = [f for path, src in split_files(which, eval_pct, max_files) for f in functions_in(path, src)]
+  if which == "eval":
+    train_text = "\n".join(t for _, t in split_files("train", eval_pct, max_files))
+    found = [f for f in found if f["source"] not in train_text]
+  return tuple(found)
