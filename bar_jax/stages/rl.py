@@ -159,12 +159,34 @@ def rollout(params, cfg: ModelConfig, tokenizer, task: Task, config, step: int) 
 # ----------------------------------------------------------------------------------------------------------------
 # The RL loop.
 
+def resolve_config(config, **overrides) -> ml_collections.ConfigDict:
+  """default_config() updated with a (partial) phase config and keyword overrides; max_new_tokens is an alias of
+  max_response_len. Unknown keys are refused."""
+  out = default_config()
+  given = dict(config.to_dict() if hasattr(config, "to_dict") else config or {})
+  given.update({k: v for k, v in overrides.items() if v is not None})
+  if "max_new_tokens" in given:
+    given["max_response_len"] = given.pop("max_new_tokens")
+  unknown = sorted(set(given) - set(out))
+  if unknown:
+    raise BarError(f"rl config has unknown keys {unknown}; known keys: {', '.join(sorted(out))}")
+  for k, v in given.items():
+    if k == "opt":
+      out.opt.update(dict(v))
+    else:
+      out[k] = v
+  return out
+
+
 def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, task: Task | None = None, mesh=None,
-           input_fingerprint: str | None = None) -> tuple[dict, dict]:
+           input_fingerprint: str | None = None, **overrides) -> tuple[dict, dict]:
   """GRPO on `params` for config.steps rollout steps; resumes from workdir/checkpoints. Returns (params, record).
 
-  `record` is the manifest's stage entry: steps, rollouts, tokens, FLOPs, the reward curve and verifier failures.
+  config: a full or partial RL config (missing keys from default_config()); overrides (domain, trainable,
+  frozen_experts, seed, ...) win over it. `record` is the manifest's stage entry: steps, rollouts, tokens, FLOPs,
+  the reward curve and verifier failures.
   """
+  config = resolve_config(config, **overrides)
   mesh = mesh if mesh is not None else sharding.make_mesh()
   task = task or domain_task(config, tokenizer)
   B, mb = config.prompts_per_step * config.group_size, None
@@ -181,6 +203,10 @@ def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, task: T
   updates_per_step = config.ppo_epochs * config.minibatches
   tx, sched = optim.adamw(config.opt, config.steps * updates_per_step)
 
+  if input_fingerprint is None:
+    from bar_jax.io import artifact
+    input_fingerprint = artifact.fingerprint(params)
+
   # Placement: exactly loop.train's (shardings from the logical axes; slices of partially frozen leaves re-derived).
   full_shardings = sharding.param_shardings(cfg, mesh, params)
   flat_shardings = freeze.flatten(full_shardings)
@@ -191,10 +217,9 @@ def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, task: T
   opt_state = jax.jit(tx.init)(trainable)
   opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
                            else jax.device_put(x, sharding.replicated(mesh)), opt_state)
-
-  if input_fingerprint is None:
-    from bar_jax.io import artifact
-    input_fingerprint = artifact.fingerprint(params)
+  n_trainable = freeze.count(trainable)
+  ref_params = params if config.kl_coef else None  # the input policy (also after a resume)
+  del params  # memory: only the split copies stay alive
   identity = {"stage": "rl", "input": input_fingerprint, "model": cfg.to_dict(), "rl_config": config.to_dict(),
               "task": task.name, "n_prompts": len(task.prompts), "mesh": dict(mesh.shape)}
   check_run_identity(workdir, identity)
@@ -216,7 +241,6 @@ def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, task: T
                     out_shardings=(keep(trainable), keep(opt_state), None))
   join_fn = jax.jit(functools.partial(freeze.join, part=part))
   logp_fn = jax.jit(functools.partial(grpo.token_logprobs, cfg=cfg, temperature=config.temperature, mesh=mesh))
-  ref_params = params if config.kl_coef else None  # the input policy (also after a resume)
 
   def logprobs(p, tokens):
     """[B, T-1] in micro-batch chunks: the same program shape as the update's micro-batches."""
@@ -264,11 +288,11 @@ def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, task: T
   if writer:
     writer.close()
   final = freeze.join(trainable, frozen, part)
-  return final, _record(config, cfg, task, part, params, history, time.time() - t_start, start)
+  return final, _record(config, cfg, task, n_trainable, history, time.time() - t_start, start)
 
 
-def _record(config, cfg: ModelConfig, task: Task, part, params, history: list[dict], seconds: float, start: int
-            ) -> dict:
+def _record(config, cfg: ModelConfig, task: Task, n_trainable: int, history: list[dict], seconds: float,
+            start: int) -> dict:
   T = config.max_prompt_len + config.max_response_len
   B = config.prompts_per_step * config.group_size
   rollout_tokens = sum(h["rollout_tokens"] for h in history)
@@ -277,7 +301,6 @@ def _record(config, cfg: ModelConfig, task: Task, part, params, history: list[di
   flops = (fwd * rollout_tokens + config.steps * B * T * (fwd + config.ppo_epochs * transformer.train_flops_per_token(
       cfg, T)))
   failures = {k: int(sum(h.get(f"verifier_{k}", 0) for h in history)) for k in ("error", "timeout", "invalid")}
-  trainable_tree, _ = freeze.split(params, part)
   timed = history[start:] if len(history) > start else history
   return {
       "stage": "rl", "algorithm": "grpo", "domain": task.name, "steps": config.steps,
@@ -288,7 +311,7 @@ def _record(config, cfg: ModelConfig, task: Task, part, params, history: list[di
       "reward_curve": [round(h["reward_mean"], 4) for h in history],
       "verifier_failures": failures,
       "trainable": list(config.trainable), "frozen_experts": list(config.frozen_experts),
-      "trainable_params": freeze.count(trainable_tree),
+      "trainable_params": n_trainable,
       "seconds": round(seconds, 1),
       "sec_per_step": float(np.mean([h["step_s"] for h in timed])) if timed else None,
       "gen_tokens_per_s": float(np.mean([h["gen_tokens_per_s"] for h in timed])) if timed else None,
@@ -311,7 +334,7 @@ def run(config, workdir: str) -> str:
                    "(upcycle it with the branch stage first)")
   cfg = common.model_overrides(model.cfg, config.get("compute", None))
   mesh = common.mesh_from(config)
-  rl_config = config.rl
+  rl_config = resolve_config(config.rl)
   metrics = {}
   eval_task = domain_task(rl_config, model.tokenizer, split="eval") if rl_config.eval_n else None
   ev = dict(n=rl_config.eval_n, max_new_tokens=rl_config.eval_max_new_tokens, batch_size=rl_config.eval_batch_size)
