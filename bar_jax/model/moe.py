@@ -83,7 +83,11 @@ def router_losses(logits: jax.Array, weights: jax.Array, idx: jax.Array, n_exper
   assigned = jnp.sum(jax.nn.one_hot(idx, n_experts, dtype=jnp.float32), axis=-2)  # [N, E] 0/1
   f = jnp.mean(assigned, axis=0) / idx.shape[-1]
   p = jnp.mean(probs, axis=0)
-  return {"z_loss": jnp.mean(z * z), "lb_loss": n_experts * jnp.sum(f * p), "expert_load": f}
+  # expert_prob / expert_top1 (mean router probability, share of tokens whose top choice each expert is): routing
+  # diagnostics (bar_jax/evals/routing.py).
+  top1 = jnp.mean(jax.nn.one_hot(jnp.argmax(logits, axis=-1), n_experts, dtype=jnp.float32), axis=0)
+  return {"z_loss": jnp.mean(z * z), "lb_loss": n_experts * jnp.sum(f * p), "expert_load": f, "expert_prob": p,
+          "expert_top1": top1}
 
 
 def dense_dispatch(x: jax.Array, weights: jax.Array, gate, up, down) -> jax.Array:

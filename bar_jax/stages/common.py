@@ -106,9 +106,11 @@ def config_hash(d: Any) -> str:
 
 
 def train_phase(*, name: str, model: Model, cfg: ModelConfig, params: Any, phase: ml_collections.ConfigDict,
-                workdir: str, mesh, seed: int, trainable=None, frozen_experts=(0,), loss_kw=None) -> tuple[Any, dict]:
+                workdir: str, mesh, seed: int, trainable=None, frozen_experts=(0,), loss_kw=None,
+                batches=None) -> tuple[Any, dict]:
   """One training phase (mid-training, SFT, dense LM, router): data, partition, loop.train; returns (params, record).
 
+  batches: an already built pipeline.Batches (e.g. the router's stratified sample) instead of phase.data's mix.
   The record goes into the artifact manifest's `stages`: steps, tokens, FLOPs, data fingerprint, config, curve ends.
   """
   batch_size, accum = phase.batch_size, phase.get("accum", 1)
@@ -116,7 +118,7 @@ def train_phase(*, name: str, model: Model, cfg: ModelConfig, params: Any, phase
   if batch_size % accum or per_micro % div:
     raise BarError(f"{name}: batch_size {batch_size} / accum {accum} must be a whole multiple of the mesh's "
                    f"{div} batch shards (data x fsdp x expert); change batch_size, accum or config.mesh")
-  data = data_batches(phase.data, model.tokenizer, seed=seed, batch_size=batch_size)
+  data = batches or data_batches(phase.data, model.tokenizer, seed=seed, batch_size=batch_size)
   it = data.iterator()
   patterns = list(trainable if trainable is not None else phase.trainable)
   part = freeze.make_partition(params, cfg, patterns, frozen_experts)

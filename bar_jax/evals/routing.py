@@ -1,0 +1,146 @@
+"""Routing diagnostics: per domain and per layer, where the router sends tokens.
+
+For each domain, a few held-out conversations are rendered (chat template, every token) and packed edge to edge into
+rows of seq_len real tokens, so per-batch router means are exact token means (no padding). Per layer and expert:
+
+  top_k_share   share of top-k assignments (the model's own top_k; uniform when every expert runs, top_k = E)
+  top1_share    share of tokens whose highest-probability expert it is (informative whatever top_k is)
+  mean_prob     mean router probability
+
+`write(report, dir)` saves routing.json and routing.png (one heatmap per domain: layers x experts, top-1 share, plus
+a domains x experts panel of the layer means).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from bar_jax.model import transformer
+from bar_jax.model.config import ModelConfig
+
+ROUTING_JSON, ROUTING_PNG = "routing.json", "routing.png"
+STATS = ("top_k_share", "top1_share", "mean_prob")
+
+
+def pack_rows(conversations: Sequence[Sequence[int]], seq_len: int, max_rows: int) -> dict[str, np.ndarray]:
+  """Token id lists -> {inputs, positions, segment_ids} [R, seq_len], every slot a real token (the tail that does not
+  fill a row is dropped). A sequence cut by a row edge continues in the next row as a new segment from position 0."""
+  stream, seg, pos = [], [], []
+  for i, ids in enumerate(conversations):
+    stream += list(ids)
+    seg += [i] * len(ids)
+    pos += list(range(len(ids)))
+  n = min(len(stream) // seq_len, max_rows)
+  if n == 0:
+    return {"inputs": np.zeros((0, seq_len), np.int32), "positions": np.zeros((0, seq_len), np.int32),
+            "segment_ids": np.zeros((0, seq_len), np.int32)}
+  ids = np.asarray(stream[:n * seq_len], np.int32).reshape(n, seq_len)
+  seg = np.asarray(seg[:n * seq_len]).reshape(n, seq_len)
+  pos = np.asarray(pos[:n * seq_len]).reshape(n, seq_len)
+  # Renumber segments 1.. within each row; a segment continued from the previous row restarts its positions at 0.
+  new_seg = np.concatenate([np.ones((n, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  segment_ids = np.cumsum(new_seg, axis=1).astype(np.int32)
+  first = pos[:, :1]
+  positions = np.where(segment_ids == 1, pos - first, pos).astype(np.int32)
+  return {"inputs": ids, "positions": positions, "segment_ids": segment_ids}
+
+
+def domain_rows(tokenizer, domains: Sequence[str], *, seq_len: int = 256, max_rows: int = 8,
+                split: str = "eval") -> dict[str, dict[str, np.ndarray]]:
+  """Each registry domain's held-out conversations (every token of the template), packed by pack_rows."""
+  from bar_jax.data import domains as domains_lib
+  out = {}
+  for d in domains_lib.resolve(list(domains)):
+    convs, need = [], seq_len * max_rows
+    for messages in d.chat_examples(split):
+      ids, _ = tokenizer.render_chat(messages)
+      convs.append(ids)
+      need -= len(ids)
+      if need <= 0:
+        break
+    out[d.name] = pack_rows(convs, seq_len, max_rows)
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
+def _router_means(params, inputs, positions, segment_ids, *, cfg: ModelConfig, mesh=None):
+  _, aux = transformer.forward(params, inputs, cfg, positions=positions, segment_ids=segment_ids, mesh=mesh,
+                               return_hidden=True)
+  return aux["expert_load"], aux["expert_top1"], aux["expert_prob"]
+
+
+def routing_stats(params, cfg: ModelConfig, rows: Mapping[str, Mapping[str, np.ndarray]], *, batch_size: int = 8,
+                  mesh=None, names: Sequence[str] | None = None) -> dict[str, Any]:
+  """{"domains": {d: {stat: [L][E], "tokens": n}}, "experts": names, "top_k": k} from packed rows per domain."""
+  if cfg.ffn != "moe":
+    raise ValueError("routing diagnostics need an MoE model")
+  out: dict[str, Any] = {"experts": list(names) if names else [f"expert{e}" for e in range(cfg.n_experts)],
+                         "top_k": cfg.k, "n_experts": cfg.n_experts, "n_layers": cfg.n_layers, "domains": {}}
+  for domain, r in rows.items():
+    b = min(batch_size, len(r["inputs"]))
+    n = len(r["inputs"]) // b * b if b else 0  # whole batches only: the means are exact token means
+    if n == 0:
+      continue
+    sums = [np.zeros((cfg.n_layers, cfg.n_experts)) for _ in STATS]
+    for i in range(0, n, b):
+      stats = _router_means(params, r["inputs"][i:i + b], r["positions"][i:i + b], r["segment_ids"][i:i + b],
+                            cfg=cfg, mesh=mesh)
+      for s, v in zip(sums, stats):
+        s += np.asarray(v, np.float64) * b
+    out["domains"][domain] = {name: (s / n).round(5).tolist() for name, s in zip(STATS, sums)}
+    out["domains"][domain]["tokens"] = int(n * r["inputs"].shape[1])
+  return out
+
+
+def summary(report: Mapping[str, Any], stat: str = "top1_share") -> dict[str, list[float]]:
+  """{domain: [layer-mean share per expert]}: the domains x experts table."""
+  return {d: np.mean(np.asarray(v[stat]), axis=0).round(4).tolist() for d, v in report["domains"].items()}
+
+
+def format_table(report: Mapping[str, Any], stat: str = "top1_share") -> str:
+  """Markdown: one row per domain, one column per expert, the layer-mean share in percent."""
+  experts = report["experts"]
+  lines = [f"| domain ({stat}, layer mean) | " + " | ".join(experts) + " |", "|---" * (len(experts) + 1) + "|"]
+  for d, row in summary(report, stat).items():
+    lines.append(f"| {d} | " + " | ".join(f"{100 * x:.1f}" for x in row) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def write(report: Mapping[str, Any], directory: str, stat: str = "top1_share") -> tuple[str, str]:
+  """routing.json and routing.png in directory; returns their paths."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  os.makedirs(directory, exist_ok=True)
+  jpath, ppath = os.path.join(directory, ROUTING_JSON), os.path.join(directory, ROUTING_PNG)
+  with open(jpath + ".tmp", "w") as f:
+    json.dump(report, f, indent=1)
+  os.replace(jpath + ".tmp", jpath)
+  domains, experts = list(report["domains"]), report["experts"]
+  n = len(domains) + 1
+  fig, axes = plt.subplots(1, n, figsize=(2.2 + 0.5 * len(experts) * n, 0.2 * report["n_layers"] + 2.5),
+                           squeeze=False)
+  for ax, d in zip(axes[0], domains):
+    im = ax.imshow(np.asarray(report["domains"][d][stat]), vmin=0, vmax=1, aspect="auto", cmap="viridis")
+    ax.set_title(d, fontsize=9)
+    ax.set_xticks(range(len(experts)), experts, rotation=60, fontsize=7)
+    ax.set_ylabel("layer", fontsize=8)
+  table = np.asarray([summary(report, stat)[d] for d in domains])
+  ax = axes[0][-1]
+  ax.imshow(table, vmin=0, vmax=1, aspect="auto", cmap="viridis")
+  for (i, j), v in np.ndenumerate(table):
+    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7, color="w" if v < 0.5 else "k")
+  ax.set_title("layer mean", fontsize=9)
+  ax.set_xticks(range(len(experts)), experts, rotation=60, fontsize=7)
+  ax.set_yticks(range(len(domains)), domains, fontsize=7)
+  fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=stat)
+  fig.suptitle(f"token share per expert ({stat}; model top_k={report['top_k']})", fontsize=10)
+  fig.savefig(ppath + ".tmp.png", dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  os.replace(ppath + ".tmp.png", ppath)
+  return jpath, ppath

@@ -1,0 +1,119 @@
+"""Stage upgrade (BAR stage 5): put a newer branch's expert into an MoE, or add a new one, then retrain only the router.
+
+  mode=replace   expert i (config.expert; -1 = the expert named like the branch's domain) <- the branch's domain
+                 expert, router column i <- the branch's router column.
+  mode=add       the branch's domain expert becomes expert E, the router gains column E from the branch's column.
+  router_update  full  (the paper): every router column trains on the stratified sample of all domains;
+                 local (beyond the paper): only column i / E trains, on the new domain's data plus a small replay
+                       sample (local.replay_fraction) of the other domains;
+                 none: no training (the swap alone).
+
+Checks, all before anything is written: the branch is a branch artifact of the MoE's base (base_fingerprint), of the
+same architecture and expert settings; replace: the index is in 1..E-1 and the expert there has the branch's domain
+(unless allow_domain_change); add: no expert of that domain exists yet. Afterwards the stage checks that every
+expert not replaced or added, the attention, embeddings and norms are bit-identical to the input; the manifest
+records both parents (the moe and the branch), what was swapped, per-expert fingerprints, and the router's record.
+"""
+from __future__ import annotations
+
+from bar_jax.errors import BarError
+from bar_jax.io import artifact
+from bar_jax.model.config import ModelConfig
+from bar_jax.stages import common
+from bar_jax.stages import router as router_stage
+from bar_jax.transforms import upgrade as upgrade_lib
+
+MODES = ("replace", "add")
+UPDATES = ("full", "local", "none")
+
+
+def check(config, moe_manifest: dict, branch_manifest: dict, moe_cfg, branch_cfg) -> int:
+  """The expert slot the branch goes into, or a BarError naming the problem."""
+  if config.mode not in MODES:
+    raise BarError(f"mode={config.mode!r}: use 'replace' (swap expert i) or 'add' (append a new expert)")
+  if config.router_update not in UPDATES:
+    raise BarError(f"router_update={config.router_update!r}: use one of {list(UPDATES)}")
+  if branch_manifest.get("kind") != "branch":
+    raise BarError(f"{config.branch} is a {branch_manifest.get('kind')!r} artifact, not a branch: pass a directory "
+                   "written by the branch stage")
+  base_fp = moe_manifest.get("base_fingerprint")
+  if branch_manifest.get("base_fingerprint") != base_fp:
+    raise BarError(f"branch {config.branch} was trained from base {str(branch_manifest.get('base_fingerprint'))[:12]}"
+                   f", but the MoE from {str(base_fp)[:12]}: upgrade only with a branch of the MoE's base")
+  upgrade_lib.check_compatible(moe_cfg, branch_cfg, what=f"branch {config.branch}")
+  experts = list(moe_manifest.get("experts") or [])
+  domain = branch_manifest.get("domain")
+  if config.mode == "add":
+    if domain in experts:
+      raise BarError(f"the MoE already has a {domain!r} expert (index {experts.index(domain)}): use "
+                     "--config.mode=replace to upgrade it")
+    return moe_cfg.n_experts
+  index = int(config.expert)
+  if index == -1:
+    if domain not in experts[1:]:
+      raise BarError(f"the MoE has no {domain!r} expert (experts: {experts}): pass --config.expert=INDEX with "
+                     "--config.allow_domain_change=True, or --config.mode=add")
+    index = experts.index(domain, 1)
+  if not 1 <= index < moe_cfg.n_experts:
+    raise BarError(f"expert index {index} is out of range: this MoE has experts 1..{moe_cfg.n_experts - 1} "
+                   f"({experts[1:]}; 0 is the frozen anchor); pass one of those")
+  if experts[index] != domain and not config.allow_domain_change:
+    raise BarError(f"expert {index} is {experts[index]!r} but branch {config.branch} is {domain!r}: pass "
+                   "--config.allow_domain_change=True to replace it with another domain")
+  return index
+
+
+def run(config, workdir: str) -> str:
+  if common.done(workdir):
+    return workdir
+  router_stage.check_workdir(workdir)
+  if not config.get("branch", ""):
+    raise BarError("config.branch is empty: pass --config.branch=DIR, the branch artifact to upgrade with")
+  moe_manifest = artifact.read_manifest(config.model) if config.model else {}
+  if not config.model or moe_manifest.get("kind") != "moe":
+    router_stage.load_moe(config.model)  # the one-line error for a missing or wrong artifact
+  branch_manifest = artifact.read_manifest(config.branch)
+  moe_cfg, branch_cfg = (ModelConfig.from_dict(m["model"]) for m in (moe_manifest, branch_manifest))
+  index = check(config, moe_manifest, branch_manifest, moe_cfg, branch_cfg)
+
+  model = router_stage.load_moe(config.model)
+  branch = common.load_model(config.branch)
+  experts = list(model.manifest.get("experts"))
+  domain = branch.manifest["domain"]
+  if config.mode == "replace":
+    params, cfg = upgrade_lib.replace(model.params, model.cfg, branch.params, branch.cfg, index), model.cfg
+    replaced = experts[index]
+    experts[index] = domain
+  else:
+    params, cfg = upgrade_lib.add(model.params, model.cfg, branch.params, branch.cfg)
+    replaced = None
+    experts.append(domain)
+  cfg = common.model_overrides(cfg, config.get("model_overrides", None))
+  mesh = common.mesh_from(config)
+  metrics_before = router_stage.evaluate(config, cfg, params, model.tokenizer, mesh, experts[1:]) \
+      if config.eval.get("before", False) else {}
+
+  swap = {"stage": "upgrade", "steps": 0, "tokens": 0, "flops": 0, "mode": config.mode, "expert": index,
+          "domain": domain, "replaced": replaced, "branch": branch.manifest.get("fingerprint")}
+  stages = [swap]
+  rc = config.router
+  if config.router_update != "none":
+    if config.router_update == "full":
+      fractions = {d: float(rc.fraction) for d in router_stage.data_domains(rc, dict(model.manifest,
+                                                                                        experts=experts))}
+      frozen = []
+    else:  # local: the new domain's data plus a replay sample of the others; only column `index` trains
+      others = [d for d in router_stage.data_domains(rc, dict(model.manifest, experts=experts)) if d != domain]
+      fractions = {domain: float(config.local.fraction), **{d: float(config.local.replay_fraction) for d in others}}
+      frozen = [e for e in range(cfg.n_experts) if e != index]
+    params, record = router_stage.train_router(model, cfg, params, rc, fractions, workdir, mesh, seed=config.seed,
+                                               name=f"router_{config.router_update}", frozen_experts=frozen)
+    record["router_update"] = config.router_update
+    stages.append(record)
+  # Bit-identity guard: against the input MoE, only the new expert (slot `index`) and the router may differ.
+  router_stage.check_only_router_changed(model.params, params, cfg, allowed_experts=[index])
+  parents = [dict(model.manifest, role="moe"), dict(branch.manifest, role="branch")]
+  return router_stage.finish(config, workdir, model, cfg, params, stages, parents, experts, mesh,
+                             metrics_before=metrics_before, upgrade={k: swap[k] for k in ("mode", "expert", "domain",
+                                                                                           "replaced", "branch")},
+                             router_update=config.router_update, merge_rule=model.manifest.get("merge_rule"))

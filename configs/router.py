@@ -1,0 +1,55 @@
+"""Router training (BAR stage 3): only the router of a merged MoE trains, on a stratified sample of every domain's SFT.
+
+  python -m bar_jax.train --config=configs/router.py --config.model=runs/moe --workdir=runs/moe_routed
+  python -m bar_jax.train --config=configs/router.py:tiny --config.model=/tmp/moe --workdir=/tmp/routed  # tests
+
+The paper's settings (bar_paper.md §3): 5% of each domain's SFT data (+ general), 2 epochs, lr 1e-4 with 3% warmup
+decaying to 0, z-loss 0.001, no load-balance loss, every expert active (top_k = all). Steps = ceil(epochs * sampled
+rows / batch_size); `router.max_steps` caps them for quick runs.
+Expected: WORKDIR is an `moe` artifact whose leaf_fingerprints equal the input's for every leaf but
+layers/moe/router/kernel; its manifest has parents [input moe], stages [router record: steps, tokens, FLOPs,
+seconds, data (domains, fractions, examples per domain) and data_fingerprint], expert_fingerprints per expert slice,
+a routing summary; WORKDIR/routing.json and routing.png show per domain and layer which experts its tokens go to
+(each domain mostly to its own expert once trained); metrics_before / metrics hold the eval table before and after.
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  tiny = arg == "tiny"
+  c = ml_collections.ConfigDict()
+  c.stage = "router"
+  c.model = ""                  # the moe artifact dir (merge, router or upgrade stage output)
+  c.seed = 0
+  c.mesh = ml_collections.ConfigDict({"data": -1})
+  c.distributed = False
+  # Compute knobs and routing for the trained (and written) model; top_k=0 = every expert runs (the paper).
+  c.model_overrides = ml_collections.ConfigDict(dict(dtype="float32", remat="none", top_k=0, norm_topk=False,
+                                                     dispatch="dense"))
+  c.router = ml_collections.ConfigDict(dict(
+      domains="",               # "" = the MoE's expert domains + general (general=True); or "math,code,general"
+      general=True,
+      fraction=0.05,            # stratified share of each domain's SFT conversations
+      max_examples=0,           # cap per domain after sampling (0 = none)
+      epochs=2.0,
+      max_steps=0,              # 0 = no cap
+      batch_size=8, accum=1, seq_len=512, overlong="truncate",
+      opt=dict(lr=1e-4, warmup_steps=0, end_lr_frac=0.0, weight_decay=0.0, b1=0.9, b2=0.95, clip_norm=1.0,
+               schedule="cosine"),
+      warmup_frac=0.03,
+      z_loss=1e-3, lb_loss=0.0,
+      checkpoint_every=50, log_every=10,
+  ))
+  # Routing diagnostics: per domain, max_rows packed rows of seq_len held-out tokens (0 rows = skip).
+  c.routing = ml_collections.ConfigDict(dict(seq_len=256, max_rows=8, batch_size=8))
+  # Eval before and after: "auto" = the expert domains + general, "none", or "math,tool_use".
+  c.eval = ml_collections.ConfigDict(dict(domains="auto", n_per_domain=16, max_new_tokens=48, batch_size=16,
+                                          before=True))
+  if tiny:
+    c.router.update(fraction=0.05, max_examples=24, max_steps=4, batch_size=8, seq_len=256, overlong="drop",
+                    checkpoint_every=2, log_every=1)
+    c.router.opt.lr = 1e-2
+    c.routing = ml_collections.ConfigDict(dict(seq_len=64, max_rows=2, batch_size=2))
+    c.eval = ml_collections.ConfigDict(dict(domains="none", n_per_domain=4, max_new_tokens=8, batch_size=4,
+                                            before=False))
+  return c
