@@ -124,6 +124,8 @@ def _args_match(args: dict[str, Any], allowed_args: dict[str, list]) -> bool:
   if set(args) - set(allowed_args):
     return False  # an argument the ground truth does not know
   for name, allowed in allowed_args.items():
+    if not isinstance(allowed, list):  # nested ground truth may give one literal instead of a list of them
+      allowed = [allowed]
     if name not in args:
       if "" not in allowed:
         return False  # a required argument is missing
@@ -150,9 +152,10 @@ def call_matches(response: str, ground_truth: dict[str, dict[str, list]]) -> boo
 
 _REFUSAL = re.compile(
     r"\b(?:i\s*(?:'m|am)\s*(?:really\s+)?sorry,?\s*(?:but\s*)?(?:i|that)|i\s*(?:can\s*not|cannot|can't|can’t|won't|"
-    r"won’t|will\s+not|must\s+(?:decline|refuse)|refuse|do\s+not|don't|don’t)\s+(?:help|assist|provide|comply|"
+    r"won’t|will\s+not|refuse\s+to|do\s+not|don't|don’t)\s+(?:help|assist|provide|comply|"
     r"fulfil|fulfill|create|write|generate|give|share|support|engage|do\s+that|answer|produce|offer|describe|"
-    r"participate|continue|tell|recommend|endorse|promote|make)|i\s*(?:'m|am)\s*(?:not\s+able|unable)\s+to|"
+    r"participate|continue|tell|recommend|endorse|promote|make)|i\s+(?:must|have\s+to|will\s+have\s+to)\s+"
+    r"(?:decline|refuse)|i\s*(?:'m|am)\s*(?:not\s+able|unable)\s+to|"
     r"i\s+(?:apologi[sz]e|regret)|as\s+an?\s+(?:ai|language\s+model|assistant)[^.]*?\b(?:can(?:no|')t|not|unable|"
     r"don't|do\s+not)|(?:this|that)\s+(?:request|question)\s+(?:is|goes)\s+(?:not\s+appropriate|inappropriate|"
     r"against)|not\s+(?:able|allowed|permitted)\s+to\s+(?:help|assist|provide|share))", re.I)

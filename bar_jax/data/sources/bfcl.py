@@ -6,6 +6,7 @@ each list the values BFCL accepts ("" = the argument may be omitted). The packag
 """
 from __future__ import annotations
 
+import collections
 import functools
 import json
 
@@ -23,10 +24,21 @@ def _read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-@functools.lru_cache(maxsize=1)
+def _unsatisfiable(allowed_args: dict) -> bool:
+  """An argument with an empty list of accepted values: no call can match it (a few live_* items)."""
+  return any(isinstance(a, list) and (not a or any(isinstance(v, dict) and _unsatisfiable(v) for v in a))
+             for a in allowed_args.values())
+
+
 def items() -> tuple[dict, ...]:
   """{id, category, question, functions, ground_truth: {name: {arg: [allowed values]}}} per single-call item."""
-  out = []
+  return load()[0]
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> tuple[tuple[dict, ...], dict[str, int]]:
+  """(items, counts of the items left out and why)."""
+  out, skipped = [], collections.Counter()
   for cat in CATEGORIES:
     questions = _read_jsonl(data_file("bfcl_eval", "data", f"BFCL_v4_{cat}.json"))
     answers = {a["id"]: a["ground_truth"] for a in _read_jsonl(data_file("bfcl_eval", "data", "possible_answer",
@@ -37,11 +49,15 @@ def items() -> tuple[dict, ...]:
       if gt is None:
         raise BarError(f"BFCL item {q['id']} has no ground truth in possible_answer: reinstall bfcl-eval (bash setup.sh)")
       if len(turns) != 1 or len(gt) != 1:
-        continue  # multi-turn or parallel calls: outside this domain's single-call format
+        skipped["multi_turn_or_parallel"] += 1  # outside this domain's single-call format
+        continue
+      if _unsatisfiable(next(iter(gt[0].values()))):
+        skipped["unsatisfiable_ground_truth"] += 1
+        continue
       user = "\n".join(m["content"] for m in turns[0] if m["role"] == "user")
       out.append({"id": q["id"], "category": cat, "question": user, "functions": q["function"],
                   "ground_truth": gt[0]})
-  return tuple(out)
+  return tuple(out), dict(skipped)
 
 
 def split_key(item: dict) -> str:
@@ -52,14 +68,15 @@ def split(which: str, eval_pct: int) -> list[dict]:
   return [it for it in items() if is_eval(split_key(it), eval_pct) == (which == "eval")]
 
 
-def _canonical(allowed):
-  """One accepted value: the first of each allowed list, recursively into dicts."""
-  if isinstance(allowed, dict):
-    return {k: _canonical(v) for k, v in allowed.items() if not (isinstance(v, list) and v and v[0] == "")}
-  if isinstance(allowed, list) and allowed:
-    v = allowed[0]
-    return _canonical(v) if isinstance(v, dict) else v
-  return allowed
+def _value(v):
+  """One accepted value as a literal: dicts inside are themselves {key: [allowed values]} (recursed)."""
+  if isinstance(v, dict):
+    # Inside a dict, a list lists accepted values; anything else is the one accepted value.
+    return {k: (_value(a[0]) if isinstance(a, list) else a) for k, a in v.items()
+            if not (isinstance(a, list) and "" in a)}
+  if isinstance(v, list):
+    return [_value(x) for x in v]
+  return v
 
 
 def canonical_call(ground_truth: dict) -> str:
@@ -69,7 +86,7 @@ def canonical_call(ground_truth: dict) -> str:
   for arg, allowed in args.items():
     if "" in allowed:
       continue  # BFCL: may be omitted
-    parts.append(f"{arg}={_canonical(allowed)!r}")
+    parts.append(f"{arg}={_value(allowed[0])!r}")
   return f"[{name}({', '.join(parts)})]"
 
 
