@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from bar_jax.errors import BarError
 
@@ -43,6 +43,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if _PROMPT.value is None:
     raise app.UsageError('--prompt is required, e.g. --prompt="What is 2+3?"')
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   try:
     print(complete(_MODEL.value, _PROMPT.value, raw=_RAW.value, system=_SYSTEM.value,
                    max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
