@@ -136,6 +136,28 @@ def test_moe_export_matches_mixtral(tmp_path, top_k, norm_topk, kind):
     np.testing.assert_allclose(bar_logits(cfg2, params2), want, atol=1e-5, rtol=0)
 
 
+def test_import_fused_mixtral_layout(tmp_path):
+  """transformers 5 keeps Mixtral experts fused in memory (gate_up_proj [E, 2F, D]); a dir saved from that
+  state_dict (not via save_pretrained's legacy renaming) loads too."""
+  from safetensors.torch import save_file
+  torch.manual_seed(0)
+  c = transformers.MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=3,
+                                 num_experts_per_tok=2, rms_norm_eps=1e-5, max_position_embeddings=128,
+                                 initializer_range=0.2, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+  model = transformers.MixtralForCausalLM(c).eval()
+  (tmp_path / "m").mkdir()
+  save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "m" / "model.safetensors",
+            metadata={"format": "pt"})
+  c.save_pretrained(tmp_path / "m")
+  assert "model.layers.0.mlp.experts.gate_up_proj" in model.state_dict()
+  cfg, params, _ = hf.load_dir(tmp_path / "m")
+  assert (cfg.n_experts, cfg.top_k, cfg.norm_topk, cfg.tie_embeddings) == (3, 2, True, False)
+  with torch.no_grad():
+    want = model(torch.tensor(TOKENS)).logits.numpy()
+  assert np.max(np.abs(bar_logits(cfg, params) - want)) <= 1e-4
+
+
 def test_moe_export_refuses_unnormalised_top_k(tmp_path):
   cfg = tiny(ffn="moe", n_experts=3, top_k=2, norm_topk=False)
   with pytest.raises(BarError, match="norm_topk"):

@@ -53,12 +53,16 @@ class _Source:
   lead: tuple[int, ...]             # stacked leading axes: () | (L,) | (L, E)
   hf_shape: tuple[int, ...]         # the full shape of each HF tensor, as it is stored
   perm: tuple[int, ...]             # our trailing axes = the HF tensor's axes in this order
-  offset: tuple[int, ...] = ()      # start along each HF axis (gate/up halves of a fused tensor)
+  offset: tuple[int, ...] = ()      # the part read: start and size along each HF axis (default: all of it);
+  size: tuple[int, ...] = ()        # gate and up are the two halves of a fused gate_up tensor
+
+  @property
+  def region(self) -> tuple[int, ...]:
+    return self.size or self.hf_shape
 
   @property
   def shape(self) -> tuple[int, ...]:
-    trailing = [self.hf_shape[a] for a in self.perm]
-    return self.lead + tuple(trailing)
+    return self.lead + tuple(self.region[a] for a in self.perm)
 
 
 def _sources(cfg: ModelConfig, moe_layout: str = "legacy") -> Params:
@@ -89,7 +93,7 @@ def _sources(cfg: ModelConfig, moe_layout: str = "legacy") -> Params:
                      "experts": {"gate": expert("w1", (F, D)), "up": expert("w3", (F, D)), "down": expert("w2", (D, F))}}
   else:  # transformers 5's in-memory Mixtral: gate_up_proj [E, 2F, D], down_proj [E, D, F]
     gate_up = lambda off: _Source(lambda l: f"model.layers.{l}.mlp.experts.gate_up_proj", (L,), (E, 2 * F, D),
-                                  (0, 2, 1), (0, off, 0))
+                                  (0, 2, 1), (0, off, 0), (E, F, D))
     layers["moe"] = {"router": {"kernel": layer("mlp.gate.weight", (E, D), T)},
                      "experts": {"gate": gate_up(0), "up": gate_up(F),
                                  "down": layer("mlp.experts.down_proj", (E, D, F), (0, 2, 1))}}
@@ -219,7 +223,7 @@ def _read_block(ckpt: _Checkpoint, src: _Source, index: tuple[slice, ...] | None
   index = tuple(index or ()) + (slice(None),) * (len(shape) - len(index or ()))
   ranges = [range(*s.indices(n)) for s, n in zip(index, shape)]
   nlead = len(src.lead)
-  hf_index = [slice(o, o + n) for o, n in zip(src.offset or (0,) * len(src.hf_shape), src.hf_shape)]
+  hf_index = [slice(o, o + n) for o, n in zip(src.offset or (0,) * len(src.hf_shape), src.region)]
   for j, a in enumerate(src.perm):  # our trailing axis j reads HF axis a
     r, start = ranges[nlead + j], hf_index[a].start
     hf_index[a] = slice(start + r.start, start + r.stop)
