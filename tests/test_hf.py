@@ -196,6 +196,10 @@ def test_export_stage_from_artifact(tmp_path):
   assert tok2.encode(text) == tok.encode(text) and tok2.eot_id == tok.eot_id == 29
   fast = transformers.AutoTokenizer.from_pretrained(out)
   assert fast.encode(text) == tok.encode(text) and fast.eos_token == "<|endoftext|>"
+  shutil.copytree(out, tmp_path / "plain_hf")  # a HF dir without bar_jax's chat file: tokenizer_config.json is read
+  os.remove(tmp_path / "plain_hf" / "tokenizer_chat.json")
+  tok3 = hf.load_dir(tmp_path / "plain_hf")[2]
+  assert tok3.encode(text) == tok.encode(text) and tok3.chat["eos_token_id"] == 30 and tok3.eot_id == 29
   with pytest.raises(BarError, match="not empty"):
     train.run(configs.export_hf.get_config(str(tmp_path / "art")), out)
 
