@@ -1,0 +1,302 @@
+"""Stage pipeline: the whole BAR recipe in one command, each step an artifact in WORKDIR/<step>.
+
+  dense base -> WORKDIR/base                       (the base written once as a dense artifact: every branch's parent)
+             -> WORKDIR/branch_<domain>  x N       (stages/branch.py: upcycle + adapt on the domain + general data)
+             -> WORKDIR/merged                     (stages/merge.py: anchor + N experts, shared weights averaged)
+             -> WORKDIR/routed                     (stages/router.py: router-only training on a stratified sample)
+             -> WORKDIR/eval/<model>/eval.json     (stages/evaluate.py: every domain's metric on base, branches, BAR)
+             -> WORKDIR/results.md, results.json   (the table: rows = models, columns = domains, overall)
+
+A step whose output is already complete is skipped, so a killed pipeline started again with the same command resumes
+where it stopped; a step killed half-way resumes from its own checkpoints. Every step's config is derived from the
+stage's own configs/<stage>.py get_config plus this config's overrides (nothing is re-implemented here).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import time
+from typing import Any, Callable
+
+import ml_collections
+
+from bar_jax.errors import BarError
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+RESULTS_MD, RESULTS_JSON = "results.md", "results.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config helpers (also used by experiments/: baselines and sweeps build their configs the same way).
+
+def stage_config(name: str, arg: str | None = None, overrides: Any = None) -> ml_collections.ConfigDict:
+  """configs/<name>.py get_config(arg), updated recursively with `overrides` (a dict or ConfigDict)."""
+  path = os.path.join(CONFIGS_DIR, f"{name}.py")
+  if not os.path.isfile(path):
+    raise BarError(f"no config file {path}: the {name} stage's config is missing from configs/")
+  spec = importlib.util.spec_from_file_location(f"bar_jax_configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg is not None else module.get_config()
+  return apply_overrides(config, overrides)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Any) -> ml_collections.ConfigDict:
+  """Recursive update; dotted keys ("phases.sft.steps") are allowed too. Unknown keys raise one line."""
+  if not overrides:
+    return config
+  d = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
+  nested = {k: v for k, v in d.items() if "." not in k}
+  dotted = {k: v for k, v in d.items() if "." in k}
+  config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy: the caller's config is left alone
+  _check_keys(config, nested, "")
+  config.update(nested)
+  for k, v in dotted.items():
+    *parents, last = k.split(".")
+    node = config
+    for p in parents:
+      if p not in node:
+        raise BarError(f"override {k!r}: the config has no {p!r}; check the key against configs/*.py")
+      node = node[p]
+    node[last] = v
+  return config
+
+
+def _check_keys(config, d: dict, prefix: str) -> None:
+  for k, v in d.items():
+    if k not in config:
+      raise BarError(f"override {prefix + k!r} is not a key of the stage config; check it against configs/*.py")
+    if isinstance(v, dict) and isinstance(config[k], ml_collections.ConfigDict) and v:
+      _check_keys(config[k], v, prefix + k + ".")
+
+
+def stage_available(name: str) -> bool:
+  return (importlib.util.find_spec(f"bar_jax.stages.{name}") is not None
+          and os.path.isfile(os.path.join(CONFIGS_DIR, f"{name}.py")))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Steps.
+
+@dataclasses.dataclass
+class Step:
+  name: str                      # also the output's directory under WORKDIR
+  kind: str                      # base | branch | merge | router | eval
+  train_steps: int               # for the time estimate
+  tokens_per_step: int
+  run: Callable[[], Any]
+  done: Callable[[], bool]
+
+
+def _phase_budget(config) -> tuple[int, int]:
+  """(train steps, tokens per step averaged) of a branch/router/train_lm config."""
+  steps = tokens = 0
+  for name in config.phase_order:
+    p = config.phases[name]
+    if name == "rl":
+      steps += p.steps
+      tokens += p.steps * p.prompts_per_step * p.group_size * p.max_new_tokens
+    else:
+      steps += p.steps
+      tokens += p.steps * p.batch_size * p.data.seq_len
+  return steps, (tokens // steps if steps else 0)
+
+
+def branch_config(config, domain: str, base_dir: str) -> ml_collections.ConfigDict:
+  arg = ",".join([domain] + [f for f in str(config.branch.arg).split(",") if f])
+  bc = stage_config("branch", arg, config.branch.overrides)
+  bc.base = base_dir
+  for name, phase_over in (config.branch.get("phases") or {}).items():
+    if name in bc.phases:
+      bc.phases[name] = apply_overrides(bc.phases[name], phase_over)
+  bc.eval = ml_collections.ConfigDict(dict(bc.eval.to_dict(), domains=[], before=False))  # the pipeline evaluates
+  return bc
+
+
+def router_config(config, merged_dir: str) -> ml_collections.ConfigDict:
+  rc = stage_config("router", config.router.get("arg") or None, config.router.overrides)
+  rc.model = merged_dir
+  rc.eval = ml_collections.ConfigDict(dict(rc.eval.to_dict(), domains="none", before=False))  # the pipeline evaluates
+  return rc
+
+
+def eval_config(config, model_spec: str) -> ml_collections.ConfigDict:
+  return stage_config("evaluate", None, dict(config.eval.to_dict(), model=model_spec))
+
+
+def plan(config, workdir: str) -> list[Step]:
+  from bar_jax.stages import common
+  base_dir = os.path.join(workdir, "base")
+  steps = [Step("base", "base", 0, 0, lambda: _write_base(config.base, base_dir), lambda: common.done(base_dir))]
+  branch_dirs = []
+  for d in config.domains:
+    bdir = os.path.join(workdir, f"branch_{d}")
+    branch_dirs.append(bdir)
+    bc = branch_config(config, d, base_dir)
+    n, tps = _phase_budget(bc)
+    steps.append(Step(f"branch_{d}", "branch", n, tps, _stage_runner("branch", bc, bdir),
+                      lambda bdir=bdir: common.done(bdir)))
+  merged = os.path.join(workdir, "merged")
+  mc = stage_config("merge", None, config.merge)
+  mc.branches = ",".join(branch_dirs)
+  mc.base = base_dir
+  steps.append(Step("merged", "merge", 0, 0, _stage_runner("merge", mc, merged), lambda: common.done(merged)))
+  final = merged
+  if router_enabled(config):
+    routed = os.path.join(workdir, "routed")
+    rc = router_config(config, merged)
+    n, tps = int(rc.router.max_steps), int(rc.router.batch_size * rc.router.seq_len)  # max_steps 0: no estimate
+    steps.append(Step("routed", "router", n, tps, _stage_runner("router", rc, routed), lambda: common.done(routed)))
+    final = routed
+  models = eval_models(config, workdir, branch_dirs, merged, final)
+  for label, spec in models:
+    edir = os.path.join(workdir, "eval", label)
+    ec = eval_config(config, spec)
+    steps.append(Step(f"eval/{label}", "eval", 0, 0, _stage_runner("evaluate", ec, edir),
+                      lambda edir=edir: os.path.isfile(os.path.join(edir, "eval.json"))))
+  return steps
+
+
+def router_enabled(config) -> bool:
+  """config.router.enabled: True | False | "auto" (run it when bar_jax/stages/router.py and its config exist)."""
+  flag = config.router.enabled
+  if flag == "auto":
+    return stage_available("router")
+  if flag and not stage_available("router"):
+    raise BarError("config.router.enabled=True but bar_jax/stages/router.py or configs/router.py is missing; "
+                   "pass --config.router.enabled=False to skip router training")
+  return bool(flag)
+
+
+def eval_models(config, workdir: str, branch_dirs: list[str], merged: str, final: str) -> list[tuple[str, str]]:
+  """(row label, artifact dir) of every model in the table, in the paper's order: dense start, specialists, BAR."""
+  base_dir = os.path.join(workdir, "base")
+  rows = [("base", base_dir)] + [(f"branch_{d}", b) for d, b in zip(config.domains, branch_dirs)]
+  if final != merged and config.get("eval_merged_before_router", False):
+    rows.append(("bar_merged_unrouted", merged))
+  rows.append(("bar", final))
+  return rows
+
+
+def _stage_runner(stage: str, config, outdir: str) -> Callable[[], str]:
+  def go():  # the stage module directly: bar_jax.train may be __main__ (importing it again redefines its flags)
+    return importlib.import_module(f"bar_jax.stages.{stage}").run(config, outdir)
+  return go
+
+
+def _write_base(spec: str, outdir: str) -> str:
+  """The dense base as an artifact in the workdir, so every branch (and the `base`/`ties` merge rules) reads it."""
+  from bar_jax.stages import common
+  base = common.load_model(spec)
+  if base.cfg.ffn != "dense":
+    raise BarError(f"config.base {spec!r} is a {base.cfg.ffn} model; BAR branches from a dense post-trained model")
+  return common.write_artifact(outdir, base, base.params, base.cfg, "dense", [], [],
+                               name=base.manifest.get("name", spec), source=base.manifest.get("source", spec),
+                               ledger_note="the base's own pre/post-training is outside this ledger")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress: what runs, how far, how long to go (from step budgets and the rates measured so far).
+
+class Clock:
+  def __init__(self, config):
+    self.sec_per_token = float(config.estimate.train_seconds_per_token)
+    self.eval_seconds = float(config.estimate.eval_seconds_per_model)
+    self.other_seconds = float(config.estimate.other_seconds)
+
+  def observe(self, step: Step, seconds: float, workdir: str) -> None:
+    if step.kind in ("branch", "router") and step.train_steps:
+      m = _manifest(os.path.join(workdir, step.name))
+      train_s = sum(s.get("seconds", 0) or 0 for s in m.get("stages", []))
+      tokens = sum(s.get("tokens", 0) or 0 for s in m.get("stages", []))
+      if train_s and tokens:
+        self.sec_per_token = train_s / tokens
+    elif step.kind == "eval":
+      self.eval_seconds = seconds
+
+  def estimate(self, step: Step) -> float:
+    if step.kind == "eval":
+      return self.eval_seconds
+    return step.train_steps * step.tokens_per_step * self.sec_per_token + self.other_seconds
+
+
+def _manifest(d: str) -> dict:
+  try:
+    with open(os.path.join(d, "manifest.json")) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def _fmt(seconds: float) -> str:
+  return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The table.
+
+def write_table(config, workdir: str) -> str:
+  """WORKDIR/results.md and results.json from the per-model eval.json files (one row per model)."""
+  from bar_jax.stages import evaluate
+  rows = []
+  for step in plan(config, workdir):
+    if step.kind != "eval":
+      continue
+    with open(os.path.join(workdir, step.name, evaluate.EVAL_JSON)) as f:
+      (row,) = json.load(f)["models"]
+    row["name"] = step.name.split("/", 1)[1]
+    rows.append(row)
+  table = evaluate.format_table(rows)
+  md = (f"# BAR pipeline results: {config.get('title', 'bar_jax')}\n\n"
+        f"Made by: `{config.get('command', 'python -m bar_jax.train --config=configs/bar_smollm2.py')}`\n\n"
+        f"{table}\n{_settings_note(rows)}\n")
+  evaluate._write_atomic(os.path.join(workdir, RESULTS_MD), md)
+  slim = [{k: v for k, v in r.items() if k != "domains"} | {"domains": {d: {k: x for k, x in res.items()
+                                                                          if k != "samples"}
+                                                                      for d, res in r["domains"].items()}}
+          for r in rows]
+  evaluate._write_atomic(os.path.join(workdir, RESULTS_JSON), json.dumps({"models": slim}, indent=1, default=str))
+  return table
+
+
+def _settings_note(rows) -> str:
+  s = rows[0].get("settings", {}) if rows else {}
+  return (f"Eval: {s.get('n_per_domain')} held-out items per domain, {s.get('max_new_tokens')} new tokens; "
+          "math = exact match %, code/general = 100*exp(-NLL), tool_use = call match %, safety = mean of refusal "
+          "(harmful) and answer (benign) rates.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def run(config, workdir: str) -> str:
+  if not config.domains:
+    raise BarError("config.domains is empty: list the domains to branch, e.g. math,code,tool_use,safety")
+  os.makedirs(workdir, exist_ok=True)
+  steps = plan(config, workdir)  # every config is built (and checked) before anything runs
+  if not router_enabled(config):
+    print("[pipeline] router step skipped (config.router.enabled is off or the router stage is not installed): "
+          "the merged model keeps the router rows its branches trained", flush=True)
+  clock = Clock(config)
+  t_start = time.time()
+  hook = config.get("after_step_hook", "")
+  for i, step in enumerate(steps, 1):
+    if step.done():
+      print(f"[pipeline {i}/{len(steps)}] {step.name}: done, skipped", flush=True)
+      continue
+    left = sum(clock.estimate(s) for s in steps[i - 1:] if not s.done())
+    what = f"{step.train_steps} train steps" if step.train_steps else step.kind
+    print(f"[pipeline {i}/{len(steps)}] {step.name}: running ({what}, ~{_fmt(clock.estimate(step))}); "
+          f"~{_fmt(left)} left in the pipeline", flush=True)
+    t0 = time.time()
+    step.run()
+    dt = time.time() - t0
+    clock.observe(step, dt, workdir)
+    print(f"[pipeline {i}/{len(steps)}] {step.name}: finished in {_fmt(dt)}", flush=True)
+    if hook == step.name:  # tests: simulate a crash right after this step's artifact is complete
+      raise RuntimeError(f"after_step_hook: stopping after {step.name}")
+  table = write_table(config, workdir)
+  print(f"[pipeline] all steps complete in {_fmt(time.time() - t_start)}; table in "
+        f"{os.path.join(workdir, RESULTS_MD)}\n{table}", flush=True)
+  return workdir

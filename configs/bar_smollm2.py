@@ -1,0 +1,76 @@
+"""The whole BAR pipeline on SmolLM2-135M-Instruct: base -> 4 branches -> merge -> router -> evaluation table.
+
+  python -m bar_jax.train --config=configs/bar_smollm2.py --workdir=runs/bar_smollm2          # ~30 min, 2-core CPU
+  python -m bar_jax.train --config=configs/bar_smollm2.py:quick --workdir=runs/bar_quick      # < 5 min: a demo
+  python -m bar_jax.train --config=configs/bar_smollm2.py:tiny --workdir=/tmp/bar_tiny        # tests: random model
+
+Expected: WORKDIR/{base, branch_math, branch_code, branch_tool_use, branch_safety, merged, routed} artifacts, one
+WORKDIR/eval/<model>/eval.json per model, and WORKDIR/results.md: rows base, branch_<domain> x 4, bar; columns
+math, code, tool_use, safety, general, overall. In the default run each branch beats the base in its own domain and
+`bar` keeps most of each branch's gain in every domain at once. Kill it at any point and run the same command again:
+finished steps are skipped and the running one resumes from its checkpoint. `:quick` only demonstrates the plumbing
+(a few steps, a few eval items): its table shows no reliable gains.
+Knobs: --config.domains (which branches), --config.branch.arg=lora (adapter experts), --config.merge.rule=base,
+--config.merge.model.top_k=2, --config.router.enabled=False (skip router training).
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  variant = arg or "default"
+  if variant not in ("default", "quick", "tiny"):
+    raise ValueError(f"unknown variant {variant!r}: use configs/bar_smollm2.py, :quick or :tiny")
+  c = ml_collections.ConfigDict()
+  c.stage = "pipeline"
+  c.title = f"SmolLM2-135M-Instruct, {variant}"
+  c.command = ("python -m bar_jax.train --config=configs/bar_smollm2.py" + (f":{arg}" if arg else "")
+               + f" --workdir=runs/bar_smollm2{'' if variant == 'default' else '_' + variant}")
+  c.base = "smollm2"
+  c.domains = ["math", "code", "tool_use", "safety"]
+
+  # Branches: configs/branch.py get_config("<domain>,<arg>") + these overrides (phases by name).
+  c.branch = ml_collections.ConfigDict()
+  c.branch.arg = ""                  # "lora" for adapter experts
+  # SFT only (no mid-training phase) and activation remat: fewer compilations and less memory on a shared 2-core CPU.
+  c.branch.overrides = ml_collections.ConfigDict({"general_ratio": 0.25, "phase_order": ["sft"],
+                                                  "model": {"remat": "full"}})
+  c.branch.phases = ml_collections.ConfigDict({
+      "midtrain": dict(steps=8, batch_size=8, data=dict(seq_len=256), opt=dict(lr=3e-4, warmup_steps=2),
+                       checkpoint_every=8, log_every=2),
+      "sft": dict(steps=20, batch_size=8, data=dict(seq_len=256), opt=dict(lr=5e-4, warmup_steps=2),
+                  checkpoint_every=5, log_every=1),
+  })
+  # Merge: configs/merge.py overrides (rule average = the paper's; top_k 0 = all experts, unnormalised).
+  c.merge = ml_collections.ConfigDict({"rule": "average"})
+  # Router: configs/router.py overrides; "auto" runs it when the router stage is installed.
+  c.router = ml_collections.ConfigDict({"enabled": "auto", "arg": "", "overrides": ml_collections.ConfigDict({
+      "router": dict(fraction=0.05, max_steps=8, batch_size=8, seq_len=256, checkpoint_every=4, log_every=1,
+                     opt=dict(lr=1e-3)),
+      "routing": dict(seq_len=128, max_rows=2, batch_size=2)})})
+  c.eval_merged_before_router = False
+  # Evaluation: configs/evaluate.py overrides.
+  c.eval = ml_collections.ConfigDict(dict(domains="all", n_per_domain=16, max_new_tokens=40, batch_size=16,
+                                          nll_seq_len=256))
+  # Prior rates for the progress estimate until this run has measured its own (2-core CPU, fp32).
+  c.estimate = ml_collections.ConfigDict(dict(train_seconds_per_token=4.0 / 2048, eval_seconds_per_model=120.0,
+                                              other_seconds=20.0))
+  c.after_step_hook = ""             # tests: a step name after which the pipeline raises (a simulated crash)
+
+  if variant == "quick":
+    c.branch.phases.sft.update(dict(steps=2, checkpoint_every=2))
+    c.eval.update(dict(n_per_domain=4, max_new_tokens=16, batch_size=8, nll_seq_len=256))
+    c.router.overrides.router.update(dict(max_steps=2, checkpoint_every=2))
+    c.estimate.eval_seconds_per_model = 30.0
+  if variant == "tiny":
+    c.base = "tiny"
+    c.branch.arg = "tiny"
+    c.branch.overrides.model.remat = "none"
+    c.router.arg = "tiny"
+    c.router.overrides = ml_collections.ConfigDict({"router": dict(max_steps=2, seq_len=256, checkpoint_every=1,
+                                                                         log_every=1)})
+    c.branch.phases.midtrain.update(dict(steps=2, batch_size=8, data=dict(seq_len=64), checkpoint_every=1,
+                                         log_every=1))
+    c.branch.phases.sft.update(dict(steps=2, batch_size=8, data=dict(seq_len=256), checkpoint_every=1, log_every=1))
+    c.eval.update(dict(n_per_domain=2, max_new_tokens=4, batch_size=8, nll_seq_len=256, max_prompt_tokens=448))
+    c.estimate.update(dict(train_seconds_per_token=1e-5, eval_seconds_per_model=5.0, other_seconds=2.0))
+  return c
