@@ -69,9 +69,10 @@ def _rank_in_group(flat_e, n_groups: int):
 
 
 def default_block(n_copies: int, n_experts: int) -> int:
-  """Rows per block of the CPU grouped matmul: big enough that the per-block expert-weight gather is amortised,
-  small enough that padding (about half a block per expert) stays a small share of the n_copies rows."""
-  target = max(n_copies // (4 * n_experts), 8)
+  """Rows per block of the CPU grouped matmul: each block gathers its expert's weights (3*D*F floats), which costs
+  about as much as multiplying ~100 rows by them, so blocks have at least 128 rows; beyond that, small enough that
+  padding (about half a block per expert) stays a small share of the n_copies rows."""
+  target = max(n_copies // (4 * n_experts), 128)
   return min(1 << int(math.log2(target)), 512)
 
 
