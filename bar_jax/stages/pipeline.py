@@ -60,6 +60,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Any) -> ml_col
       if p not in node:
         raise BarError(f"override {k!r}: the config has no {p!r}; check the key against configs/*.py")
       node = node[p]
+    if last not in node:
+      raise BarError(f"override {k!r} is not a key of the stage config; check it against configs/*.py")
     node[last] = v
   return config
 
@@ -270,10 +272,20 @@ def _settings_note(rows) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 
+def _compilation_cache(config, workdir: str) -> None:
+  """Branches share shapes, so their train steps lower to the same program: a persistent compilation cache turns
+  every compile after the first into a cache hit (minutes each on a busy CPU), also across a kill and resume."""
+  import jax
+  if not jax.config.jax_compilation_cache_dir:
+    path = os.path.expanduser(config.get("compilation_cache", "") or os.path.join(workdir, "jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
 def run(config, workdir: str) -> str:
   if not config.domains:
     raise BarError("config.domains is empty: list the domains to branch, e.g. math,code,tool_use,safety")
   os.makedirs(workdir, exist_ok=True)
+  _compilation_cache(config, workdir)
   steps = plan(config, workdir)  # every config is built (and checked) before anything runs
   if not router_enabled(config):
     print("[pipeline] router step skipped (config.router.enabled is off or the router stage is not installed): "
