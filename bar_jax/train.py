@@ -23,7 +23,12 @@ def run(config, workdir: str) -> str:
   """Programmatic entry point (experiments call this)."""
   import jax
   if config.get("distributed", False):
-    jax.distributed.initialize()  # coordinator/process ids from the environment (TPU pods, SLURM, or JAX_* vars)
+    # TPU pods, SLURM, Open MPI and Kubernetes are detected by jax itself; anywhere else set JAX_COORDINATOR_ADDRESS
+    # (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID (experiments/launch/README.md).
+    env = os.environ
+    explicit = ({"num_processes": int(env["JAX_NUM_PROCESSES"]), "process_id": int(env["JAX_PROCESS_ID"])}
+                if "JAX_NUM_PROCESSES" in env and "JAX_PROCESS_ID" in env else {})
+    jax.distributed.initialize(**explicit)
   if config.get("compilation_cache", ""):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache))
   stage = config.get("stage", None)

@@ -190,9 +190,23 @@ def opt_state_shardings(tx: optax.GradientTransformation, trainable: dict, mesh)
 
 
 def _slice_sharding(full: jax.sharding.NamedSharding, x) -> jax.sharding.NamedSharding:
-  spec = tuple(full.spec) + (None,) * (x.ndim - len(full.spec))
-  fixed = tuple(a if a is None or x.shape[i] % _axis_size(full.mesh, a) == 0 else None for i, a in enumerate(spec))
-  return jax.sharding.NamedSharding(full.mesh, jax.sharding.PartitionSpec(*fixed))
+  """The leaf's sharding for a slice of it. A mesh axis that no longer divides its dimension (a 2-expert leaf cut to
+  one expert on an expert axis of 2) moves onto another sharded dimension that it divides, so the slice stays split
+  over as many devices as the full leaf was."""
+  mesh = full.mesh
+  spec = list(tuple(full.spec) + (None,) * (x.ndim - len(full.spec)))
+  names = lambda a: () if a is None else a if isinstance(a, tuple) else (a,)
+  freed = []
+  for i, a in enumerate(spec):
+    if a is not None and x.shape[i] % _axis_size(mesh, a):
+      freed += names(a)
+      spec[i] = None
+  for name in freed:
+    for i, a in enumerate(spec):
+      if a is not None and x.shape[i] % (_axis_size(mesh, a) * mesh.shape[name]) == 0:
+        spec[i] = names(a) + (name,)
+        break
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
 
 def _axis_size(mesh, a) -> int:
