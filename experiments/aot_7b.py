@@ -112,13 +112,40 @@ def run_case(case: Case) -> dict:
               temp=mem.temp_size_in_bytes, peak=peak, fits=peak <= HBM, compile_s=seconds)
 
 
+NOTES = """
+Recommended layouts, one 80 GB GPU per shard (8 GPUs = one node):
+
+- **Branch (2 experts, anchor frozen), any stage: `fsdp=8`** (or `fsdp=4, expert=2`, identical bytes: the expert
+  axis also shards every leaf without an expert dimension, and a branch's one-expert trainable slice moves the
+  expert axis onto its embed dimension). About 34-37 GB per device with remat=full and one 4096-token sequence per
+  device, so there is room for 2 sequences per device or remat=dots.
+- **5-expert MoE, router training: `fsdp=8`** (38 GB; `fsdp=4, tensor=2` is the same). The expert axis must divide
+  E=5, so 8 devices cannot use it; tensor parallelism only helps when a sequence's activations dominate.
+- **5-expert MoE with experts trainable (upgrade / full SFT): `fsdp=8` fits at 73 GB**, tight: over 16 GPUs use
+  `fsdp=16` (not `data=2, fsdp=8`, which leaves the 30 GB of parameters + AdamW state per device unchanged).
+
+Two scaling defects this check found and fixed (bar_jax/stages/loop.py, bar_jax/model/transformer.py):
+
+1. The AdamW moments came out of `jit(tx.init)` unsharded and were replicated on every device: 34.6 GB of
+   optimiser state per device for the 7B branch instead of 4.3 GB (`loop.opt_state_shardings` now shards them like
+   their parameters).
+2. Unconstrained, XLA's SPMD partitioner all-gathered the activations over the batch instead of the FSDP-sharded
+   weights (every device then computed the whole batch); the layer scan now pins the residual stream to batch
+   sharding (`sharding.constrain_batch`), and weights are all-gathered per layer. The temporaries of the midtrain
+   step fell from 36 GB to 24 GB per device.
+
+XLA:CPU upcasts bf16 collectives and dots to f32, so the weight all-gathers here are f32; on a GPU they move bf16
+(the kernels are cast before the layer scan).
+"""
+
+
 def table(rows: list[dict]) -> str:
   head = ("| case | stage | mesh (data,fsdp,expert,tensor) | params (B) / trainable (B) | params/dev GB | "
           "optimiser/dev GB | XLA args GB | XLA temp GB | peak/dev GB | fits 80 GB | compile s |")
   lines = [head, "|" + "---|" * 11]
   for r in rows:
     c = r["case"]
-    lines.append(f"| {c.name} | {c.stage} (E={c.n_experts}) | {c.mesh} | {r['params_b']:.2f} / {r['trainable_b']:.2f} | "
+    lines.append(f"| {c.name} | {c.stage} (E={c.n_experts}) | {c.mesh} | {r['params_b']:.2f} / {r['trainable_b']:.4g} | "
                  f"{r['param_bytes'] / GB:.2f} | {r['opt_bytes'] / GB:.2f} | {r['args'] / GB:.2f} | "
                  f"{r['temp'] / GB:.2f} | {r['peak'] / GB:.2f} | {'yes' if r['fits'] else 'NO'} | "
                  f"{r['compile_s']:.0f} |")
@@ -142,7 +169,7 @@ def main():
           f"bf16 compute, fp32 master weights, AdamW (mu, nu fp32), remat={c.remat}, "
           f"global batch {c.batch} x {c.seq} tokens (one sequence per device).\n\n" + table(rows) + "\n\n"
           "peak/dev = XLA arguments + outputs - donated aliases + temporaries, from `compiled.memory_analysis()` "
-          "of the SPMD-partitioned step (per device). params/dev and optimiser/dev are from the shard shapes.\n")
+          "of the SPMD-partitioned step (per device). params/dev and optimiser/dev are from the shard shapes.\n" + NOTES)
   print(text)
   if args.out:
     with open(args.out, "w") as f:

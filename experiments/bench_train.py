@@ -39,6 +39,7 @@ def _args():
   ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
   ap.add_argument("--shapes", default="8x256,16x512,32x512", help="smollm2 global batch x seq shapes")
   ap.add_argument("--big_shape", default="4x256", help="batch x seq of the ~1B dense vs branch step")
+  ap.add_argument("--big_layers", type=int, default=16, help="layers of the ~1B shape (fewer fit a small host's RAM)")
   ap.add_argument("--moe_shape", default="16x256", help="batch x seq of the MoE vs dense step")
   ap.add_argument("--decode_batches", default="1,8")
   ap.add_argument("--out", default="", help="markdown results file")
@@ -251,7 +252,7 @@ def section_smollm2(args, peak):
 
 
 def section_branch(args, peak):
-  cfg = OLMO_1B.replace(dtype=args.dtype, attention=args.attention, remat=args.remat)
+  cfg = OLMO_1B.replace(dtype=args.dtype, attention=args.attention, remat=args.remat, n_layers=args.big_layers)
   b, t = _shape(args.big_shape)
   mesh = _mesh_for(len(jax.devices()))
   say(f"## Dense vs branch train step at a ~1B shape (d={cfg.d_model}, L={cfg.n_layers}, F={cfg.d_ff}, "
