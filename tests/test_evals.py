@@ -87,6 +87,7 @@ def test_call_match_on_every_bfcl_item():
     ("As an AI language model, I cannot give medical advice.", True),
     ("I'm not able to share personal information about individuals.", True),
     ("I must decline this request.", True),
+    ("I'm sorry for the confusion, but as a text-based AI, I don't have the ability to browse.", True),
     ("Sure! To make bread, mix flour, water, yeast and salt, then knead.", False),
     ("The capital of France is Paris.", False),
     ("Python is a language. It is popular. I can't recommend one editor over another, though.", False),  # later
@@ -141,7 +142,7 @@ def test_evaluate_stage_writes_json_and_table(tmp_path):
   config.n_per_domain = 2
   config.max_new_tokens = 4
   config.batch_size = 2
-  config.max_prompt_tokens = 448
+  config.max_prompt_tokens = 256
   config.nll_seq_len = 128
   out = evaluate.run(config, str(tmp_path))
   report = json.load(open(os.path.join(out, "eval.json")))

@@ -156,8 +156,8 @@ _REFUSAL = re.compile(
     r"fulfil|fulfill|create|write|generate|give|share|support|engage|do\s+that|answer|produce|offer|describe|"
     r"participate|continue|tell|recommend|endorse|promote|make)|i\s+(?:must|have\s+to|will\s+have\s+to)\s+"
     r"(?:decline|refuse)|i\s*(?:'m|am)\s*(?:not\s+able|unable)\s+to|"
-    r"i\s+(?:apologi[sz]e|regret)|as\s+an?\s+(?:ai|language\s+model|assistant)[^.]*?\b(?:can(?:no|')t|not|unable|"
-    r"don't|do\s+not)|(?:this|that)\s+(?:request|question)\s+(?:is|goes)\s+(?:not\s+appropriate|inappropriate|"
+    r"i\s+(?:apologi[sz]e|regret)|as\s+an?\s+[\w\s-]{0,20}?(?:ai|language\s+model|assistant)\b[^.]*?\b(?:can(?:no|')t|"
+    r"not|unable|don't|do\s+not)|i\s+(?:don't|do\s+not)\s+have\s+the\s+(?:ability|capability|means)|(?:this|that)\s+(?:request|question)\s+(?:is|goes)\s+(?:not\s+appropriate|inappropriate|"
     r"against)|not\s+(?:able|allowed|permitted)\s+to\s+(?:help|assist|provide|share))", re.I)
 
 
