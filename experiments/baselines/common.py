@@ -1,0 +1,40 @@
+"""Shared by the baseline configs: the pipeline's branch recipe (steps, batch, seq_len, lr, general ratio) turned
+into a dense train_lm phase, so every baseline sees the same data kinds, lengths and learning rate as BAR's branches."""
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from bar_jax.stages import pipeline  # noqa: E402
+
+DOMAINS = ["math", "code", "tool_use", "safety"]
+
+
+def pipeline_config(variant: str):
+  return pipeline.stage_config("bar_smollm2", None if variant == "default" else variant)
+
+
+def dense_sft(variant: str, mix: dict, steps_scale: int = 1) -> ml_collections.ConfigDict:
+  """A train_lm config (base filled in by the runner) with one SFT phase like a branch's, on `mix`."""
+  p = pipeline_config(variant)
+  branch = pipeline.branch_config(p, "math", "")
+  sft = branch.phases.sft
+  c = pipeline.stage_config("train_lm", "tiny" if variant == "tiny" else None)
+  c.phase_order = ["sft"]
+  c.phases = ml_collections.ConfigDict({"sft": dict(
+      data=dict(kind="sft", mix=mix, seq_len=sft.data.seq_len, max_examples=sft.data.max_examples),
+      batch_size=sft.batch_size, accum=1, steps=sft.steps * steps_scale, opt=sft.opt.to_dict(), trainable=[r".*"],
+      checkpoint_every=sft.checkpoint_every, log_every=sft.log_every, z_loss=0.0, lb_loss=0.0)})
+  c.model = ml_collections.ConfigDict(branch.model.to_dict())
+  c.eval.domains = []  # the runner evaluates every model with the pipeline's eval settings
+  return c
+
+
+def domain_mix(variant: str, domains) -> dict:
+  """Each domain's share as in a branch (1 - general_ratio split evenly), general data at the branch's ratio."""
+  r = float(pipeline_config(variant).branch.overrides.general_ratio)
+  mix = {d: (1.0 - r) / len(domains) for d in domains}
+  if r:
+    mix["general"] = r
+  return mix

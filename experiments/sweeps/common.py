@@ -1,0 +1,80 @@
+"""Shared by the ablation sweeps: build a config from configs/*.py get_config + overrides, run it through
+bar_jax.train.run (skipped when its artifact is complete), evaluate it with the pipeline's eval settings, and append
+a markdown table to experiments/results/ablations_smollm2[_<variant>].md with the command that made it."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from bar_jax import train  # noqa: E402
+from bar_jax.stages import common, evaluate, pipeline  # noqa: E402
+
+
+def args(doc: str, domain: str = "tool_use"):
+  ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+  ap.add_argument("--variant", default="default", choices=["default", "quick", "tiny"])
+  ap.add_argument("--domain", default=domain, help="the branch domain the ablation trains")
+  ap.add_argument("--pipeline_workdir", default=None, help="the BAR run whose base/branches are reused")
+  ap.add_argument("--workdir", default=None, help="the sweep's artifacts (default runs/sweeps[_<variant>])")
+  ap.add_argument("--results", default=os.path.join(ROOT, "experiments", "results"))
+  a = ap.parse_args()
+  suffix = "" if a.variant == "default" else f"_{a.variant}"
+  a.pipeline_workdir = a.pipeline_workdir or os.path.join("runs", f"bar_smollm2{suffix}")
+  a.workdir = a.workdir or os.path.join("runs", f"sweeps{suffix}")
+  a.pcfg = pipeline.stage_config("bar_smollm2", None if a.variant == "default" else a.variant)
+  pipeline._compilation_cache(a.pcfg, a.pipeline_workdir)  # same shapes as the pipeline's: reuse its compiles
+  a.command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+  return a
+
+
+def base_dir(a) -> str:
+  """The pipeline's base artifact (written by running the pipeline's first step if absent)."""
+  d = os.path.join(a.pipeline_workdir, "base")
+  if not common.done(d):
+    pipeline.plan(a.pcfg, a.pipeline_workdir)[0].run()
+  return d
+
+
+def branch(a, name: str, overrides: dict) -> str:
+  """One branch of a.domain with the pipeline's recipe plus `overrides` (e.g. {"general_ratio": 0.5})."""
+  out = os.path.join(a.workdir, name)
+  if not common.done(out):
+    cfg = pipeline.apply_overrides(pipeline.branch_config(a.pcfg, a.domain, base_dir(a)), overrides)
+    print(f"[sweep] {name}", flush=True)
+    train.run(cfg, out)
+  return out
+
+
+def stage(a, name: str, stage_name: str, overrides: dict) -> str:
+  out = os.path.join(a.workdir, name)
+  if not common.done(out):
+    print(f"[sweep] {name}", flush=True)
+    train.run(pipeline.stage_config(stage_name, None, overrides), out)
+  return out
+
+
+def evaluate_row(a, label: str, spec: str, domains, model_overrides: dict | None = None) -> dict:
+  out = os.path.join(a.workdir, "eval", label)
+  if not os.path.isfile(os.path.join(out, evaluate.EVAL_JSON)):
+    cfg = pipeline.eval_config(a.pcfg, spec)
+    cfg.domains = ",".join(domains)
+    if model_overrides:
+      cfg.model_overrides.update(model_overrides)
+    evaluate.run(cfg, out)
+  with open(os.path.join(out, evaluate.EVAL_JSON)) as f:
+    return dict(json.load(f)["models"][0], name=label)
+
+
+def append(a, title: str, rows: list[dict], note: str = "") -> str:
+  os.makedirs(a.results, exist_ok=True)
+  path = os.path.join(a.results, "ablations_smollm2" + ("" if a.variant == "default" else f"_{a.variant}") + ".md")
+  text = f"\n## {title}\n\nMade by: `{a.command}`\n\n{evaluate.format_table(rows)}\n{note}\n"
+  with open(path, "a") as f:
+    f.write(text)
+  print(text, flush=True)
+  return path

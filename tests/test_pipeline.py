@@ -1,0 +1,120 @@
+"""The whole BAR pipeline on the tiny random model: killed part-way (kill -9 after the first branch is written),
+started again with the same command, and checked: every artifact, the lineage chain, the table."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bar_jax.errors import BarError
+from bar_jax.stages import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CMD = [sys.executable, "-m", "bar_jax.train", "--config=configs/bar_smollm2.py:tiny"]
+
+
+def _manifest(d):
+  with open(os.path.join(d, "manifest.json")) as f:
+    return json.load(f)
+
+
+def test_killed_pipeline_resumes_and_chains(tmp_path):
+  work = str(tmp_path / "bar")
+  first = os.path.join(work, "branch_math")
+  proc = subprocess.Popen(CMD + [f"--workdir={work}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  deadline = time.time() + 900
+  while not os.path.isfile(os.path.join(first, "manifest.json")):
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    assert time.time() < deadline, "no branch artifact within the deadline"
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)  # mid-way through branch_code at the latest
+  proc.wait()
+  assert not os.path.exists(os.path.join(work, "merged"))
+  fp_first = _manifest(first)["fingerprint"]
+
+  out = subprocess.run(CMD + [f"--workdir={work}"], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=1200)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "base: done, skipped" in out.stdout and "branch_math: done, skipped" in out.stdout
+
+  domains = ["math", "code", "tool_use", "safety"]
+  base = _manifest(os.path.join(work, "base"))
+  branches = {d: _manifest(os.path.join(work, f"branch_{d}")) for d in domains}
+  assert branches["math"]["fingerprint"] == fp_first  # the finished step was not redone
+  for d, m in branches.items():
+    assert m["kind"] == "branch" and m["domain"] == d
+    assert m["base_fingerprint"] == base["fingerprint"]
+    assert [(p["fingerprint"], p["role"]) for p in m["parents"]] == [(base["fingerprint"], "base")]
+  merged = _manifest(os.path.join(work, "merged"))
+  assert merged["kind"] == "moe" and merged["experts"] == ["anchor"] + domains
+  assert merged["base_fingerprint"] == base["fingerprint"]
+  assert [p["fingerprint"] for p in merged["parents"] if p["role"] == "branch"] == \
+      [branches[d]["fingerprint"] for d in domains]
+  # The ledger counts each branch's training once and the shared base once.
+  assert merged["ledger"]["tokens"] == pytest.approx(sum(b["ledger"]["tokens"] for b in branches.values()))
+  final = os.path.join(work, "merged")
+  if pipeline.stage_available("router"):
+    routed = _manifest(os.path.join(work, "routed"))
+    assert [p["fingerprint"] for p in routed["parents"]] == [merged["fingerprint"]]
+    assert routed["ledger"]["tokens"] > merged["ledger"]["tokens"]
+    final = os.path.join(work, "routed")
+
+  labels = ["base"] + [f"branch_{d}" for d in domains] + ["bar"]
+  dirs = [os.path.join(work, "base")] + [os.path.join(work, f"branch_{d}") for d in domains] + [final]
+  for label, d in zip(labels, dirs):
+    with open(os.path.join(work, "eval", label, "eval.json")) as f:
+      (row,) = json.load(f)["models"]
+    assert row["fingerprint"] == _manifest(d)["fingerprint"]  # each row evaluated the artifact it names
+  with open(os.path.join(work, "results.md")) as f:
+    table = [line for line in f if line.startswith("| ") and not line.startswith("| model")]
+  assert [line.split("|")[1].strip() for line in table] == labels
+  with open(os.path.join(work, "results.json")) as f:
+    rows = json.load(f)["models"]
+  assert [r["name"] for r in rows] == labels
+  assert all(set(r["domains"]) == set(domains + ["general"]) for r in rows)
+
+
+def test_overrides_reject_unknown_keys():
+  with pytest.raises(BarError, match="phases.sft.stepz"):
+    pipeline.stage_config("branch", "math,tiny", {"phases": {"sft": {"stepz": 3}}})
+  c = pipeline.stage_config("branch", "math,tiny", {"phases.sft.steps": 3, "general_ratio": 0.5})
+  assert (c.phases.sft.steps, c.general_ratio) == (3, 0.5)
+
+
+def _load(path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_ledger_curves_linear_vs_quadratic():
+  ledger = _load("experiments/ledger.py")
+  c = ledger.curves([(10.0, 100.0)] * 4, router=(1.0, 10.0), mono_per_domain=(10.0, 80.0))
+  assert c["bar_tokens"] == [11.0, 22.0, 33.0, 44.0]
+  assert c["mono_tokens"] == [10.0, 30.0, 60.0, 100.0]  # 10 * k(k+1)/2
+  assert c["mono_flops"] == [80.0, 240.0, 480.0, 800.0]
+
+
+def test_dense_average_and_btx_moe():
+  import jax
+  import numpy as np
+  from bar_jax.model import config as config_lib, transformer
+  baselines = _load("experiments/run_baselines.py")
+  cfg = config_lib.tiny()
+  base, a, b = (jax.tree.map(np.asarray, transformer.init_params(cfg, jax.random.key(i))) for i in range(3))
+  avg = baselines.average_dense([a, b])
+  np.testing.assert_allclose(avg["layers"]["attn"]["q"]["kernel"],
+                             (a["layers"]["attn"]["q"]["kernel"] + b["layers"]["attn"]["q"]["kernel"]) / 2, rtol=1e-6)
+  moe, mcfg = baselines.btx_moe(base, [a, b], cfg)
+  assert (mcfg.ffn, mcfg.n_experts) == ("moe", 3)
+  for w in ("gate", "up", "down"):
+    ex = moe["layers"]["moe"]["experts"][w]
+    for i, src in enumerate([base, a, b]):  # anchor = base FFN, expert i = fine-tune i's FFN, bit for bit
+      np.testing.assert_array_equal(ex[:, i], src["layers"]["mlp"][w]["kernel"])
+  np.testing.assert_array_equal(moe["embed"]["embedding"], avg["embed"]["embedding"])
