@@ -71,7 +71,8 @@ def get_config(arg=None):
                                                                          log_every=1)})
     c.branch.phases.midtrain.update(dict(steps=2, batch_size=8, data=dict(seq_len=64), checkpoint_every=1,
                                          log_every=1))
-    c.branch.phases.sft.update(dict(steps=2, batch_size=8, data=dict(seq_len=256), checkpoint_every=1, log_every=1))
+    c.branch.phases.sft.update(dict(steps=2, batch_size=8, accum=1, data=dict(seq_len=256), checkpoint_every=1,
+                                    log_every=1))
     c.eval.update(dict(n_per_domain=2, max_new_tokens=4, batch_size=8, nll_seq_len=256, max_prompt_tokens=448))
     c.estimate.update(dict(train_seconds_per_token=1e-5, eval_seconds_per_model=5.0, other_seconds=2.0))
   return c

@@ -142,6 +142,7 @@ def run(variant: str, workdir: str, pipeline_workdir: str, results_dir: str, com
 # Results.
 
 def write_results(rows: list[dict], variant: str, results_dir: str, command: str) -> str:
+  pipeline.check_same_settings(rows)
   os.makedirs(results_dir, exist_ok=True)
   stem = os.path.join(results_dir, "bar_smollm2" + ("" if variant == "default" else f"_{variant}"))
   s = rows[0].get("settings", {})

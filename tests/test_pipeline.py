@@ -76,6 +76,11 @@ def test_killed_pipeline_resumes_and_chains(tmp_path):
     rows = json.load(f)["models"]
   assert [r["name"] for r in rows] == labels
   assert all(set(r["domains"]) == set(domains + ["general"]) for r in rows)
+  # A finished step made with another config is not silently reused.
+  changed = pipeline.apply_overrides(pipeline.stage_config("bar_smollm2", "tiny"),
+                                     {"branch": {"phases": {"sft": {"steps": 3}}}})
+  with pytest.raises(BarError, match="another sft config"):
+    pipeline.run(changed, work)
 
 
 def test_overrides_reject_unknown_keys():

@@ -90,6 +90,7 @@ class Step:
   tokens_per_step: int
   run: Callable[[], Any]
   done: Callable[[], bool]
+  check: Callable[[], None] = lambda: None  # on a finished step: BarError if it was made with another config
 
 
 def _phase_budget(config) -> tuple[int, int]:
@@ -139,7 +140,7 @@ def plan(config, workdir: str) -> list[Step]:
     bc = branch_config(config, d, base_dir)
     n, tps = _phase_budget(bc)
     steps.append(Step(f"branch_{d}", "branch", n, tps, _stage_runner("branch", bc, bdir),
-                      lambda bdir=bdir: common.done(bdir)))
+                      lambda bdir=bdir: common.done(bdir), lambda bdir=bdir, bc=bc: _check_branch(bdir, bc)))
   merged = os.path.join(workdir, "merged")
   mc = stage_config("merge", None, config.merge)
   mc.branches = ",".join(branch_dirs)
@@ -159,6 +160,27 @@ def plan(config, workdir: str) -> list[Step]:
     steps.append(Step(f"eval/{label}", "eval", 0, 0, _stage_runner("evaluate", ec, edir),
                       lambda edir=edir: os.path.isfile(os.path.join(edir, "eval.json"))))
   return steps
+
+
+def _check_branch(bdir: str, bc) -> None:
+  """A finished branch is reused only if its manifest records the phases this config asks for."""
+  from bar_jax.stages import branch
+  recorded = {s["stage"]: s.get("config") for s in _manifest(bdir).get("stages", [])}
+  for name, phase in branch.phase_configs(bc).items():  # as the branch stage records them (data mix filled in)
+    if name != "rl" and recorded.get(name) != json.loads(json.dumps(phase.to_dict(), default=str)):
+      raise BarError(f"{bdir} was trained with another {name} config than this run's; delete it (or use a new "
+                     "--workdir) to retrain it, or restore the config it was made with")
+  if list(recorded) != list(bc.phase_order):
+    raise BarError(f"{bdir} ran phases {list(recorded)}, this config asks for {list(bc.phase_order)}; delete it or "
+                   "use a new --workdir")
+
+
+def check_same_settings(rows) -> None:
+  """Rows of one table must share their eval settings (a resumed run with a changed eval config would mix them)."""
+  settings = {json.dumps(r.get("settings", {}), sort_keys=True) for r in rows}
+  if len(settings) > 1:
+    raise BarError("the table's models were evaluated with different eval settings; delete the eval/ folders made "
+                   "with the old settings and run again")
 
 
 def router_enabled(config) -> bool:
@@ -250,6 +272,7 @@ def write_table(config, workdir: str) -> str:
       (row,) = json.load(f)["models"]
     row["name"] = step.name.split("/", 1)[1]
     rows.append(row)
+  check_same_settings(rows)
   table = evaluate.format_table(rows)
   md = (f"# BAR pipeline results: {config.get('title', 'bar_jax')}\n\n"
         f"Made by: `{config.get('command', 'python -m bar_jax.train --config=configs/bar_smollm2.py')}`\n\n"
@@ -295,6 +318,7 @@ def run(config, workdir: str) -> str:
   hook = config.get("after_step_hook", "")
   for i, step in enumerate(steps, 1):
     if step.done():
+      step.check()
       print(f"[pipeline {i}/{len(steps)}] {step.name}: done, skipped", flush=True)
       continue
     left = sum(clock.estimate(s) for s in steps[i - 1:] if not s.done())
