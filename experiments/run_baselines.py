@@ -194,7 +194,7 @@ def main(argv=None):
   suffix = "" if a.variant == "default" else f"_{a.variant}"
   workdir = a.workdir or os.path.join("runs", f"baselines{suffix}")
   pipe = a.pipeline_workdir or os.path.join("runs", f"bar_smollm2{suffix}")
-  command = "python experiments/run_baselines.py" + (f" --variant={a.variant}" if a.variant != "default" else "")
+  command = " ".join(["python experiments/run_baselines.py"] + (sys.argv[1:] if argv is None else list(argv)))
   run(a.variant, workdir, pipe, a.results, command)
 
 
