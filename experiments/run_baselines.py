@@ -146,7 +146,10 @@ def write_results(rows: list[dict], variant: str, results_dir: str, command: str
   os.makedirs(results_dir, exist_ok=True)
   stem = os.path.join(results_dir, "bar_smollm2" + ("" if variant == "default" else f"_{variant}"))
   s = rows[0].get("settings", {})
-  md = (f"# BAR vs baselines, SmolLM2-135M-Instruct ({variant})\n\nMade by: `{command}`\n\n"
+  caveat = {"tiny": "A random tiny model and 2 training steps per model: this table only shows that every row is "
+                    "produced (plumbing), not quality.\n\n",
+            "quick": "A few training steps and eval items: a plumbing demo, not a measurement.\n\n"}.get(variant, "")
+  md = (f"# BAR vs baselines, SmolLM2-135M-Instruct ({variant})\n\nMade by: `{command}`\n\n{caveat}"
         + evaluate.format_table(rows) +
         f"\nEval: {s.get('n_per_domain')} held-out items per domain, {s.get('max_new_tokens')} new tokens; math = "
         "exact match %, code/general = 100*exp(-NLL), tool_use = call match %, safety = mean of refusal (harmful) "
