@@ -55,6 +55,7 @@ def get_config(arg=None):
   # Prior rates for the progress estimate until this run has measured its own (2-core CPU, fp32).
   c.estimate = ml_collections.ConfigDict(dict(train_seconds_per_token=4.0 / 2048, eval_seconds_per_model=120.0,
                                               other_seconds=20.0))
+  c.compilation_cache = ""           # "" = WORKDIR/jax_cache; runs of the same shapes can share one
   c.after_step_hook = ""             # tests: a step name after which the pipeline raises (a simulated crash)
 
   if variant == "quick":
