@@ -42,7 +42,9 @@ from bar_jax.model.config import ModelConfig
 from bar_jax.stages import loop
 from bar_jax.transforms import freeze, grpo
 
-MATH_INSTRUCTION = "\nEnd your reply with 'The answer is N.'"
+# Prompts are the eval prompts as they are: the math SFT data teaches the closing "The answer is N." (an instruction
+# spelling that sentence out was copied verbatim by the 135M model). Set `instruction` to try one anyway.
+MATH_INSTRUCTION = ""
 
 
 def default_config(**kw) -> ml_collections.ConfigDict:
