@@ -12,7 +12,7 @@ Expected: the manifest's metrics show the domain metric above metrics_before, ge
 """
 import ml_collections
 
-from bar_jax.stages.common import opt_defaults
+from bar_jax.stages.common import compute_config, mesh_config, opt_defaults
 from bar_jax.transforms import freeze
 
 PHASES_BY_DOMAIN = {"math": ["midtrain", "sft"], "code": ["midtrain", "sft"], "tool_use": ["sft"],
@@ -43,9 +43,9 @@ def get_config(arg="math"):
   c.base = "smollm2"
   c.domain = domain
   c.seed = 0
-  c.mesh = ml_collections.ConfigDict({"data": -1})
+  c.mesh = mesh_config()
   c.distributed = False
-  c.model = ml_collections.ConfigDict({"dtype": "float32", "remat": "none"})
+  c.model = compute_config()
   c.expert_kind = "lora" if "lora" in flags else "ffn"
   c.lora_rank = 16
   c.lora_alpha = 32.0

@@ -12,6 +12,8 @@ the branch, before anything is written.
 """
 import ml_collections
 
+from bar_jax.stages.common import mesh_config
+
 
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
@@ -24,5 +26,5 @@ def get_config(arg=None):
   c.ties_scale = 1.0            # 'ties': scale of the merged delta added to the base
   c.model = ml_collections.ConfigDict(dict(top_k=0, norm_topk=False, dispatch="dense"))  # 0 = all experts (paper)
   c.place_on_mesh = False       # True: shard the merged params on config.mesh (experts over the expert axis)
-  c.mesh = ml_collections.ConfigDict({"expert": -1})
+  c.mesh = mesh_config(data=1, expert=-1)
   return c

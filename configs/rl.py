@@ -15,6 +15,7 @@ response tokens, lr 6e-7 at 7B).
 """
 import ml_collections
 
+from bar_jax.stages.common import compute_config, mesh_config
 from bar_jax.stages.rl import default_config
 from bar_jax.transforms import freeze
 
@@ -26,9 +27,9 @@ def get_config(arg="math"):
   c.stage = "rl"
   c.model = ""                 # the input branch artifact directory (required)
   c.seed = 0
-  c.mesh = ml_collections.ConfigDict({"data": -1})
+  c.mesh = mesh_config()
   c.distributed = False
-  c.compute = ml_collections.ConfigDict({"dtype": "float32", "remat": "none"})  # ModelConfig compute overrides
+  c.compute = compute_config()  # ModelConfig compute overrides
   c.rl = default_config(domain=domain, eval_n=64)
   if domain == "tool_use":
     c.rl.generators = []

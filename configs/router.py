@@ -14,6 +14,8 @@ a routing summary; WORKDIR/routing.json and routing.png show per domain and laye
 """
 import ml_collections
 
+from bar_jax.stages.common import mesh_config
+
 
 def get_config(arg=None):
   tiny = arg == "tiny"
@@ -21,7 +23,7 @@ def get_config(arg=None):
   c.stage = "router"
   c.model = ""                  # the moe artifact dir (merge, router or upgrade stage output)
   c.seed = 0
-  c.mesh = ml_collections.ConfigDict({"data": -1})
+  c.mesh = mesh_config()
   c.distributed = False
   # Compute knobs and routing for the trained (and written) model; top_k=0 = every expert runs (the paper).
   c.model_overrides = ml_collections.ConfigDict(dict(dtype="float32", remat="none", top_k=0, norm_topk=False,

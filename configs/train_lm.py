@@ -9,7 +9,7 @@ the same command again: it resumes from the last checkpoint and ends bit-identic
 """
 import ml_collections
 
-from bar_jax.stages.common import opt_defaults
+from bar_jax.stages.common import compute_config, mesh_config, opt_defaults
 
 
 def phase(kind: str, mix: dict, steps: int, batch_size: int, seq_len: int, lr: float, max_examples: int = 0):
@@ -24,9 +24,9 @@ def get_config(arg=None):
   c.stage = "train_lm"
   c.base = "smollm2"
   c.seed = 0
-  c.mesh = ml_collections.ConfigDict({"data": -1})
+  c.mesh = mesh_config()
   c.distributed = False
-  c.model = ml_collections.ConfigDict({"dtype": "float32", "remat": "none"})
+  c.model = compute_config()
   c.phase_order = ["midtrain"]
   c.phases = ml_collections.ConfigDict({"midtrain": phase("lm", {"general": 1.0}, 100, 8, 256, 3e-5)})
   c.eval = ml_collections.ConfigDict(dict(domains=["general"], n_per_domain=32, max_new_tokens=32, batch_size=16))

@@ -78,6 +78,20 @@ def mesh_from(config) -> jax.sharding.Mesh:
   return sharding.make_mesh(shape.to_dict() if hasattr(shape, "to_dict") else shape)
 
 
+def mesh_config(**sizes) -> ml_collections.ConfigDict:
+  """Every mesh axis spelled out, so `--config.mesh.fsdp=8` works on a locked config; -1 takes the rest."""
+  d = {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1}
+  d.update(sizes)
+  return ml_collections.ConfigDict(d)
+
+
+def compute_config(**kw) -> ml_collections.ConfigDict:
+  """ModelConfig compute knobs a config may override (model_overrides applies them to the loaded model)."""
+  d = {"dtype": "float32", "remat": "none", "attention": "xla"}
+  d.update(kw)
+  return ml_collections.ConfigDict(d)
+
+
 def opt_defaults(**kw) -> ml_collections.ConfigDict:
   d = dict(lr=1e-4, warmup_steps=10, end_lr_frac=0.1, weight_decay=0.0, b1=0.9, b2=0.95, clip_norm=1.0,
            schedule="cosine")
