@@ -45,8 +45,10 @@ def get_config(arg=None):
   c.merge = ml_collections.ConfigDict({"rule": "average"})
   # Router: configs/router.py overrides; "auto" runs it when the router stage is installed.
   c.router = ml_collections.ConfigDict({"enabled": "auto", "arg": "", "overrides": ml_collections.ConfigDict({
-      "router": dict(fraction=0.05, max_steps=8, batch_size=8, seq_len=256, checkpoint_every=4, log_every=1,
-                     opt=dict(lr=1e-3)),
+      # remat + 2 micro-batches: the 5-expert MoE's router step was OOM-killed at 17 GB without them.
+      "model_overrides": dict(remat="full"),
+      "router": dict(fraction=0.05, max_steps=8, batch_size=8, accum=2, seq_len=256, checkpoint_every=4,
+                     log_every=1, opt=dict(lr=1e-3)),
       "routing": dict(seq_len=128, max_rows=2, batch_size=2)})})
   c.eval_merged_before_router = False
   # Evaluation: configs/evaluate.py overrides.
@@ -69,7 +71,7 @@ def get_config(arg=None):
     c.branch.overrides.model.remat = "none"
     c.router.arg = "tiny"
     c.router.overrides = ml_collections.ConfigDict({"router": dict(max_steps=2, seq_len=256, checkpoint_every=1,
-                                                                         log_every=1)})
+                                                                         log_every=1, accum=1)})
     c.branch.phases.midtrain.update(dict(steps=2, batch_size=8, data=dict(seq_len=64), checkpoint_every=1,
                                          log_every=1))
     c.branch.phases.sft.update(dict(steps=2, batch_size=8, accum=1, data=dict(seq_len=256), checkpoint_every=1,
