@@ -11,7 +11,7 @@ math, code, tool_use, safety, general, overall. In the default run each branch b
 finished steps are skipped and the running one resumes from its checkpoint. `:quick` only demonstrates the plumbing
 (a few steps, a few eval items): its table shows no reliable gains.
 Knobs: --config.domains (which branches), --config.branch.arg=lora (adapter experts), --config.merge.rule=base,
---config.merge.model.top_k=2, --config.router.enabled=False (skip router training).
+--config.merge.compute.top_k=2, --config.router.enabled=False (skip router training).
 """
 import ml_collections
 
@@ -34,7 +34,7 @@ def get_config(arg=None):
   # SFT only (no mid-training phase), activation remat and 2 micro-batches: fewer compilations and half the activation memory
   # on a shared 2-core CPU (8 x 256 in one micro-batch was OOM-killed at 6.3 GB beside other jobs).
   c.branch.overrides = ml_collections.ConfigDict({"general_ratio": 0.25, "phase_order": ["sft"],
-                                                  "model": {"remat": "full"}})
+                                                  "compute": {"remat": "full"}})
   c.branch.phases = ml_collections.ConfigDict({
       "midtrain": dict(steps=8, batch_size=8, data=dict(seq_len=256), opt=dict(lr=3e-4, warmup_steps=2),
                        checkpoint_every=8, log_every=2),
@@ -46,7 +46,7 @@ def get_config(arg=None):
   # Router: configs/router.py overrides; "auto" runs it when the router stage is installed.
   c.router = ml_collections.ConfigDict({"enabled": "auto", "arg": "", "overrides": ml_collections.ConfigDict({
       # remat + 2 micro-batches: the 5-expert MoE's router step was OOM-killed at 17 GB without them.
-      "model_overrides": dict(remat="full"),
+      "compute": dict(remat="full"),
       "router": dict(fraction=0.05, max_steps=8, batch_size=8, accum=2, seq_len=256, checkpoint_every=4,
                      log_every=1, opt=dict(lr=1e-3)),
       "routing": dict(seq_len=128, max_rows=2, batch_size=2)})})
@@ -68,7 +68,7 @@ def get_config(arg=None):
   if variant == "tiny":
     c.base = "tiny"
     c.branch.arg = "tiny"
-    c.branch.overrides.model.remat = "none"
+    c.branch.overrides.compute.remat = "none"
     c.router.arg = "tiny"
     c.router.overrides = ml_collections.ConfigDict({"router": dict(max_steps=2, seq_len=256, checkpoint_every=1,
                                                                          log_every=1, accum=1)})

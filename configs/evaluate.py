@@ -23,5 +23,5 @@ def get_config(arg=None):
   c.max_prompt_tokens = 256     # longer prompts (long BFCL schemas) are passed over and counted
   c.nll_seq_len = 256           # NLL rows (code bodies, prose passages, packed): longer ones truncated and counted
   c.nll_batch_rows = 4          # rows per NLL forward
-  c.model_overrides = ml_collections.ConfigDict({"dtype": "float32"})  # compute knobs for ModelConfig
+  c.compute = ml_collections.ConfigDict({"dtype": "float32"})  # compute knobs for ModelConfig
   return c

@@ -26,7 +26,7 @@ def get_config(arg=None):
   c.mesh = mesh_config()
   c.distributed = False
   # Compute knobs and routing for the trained (and written) model; top_k=0 = every expert runs (the paper).
-  c.model_overrides = ml_collections.ConfigDict(dict(dtype="float32", remat="none", top_k=0, norm_topk=False,
+  c.compute = ml_collections.ConfigDict(dict(dtype="float32", remat="none", top_k=0, norm_topk=False,
                                                      dispatch="dense"))
   c.router = ml_collections.ConfigDict(dict(
       domains="",               # "" = the MoE's expert domains + general (general=True); or "math,code,general"

@@ -26,7 +26,7 @@ def get_config(arg=None):
   c.seed = 0
   c.mesh = mesh_config()
   c.distributed = False
-  c.model = compute_config()
+  c.compute = compute_config()
   c.phase_order = ["midtrain"]
   c.phases = ml_collections.ConfigDict({"midtrain": phase("lm", {"general": 1.0}, 100, 8, 256, 3e-5)})
   c.eval = ml_collections.ConfigDict(dict(domains=["general"], n_per_domain=32, max_new_tokens=32, batch_size=16))

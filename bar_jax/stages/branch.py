@@ -53,7 +53,7 @@ def run(config, workdir: str) -> str:
   key = jax.random.key(config.seed) if config.router_init == "random" else None
   params, cfg = upcycle.upcycle(base.params, base.cfg, expert_kind=config.expert_kind, lora_rank=config.lora_rank,
                                 lora_alpha=config.lora_alpha, expert_init=init, key=key)
-  cfg = common.model_overrides(cfg, config.get("model", None))
+  cfg = common.model_overrides(cfg, config.get("compute", None))
   # Check every phase's trainable set now, before any data is built or anything is written.
   for name, phase in phases.items():
     freeze.make_partition(params, cfg, list(config.schedule[name]), list(config.frozen_experts))

@@ -60,7 +60,7 @@ def load_model(spec: str, *, verify: bool = True) -> Model:
 
 
 def model_overrides(cfg: ModelConfig, overrides: ml_collections.ConfigDict | dict | None) -> ModelConfig:
-  """Compute-side knobs from config.model (dtype, remat, attention, dispatch, top_k, ...) applied to a loaded model."""
+  """Compute-side knobs from config.compute (dtype, remat, attention, dispatch, top_k, ...) applied to a loaded model."""
   if not overrides:
     return cfg
   d = dict(overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
@@ -68,7 +68,7 @@ def model_overrides(cfg: ModelConfig, overrides: ml_collections.ConfigDict | dic
   try:
     return cfg.replace(**d).validate()
   except TypeError as e:
-    raise BarError(f"config.model has a key ModelConfig does not know ({e}); see bar_jax/model/config.py") from None
+    raise BarError(f"config.compute has a key ModelConfig does not know ({e}); see bar_jax/model/config.py") from None
   except ValueError as e:
     raise BarError(str(e)) from None
 

@@ -67,7 +67,7 @@ def run(config, workdir: str) -> str:
   for spec in specs:
     t0 = time.time()
     model = common.load_model(spec)
-    cfg = common.model_overrides(model.cfg, config.get("model_overrides", None))
+    cfg = common.model_overrides(model.cfg, config.get("compute", None))
     report = evals.evaluate_model(model.params, cfg, model.tokenizer, config.domains,
                                   n_per_domain=config.n_per_domain, max_new_tokens=config.max_new_tokens,
                                   batch_size=config.batch_size, max_prompt_tokens=config.max_prompt_tokens,

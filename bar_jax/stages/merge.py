@@ -94,7 +94,7 @@ def run(config, workdir: str) -> str:
                      f"the branches' base {manifests[0]['base_fingerprint'][:12]}: pass the base they were made from")
     base_params = artifact.open_params(config.base, verify=True)
   weights = [float(w) for w in _split(config.get("weights", ""))] or None
-  model = config.get("model", None)
+  model = config.get("compute", None)
   model = model.to_dict() if hasattr(model, "to_dict") else dict(model or {})
 
   params, cfg = merge_lib.merge(base_params, branch_params, cfgs, rule=config.rule, weights=weights,

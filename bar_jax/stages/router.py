@@ -169,7 +169,7 @@ def run(config, workdir: str) -> str:
   if common.done(workdir):
     return workdir
   model = load_moe(config.model)
-  cfg = common.model_overrides(model.cfg, config.get("model_overrides", None))
+  cfg = common.model_overrides(model.cfg, config.get("compute", None))
   experts = list(model.manifest.get("experts") or [f"expert{e}" for e in range(cfg.n_experts)])
   rc = config.router
   fractions = {d: float(rc.fraction) for d in data_domains(rc, model.manifest)}

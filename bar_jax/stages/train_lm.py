@@ -11,7 +11,7 @@ def run(config, workdir: str) -> str:
   if common.done(workdir):
     return workdir
   base = common.load_model(config.base)
-  cfg = common.model_overrides(base.cfg, config.get("model", None))
+  cfg = common.model_overrides(base.cfg, config.get("compute", None))
   if cfg.ffn != "dense":
     raise common.BarError(f"train_lm trains dense models; {config.base} is {cfg.ffn}: use the branch or router stage")
   mesh = common.mesh_from(config)

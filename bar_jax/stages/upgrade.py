@@ -88,7 +88,7 @@ def run(config, workdir: str) -> str:
     params, cfg = upgrade_lib.add(model.params, model.cfg, branch.params, branch.cfg)
     replaced = None
     experts.append(domain)
-  cfg = common.model_overrides(cfg, config.get("model_overrides", None))
+  cfg = common.model_overrides(cfg, config.get("compute", None))
   mesh = common.mesh_from(config)
   metrics_before = router_stage.evaluate(config, cfg, params, model.tokenizer, mesh, experts[1:]) \
       if config.eval.get("before", False) else {}

@@ -27,7 +27,7 @@ def dense_sft(variant: str, mix: dict, steps_scale: int = 1) -> ml_collections.C
       batch_size=sft.batch_size, accum=sft.get("accum", 1), steps=sft.steps * steps_scale, opt=sft.opt.to_dict(),
       trainable=[r".*"],
       checkpoint_every=sft.checkpoint_every, log_every=sft.log_every, z_loss=0.0, lb_loss=0.0)})
-  c.model = ml_collections.ConfigDict(branch.model.to_dict())
+  c.compute = ml_collections.ConfigDict(branch.compute.to_dict())
   c.eval.domains = []  # the runner evaluates every model with the pipeline's eval settings
   return c
 

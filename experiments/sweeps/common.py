@@ -64,7 +64,7 @@ def evaluate_row(a, label: str, spec: str, domains, model_overrides: dict | None
     cfg = pipeline.eval_config(a.pcfg, spec)
     cfg.domains = ",".join(domains)
     if model_overrides:
-      cfg.model_overrides.update(model_overrides)
+      cfg.compute.update(model_overrides)
     evaluate.run(cfg, out)
   with open(os.path.join(out, evaluate.EVAL_JSON)) as f:
     return dict(json.load(f)["models"][0], name=label)
