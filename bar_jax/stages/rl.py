@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -19,7 +19,6 @@ import os
 from typing import Any, Mapping, Sequence
 
 import ml_collections
-import numpy as np
 
 from bar_jax.errors import BarError
 from bar_jax.io import artifact

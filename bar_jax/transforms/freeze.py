@@ -13,11 +13,11 @@ import dataclasses
 import re
 from typing import Any, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bar_jax.errors import BarError
+from bar_jax.pytree import flatten, unflatten  # noqa: F401  (re-exported: freeze.flatten)
 from bar_jax.model import transformer
 from bar_jax.model.config import ModelConfig
 
@@ -35,23 +35,6 @@ SCHEDULE: dict[str, tuple[str, ...]] = {
 }
 
 
-def path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
-def flatten(tree: Any, is_leaf=None) -> dict[str, Any]:
-  return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
-
-
-def unflatten(flat: dict[str, Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    *parents, last = path.split("/")
-    for k in parents:
-      node = node.setdefault(k, {})
-    node[last] = v
-  return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from bar_jax.errors import BarError
+from bar_jax.pytree import unflatten
 from bar_jax.model.config import ModelConfig
 
 RULES = ("average", "base", "weighted", "ties")
@@ -55,15 +56,7 @@ def flat(tree: Mapping[str, Any]) -> Mapping[str, Any]:
   return out
 
 
-def unflat(flat_tree: Mapping[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, x in flat_tree.items():
-    node = tree
-    *parents, last = path.split("/")
-    for k in parents:
-      node = node.setdefault(k, {})
-    node[last] = x
-  return tree
+unflat = unflatten
 
 
 def merge(base_params: Mapping[str, Any] | None, branch_params: Sequence[Mapping[str, Any]],
