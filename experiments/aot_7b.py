@@ -87,8 +87,8 @@ def run_case(case: Case) -> dict:
   part = freeze.make_partition(shapes, cfg, freeze.SCHEDULE[case.stage])
   full = freeze.flatten(sharding.param_shardings(cfg, mesh, shapes))
   t_shapes, f_shapes = jax.eval_shape(lambda p: freeze.split(p, part), shapes)
-  trainable = _abstract(t_shapes, {k: loop._slice_sharding(full[k], v) for k, v in t_shapes.items()})
-  frozen = _abstract(f_shapes, {k: loop._slice_sharding(full[k], v) for k, v in f_shapes.items()})
+  trainable = _abstract(t_shapes, {k: loop.slice_sharding(full[k], v) for k, v in t_shapes.items()})
+  frozen = _abstract(f_shapes, {k: loop.slice_sharding(full[k], v) for k, v in f_shapes.items()})
   tx, _ = optim.adamw(_opt(), 1000)
   opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                            jax.eval_shape(tx.init, trainable), loop.opt_state_shardings(tx, trainable, mesh))

@@ -164,8 +164,8 @@ def bench_step(cfg: ModelConfig, batch: int, seq: int, *, mesh, stage: str = "de
   params = jax.device_put(params, pshard)
   flat = freeze.flatten(pshard)
   trainable, frozen = freeze.split(params, part)
-  trainable = {k: jax.device_put(v, loop._slice_sharding(flat[k], v)) for k, v in trainable.items()}
-  frozen = {k: jax.device_put(v, loop._slice_sharding(flat[k], v)) for k, v in frozen.items()}
+  trainable = {k: jax.device_put(v, loop.slice_sharding(flat[k], v)) for k, v in trainable.items()}
+  frozen = {k: jax.device_put(v, loop.slice_sharding(flat[k], v)) for k, v in frozen.items()}
   opt = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=0, end_lr_frac=0.1, weight_decay=0.01, b1=0.9,
                                        b2=0.95, clip_norm=1.0))
   tx, _ = optim.adamw(opt, 1000)

@@ -90,6 +90,6 @@ def test_expert_slices_stay_split_over_every_device():
   mesh = sharding.make_mesh(MESH_SHAPE)
   full = sharding.param_shardings(CFG, mesh)["layers"]["moe"]["experts"]["gate"]
   sliced = jax.ShapeDtypeStruct((CFG.n_layers, 1, CFG.d_model, CFG.d_ff), np.float32)
-  s = loop._slice_sharding(full, sliced)
+  s = loop.slice_sharding(full, sliced)
   assert s.spec == P(None, None, ("fsdp", "expert"), "tensor")
   assert math.prod(s.shard_shape(sliced.shape)) * 8 == math.prod(sliced.shape)

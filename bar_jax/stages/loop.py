@@ -95,7 +95,7 @@ class Result:
   opt_state: Any = None  # the final optimiser state (over the trainable leaves only)
 
 
-def _to_micro(local: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarray]:
+def to_micro(local: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarray]:
   """[B, ...] -> [accum, B/accum, ...] (the batch axis of each micro-batch stays axis 1)."""
   return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in local.items()}
 
@@ -111,14 +111,7 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
   """
   check_run_identity(workdir, identity)
   tx, sched = optim.adamw(opt, steps)
-  flat_shardings = freeze.flatten(sharding.param_shardings(cfg, mesh, params))
-  params = jax.tree.map(lambda x, s: jax.device_put(x, s), params, sharding.param_shardings(cfg, mesh, params))
-  trainable, frozen = freeze.split(params, part)
-  # Partially frozen leaves were sliced along the expert axis: re-derive their shardings from the slices.
-  # Trainable leaves are donated to the step: copy them so the caller's arrays stay alive.
-  trainable = {k: jnp.copy(jax.device_put(v, _slice_sharding(flat_shardings[k], v))) for k, v in trainable.items()}
-  frozen = {k: jax.device_put(v, _slice_sharding(flat_shardings[k], v)) for k, v in frozen.items()}
-  opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, mesh))(trainable)
+  trainable, frozen, opt_state = init_state(params, cfg, part, tx, mesh)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   start = ckpt.latest_step() or 0
@@ -130,20 +123,20 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
                             {"trainable": trainable, "opt_state": opt_state, "step": step_array(0)})
     state = ckpt.restore(start, abstract, data_iter)
     trainable, opt_state = state["trainable"], state["opt_state"]
-  history = _read_history(history_path, upto=start)
+  history = read_history(history_path, upto=start)
 
   # Pinning output shardings to the inputs' keeps step 2 from recompiling for a different layout.
   keep = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   step_fn = jax.jit(make_step(loss_fn, tx, part, accum), donate_argnums=(0, 1),
                     out_shardings=(keep(trainable), keep(opt_state), None))
-  writer = _Writer(workdir, history_path, history) if jax.process_index() == 0 else None
+  writer = MetricsWriter(workdir, history_path, history) if jax.process_index() == 0 else None
   tokens_seen = sum(h.get("tokens", 0.0) for h in history)
   t0, t_last, seconds = time.time(), time.time(), 0.0
   bar = _progress(desc, steps, start)
   pending: list[tuple[int, dict]] = []
   for step in range(start, steps):
     local = next(batches)
-    batch = sharding.global_batch(_to_micro(local, accum), mesh, batch_axis=1)
+    batch = sharding.global_batch(to_micro(local, accum), mesh, batch_axis=1)
     trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch)
     pending.append((step + 1, metrics))
     done = step + 1
@@ -177,6 +170,22 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
                 opt_state=opt_state)
 
 
+def init_state(params: dict, cfg: ModelConfig, part: freeze.Partition, tx: optax.GradientTransformation, mesh
+               ) -> tuple[dict, dict, Any]:
+  """(trainable, frozen, optimiser state) placed on the mesh by the logical-axis rules.
+
+  Partially frozen leaves were sliced along the expert axis, so their shardings are re-derived from the slices.
+  Trainable leaves are copied: the step donates them, and the caller's arrays must stay alive.
+  """
+  full = sharding.param_shardings(cfg, mesh, params)
+  flat_shardings = freeze.flatten(full)
+  trainable, frozen = freeze.split(jax.tree.map(jax.device_put, params, full), part)
+  trainable = {k: jnp.copy(jax.device_put(v, slice_sharding(flat_shardings[k], v))) for k, v in trainable.items()}
+  frozen = {k: jax.device_put(v, slice_sharding(flat_shardings[k], v)) for k, v in frozen.items()}
+  opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, mesh))(trainable)
+  return trainable, frozen, opt_state
+
+
 def opt_state_shardings(tx: optax.GradientTransformation, trainable: dict, mesh) -> Any:
   """Each optimiser-state leaf shaped like a parameter (Adam's mu, nu) sharded like it; scalars replicated.
 
@@ -189,7 +198,7 @@ def opt_state_shardings(tx: optax.GradientTransformation, trainable: dict, mesh)
                                is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
 
 
-def _slice_sharding(full: jax.sharding.NamedSharding, x) -> jax.sharding.NamedSharding:
+def slice_sharding(full: jax.sharding.NamedSharding, x) -> jax.sharding.NamedSharding:
   """The leaf's sharding for a slice of it. A mesh axis that no longer divides its dimension (a 2-expert leaf cut to
   one expert on an expert axis of 2) moves onto another sharded dimension that it divides, so the slice stays split
   over as many devices as the full leaf was."""
@@ -214,7 +223,7 @@ def _axis_size(mesh, a) -> int:
   return int(np.prod([mesh.shape[n] for n in names]))
 
 
-def _read_history(path: str, upto: int) -> list[dict]:
+def read_history(path: str, upto: int) -> list[dict]:
   """metrics.jsonl rows of steps <= upto (rows written after the last checkpoint are dropped, then rewritten)."""
   if not os.path.exists(path) or not upto:
     return []
@@ -230,7 +239,7 @@ def _read_history(path: str, upto: int) -> list[dict]:
   return rows
 
 
-class _Writer:
+class MetricsWriter:
   """metrics.jsonl (rewritten on resume to the checkpointed prefix) + TensorBoard events."""
 
   def __init__(self, workdir: str, path: str, history: list[dict]):

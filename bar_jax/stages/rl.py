@@ -209,16 +209,7 @@ def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, task: T
     from bar_jax.io import artifact
     input_fingerprint = artifact.fingerprint(params)
 
-  # Placement: exactly loop.train's (shardings from the logical axes; slices of partially frozen leaves re-derived).
-  full_shardings = sharding.param_shardings(cfg, mesh, params)
-  flat_shardings = freeze.flatten(full_shardings)
-  params = jax.tree.map(jax.device_put, params, full_shardings)
-  trainable, frozen = freeze.split(params, part)
-  trainable = {k: jnp.copy(jax.device_put(v, loop._slice_sharding(flat_shardings[k], v))) for k, v in trainable.items()}
-  frozen = {k: jax.device_put(v, loop._slice_sharding(flat_shardings[k], v)) for k, v in frozen.items()}
-  opt_state = jax.jit(tx.init)(trainable)
-  opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
-                           else jax.device_put(x, sharding.replicated(mesh)), opt_state)
+  trainable, frozen, opt_state = loop.init_state(params, cfg, part, tx, mesh)  # exactly loop.train's placement
   n_trainable = freeze.count(trainable)
   ref_params = params if config.kl_coef else None  # the input policy (also after a resume)
   del params  # memory: only the split copies stay alive
@@ -233,8 +224,8 @@ def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, task: T
     state = ckpt.restore(start, abstract)
     trainable, opt_state = state["trainable"], state["opt_state"]
   history_path = os.path.join(workdir, "metrics.jsonl")
-  history = loop._read_history(history_path, upto=start)
-  writer = loop._Writer(workdir, history_path, history) if jax.process_index() == 0 else None
+  history = loop.read_history(history_path, upto=start)
+  writer = loop.MetricsWriter(workdir, history_path, history) if jax.process_index() == 0 else None
 
   keep = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   loss_fn = grpo.grpo_loss(cfg, clip_low=config.clip_low, clip_high=config.clip_high, kl_coef=config.kl_coef,
@@ -268,7 +259,7 @@ def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, task: T
         rows = order[m * mb:(m + 1) * mb]
         local = {k: v[rows] for k, v in batch.items()}
         local["weights"] = local["resp_mask"] / max(local["resp_mask"].sum(), 1.0) * config.accum
-        glob = sharding.global_batch(loop._to_micro(local, config.accum), mesh, batch_axis=1)
+        glob = sharding.global_batch(loop.to_micro(local, config.accum), mesh, batch_axis=1)
         trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, glob)
         outs.append(metrics)
     update_metrics = {k: float(np.mean([float(o[k]) for o in outs])) for k in outs[0]}
