@@ -186,6 +186,9 @@ def check_same_settings(rows) -> None:
 def router_enabled(config) -> bool:
   """config.router.enabled: True | False | "auto" (run it when bar_jax/stages/router.py and its config exist)."""
   flag = config.router.enabled
+  if isinstance(flag, str):  # the field defaults to "auto", so the command line passes strings ("False")
+    flag = {"false": False, "0": False, "no": False, "": False, "true": True, "1": True, "yes": True}.get(
+        flag.strip().lower(), flag)
   if flag == "auto":
     return stage_available("router")
   if flag and not stage_available("router"):
