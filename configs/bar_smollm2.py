@@ -1,7 +1,7 @@
 """The whole BAR pipeline on SmolLM2-135M-Instruct: base -> 4 branches -> merge -> router -> evaluation table.
 
-  python -m bar_jax.train --config=configs/bar_smollm2.py --workdir=runs/bar_smollm2          # ~30 min, 2-core CPU
-  python -m bar_jax.train --config=configs/bar_smollm2.py:quick --workdir=runs/bar_quick      # < 5 min: a demo
+  python -m bar_jax.train --config=configs/bar_smollm2.py --workdir=runs/bar_smollm2   # ~1 h on a 2-core CPU
+  python -m bar_jax.train --config=configs/bar_smollm2.py:quick --workdir=runs/bar_quick  # a short demo
   python -m bar_jax.train --config=configs/bar_smollm2.py:tiny --workdir=/tmp/bar_tiny        # tests: random model
 
 Expected: WORKDIR/{base, branch_math, branch_code, branch_tool_use, branch_safety, merged, routed} artifacts, one
