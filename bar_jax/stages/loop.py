@@ -116,11 +116,9 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   start = ckpt.latest_step() or 0
   history_path = os.path.join(workdir, "metrics.jsonl")
-  # The step is a replicated global array: orbax refuses to save a single-device array from several processes.
-  step_array = lambda n: jax.device_put(np.asarray(n, np.int32), sharding.replicated(mesh))
   if start:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            {"trainable": trainable, "opt_state": opt_state, "step": step_array(0)})
+                            {"trainable": trainable, "opt_state": opt_state, "step": step_array(0, mesh)})
     state = ckpt.restore(start, abstract, data_iter)
     trainable, opt_state = state["trainable"], state["opt_state"]
   history = read_history(history_path, upto=start)
@@ -159,7 +157,7 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
       bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
     bar.update(1)
     if done % checkpoint_every == 0 or done == steps:
-      ckpt.save(done, {"trainable": trainable, "opt_state": opt_state, "step": step_array(done)},
+      ckpt.save(done, {"trainable": trainable, "opt_state": opt_state, "step": step_array(done, mesh)},
                 data_iter)
   bar.close()
   ckpt.close()
@@ -168,6 +166,11 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
   final = freeze.join(trainable, frozen, part)
   return Result(params=final, steps=steps, tokens=tokens_seen, seconds=time.time() - t0, history=history,
                 opt_state=opt_state)
+
+
+def step_array(n: int, mesh) -> jax.Array:
+  """The checkpointed step as a replicated global array: orbax refuses a single-device array from several processes."""
+  return jax.device_put(np.asarray(n, np.int32), sharding.replicated(mesh))
 
 
 def init_state(params: dict, cfg: ModelConfig, part: freeze.Partition, tx: optax.GradientTransformation, mesh

@@ -28,7 +28,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -220,7 +219,7 @@ def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, task: T
   start = ckpt.latest_step() or 0
   if start:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            {"trainable": trainable, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)})
+                            {"trainable": trainable, "opt_state": opt_state, "step": loop.step_array(0, mesh)})
     state = ckpt.restore(start, abstract)
     trainable, opt_state = state["trainable"], state["opt_state"]
   history_path = os.path.join(workdir, "metrics.jsonl")
@@ -276,7 +275,7 @@ def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, task: T
             flush=True)
     done = step + 1
     if done % config.checkpoint_every == 0 or done == config.steps:
-      ckpt.save(done, {"trainable": trainable, "opt_state": opt_state, "step": jnp.asarray(done, jnp.int32)})
+      ckpt.save(done, {"trainable": trainable, "opt_state": opt_state, "step": loop.step_array(done, mesh)})
   ckpt.close()
   if writer:
     writer.close()
