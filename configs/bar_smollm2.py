@@ -50,7 +50,7 @@ def get_config(arg=None):
       "router": dict(fraction=0.05, max_steps=8, batch_size=8, accum=2, seq_len=256, checkpoint_every=4,
                      log_every=1, opt=dict(lr=1e-3)),
       "routing": dict(seq_len=128, max_rows=2, batch_size=2)})})
-  c.eval_merged_before_router = False
+  c.eval_merged_before_router = variant == "default"  # adds the row bar_merged_unrouted: the table before/after router training
   # Evaluation: configs/evaluate.py overrides.
   c.eval = ml_collections.ConfigDict(dict(domains="all", n_per_domain=16, max_new_tokens=40, batch_size=16,
                                           nll_seq_len=256))

@@ -1,11 +1,20 @@
-"""Issue 4's measurement: math and tool-use branches of SmolLM2-135M-Instruct, `ffn` vs `lora` experts.
+"""Issue 4's measurement: `ffn` vs `lora` domain experts, trained exactly like a pipeline run's branches.
 
-  python experiments/branch_ffn_vs_lora.py --workdir=runs/ffn_vs_lora [--domains=math,tool_use] [--sft_steps=60]
+  python experiments/branch_ffn_vs_lora.py --workdir=runs/bar_smollm2 --domains=math,tool_use   # ~30 min, 2-core CPU
 
-For each (domain, kind) it trains a branch (SFT phase only, so every run sees the same data budget) and prints the
-domain metric and general-text NLL before and after, the trainable parameter count, the Adam state bytes, and the
-step time; the table goes to experiments/results/branch_ffn_vs_lora.md. Re-running skips finished branches.
+WORKDIR is a finished `configs/bar_smollm2.py` run: its branch_<domain> are the `ffn` experts and eval/ holds their
+and the base's scores. For each domain this trains WORKDIR/branch_<domain>_lora with the same config (same data,
+steps, batch, learning rate, seed; only the expert kind differs), evaluates it with the run's eval settings, and
+writes experiments/results/branch_ffn_vs_lora_<run>.md/.json: the domain metric and general-text NLL of base, ffn
+and lora, trainable parameters, Adam state bytes and seconds per step. Re-running skips what is finished.
+
+Expected: a rank-16 lora expert has ~4% of an ffn expert's parameters (3.0M vs 79.6M on SmolLM2; SFT also unfreezes
+the 28.3M tied embeddings, so the trainable counts are ~31M vs ~108M) at about the same step time on a CPU (the
+adapters are materialised into the stacked (E, D, F) layout each step); whether it matches ffn's domain gain is what
+the table measures.
 """
+from __future__ import annotations
+
 import argparse
 import json
 import os
@@ -13,50 +22,67 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bar_jax import train  # noqa: E402
-from configs import branch  # noqa: E402
+
+def _eval(pipeline, config, model_dir: str, edir: str) -> dict:
+  from bar_jax.stages import evaluate
+  if not pipeline._eval_is_current(edir, model_dir):
+    evaluate.run(pipeline.eval_config(config, model_dir), edir)
+  with open(os.path.join(edir, evaluate.EVAL_JSON)) as f:
+    return json.load(f)["models"][0]
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--workdir", default="runs/ffn_vs_lora")
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--workdir", default="runs/bar_smollm2", help="a finished bar_smollm2 pipeline run")
+  ap.add_argument("--config", default="configs/bar_smollm2.py", help="that run's config (optionally :variant)")
   ap.add_argument("--domains", default="math,tool_use")
-  ap.add_argument("--kinds", default="ffn,lora")
-  ap.add_argument("--sft_steps", type=int, default=60)
-  ap.add_argument("--batch_size", type=int, default=8)
-  ap.add_argument("--seq_len", type=int, default=192)
-  ap.add_argument("--n_eval", type=int, default=32)
-  ap.add_argument("--out", default="experiments/results/branch_ffn_vs_lora.md")
-  args = ap.parse_args()
+  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+  args = ap.parse_args(argv)
+
+  from bar_jax import train
+  from bar_jax.errors import BarError
+  from bar_jax.io import artifact
+  from bar_jax.stages import pipeline
+  path, _, variant = args.config.partition(":")
+  config = pipeline.stage_config(os.path.splitext(os.path.basename(path))[0], variant or None)
+  if "lora" in str(config.branch.arg):
+    raise BarError("this run's branches are lora already; pass a run made with ffn experts")
+  base = os.path.join(args.workdir, "base")
   rows = []
-  for domain in args.domains.split(","):
-    for kind in args.kinds.split(","):
-      c = branch.get_config(f"{domain},{kind}" if kind == "lora" else domain)
-      c.phase_order = ["sft"]
-      c.phases.sft.steps = args.sft_steps
-      c.phases.sft.batch_size = args.batch_size
-      c.phases.sft.data.seq_len = args.seq_len
-      c.eval.n_per_domain = args.n_eval
-      wd = os.path.join(args.workdir, f"{domain}_{kind}")
-      train.run(c, wd)
-      m = json.load(open(os.path.join(wd, "manifest.json")))
-      sft = m["stages"][0]
-      before, after = m["metrics_before"]["domains"], m["metrics"]["domains"]
-      rows.append(dict(domain=domain, kind=kind, metric_before=before[domain]["value"],
-                       metric_after=after[domain]["value"], nll_before=before["general"]["value"],
-                       nll_after=after["general"]["value"], trainable=sft["trainable_params"],
-                       adam_mib=2 * 4 * sft["trainable_params"] / 2**20, step_s=sft["seconds"] / sft["steps"]))
-  head = ("| domain | expert | metric before | after | general NLL before | after | change | trainable params "
-          "| Adam state MiB | s/step |\n|---|---|---|---|---|---|---|---|---|---|")
+  base_eval = _eval(pipeline, config, base, os.path.join(args.workdir, "eval", "base"))
+  for domain in [d.strip() for d in args.domains.split(",") if d.strip()]:
+    for kind in ("ffn", "lora"):
+      bdir = os.path.join(args.workdir, f"branch_{domain}" + ("_lora" if kind == "lora" else ""))
+      if kind == "lora" and not artifact.is_complete(bdir):
+        lora_config = pipeline.stage_config(os.path.splitext(os.path.basename(path))[0], variant or None)
+        lora_config.branch.arg = ",".join(f for f in ("lora", str(config.branch.arg)) if f)
+        train.run(pipeline.branch_config(lora_config, domain, base), bdir)
+      if not artifact.is_complete(bdir):
+        raise BarError(f"{bdir} is not a finished branch: run the pipeline first "
+                       f"(python -m bar_jax.train --config={args.config} --workdir={args.workdir})")
+      ev = _eval(pipeline, config, bdir, os.path.join(args.workdir, "eval", os.path.basename(bdir)))
+      sft = artifact.read_manifest(bdir)["stages"][-1]
+      rows.append(dict(domain=domain, kind=kind, base=base_eval["domains"][domain]["score"],
+                       after=ev["domains"][domain]["score"], nll_base=base_eval["domains"]["general"]["value"],
+                       nll_after=ev["domains"]["general"]["value"], trainable=sft["trainable_params"],
+                       adam_mib=2 * 4 * sft["trainable_params"] / 2**20, step_s=sft["seconds"] / sft["steps"],
+                       steps=sft["steps"], tokens=sft["tokens"], overall=ev["overall"]))
+  head = ("| domain | expert | domain score: base | branch | general NLL: base | branch | change | trainable params "
+          "| Adam state MiB | s/step | overall |\n|---|---|---|---|---|---|---|---|---|---|---|")
   lines = [head] + [
-      f"| {r['domain']} | {r['kind']} | {r['metric_before']:.1f} | {r['metric_after']:.1f} | {r['nll_before']:.3f} "
-      f"| {r['nll_after']:.3f} | {100 * (r['nll_after'] / r['nll_before'] - 1):+.1f}% | {r['trainable']:,} "
-      f"| {r['adam_mib']:.0f} | {r['step_s']:.1f} |" for r in rows]
+      f"| {r['domain']} | {r['kind']} | {r['base']:.1f} | {r['after']:.1f} | {r['nll_base']:.3f} | {r['nll_after']:.3f} "
+      f"| {100 * (r['nll_after'] / r['nll_base'] - 1):+.1f}% | {r['trainable']:,} | {r['adam_mib']:.0f} "
+      f"| {r['step_s']:.1f} | {r['overall']:.1f} |" for r in rows]
   table = "\n".join(lines)
+  command = f"python experiments/branch_ffn_vs_lora.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+  stem = os.path.join(args.out, f"branch_ffn_vs_lora_{os.path.basename(os.path.normpath(args.workdir))}")
+  os.makedirs(args.out, exist_ok=True)
+  with open(stem + ".md", "w") as f:
+    f.write("# Branch experts: ffn vs lora (SmolLM2-135M-Instruct, real data, the pipeline's branch recipe)\n\n"
+            f"Made by: `{command}`\n\n{table}\n\n{pipeline._settings_note([base_eval])}\n")
+  with open(stem + ".json", "w") as f:
+    json.dump({"command": command, "rows": rows}, f, indent=1)
   print(table)
-  with open(args.out, "w") as f:
-    f.write("# Branch experts: ffn vs lora (SmolLM2-135M-Instruct, SFT phase, real data)\n\n")
-    f.write(f"Command: `python experiments/branch_ffn_vs_lora.py {' '.join(sys.argv[1:])}`\n\n{table}\n")
 
 
 if __name__ == "__main__":

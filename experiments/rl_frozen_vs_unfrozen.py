@@ -41,18 +41,31 @@ def main():
   ap.add_argument("--accum", type=int, default=4)
   ap.add_argument("--eval_n", type=int, default=32)
   ap.add_argument("--arms", default="unfrozen,frozen")
+  ap.add_argument("--branch", default="", help="start from this branch artifact (default: a fresh upcycled branch)")
+  ap.add_argument("--generators", default="", help="math generators, comma-separated (default: the RL config's)")
   ap.add_argument("--workdir", default="runs/rl_ablation")
   ap.add_argument("--out", default="experiments/results/rl_frozen_vs_unfrozen")
   args = ap.parse_args()
 
-  dense_cfg, dense, tok = gguf.load()
-  params, cfg = upcycle(dense, dense_cfg)
-  params = jax.tree.map(np.asarray, params)
-  del dense
+  if args.branch:  # e.g. the pipeline's SFT'd math branch: RL as the paper's last stage of a branch
+    from bar_jax.stages import common
+    m = common.load_model(args.branch)
+    if m.cfg.ffn != "moe":
+      raise SystemExit(f"--branch={args.branch} is a {m.cfg.ffn} model; pass a branch artifact (or leave it out)")
+    params, cfg, tok = m.params, m.cfg, m.tokenizer
+    model_note = f"the branch artifact {args.branch} ({m.manifest.get('fingerprint', '')[:12]})"
+  else:
+    dense_cfg, dense, tok = gguf.load()
+    params, cfg = upcycle(dense, dense_cfg)
+    params = jax.tree.map(np.asarray, params)
+    del dense
+    model_note = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised), upcycled to a fresh ffn math branch"
   base = rl.default_config(steps=args.steps, prompts_per_step=args.prompts, group_size=args.group,
                            max_prompt_len=64, max_response_len=args.response_len, accum=args.accum,
                            checkpoint_every=max(args.steps // 2, 1), eval_n=args.eval_n)
   base.opt.lr = args.lr
+  if args.generators:
+    base.generators = args.generators.split(",")
   eval_task = rl.domain_task(base, tok, split="eval")
   ev = dict(n=args.eval_n, max_new_tokens=args.response_len, batch_size=32)
   t0 = time.time()
@@ -60,7 +73,7 @@ def main():
   eval_s = time.time() - t0
   print(f"before: {before} ({eval_s:.0f}s)", flush=True)
   results = {"command": "python experiments/rl_frozen_vs_unfrozen.py " + " ".join(sys.argv[1:]),
-             "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised), upcycled to a fresh ffn math branch",
+             "model": model_note,
              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                         f"{jax.device_count()} {jax.default_backend()} device(s)",
              "config": base.to_dict(), "math_before": before, "arms": {}}

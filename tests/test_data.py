@@ -161,6 +161,11 @@ def test_overlong_sft_examples_are_dropped_or_truncated_and_counted(tok):
   cut = pipeline.build({"m": convs[:1] + [_chat("hi", "hello world " * 40)]}, {"m": 1}, tok, kind="sft",
                        seq_len=64, batch_size=1, num_epochs=1, overlong="truncate", process_index=0, process_count=1)
   assert cut.stats["m"].truncated == 1 and cut.stats["m"].rows == 2
+  # A prompt longer than the context leaves nothing to learn once cut: counted once, as dropped (not also empty).
+  no_answer = pipeline.build({"m": convs}, {"m": 1}, tok, kind="sft", seq_len=64, batch_size=1, num_epochs=1,
+                             overlong="truncate", process_index=0, process_count=1)
+  s = no_answer.stats["m"]
+  assert (s.examples, s.rows, s.dropped_too_long, s.truncated, s.empty) == (2, 1, 1, 0, 0)
   with pytest.raises(BarError, match="no usable sft examples"):
     pipeline.build({"m": convs[1:]}, {"m": 1}, tok, kind="sft", seq_len=64, batch_size=1,
                    process_index=0, process_count=1)

@@ -95,6 +95,20 @@ def test_overrides_reject_unknown_keys():
   assert (c.phases.sft.steps, c.general_ratio) == (3, 0.5)
 
 
+def test_an_eval_of_another_model_is_redone_not_reused(tmp_path):
+  """E.g. eval/bar scored the merged model, and a later run with router training makes `bar` the routed one."""
+  model, edir = tmp_path / "routed", tmp_path / "eval" / "bar"
+  model.mkdir()
+  edir.mkdir(parents=True)
+  (model / "manifest.json").write_text(json.dumps({"fingerprint": "new"}))
+  (edir / "eval.json").write_text(json.dumps({"models": [{"fingerprint": "new"}]}))
+  assert pipeline._eval_is_current(str(edir), str(model))
+  (edir / "eval.json").write_text(json.dumps({"models": [{"fingerprint": "old"}]}))
+  assert not pipeline._eval_is_current(str(edir), str(model))
+  assert not (edir / "eval.json").exists()  # moved aside, kept
+  assert json.loads((edir / "eval.json.stale").read_text())["models"][0]["fingerprint"] == "old"
+
+
 def _load(path):
   import importlib.util
   spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], os.path.join(ROOT, path))

@@ -43,7 +43,7 @@ class DomainStats:
   tokens: int = 0              # loss-bearing target tokens in one epoch
   split_into_windows: int = 0  # lm: documents longer than the context, split (nothing lost)
   truncated: int = 0           # sft, overlong="truncate": conversations cut to the context
-  dropped_too_long: int = 0    # sft, overlong="drop": conversations longer than the context
+  dropped_too_long: int = 0    # sft: conversations longer than the context, dropped (or cut to no answer)
   empty: int = 0               # examples with nothing to learn from (no tokens, or no assistant tokens)
 
 
@@ -99,16 +99,17 @@ def sft_elements(conversations: Sequence[Sequence[dict]], tokenizer, seq_len: in
     stats.examples += 1
     ids, loss_mask = tokenizer.render_chat(messages)
     ids, loss_mask = np.asarray(ids, np.int32), np.asarray(loss_mask, np.float32)
-    if len(ids) - 1 > seq_len:
-      if overlong == "drop":
-        stats.dropped_too_long += 1
-        continue
-      stats.truncated += 1
+    too_long = len(ids) - 1 > seq_len
+    if too_long and overlong == "truncate":
       ids, loss_mask = ids[:seq_len + 1], loss_mask[:seq_len + 1]
     mask = loss_mask[1:]
+    if too_long and (overlong == "drop" or not mask.any()):  # cutting it left no answer: as lost as dropping it
+      stats.dropped_too_long += 1
+      continue
     if len(ids) < 2 or not mask.any():
       stats.empty += 1
       continue
+    stats.truncated += too_long
     out.append({"inputs": ids[:-1], "targets": ids[1:], "mask": mask})
     stats.tokens += int(mask.sum())
   stats.rows += len(out)

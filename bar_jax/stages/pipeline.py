@@ -158,8 +158,28 @@ def plan(config, workdir: str) -> list[Step]:
     edir = os.path.join(workdir, "eval", label)
     ec = eval_config(config, spec)
     steps.append(Step(f"eval/{label}", "eval", 0, 0, _stage_runner("evaluate", ec, edir),
-                      lambda edir=edir: os.path.isfile(os.path.join(edir, "eval.json"))))
+                      lambda edir=edir, spec=spec: _eval_is_current(edir, spec)))
   return steps
+
+
+def _eval_is_current(edir: str, model_dir: str) -> bool:
+  """An eval is reused only if it scored the artifact that is there now (e.g. not the merged model once `bar` is
+  the routed one); a stale eval.json is moved aside, not deleted, and the model is evaluated again."""
+  path = os.path.join(edir, "eval.json")
+  if not os.path.isfile(path):
+    return False
+  try:
+    with open(path) as f:
+      scored = {m.get("fingerprint") for m in json.load(f).get("models", [])}
+  except (OSError, ValueError):
+    scored = set()
+  current = _manifest(model_dir).get("fingerprint")
+  if current in scored:
+    return True
+  stale = f"{path}.stale"
+  os.replace(path, stale)
+  print(f"[pipeline] {path} scored another model than {model_dir}'s current artifact; moved it to {stale}")
+  return False
 
 
 def _check_branch(bdir: str, bc) -> None:
@@ -323,6 +343,8 @@ def run(config, workdir: str) -> str:
     if step.done():
       step.check()
       print(f"[pipeline {i}/{len(steps)}] {step.name}: done, skipped", flush=True)
+      if step.kind != "eval":  # a resumed run estimates from the rates its finished steps measured
+        clock.observe(step, 0.0, workdir)
       continue
     left = sum(clock.estimate(s) for s in steps[i - 1:] if not s.done())
     what = f"{step.train_steps} train steps" if step.train_steps else step.kind
