@@ -85,14 +85,21 @@ def write_built(out: str, params, cfg, kind: str, parents: list[dict], stage: st
 
 
 def eval_model(pcfg, spec: str, out: str) -> dict:
-  if not os.path.isfile(os.path.join(out, evaluate.EVAL_JSON)):
+  if not pipeline._eval_is_current(out, spec):
     print(f"[baselines] evaluating {spec}", flush=True)
     evaluate.run(pipeline.eval_config(pcfg, spec), out)
   with open(os.path.join(out, evaluate.EVAL_JSON)) as f:
     return json.load(f)["models"][0]
 
 
-def run(variant: str, workdir: str, pipeline_workdir: str, results_dir: str, command: str) -> str:
+BASELINES = ("monolithic", "sequential", "dense_merge", "btx")
+
+
+def run(variant: str, workdir: str, pipeline_workdir: str, results_dir: str, command: str,
+        only: Sequence[str] = BASELINES) -> str:
+  unknown = sorted(set(only) - set(BASELINES))
+  if unknown:
+    raise SystemExit(f"--only: unknown baselines {unknown}; choose from {', '.join(BASELINES)}")
   pcfg = pipeline.stage_config("bar_smollm2", None if variant == "default" else variant)
   pipeline.run(pcfg, pipeline_workdir)  # every finished step is skipped
   base_dir = os.path.join(pipeline_workdir, "base")
@@ -102,23 +109,33 @@ def run(variant: str, workdir: str, pipeline_workdir: str, results_dir: str, com
       with open(os.path.join(pipeline_workdir, step.name, evaluate.EVAL_JSON)) as f:
         rows.append(dict(json.load(f)["models"][0], name=step.name.split("/", 1)[1]))
 
+  models = []
+  if "monolithic" in only:
+    models.append(("monolithic", train(baseline_config("monolithic", variant), base_dir,
+                                       os.path.join(workdir, "monolithic"))))
+  if not set(only) & {"sequential", "dense_merge", "btx"}:  # none of the rest needs the dense fine-tunes
+    return _finish(rows, models, pcfg, workdir, variant, results_dir, command)
   dense = {d: train(baseline_config("dense_domain", f"{variant},{d}"), base_dir,
                     os.path.join(workdir, f"dense_{d}")) for d in DOMAINS}
-  mono = train(baseline_config("monolithic", variant), base_dir, os.path.join(workdir, "monolithic"))
   seq_cfg = baseline_config("sequential", variant)
   seq_dirs, prev = [], base_dir
-  for i, d in enumerate(seq_cfg.order):
+  for i, d in enumerate(seq_cfg.order if "sequential" in only else []):
     out = dense[d] if i == 0 else os.path.join(workdir, f"sequential_{i + 1}_{d}")  # step 1 = the dense fine-tune
     prev = train(seq_cfg.steps[d], prev, out)
     seq_dirs.append((d, prev))
 
   base = common.load_model(base_dir)
   fine = [common.load_model(dense[d]) for d in DOMAINS]
+  models += [(f"sequential_{i + 1}_{d}", p) for i, (d, p) in enumerate(seq_dirs)]
   merged_dir = os.path.join(workdir, "dense_merge")
-  if not common.done(merged_dir):
+  if "dense_merge" in only and not common.done(merged_dir):
     write_built(merged_dir, average_dense([m.params for m in fine]), fine[0].cfg, "dense",
                 [{"dir": dense[d], "role": "parent"} for d in DOMAINS], "dense_average",
                 base_fingerprint=base.manifest["fingerprint"], domain="merged")
+  if "dense_merge" in only:
+    models.append(("dense_merge", merged_dir))
+  if "btx" not in only:
+    return _finish(rows, models, pcfg, workdir, variant, results_dir, command)
   btx_dir = os.path.join(workdir, "btx_merged")
   if not common.done(btx_dir):
     params, cfg = btx_moe(base.params, [m.params for m in fine], base.cfg)
@@ -131,8 +148,11 @@ def run(variant: str, workdir: str, pipeline_workdir: str, results_dir: str, com
     if not common.done(btx_final):
       importlib.import_module("bar_jax.stages.router").run(pipeline.router_config(pcfg, btx_dir), btx_final)
 
-  models = [("monolithic", mono)] + [(f"sequential_{i + 1}_{d}", p) for i, (d, p) in enumerate(seq_dirs)] + \
-      [("dense_merge", merged_dir), ("btx", btx_final)]
+  models.append(("btx", btx_final))
+  return _finish(rows, models, pcfg, workdir, variant, results_dir, command)
+
+
+def _finish(rows, models, pcfg, workdir, variant, results_dir, command) -> str:
   for label, spec in models:
     rows.append(dict(eval_model(pcfg, spec, os.path.join(workdir, "eval", label)), name=label))
   return write_results(rows, variant, results_dir, command)
@@ -193,12 +213,13 @@ def main(argv=None):
   ap.add_argument("--workdir", default=None, help="baselines' artifacts (default runs/baselines_<variant>)")
   ap.add_argument("--pipeline_workdir", default=None, help="the BAR run (default runs/bar_smollm2[_<variant>])")
   ap.add_argument("--results", default=os.path.join("experiments", "results"))
+  ap.add_argument("--only", default=",".join(BASELINES), help="a subset of " + ",".join(BASELINES))
   a = ap.parse_args(argv)
   suffix = "" if a.variant == "default" else f"_{a.variant}"
   workdir = a.workdir or os.path.join("runs", f"baselines{suffix}")
   pipe = a.pipeline_workdir or os.path.join("runs", f"bar_smollm2{suffix}")
   command = " ".join(["python experiments/run_baselines.py"] + (sys.argv[1:] if argv is None else list(argv)))
-  run(a.variant, workdir, pipe, a.results, command)
+  run(a.variant, workdir, pipe, a.results, command, [b.strip() for b in a.only.split(",") if b.strip()])
 
 
 if __name__ == "__main__":
