@@ -104,9 +104,12 @@ def test_an_eval_of_another_model_is_redone_not_reused(tmp_path):
   (edir / "eval.json").write_text(json.dumps({"models": [{"fingerprint": "new"}]}))
   assert pipeline._eval_is_current(str(edir), str(model))
   (edir / "eval.json").write_text(json.dumps({"models": [{"fingerprint": "old"}]}))
+  (edir / "eval.md").write_text("old table")
   assert not pipeline._eval_is_current(str(edir), str(model))
-  assert not (edir / "eval.json").exists()  # moved aside, kept
-  assert json.loads((edir / "eval.json.stale").read_text())["models"][0]["fingerprint"] == "old"
+  assert not edir.exists()  # moved aside whole (the evaluate stage refuses to write over eval.md), kept
+  stale = tmp_path / "eval" / "bar.stale"
+  assert json.loads((stale / "eval.json").read_text())["models"][0]["fingerprint"] == "old"
+  assert (stale / "eval.md").read_text() == "old table"
 
 
 def _load(path):

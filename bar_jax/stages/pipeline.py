@@ -164,7 +164,7 @@ def plan(config, workdir: str) -> list[Step]:
 
 def _eval_is_current(edir: str, model_dir: str) -> bool:
   """An eval is reused only if it scored the artifact that is there now (e.g. not the merged model once `bar` is
-  the routed one); a stale eval.json is moved aside, not deleted, and the model is evaluated again."""
+  the routed one); a stale eval folder is moved aside (EDIR.stale), not deleted, and the model is evaluated again."""
   path = os.path.join(edir, "eval.json")
   if not os.path.isfile(path):
     return False
@@ -176,9 +176,12 @@ def _eval_is_current(edir: str, model_dir: str) -> bool:
   current = _manifest(model_dir).get("fingerprint")
   if current in scored:
     return True
-  stale = f"{path}.stale"
-  os.replace(path, stale)
-  print(f"[pipeline] {path} scored another model than {model_dir}'s current artifact; moved it to {stale}")
+  stale, n = f"{edir.rstrip(os.sep)}.stale", 1
+  while os.path.exists(stale):
+    n += 1
+    stale = f"{edir.rstrip(os.sep)}.stale{n}"
+  os.replace(edir, stale)  # the whole folder: the evaluate stage writes into a fresh one
+  print(f"[pipeline] {path} scored another model than {model_dir}'s current artifact; moved {edir} to {stale}")
   return False
 
 
