@@ -89,7 +89,9 @@ def train_router(model: common.Model, cfg, params, rc: ml_collections.ConfigDict
   params, record = common.train_phase(name=name, model=model, cfg=cfg, params=params, phase=phase, workdir=workdir,
                                       mesh=mesh, seed=seed, trainable=list(freeze.SCHEDULE["router"]),
                                       frozen_experts=list(frozen_experts), batches=batches)
-  record.update(sample_rows=rows, epochs=float(rc.epochs))
+  # max_steps may cut the configured epochs short: record the passes actually made over the sample.
+  record.update(sample_rows=rows, epochs_configured=float(rc.epochs),
+                epochs=round(phase.steps * rc.batch_size / max(rows, 1), 4))
   return common.to_host(params), record
 
 
