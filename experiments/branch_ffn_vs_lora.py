@@ -23,14 +23,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _eval(pipeline, config, model_dir: str, edir: str) -> dict:
-  from bar_jax.stages import evaluate
-  if not pipeline._eval_is_current(edir, model_dir):
-    evaluate.run(pipeline.eval_config(config, model_dir), edir)
-  with open(os.path.join(edir, evaluate.EVAL_JSON)) as f:
-    return json.load(f)["models"][0]
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--workdir", default="runs/bar_smollm2", help="a finished bar_smollm2 pipeline run")
@@ -49,7 +41,7 @@ def main(argv=None):
     raise BarError("this run's branches are lora already; pass a run made with ffn experts")
   base = os.path.join(args.workdir, "base")
   rows = []
-  base_eval = _eval(pipeline, config, base, os.path.join(args.workdir, "eval", "base"))
+  base_eval = pipeline.evaluate_once(config, base, os.path.join(args.workdir, "eval", "base"))
   for domain in [d.strip() for d in args.domains.split(",") if d.strip()]:
     for kind in ("ffn", "lora"):
       bdir = os.path.join(args.workdir, f"branch_{domain}" + ("_lora" if kind == "lora" else ""))
@@ -60,7 +52,7 @@ def main(argv=None):
       if not artifact.is_complete(bdir):
         raise BarError(f"{bdir} is not a finished branch: run the pipeline first "
                        f"(python -m bar_jax.train --config={args.config} --workdir={args.workdir})")
-      ev = _eval(pipeline, config, bdir, os.path.join(args.workdir, "eval", os.path.basename(bdir)))
+      ev = pipeline.evaluate_once(config, bdir, os.path.join(args.workdir, "eval", os.path.basename(bdir)))
       sft = artifact.read_manifest(bdir)["stages"][-1]
       rows.append(dict(domain=domain, kind=kind, base=base_eval["domains"][domain]["score"],
                        after=ev["domains"][domain]["score"], nll_base=base_eval["domains"]["general"]["value"],

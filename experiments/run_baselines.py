@@ -84,14 +84,6 @@ def write_built(out: str, params, cfg, kind: str, parents: list[dict], stage: st
   return common.write_artifact(out, like, params, cfg, kind, [record], manifests, **fields)
 
 
-def eval_model(pcfg, spec: str, out: str) -> dict:
-  if not pipeline._eval_is_current(out, spec):
-    print(f"[baselines] evaluating {spec}", flush=True)
-    evaluate.run(pipeline.eval_config(pcfg, spec), out)
-  with open(os.path.join(out, evaluate.EVAL_JSON)) as f:
-    return json.load(f)["models"][0]
-
-
 BASELINES = ("monolithic", "sequential", "dense_merge", "btx")
 
 
@@ -154,7 +146,7 @@ def run(variant: str, workdir: str, pipeline_workdir: str, results_dir: str, com
 
 def _finish(rows, models, pcfg, workdir, variant, results_dir, command) -> str:
   for label, spec in models:
-    rows.append(dict(eval_model(pcfg, spec, os.path.join(workdir, "eval", label)), name=label))
+    rows.append(dict(pipeline.evaluate_once(pcfg, spec, os.path.join(workdir, "eval", label)), name=label))
   return write_results(rows, variant, results_dir, command)
 
 

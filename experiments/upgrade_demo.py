@@ -27,13 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _eval_row(pipeline, config, model_dir: str, edir: str, label: str) -> dict:
-  from bar_jax.stages import evaluate
-  if not pipeline._eval_is_current(edir, model_dir):
-    evaluate.run(pipeline.eval_config(config, model_dir), edir)
-  with open(os.path.join(edir, evaluate.EVAL_JSON)) as f:
-    (row,) = json.load(f)["models"]
-  row["name"] = label
-  return row
+  return dict(pipeline.evaluate_once(config, model_dir, edir), name=label)
 
 
 def _noise(result: dict) -> float | None:

@@ -162,6 +162,17 @@ def plan(config, workdir: str) -> list[Step]:
   return steps
 
 
+def evaluate_once(config, model_dir: str, edir: str) -> dict:
+  """eval.json's row for model_dir with this run's eval settings (config.eval); evaluates only when EDIR holds no
+  current one. For experiments that add rows to a pipeline run's table (baselines, upgrades, ablations)."""
+  from bar_jax.stages import evaluate
+  if not _eval_is_current(edir, model_dir):
+    evaluate.run(eval_config(config, model_dir), edir)
+  with open(os.path.join(edir, evaluate.EVAL_JSON)) as f:
+    (row,) = json.load(f)["models"]
+  return row
+
+
 def _eval_is_current(edir: str, model_dir: str) -> bool:
   """An eval is reused only if it scored the artifact that is there now (e.g. not the merged model once `bar` is
   the routed one); a stale eval folder is moved aside (EDIR.stale), not deleted, and the model is evaluated again."""

@@ -1,0 +1,50 @@
+"""Routing diagnostics of any MoE artifact: per domain and layer, the share of tokens each expert gets.
+
+  python experiments/routing_report.py --model=runs/bar_smollm2/merged --out=runs/bar_smollm2/routing_merged
+
+The router stage writes the same report for the model it trains (WORKDIR/routed/routing.json/.png); this script
+makes it for any other MoE, e.g. the merged model before router training, for a before/after comparison. It uses
+configs/router.py's `routing` settings (held-out conversations per domain, packed edge to edge). Writes
+OUT/routing.json and OUT/routing.png and prints the layer-mean table (top-1 share, %).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--model", required=True, help="an moe artifact directory")
+  ap.add_argument("--out", required=True, help="folder for routing.json and routing.png")
+  ap.add_argument("--domains", default="math,code,tool_use,safety,general")
+  ap.add_argument("--seq_len", type=int, default=128)
+  ap.add_argument("--max_rows", type=int, default=2)
+  ap.add_argument("--batch_size", type=int, default=2)
+  args = ap.parse_args(argv)
+
+  from bar_jax.errors import BarError
+  from bar_jax.evals import routing as routing_lib
+  from bar_jax.stages import common
+  model = common.load_model(args.model)
+  if model.cfg.ffn != "moe":
+    raise BarError(f"{args.model} is a {model.cfg.ffn} model: routing diagnostics need an moe artifact")
+  names = model.manifest.get("experts") or [f"expert_{i}" for i in range(model.cfg.n_experts)]
+  domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+  rows = routing_lib.domain_rows(model.tokenizer, domains, seq_len=args.seq_len, max_rows=args.max_rows)
+  report = routing_lib.routing_stats(model.params, model.cfg, rows, batch_size=args.batch_size, names=names)
+  routing_lib.write(report, args.out)
+  print(routing_lib.format_table(report))
+
+
+if __name__ == "__main__":
+  try:
+    main()
+  except Exception as e:  # one line for bad input, like bar_jax.train
+    from bar_jax.errors import BarError
+    if isinstance(e, BarError):
+      raise SystemExit(f"error: {e}")
+    raise
