@@ -24,6 +24,7 @@ def main(argv=None):
   ap.add_argument("--seq_len", type=int, default=128)
   ap.add_argument("--max_rows", type=int, default=2)
   ap.add_argument("--batch_size", type=int, default=2)
+  ap.add_argument("--title", default="", help="the heatmap's title prefix (e.g. 'merged, before router training')")
   args = ap.parse_args(argv)
 
   from bar_jax.errors import BarError
@@ -36,6 +37,8 @@ def main(argv=None):
   domains = [d.strip() for d in args.domains.split(",") if d.strip()]
   rows = routing_lib.domain_rows(model.tokenizer, domains, seq_len=args.seq_len, max_rows=args.max_rows)
   report = routing_lib.routing_stats(model.params, model.cfg, rows, batch_size=args.batch_size, names=names)
+  if args.title:
+    report["title"] = args.title
   routing_lib.write(report, args.out)
   print(routing_lib.format_table(report))
 

@@ -125,11 +125,14 @@ def write(report: Mapping[str, Any], directory: str, stat: str = "top1_share") -
   n = len(domains) + 1
   fig, axes = plt.subplots(1, n, figsize=(2.2 + 0.5 * len(experts) * n, 0.2 * report["n_layers"] + 2.5),
                            squeeze=False)
-  for ax, d in zip(axes[0], domains):
+  for i, (ax, d) in enumerate(zip(axes[0], domains)):
     im = ax.imshow(np.asarray(report["domains"][d][stat]), vmin=0, vmax=1, aspect="auto", cmap="viridis")
     ax.set_title(d, fontsize=9)
     ax.set_xticks(range(len(experts)), experts, rotation=60, fontsize=7)
-    ax.set_ylabel("layer", fontsize=8)
+    if i == 0:  # panels share the layer axis; labels on the others would overlap their left neighbours
+      ax.set_ylabel("layer", fontsize=8)
+    else:
+      ax.set_yticklabels([])
   table = np.asarray([summary(report, stat)[d] for d in domains])
   ax = axes[0][-1]
   ax.imshow(table, vmin=0, vmax=1, aspect="auto", cmap="viridis")
@@ -138,8 +141,10 @@ def write(report: Mapping[str, Any], directory: str, stat: str = "top1_share") -
   ax.set_title("layer mean", fontsize=9)
   ax.set_xticks(range(len(experts)), experts, rotation=60, fontsize=7)
   ax.set_yticks(range(len(domains)), domains, fontsize=7)
-  fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=stat)
-  fig.suptitle(f"token share per expert ({stat}; model top_k={report['top_k']})", fontsize=10)
+  ax.yaxis.tick_right()  # on the left they would overlap the last domain's panel
+  fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=stat, pad=0.06)
+  title = f"token share per expert ({stat}; model top_k={report['top_k']})"
+  fig.suptitle(f"{report['title']}: {title}" if report.get("title") else title, fontsize=10)
   fig.savefig(ppath + ".tmp.png", dpi=110, bbox_inches="tight")
   plt.close(fig)
   os.replace(ppath + ".tmp.png", ppath)
