@@ -5,9 +5,10 @@
   python -m bar_jax.train --config=configs/bar_smollm2.py:tiny --workdir=/tmp/bar_tiny        # tests: random model
 
 Expected: WORKDIR/{base, branch_math, branch_code, branch_tool_use, branch_safety, merged, routed} artifacts, one
-WORKDIR/eval/<model>/eval.json per model, and WORKDIR/results.md: rows base, branch_<domain> x 4, bar; columns
-math, code, tool_use, safety, general, overall. In the default run each branch beats the base in its own domain and
-`bar` keeps most of each branch's gain in every domain at once. Kill it at any point and run the same command again:
+WORKDIR/eval/<model>/eval.json per model, and WORKDIR/results.md: rows base, branch_<domain> x 4,
+bar_merged_unrouted (default only), bar; columns math, code, tool_use, safety, general, overall. Measured here
+(experiments/results/bar_smollm2.md): base 13.2 overall, best branch 22.9, merged 27.5, bar (router trained) 31.3;
+tool use 0 -> 43.8, code NLL 2.04 -> 1.86, safety 43.8 -> 87.5, general NLL within 0.3%; math does not move. Kill it at any point and run the same command again:
 finished steps are skipped and the running one resumes from its checkpoint. `:quick` only demonstrates the plumbing
 (a few steps, a few eval items): its table shows no reliable gains.
 Knobs: --config.domains (which branches), --config.branch.arg=lora (adapter experts), --config.merge.rule=base,
