@@ -38,7 +38,8 @@ def _args():
   ap.add_argument("--remat", default="none", help="none | full | dots")
   ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
   ap.add_argument("--shapes", default="8x256,16x512,32x512", help="smollm2 global batch x seq shapes")
-  ap.add_argument("--big_shape", default="4x256", help="batch x seq of the ~1B dense vs branch step")
+  ap.add_argument("--big_shape", default="8x256", help="batch x seq of the ~1B dense vs branch step (batch: a "
+                  "multiple of the devices)")
   ap.add_argument("--big_layers", type=int, default=16, help="layers of the ~1B shape (fewer fit a small host's RAM)")
   ap.add_argument("--moe_shape", default="16x256", help="batch x seq of the MoE vs dense step")
   ap.add_argument("--decode_batches", default="1,8")
@@ -255,6 +256,9 @@ def section_branch(args, peak):
   cfg = OLMO_1B.replace(dtype=args.dtype, attention=args.attention, remat=args.remat, n_layers=args.big_layers)
   b, t = _shape(args.big_shape)
   mesh = _mesh_for(len(jax.devices()))
+  if b % len(jax.devices()):  # the batch is split over every device (fsdp); say so instead of an IndivisibleError
+    raise SystemExit(f"--big_shape={args.big_shape}: the batch {b} must be a multiple of the {len(jax.devices())} "
+                     f"devices; pass e.g. --big_shape={len(jax.devices())}x{t} or --devices=1")
   say(f"## Dense vs branch train step at a ~1B shape (d={cfg.d_model}, L={cfg.n_layers}, F={cfg.d_ff}, "
       f"V={cfg.vocab_size}), batch {b} x {t}\n")
   say("| model | stage | params (B) | step s | tokens/s | model GFLOP/s | MFU | MFU vs matmul at the time |")
