@@ -1,16 +1,18 @@
 """The whole BAR pipeline on SmolLM2-135M-Instruct: base -> 4 branches -> merge -> router -> evaluation table.
 
   python -m bar_jax.train --config=configs/bar_smollm2.py --workdir=runs/bar_smollm2   # ~1 h on a 2-core CPU
-  python -m bar_jax.train --config=configs/bar_smollm2.py:quick --workdir=runs/bar_quick  # a short demo
+  python -m bar_jax.train --config=configs/bar_smollm2.py:quick --workdir=runs/bar_quick  # plumbing demo, < 5 min
   python -m bar_jax.train --config=configs/bar_smollm2.py:tiny --workdir=/tmp/bar_tiny        # tests: random model
 
 Expected: WORKDIR/{base, branch_math, branch_code, branch_tool_use, branch_safety, merged, routed} artifacts, one
 WORKDIR/eval/<model>/eval.json per model, and WORKDIR/results.md: rows base, branch_<domain> x 4,
 bar_merged_unrouted (default only), bar; columns math, code, tool_use, safety, general, overall. Measured here
 (experiments/results/bar_smollm2.md): base 13.2 overall, best branch 22.9, merged 27.5, bar (router trained) 31.3;
-tool use 0 -> 43.8, code NLL 2.04 -> 1.86, safety 43.8 -> 87.5, general NLL within 0.3%; math does not move. Kill it at any point and run the same command again:
-finished steps are skipped and the running one resumes from its checkpoint. `:quick` only demonstrates the plumbing
-(a few steps, a few eval items): its table shows no reliable gains.
+tool use 0 -> 43.8, code NLL 2.04 -> 1.86, safety 43.8 -> 87.5, general NLL within 0.3%; math does not move.
+Kill it at any point and run the same command again: finished steps are skipped and the running one resumes from
+its checkpoint. `:quick` only demonstrates the plumbing
+(2 steps of 2 x 256 tokens per branch, 2 eval items per domain, rows base and bar; ~5 min from a fresh workdir on 2
+cores): its table shows no reliable gains.
 Knobs: --config.domains (which branches), --config.branch.arg=lora (adapter experts), --config.merge.rule=base,
 --config.merge.compute.top_k=2, --config.router.enabled=False (skip router training).
 """
@@ -51,6 +53,7 @@ def get_config(arg=None):
       "router": dict(fraction=0.05, max_steps=8, batch_size=8, accum=2, seq_len=256, checkpoint_every=4,
                      log_every=1, opt=dict(lr=1e-3)),
       "routing": dict(seq_len=128, max_rows=2, batch_size=2)})})
+  c.eval_branches = variant != "quick"  # the branch_<domain> rows
   c.eval_merged_before_router = variant == "default"  # adds the row bar_merged_unrouted: the table before/after router training
   # Evaluation: configs/evaluate.py overrides.
   c.eval = ml_collections.ConfigDict(dict(domains="all", n_per_domain=16, max_new_tokens=40, batch_size=16,
@@ -61,11 +64,14 @@ def get_config(arg=None):
   c.compilation_cache = ""           # "" = WORKDIR/jax_cache; runs of the same shapes can share one
   c.after_step_hook = ""             # tests: a step name after which the pipeline raises (a simulated crash)
 
-  if variant == "quick":
-    c.branch.phases.sft.update(dict(steps=2, checkpoint_every=2))
-    c.eval.update(dict(n_per_domain=4, max_new_tokens=16, batch_size=8, nll_seq_len=256))
-    c.router.overrides.router.update(dict(max_steps=2, checkpoint_every=2))
-    c.estimate.eval_seconds_per_model = 30.0
+  if variant == "quick":  # < 5 min on 2 cores: 2 steps of 2 x 256 tokens per branch and the router; base and bar rows
+    c.branch.phases.sft.update(dict(steps=2, batch_size=2, accum=1, checkpoint_every=2))
+    c.eval.update(dict(n_per_domain=2, max_new_tokens=8, batch_size=2, nll_seq_len=256))
+    c.router.overrides.router.update(dict(max_steps=2, batch_size=2, accum=1, checkpoint_every=2))
+    c.router.overrides.routing.update(dict(max_rows=1, batch_size=1))
+    c.branch.overrides.compute.remat = "none"  # 2 x 256 tokens fit without it
+    c.router.overrides.compute.remat = "none"
+    c.estimate.eval_seconds_per_model = 20.0
   if variant == "tiny":
     c.base = "tiny"
     c.branch.arg = "tiny"
