@@ -30,7 +30,7 @@ import ml_collections  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bar_jax import optim, sharding  # noqa: E402
+from bar_jax import optim, pytree, sharding  # noqa: E402
 from bar_jax.model import transformer  # noqa: E402
 from bar_jax.model.config import ModelConfig  # noqa: E402
 from bar_jax.stages import loop  # noqa: E402
@@ -85,7 +85,7 @@ def run_case(case: Case) -> dict:
   shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), transformer.param_shapes(cfg),
                         is_leaf=lambda x: isinstance(x, tuple))
   part = freeze.make_partition(shapes, cfg, freeze.SCHEDULE[case.stage])
-  full = freeze.flatten(sharding.param_shardings(cfg, mesh, shapes))
+  full = pytree.flatten(sharding.param_shardings(cfg, mesh, shapes))
   t_shapes, f_shapes = jax.eval_shape(lambda p: freeze.split(p, part), shapes)
   trainable = _abstract(t_shapes, {k: loop.slice_sharding(full[k], v) for k, v in t_shapes.items()})
   frozen = _abstract(f_shapes, {k: loop.slice_sharding(full[k], v) for k, v in f_shapes.items()})

@@ -59,7 +59,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bar_jax import optim, sharding  # noqa: E402
+from bar_jax import optim, pytree, sharding  # noqa: E402
 from bar_jax.model import generate, transformer  # noqa: E402
 from bar_jax.model.config import ModelConfig  # noqa: E402
 from bar_jax.stages import loop  # noqa: E402
@@ -163,7 +163,7 @@ def bench_step(cfg: ModelConfig, batch: int, seq: int, *, mesh, stage: str = "de
   part = freeze.make_partition(params, cfg, freeze.SCHEDULE[stage])
   pshard = sharding.param_shardings(cfg, mesh, params)
   params = jax.device_put(params, pshard)
-  flat = freeze.flatten(pshard)
+  flat = pytree.flatten(pshard)
   trainable, frozen = freeze.split(params, part)
   trainable = {k: jax.device_put(v, loop.slice_sharding(flat[k], v)) for k, v in trainable.items()}
   frozen = {k: jax.device_put(v, loop.slice_sharding(flat[k], v)) for k, v in frozen.items()}

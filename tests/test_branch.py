@@ -9,6 +9,7 @@ from bar_jax import sharding, train
 from bar_jax.errors import BarError
 from bar_jax.model import config as config_lib, transformer
 from bar_jax.stages import loop
+from bar_jax import pytree
 from bar_jax.transforms import freeze, upcycle
 from tests.test_train import SyntheticBatches, opt
 
@@ -37,14 +38,14 @@ def test_each_phase_trains_only_its_set_and_loss_falls(dense, kind, tmp_path):
   params, cfg = upcycle.upcycle(base, base_cfg, expert_kind=kind, lora_rank=4, lora_alpha=8.0,
                                 key=jax.random.key(1))
   mesh = sharding.make_mesh({"data": 2, "expert": 2, "tensor": 2})
-  before = freeze.flatten(params)
+  before = pytree.flatten(params)
   for phase in ("midtrain", "sft", "rl"):
     part = freeze.make_partition(params, cfg, freeze.SCHEDULE[phase], frozen_experts=(0,))
     it = SyntheticBatches(vocab=cfg.vocab_size)
     result = loop.train(params=params, cfg=cfg, part=part, loss_fn=loop.lm_loss(cfg, mesh, z_loss=1e-3),
                         batches=it, opt=opt(3e-2), steps=8, workdir=str(tmp_path / f"{kind}_{phase}"), mesh=mesh,
                         identity={"phase": phase}, checkpoint_every=100, log_every=1)
-    after = freeze.flatten(result.params)
+    after = pytree.flatten(result.params)
     rules = part.as_dict()
     for path, rule in rules.items():
       if rule is None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bar_jax.errors import BarError
+from bar_jax import pytree
 from bar_jax.io import artifact
 from bar_jax.model import moe, transformer
 from bar_jax.model.config import tiny
@@ -110,7 +111,7 @@ def test_streams_one_leaf_at_a_time(base):
 
   class Lazy(dict):
     def __init__(self, tree, name):
-      super().__init__(artifact.flatten(tree))
+      super().__init__(pytree.flatten(tree))
       self.name = name
 
     def __getitem__(self, path):
@@ -120,7 +121,7 @@ def test_streams_one_leaf_at_a_time(base):
   (b1, c1), (b2, c2) = trained_branch(base, "ffn", 1), trained_branch(base, "ffn", 2)
   merged, _ = merge_lib.merge(None, [Lazy(b1, 1), Lazy(b2, 2)], [c1, c2])
   paths = [p for p, _ in reads]
-  assert sorted(set(paths)) == sorted(artifact.flatten(b1)) and len(reads) == 2 * len(set(paths))
+  assert sorted(set(paths)) == sorted(pytree.flatten(b1)) and len(reads) == 2 * len(set(paths))
   for j in range(0, len(reads), 2):  # each path read once per branch, then never again
     assert reads[j][0] == reads[j + 1][0] and {reads[j][1], reads[j + 1][1]} == {1, 2}
   want = (np.asarray(b1["layers"]["attn"]["q"]["kernel"], np.float64) + b2["layers"]["attn"]["q"]["kernel"]) / 2
@@ -181,8 +182,8 @@ def test_stage_writes_moe_artifact_with_lineage(branch_dirs, tmp_path):
   assert [p["name"] for p in m["parents"]][:2] == ["math", "code"]
   branches = [artifact.read(branch_dirs[n]) for n in ("math", "code")]
   want, _ = merge_lib.merge(None, [b.params for b in branches], [b.cfg for b in branches])
-  for path, x in artifact.flatten(want).items():
-    np.testing.assert_array_equal(np.asarray(artifact.flatten(art.params)[path]), x)
+  for path, x in pytree.flatten(want).items():
+    np.testing.assert_array_equal(np.asarray(pytree.flatten(art.params)[path]), x)
 
 
 @pytest.mark.parametrize("names,match", [

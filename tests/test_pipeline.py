@@ -106,6 +106,7 @@ def test_an_eval_of_another_model_is_redone_not_reused(tmp_path):
   (edir / "eval.json").write_text(json.dumps({"models": [{"fingerprint": "old"}]}))
   (edir / "eval.md").write_text("old table")
   assert not pipeline._eval_is_current(str(edir), str(model))
+  pipeline._set_aside(str(edir))  # what the eval step does before evaluating again
   assert not edir.exists()  # moved aside whole (the evaluate stage refuses to write over eval.md), kept
   stale = tmp_path / "eval" / "bar.stale"
   assert json.loads((stale / "eval.json").read_text())["models"][0]["fingerprint"] == "old"

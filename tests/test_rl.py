@@ -12,6 +12,7 @@ from bar_jax.evals import verifiers
 from bar_jax.model import transformer
 from bar_jax.model.config import tiny
 from bar_jax.stages import rl
+from bar_jax import pytree
 from bar_jax.transforms import freeze, grpo
 from bar_jax.transforms.upcycle import upcycle
 
@@ -120,7 +121,7 @@ def test_frozen_shared_params_stay_bit_identical(branch, byte_tokenizer, tmp_pat
   out, record = rl.run_rl(params, cfg, byte_tokenizer, c, str(tmp_path / "frozen"),
                           task=_task(byte_tokenizer, first_char_early))
   assert 0 < record["reward_curve"][0] < 1
-  flat_in, flat_out = freeze.flatten(params), freeze.flatten(jax.tree.map(np.asarray, out))
+  flat_in, flat_out = pytree.flatten(params), pytree.flatten(jax.tree.map(np.asarray, out))
   for path, x in flat_in.items():
     if "/moe/" not in path:
       np.testing.assert_array_equal(flat_out[path], x, err_msg=path)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bar_jax.errors import BarError
+from bar_jax import pytree
 from bar_jax.io import artifact
 from bar_jax.stages import upgrade as upgrade_stage
 from bar_jax.transforms import merge as merge_lib
@@ -23,7 +24,7 @@ def dirs(tmp_path_factory):
 
 def read(d):
   a = artifact.read(d)
-  return a, artifact.flatten(a.params)
+  return a, pytree.flatten(a.params)
 
 
 def config(dirs, branch, **kw):

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 
 from bar_jax.data.tokenizer import Tokenizer
 from bar_jax.errors import BarError
-from bar_jax.pytree import flatten, unflatten  # noqa: F401  (re-exported: artifact.flatten)
+from bar_jax.pytree import flatten, unflatten
 from bar_jax.model.config import ModelConfig
 
 MANIFEST = "manifest.json"
@@ -38,8 +38,6 @@ BAR_JAX_VERSION = "0.1.0"
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fingerprints.
-
-
 
 def leaf_fingerprint(path: str, x) -> str:
   a = np.ascontiguousarray(np.asarray(x))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bar_jax import optim, sharding
+from bar_jax import optim, pytree, sharding
 from bar_jax.io.checkpoint import Checkpointer, check_run_identity
 from bar_jax.model import transformer
 from bar_jax.model.config import ModelConfig
@@ -181,7 +181,7 @@ def init_state(params: dict, cfg: ModelConfig, part: freeze.Partition, tx: optax
   Trainable leaves are copied: the step donates them, and the caller's arrays must stay alive.
   """
   full = sharding.param_shardings(cfg, mesh, params)
-  flat_shardings = freeze.flatten(full)
+  flat_shardings = pytree.flatten(full)
   trainable, frozen = freeze.split(jax.tree.map(jax.device_put, params, full), part)
   trainable = {k: jnp.copy(jax.device_put(v, slice_sharding(flat_shardings[k], v))) for k, v in trainable.items()}
   frozen = {k: jax.device_put(v, slice_sharding(flat_shardings[k], v)) for k, v in frozen.items()}

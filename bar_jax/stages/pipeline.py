@@ -157,7 +157,7 @@ def plan(config, workdir: str) -> list[Step]:
   for label, spec in models:
     edir = os.path.join(workdir, "eval", label)
     ec = eval_config(config, spec)
-    steps.append(Step(f"eval/{label}", "eval", 0, 0, _stage_runner("evaluate", ec, edir),
+    steps.append(Step(f"eval/{label}", "eval", 0, 0, lambda ec=ec, edir=edir: _evaluate_fresh(ec, edir),
                       lambda edir=edir, spec=spec: _eval_is_current(edir, spec)))
   return steps
 
@@ -167,7 +167,7 @@ def evaluate_once(config, model_dir: str, edir: str) -> dict:
   current one. For experiments that add rows to a pipeline run's table (baselines, upgrades, ablations)."""
   from bar_jax.stages import evaluate
   if not _eval_is_current(edir, model_dir):
-    evaluate.run(eval_config(config, model_dir), edir)
+    _evaluate_fresh(eval_config(config, model_dir), edir)
   with open(os.path.join(edir, evaluate.EVAL_JSON)) as f:
     (row,) = json.load(f)["models"]
   return row
@@ -175,25 +175,31 @@ def evaluate_once(config, model_dir: str, edir: str) -> dict:
 
 def _eval_is_current(edir: str, model_dir: str) -> bool:
   """An eval is reused only if it scored the artifact that is there now (e.g. not the merged model once `bar` is
-  the routed one); a stale eval folder is moved aside (EDIR.stale), not deleted, and the model is evaluated again."""
-  path = os.path.join(edir, "eval.json")
-  if not os.path.isfile(path):
-    return False
+  the routed one)."""
   try:
-    with open(path) as f:
+    with open(os.path.join(edir, "eval.json")) as f:
       scored = {m.get("fingerprint") for m in json.load(f).get("models", [])}
   except (OSError, ValueError):
-    scored = set()
-  current = _manifest(model_dir).get("fingerprint")
-  if current in scored:
-    return True
+    return False
+  return _manifest(model_dir).get("fingerprint") in scored
+
+
+def _evaluate_fresh(ec, edir: str) -> str:
+  """The evaluate stage into EDIR, after moving aside whatever EDIR held (it refuses to write over an eval)."""
+  _set_aside(edir)
+  return _stage_runner("evaluate", ec, edir)()
+
+
+def _set_aside(edir: str) -> None:
+  """A stale or half-written eval folder becomes EDIR.stale[N]: kept, never deleted or overwritten."""
+  if not os.path.exists(edir):
+    return
   stale, n = f"{edir.rstrip(os.sep)}.stale", 1
   while os.path.exists(stale):
     n += 1
     stale = f"{edir.rstrip(os.sep)}.stale{n}"
-  os.replace(edir, stale)  # the whole folder: the evaluate stage writes into a fresh one
-  print(f"[pipeline] {path} scored another model than {model_dir}'s current artifact; moved {edir} to {stale}")
-  return False
+  os.replace(edir, stale)
+  print(f"[pipeline] {edir} holds no eval of the current artifact; moved it to {stale}")
 
 
 def _check_branch(bdir: str, bc) -> None:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bar_jax.errors import BarError
-from bar_jax.pytree import flatten, unflatten  # noqa: F401  (re-exported: freeze.flatten)
+from bar_jax.pytree import flatten, unflatten
 from bar_jax.model import transformer
 from bar_jax.model.config import ModelConfig
 
@@ -33,8 +33,6 @@ SCHEDULE: dict[str, tuple[str, ...]] = {
     "router": (ROUTER,),
     "dense": (r".*",),  # a dense model trains everything (monolithic baselines)
 }
-
-
 
 
 @dataclasses.dataclass(frozen=True)

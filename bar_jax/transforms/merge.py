@@ -56,9 +56,6 @@ def flat(tree: Mapping[str, Any]) -> Mapping[str, Any]:
   return out
 
 
-unflat = unflatten
-
-
 def merge(base_params: Mapping[str, Any] | None, branch_params: Sequence[Mapping[str, Any]],
           branch_cfgs: Sequence[ModelConfig], *, rule: str = "average", weights: Sequence[float] | None = None,
           ties_density: float = 0.2, ties_scale: float = 1.0, top_k: int = 0, norm_topk: bool = False,
@@ -100,7 +97,7 @@ def merge(base_params: Mapping[str, Any] | None, branch_params: Sequence[Mapping
     else:
       out[path] = _ties(np.asarray(base[path]), leaves, ties_density, ties_scale)
   moe_cfg = cfg.replace(n_experts=n + 1, top_k=top_k, norm_topk=norm_topk, dispatch=dispatch).validate()
-  return unflat(out), moe_cfg
+  return unflatten(out), moe_cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import numpy as np
 
 from bar_jax.errors import BarError
 from bar_jax.io import artifact
+from bar_jax.pytree import unflatten
 from bar_jax.model.config import ModelConfig
 from bar_jax.transforms import merge as merge_lib
 
@@ -64,7 +65,7 @@ def replace(moe: Mapping[str, Any], cfg: ModelConfig, branch: Mapping[str, Any],
       out[path][:, index] = np.asarray(b[path])[:, 1]
     elif path.startswith(LORA):
       out[path][:, index - 1] = np.asarray(b[path])[:, 0]  # adapter i - 1 is expert i
-  return merge_lib.unflat(out)
+  return unflatten(out)
 
 
 def add(moe: Mapping[str, Any], cfg: ModelConfig, branch: Mapping[str, Any],
@@ -84,7 +85,7 @@ def add(moe: Mapping[str, Any], cfg: ModelConfig, branch: Mapping[str, Any],
     else:
       out[path] = np.array(x)
   # top_k=0 (all experts) stays all; an explicit k stays k.
-  return merge_lib.unflat(out), cfg.replace(n_experts=cfg.n_experts + 1).validate()
+  return unflatten(out), cfg.replace(n_experts=cfg.n_experts + 1).validate()
 
 
 def expert_fingerprints(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, str]:
