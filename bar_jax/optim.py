@@ -14,13 +14,13 @@ def schedule(lr: float, steps: int, warmup_steps: int = 0, end_lr_frac: float = 
 
 
 def adamw(opt, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """opt: a ConfigDict with lr, warmup_steps, end_lr_frac, weight_decay, b1, b2, clip_norm, schedule."""
-  sched = schedule(opt.lr, steps, opt.warmup_steps, opt.end_lr_frac, opt.get("schedule", "cosine"))
+  """opt: a ConfigDict with lr, warmup_steps, end_lr_frac, weight_decay, b1, b2, clip_norm, schedule, eps."""
+  sched = schedule(opt.lr, steps, opt.warmup_steps, opt.end_lr_frac, opt.schedule)
   # No decay on norm scales (1-D gains); kernels, embeddings, routers and adapters decay.
   decay_mask = lambda tree: {p: not p.endswith("scale") for p in tree}
   tx = optax.chain(
       optax.clip_by_global_norm(opt.clip_norm) if opt.clip_norm else optax.identity(),
-      optax.adamw(sched, b1=opt.b1, b2=opt.b2, eps=opt.get("eps", 1e-8), weight_decay=opt.weight_decay,
+      optax.adamw(sched, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                   mask=decay_mask),
   )
   return tx, sched

@@ -18,11 +18,12 @@ Knobs: --config.domains (which branches), --config.branch.arg=lora (adapter expe
 """
 import ml_collections
 
+from configs.common import parse_arg
+
 
 def get_config(arg=None):
-  variant = arg or "default"
-  if variant not in ("default", "quick", "tiny"):
-    raise ValueError(f"unknown variant {variant!r}: use configs/bar_smollm2.py, :quick or :tiny")
+  variant = parse_arg(arg, positional=["variant"], choices={"variant": ("default", "quick", "tiny")},
+                      variant="default").variant
   c = ml_collections.ConfigDict()
   c.stage = "pipeline"
   c.title = f"SmolLM2-135M-Instruct, {variant}"

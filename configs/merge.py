@@ -12,10 +12,11 @@ the branch, before anything is written.
 """
 import ml_collections
 
-from bar_jax.stages.common import mesh_config
+from configs.common import mesh_config, parse_arg
 
 
 def get_config(arg=None):
+  parse_arg(arg)  # no variants
   c = ml_collections.ConfigDict()
   c.stage = "merge"
   c.branches = ""               # comma-separated branch artifact dirs; expert i + 1 = branch i

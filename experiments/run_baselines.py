@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, os.path.join(HERE, "baselines")]
 
-from bar_jax.stages import common, evaluate, pipeline  # noqa: E402
+from bar_jax.stages import common, pipeline  # noqa: E402
 from bar_jax.transforms import merge as merge_lib, upcycle  # noqa: E402
 
 DOMAINS = ["math", "code", "tool_use", "safety"]
@@ -98,7 +98,7 @@ def run(variant: str, workdir: str, pipeline_workdir: str, results_dir: str, com
   rows = []
   for step in pipeline.plan(pcfg, pipeline_workdir):
     if step.kind == "eval":
-      with open(os.path.join(pipeline_workdir, step.name, evaluate.EVAL_JSON)) as f:
+      with open(os.path.join(pipeline_workdir, step.name, common.EVAL_JSON)) as f:
         rows.append(dict(json.load(f)["models"][0], name=step.name.split("/", 1)[1]))
 
   models = []
@@ -162,7 +162,7 @@ def write_results(rows: list[dict], variant: str, results_dir: str, command: str
                     "produced (plumbing), not quality.\n\n",
             "quick": "A few training steps and eval items: a plumbing demo, not a measurement.\n\n"}.get(variant, "")
   md = (f"# BAR vs baselines, SmolLM2-135M-Instruct ({variant})\n\nMade by: `{command}`\n\n{caveat}"
-        + evaluate.format_table(rows) +
+        + common.format_table(rows) +
         f"\nEval: {s.get('n_per_domain')} held-out items per domain, {s.get('max_new_tokens')} new tokens; math = "
         "exact match %, code/general = 100*exp(-NLL), tool_use = call match %, safety = mean of refusal (harmful) "
         "and answer (benign) rates; overall = mean of the five.\n\nRows: base = dense start; branch_<d> = each "

@@ -17,6 +17,7 @@ from bar_jax.io import artifact
 from bar_jax.model import config as config_lib, transformer
 from bar_jax.stages import common, loop
 from bar_jax.transforms import freeze
+from configs.common import opt_defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +44,7 @@ class SyntheticBatches:
 
 
 def opt(lr=1e-2):
-  return common.opt_defaults(lr=lr, warmup_steps=2)
+  return opt_defaults(lr=lr, warmup_steps=2)
 
 
 def run_loop(cfg, params, mesh, workdir, steps=6, trainable=(r".*",), frozen_experts=(), accum=1):
