@@ -13,5 +13,5 @@ branches = ",".join(os.path.join(a.pipeline_workdir, f"branch_{d}") for d in dom
 base = os.path.join(a.pipeline_workdir, "base")
 rows = [evaluate_row(a, f"merge_{rule}", stage(a, f"merge_{rule}", "merge",
                                                {"branches": branches, "base": base, "rule": rule}),
-                     domains + ["general"]) for rule in ("average", "base", "ties")]
+                     domains + ["general"]) for rule in ("average", "average_branches", "base", "ties")]
 append(a, "Shared-parameter merge rule (4 branches, no router training)", rows)
