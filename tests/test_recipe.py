@@ -147,3 +147,52 @@ def test_router_lr_multiplier_scales_only_the_router_update():
   np.testing.assert_allclose(ten[ROUTER], 10 * one[ROUTER], rtol=1e-6)  # one float32 multiply
   np.testing.assert_array_equal(ten["embed/embedding"], one["embed/embedding"])
   np.testing.assert_allclose(one[ROUTER], -1e-3, rtol=1e-4)  # Adam's first step is lr * sign(g) (eps 1e-8 / 0.3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The routing table: mean applied router weight per expert on each domain's tokens, against transformers' Mixtral
+# router logits (an independent forward) reduced in numpy.
+
+@pytest.mark.parametrize("top_k,norm_topk", [(0, False), (2, True)])
+def test_weight_table_matches_mixtral_router_logits(tmp_path, top_k, norm_topk):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from bar_jax.evals import routing
+  from bar_jax.io import hf
+  cfg = tiny(vocab_size=128, rms_eps=1e-5, ffn="moe", n_experts=3, top_k=top_k, norm_topk=norm_topk)
+  rng = np.random.default_rng(3)
+  shapes = pytree.flatten(transformer.param_shapes(cfg), is_leaf=lambda s: isinstance(s, tuple))
+  params = pytree.unflatten({p: (rng.uniform(0.5, 1.5, s) if p.endswith("scale") else
+                                 rng.standard_normal(s) / np.sqrt(s[-2] if len(s) > 1 else 1)).astype(np.float32)
+                             for p, s in shapes.items()})
+  params["layers"]["moe"]["router"]["kernel"] *= 4  # far from uniform routing
+  t = 16
+  rows = {d: {"inputs": rng.integers(0, cfg.vocab_size, (2, t)).astype(np.int32),
+              "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (2, t)),
+              "segment_ids": np.ones((2, t), np.int32)} for d in ("math", "code")}
+  report = routing.weight_table(params, cfg, rows, batch_size=1, names=["anchor", "math", "code"])
+
+  hf.save_dir(str(tmp_path / "hf"), cfg, params)
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+  for d, r in rows.items():
+    with torch.no_grad():
+      out = model(torch.tensor(r["inputs"], dtype=torch.long), output_router_logits=True)
+    want = []
+    for logits in out.router_logits:  # per layer [B * T, E]
+      z = np.asarray(logits, np.float64)
+      p = np.exp(z - z.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      if cfg.k < cfg.n_experts:
+        p = np.where(p >= np.sort(p, -1)[:, -cfg.k][:, None], p, 0.0)
+        p /= p.sum(-1, keepdims=True)
+      want.append(p.mean(0))
+    # float32 logits from two implementations differ by ~1e-5 (2 layers of D=32 sums); weights are softmax of them.
+    np.testing.assert_allclose(report["domains"][d]["mean_weight"], np.asarray(want), atol=2e-5)
+    assert report["domains"][d]["tokens"] == 2 * t
+  w = np.asarray(report["domains"]["math"]["mean_weight"])
+  np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+  assert w.max() - w.min() > 0.05  # not uniform, so the comparison can fail
+  summ = routing.weight_summary(report)
+  assert summ["math"]["own"] == pytest.approx(float(np.mean(w, 0)[1]), abs=1e-4)
+  assert 1 <= summ["code"]["own_rank"] <= 3
+  assert "mean_weight" in routing.format_table(report, "mean_weight")
