@@ -1,4 +1,5 @@
-"""Ablation: how the merge reconciles the branches' shared weights (average = the paper's, base, ties), on the BAR
+"""Ablation: how the merge reconciles the branches' shared weights (average = base + N as the recipe's script,
+average_branches = the N branches only, base, ties), on the BAR
 pipeline's own branches (run the pipeline first), before router training.
 
   python experiments/sweeps/merge_rule.py [--variant=quick|tiny]
