@@ -71,6 +71,6 @@ def compute_config(**kw) -> ml_collections.ConfigDict:
 
 def opt_defaults(**kw) -> ml_collections.ConfigDict:
   d = dict(lr=1e-4, warmup_steps=10, end_lr_frac=0.1, weight_decay=0.0, b1=0.9, b2=0.95, clip_norm=1.0,
-           schedule="cosine", eps=1e-8)
+           schedule="cosine", eps=1e-8, router_lr_mult=1.0)
   d.update(kw)
   return ml_collections.ConfigDict(d)

@@ -61,7 +61,7 @@ def btx_moe(base_params: dict, dense_params: Sequence[dict], cfg) -> tuple[dict,
     b, bcfg = upcycle.upcycle(with_base_ffn, cfg, expert_init=p)
     branches.append(b)
     cfgs.append(bcfg)
-  return merge_lib.merge(None, branches, cfgs, rule="average")
+  return merge_lib.merge(None, branches, cfgs, rule="average_branches")  # BTX averages the experts only
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def run(variant: str, workdir: str, pipeline_workdir: str, results_dir: str, com
     params, cfg = btx_moe(base.params, [m.params for m in fine], base.cfg)
     write_built(btx_dir, params, cfg, "moe", [{"dir": dense[d], "role": "expert"} for d in DOMAINS] +
                 [{"dir": base_dir, "role": "base"}], "btx_merge", experts=["anchor"] + DOMAINS,
-                base_fingerprint=base.manifest["fingerprint"], merge_rule="average")
+                base_fingerprint=base.manifest["fingerprint"], merge_rule="average_branches")
   btx_final = btx_dir
   if baseline_config("btx", variant).train_router and pipeline.router_enabled(pcfg):
     btx_final = os.path.join(workdir, "btx")

@@ -61,8 +61,10 @@ def test_rules_on_hand_checked_numbers():
   branches = [{"embed/embedding": 1 + np.array([d], np.float32), "layers/moe/router/kernel": router(i, 10 + i),
                "layers/moe/experts/gate": expert(5, 20 + i)} for i, d in enumerate(deltas)]
   run = lambda rule, **kw: merge_lib.merge(base, branches, [cfg] * 3, rule=rule, **kw)[0]  # noqa: E731
-  avg = run("average")
-  np.testing.assert_allclose(avg["embed"]["embedding"], [[1, 1 - 2 / 3, 1 + .2, 1 + 4 / 3]], rtol=1e-6)
+  avg = run("average")  # base (ones) + 3 branches: 1 + (summed deltas) / 4
+  np.testing.assert_allclose(avg["embed"]["embedding"], [[1, 1 - 2 / 4, 1 + .6 / 4, 1 + 4 / 4]], rtol=1e-6)
+  avg_branches = run("average_branches")
+  np.testing.assert_allclose(avg_branches["embed"]["embedding"], [[1, 1 - 2 / 3, 1 + .2, 1 + 4 / 3]], rtol=1e-6)
   np.testing.assert_array_equal(avg["layers"]["moe"]["router"]["kernel"], [[[1, 10, 11, 12]]])  # mean(0, 1, 2) = 1
   np.testing.assert_array_equal(avg["layers"]["moe"]["experts"]["gate"][0, :, 0, 0], [5, 20, 21, 22])
   np.testing.assert_array_equal(run("base")["embed"]["embedding"], base["embed/embedding"])
@@ -72,8 +74,9 @@ def test_rules_on_hand_checked_numbers():
   # signs [-,-,0,+]; the agreeing means are -3, -1.5, 0, 2.25.
   ties = run("ties", ties_density=0.5)
   np.testing.assert_allclose(ties["embed"]["embedding"], [[-2, -.5, 1, 3.25]], rtol=1e-6)
-  with pytest.raises(BarError, match="needs the base"):
-    merge_lib.merge(None, branches, [cfg] * 3, rule="ties")
+  for rule in ("ties", "average"):
+    with pytest.raises(BarError, match="needs the base"):
+      merge_lib.merge(None, branches, [cfg] * 3, rule=rule)
   with pytest.raises(BarError, match="non-negative weights"):
     run("weighted", weights=[1, 2])
 
@@ -100,7 +103,7 @@ def test_one_hot_routing_selects_each_branch_expert(base, kind):
 @pytest.mark.parametrize("kind", ["ffn", "lora"])
 def test_single_branch_average_reproduces_its_logits(base, kind):
   branch, bcfg = trained_branch(base, kind, 4)
-  merged, mcfg = merge_lib.merge(base, [branch], [bcfg], rule="average")
+  merged, mcfg = merge_lib.merge(base, [branch], [bcfg], rule="average_branches")
   assert mcfg == bcfg
   np.testing.assert_array_equal(np.asarray(forward(merged, TOKENS, mcfg)), np.asarray(forward(branch, TOKENS, bcfg)))
 
@@ -119,7 +122,7 @@ def test_streams_one_leaf_at_a_time(base):
       return super().__getitem__(path)
 
   (b1, c1), (b2, c2) = trained_branch(base, "ffn", 1), trained_branch(base, "ffn", 2)
-  merged, _ = merge_lib.merge(None, [Lazy(b1, 1), Lazy(b2, 2)], [c1, c2])
+  merged, _ = merge_lib.merge(None, [Lazy(b1, 1), Lazy(b2, 2)], [c1, c2], rule="average_branches")
   paths = [p for p, _ in reads]
   assert sorted(set(paths)) == sorted(pytree.flatten(b1)) and len(reads) == 2 * len(set(paths))
   for j in range(0, len(reads), 2):  # each path read once per branch, then never again
@@ -181,7 +184,8 @@ def test_stage_writes_moe_artifact_with_lineage(branch_dirs, tmp_path):
   assert [p["role"] for p in m["parents"]] == ["branch", "branch", "base"]
   assert [p["name"] for p in m["parents"]][:2] == ["math", "code"]
   branches = [artifact.read(branch_dirs[n]) for n in ("math", "code")]
-  want, _ = merge_lib.merge(None, [b.params for b in branches], [b.cfg for b in branches])
+  want, _ = merge_lib.merge(artifact.read(branch_dirs["base"]).params, [b.params for b in branches],
+                            [b.cfg for b in branches])
   for path, x in pytree.flatten(want).items():
     np.testing.assert_array_equal(np.asarray(pytree.flatten(art.params)[path]), x)
 
@@ -199,6 +203,6 @@ def test_stage_refuses_bad_branches(branch_dirs, tmp_path, names, match):
   out = tmp_path / "moe"
   dirs = [branch_dirs.get(n, os.path.join(branch_dirs["root"], n)) for n in names]
   with pytest.raises(BarError, match=match):
-    merge_stage.run(stage_config(dirs), str(out))
+    merge_stage.run(stage_config(dirs, base=branch_dirs["base"]), str(out))
   assert not out.exists() or not os.listdir(out)
   assert not [n for n in os.listdir(tmp_path) if n.startswith(".moe")]  # no temporary left behind

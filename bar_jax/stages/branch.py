@@ -54,10 +54,10 @@ def run(config, workdir: str) -> str:
 
   base = common.load_model(config.base)
   init = common.load_model(config.expert_init).params if config.expert_init else None
-  # Router init: "zeros" (a fresh branch is the base exactly) or "random" (small; symmetric experts break sooner).
-  key = jax.random.key(config.seed) if config.router_init == "random" else None
+  # Router init: "random" (OLMo-core's default, the recipe's) or "zeros" (a fresh branch is the base exactly).
   params, cfg = upcycle.upcycle(base.params, base.cfg, expert_kind=config.expert_kind, lora_rank=config.lora_rank,
-                                lora_alpha=config.lora_alpha, expert_init=init, key=key)
+                                lora_alpha=config.lora_alpha, expert_init=init, key=jax.random.key(config.seed),
+                                router_init=config.router_init)
   cfg = common.model_overrides(cfg, config.compute)
   # Check every phase's trainable set now, before any data is built or anything is written.
   for name, phase in phases.items():

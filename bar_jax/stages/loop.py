@@ -46,7 +46,9 @@ def lm_loss(cfg: ModelConfig, mesh=None, z_loss: float = 0.0, lb_loss: float = 0
     metrics = {"nll": nll, "tokens": mask.sum()}
     loss = nll
     if aux:
-      metrics["z_loss"] = aux["z_loss"].mean()
+      # Router z-loss as OLMo-core reduces it: each layer's sum of lse^2 over every position / the batch's loss tokens,
+      # summed over layers (aux["z_loss"] is each layer's mean over the B*T positions).
+      metrics["z_loss"] = aux["z_loss"].sum() * (mask.size / n)
       metrics["lb_loss"] = aux["lb_loss"].mean()
       loss = loss + z_loss * metrics["z_loss"] + lb_loss * metrics["lb_loss"]
     return loss, metrics

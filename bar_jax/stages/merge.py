@@ -1,6 +1,7 @@
 """The merge stage: N branch artifacts -> one `moe` artifact (anchor + N domain experts, shared weights reconciled).
 
-  python -m bar_jax.train --config=configs/merge.py --config.branches=runs/math,runs/code --workdir=runs/moe
+  python -m bar_jax.train --config=configs/merge.py --config.branches=runs/math,runs/code --config.base=runs/base \
+      --workdir=runs/moe
 
 Every branch is checked from its manifest and parameter metadata before any parameter is read: kind 'branch', one
 base_fingerprint for all, one architecture, matching expert settings, no branch twice. Parameters are then streamed
