@@ -30,6 +30,7 @@ import ml_collections  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs.common import opt_defaults
 from bar_jax import optim, pytree, sharding  # noqa: E402
 from bar_jax.model import transformer  # noqa: E402
 from bar_jax.model.config import ModelConfig  # noqa: E402
@@ -67,8 +68,7 @@ CASES = {c.name: c for c in [
 
 
 def _opt():
-  return ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=10, end_lr_frac=0.1, weight_decay=0.0, b1=0.9, b2=0.95,
-                                        clip_norm=1.0, schedule="cosine", eps=1e-8))
+  return opt_defaults(lr=1e-5)
 
 
 def _abstract(shapes: dict, shardings: dict) -> dict:
