@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from bar_jax.model import transformer
-from bar_jax.model.config import ModelConfig
+from bar_jax.model.config import Compute, ModelConfig
 
 ROUTING_JSON, ROUTING_PNG = "routing.json", "routing.png"
 STATS = ("top_k_share", "top1_share", "mean_prob")
@@ -67,15 +67,15 @@ def domain_rows(tokenizer, domains: Sequence[str], *, seq_len: int = 256, max_ro
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
-def _router_means(params, inputs, positions, segment_ids, *, cfg: ModelConfig, mesh=None):
-  _, aux = transformer.forward(params, inputs, cfg, positions=positions, segment_ids=segment_ids, mesh=mesh,
-                               return_hidden=True)
+@functools.partial(jax.jit, static_argnames=("cfg", "compute", "mesh"))
+def _router_means(params, inputs, positions, segment_ids, *, cfg: ModelConfig, compute: Compute, mesh=None):
+  _, aux = transformer.forward(params, inputs, cfg, compute=compute, positions=positions, segment_ids=segment_ids,
+                               mesh=mesh, return_hidden=True)
   return aux["expert_load"], aux["expert_top1"], aux["expert_prob"]
 
 
 def routing_stats(params, cfg: ModelConfig, rows: Mapping[str, Mapping[str, np.ndarray]], *, batch_size: int = 8,
-                  mesh=None, names: Sequence[str] | None = None) -> dict[str, Any]:
+                  mesh=None, names: Sequence[str] | None = None, compute: Compute = Compute()) -> dict[str, Any]:
   """{"domains": {d: {stat: [L][E], "tokens": n}}, "experts": names, "top_k": k} from packed rows per domain."""
   if cfg.ffn != "moe":
     raise ValueError("routing diagnostics need an MoE model")
@@ -89,7 +89,7 @@ def routing_stats(params, cfg: ModelConfig, rows: Mapping[str, Mapping[str, np.n
     sums = [np.zeros((cfg.n_layers, cfg.n_experts)) for _ in STATS]
     for i in range(0, n, b):
       stats = _router_means(params, r["inputs"][i:i + b], r["positions"][i:i + b], r["segment_ids"][i:i + b],
-                            cfg=cfg, mesh=mesh)
+                            cfg=cfg, compute=compute, mesh=mesh)
       for s, v in zip(sums, stats):
         s += np.asarray(v, np.float64) * b
     out["domains"][domain] = {name: (s / n).round(5).tolist() for name, s in zip(STATS, sums)}

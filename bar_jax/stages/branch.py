@@ -53,27 +53,28 @@ def run(config, workdir: str) -> str:
   key = jax.random.key(config.seed) if config.router_init == "random" else None
   params, cfg = upcycle.upcycle(base.params, base.cfg, expert_kind=config.expert_kind, lora_rank=config.lora_rank,
                                 lora_alpha=config.lora_alpha, expert_init=init, key=key)
-  cfg = common.model_overrides(cfg, config.get("compute", None))
+  cfg, compute = common.model_overrides(cfg, config.get("compute", None))
   # Check every phase's trainable set now, before any data is built or anything is written.
   for name, phase in phases.items():
     freeze.make_partition(params, cfg, list(config.schedule[name]), list(config.frozen_experts))
   mesh = common.mesh_from(config)
 
-  metrics_before = common.evaluate(config, cfg, params, base.tokenizer, mesh) if config.eval.get("before") else {}
+  metrics_before = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute) \
+      if config.eval.get("before") else {}
   stages = []
   for name, phase in phases.items():
     if name == "rl":
       from bar_jax.stages import rl
       params, record = rl.run_rl(params, cfg, base.tokenizer, phase, os.path.join(workdir, "phases", name),
                                  mesh=mesh, domain=config.domain, trainable=list(config.schedule[name]),
-                                 frozen_experts=list(config.frozen_experts), seed=config.seed)
+                                 frozen_experts=list(config.frozen_experts), seed=config.seed, compute=compute)
     else:
       params, record = common.train_phase(name=name, model=base, cfg=cfg, params=params, phase=phase,
                                           workdir=workdir, mesh=mesh, seed=config.seed,
                                           trainable=list(config.schedule[name]),
-                                          frozen_experts=list(config.frozen_experts))
+                                          frozen_experts=list(config.frozen_experts), compute=compute)
     stages.append(record)
-  metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh)
+  metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute)
   parent = dict(base.manifest, role="base")
   return common.write_artifact(
       workdir, base, params, cfg, "branch", stages, [parent], domain=config.domain,

@@ -16,7 +16,7 @@ from bar_jax import sharding
 from bar_jax.errors import BarError
 from bar_jax.io import artifact
 from bar_jax.model import transformer
-from bar_jax.model.config import ModelConfig
+from bar_jax.model.config import Compute, ModelConfig, split_overrides
 from bar_jax.stages import loop
 from bar_jax.transforms import freeze
 
@@ -59,14 +59,14 @@ def load_model(spec: str, *, verify: bool = True) -> Model:
   return Model(art.manifest.get("name", os.path.basename(spec)), art.cfg, art.params, art.tokenizer, art.manifest)
 
 
-def model_overrides(cfg: ModelConfig, overrides: ml_collections.ConfigDict | dict | None) -> ModelConfig:
-  """Compute-side knobs from config.compute (dtype, remat, attention, dispatch, top_k, ...) applied to a loaded model."""
-  if not overrides:
-    return cfg
-  d = dict(overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
-  d = {k: v for k, v in d.items() if v is not None}
+def model_overrides(cfg: ModelConfig, overrides: ml_collections.ConfigDict | dict | None
+                    ) -> tuple[ModelConfig, Compute]:
+  """config.compute applied to a loaded model: (cfg with its routing overrides such as top_k, the run's Compute:
+  dtype, remat, attention, dispatch, capacity_factor). Only the first is ever written into a manifest."""
+  d = dict(overrides.to_dict() if hasattr(overrides, "to_dict") else overrides or {})
+  arch, compute = split_overrides({k: v for k, v in d.items() if v is not None})
   try:
-    return cfg.replace(**d).validate()
+    return cfg.replace(**arch).validate(), Compute(**compute).validate()
   except TypeError as e:
     raise BarError(f"config.compute has a key ModelConfig does not know ({e}); see bar_jax/model/config.py") from None
   except ValueError as e:
@@ -86,7 +86,7 @@ def mesh_config(**sizes) -> ml_collections.ConfigDict:
 
 
 def compute_config(**kw) -> ml_collections.ConfigDict:
-  """ModelConfig compute knobs a config may override (model_overrides applies them to the loaded model)."""
+  """Compute knobs a config may set (model_overrides turns them into the run's Compute)."""
   d = {"dtype": "float32", "remat": "none", "attention": "xla"}
   d.update(kw)
   return ml_collections.ConfigDict(d)
@@ -121,7 +121,7 @@ def config_hash(d: Any) -> str:
 
 def train_phase(*, name: str, model: Model, cfg: ModelConfig, params: Any, phase: ml_collections.ConfigDict,
                 workdir: str, mesh, seed: int, trainable=None, frozen_experts=(0,), loss_kw=None,
-                batches=None) -> tuple[Any, dict]:
+                batches=None, compute: Compute = Compute()) -> tuple[Any, dict]:
   """One training phase (mid-training, SFT, dense LM, router): data, partition, loop.train; returns (params, record).
 
   batches: an already built pipeline.Batches (e.g. the router's stratified sample) instead of phase.data's mix.
@@ -142,7 +142,8 @@ def train_phase(*, name: str, model: Model, cfg: ModelConfig, params: Any, phase
   identity = {"phase": name, "input": model.manifest.get("fingerprint"), "model": cfg.to_dict(),
               "phase_config": phase.to_dict(), "trainable": patterns, "frozen_experts": list(frozen_experts),
               "seed": seed, "mesh": dict(mesh.shape)}
-  result = loop.train(params=params, cfg=cfg, part=part, loss_fn=loop.lm_loss(cfg, mesh, **lk), batches=it,
+  result = loop.train(params=params, cfg=cfg, part=part, loss_fn=loop.lm_loss(cfg, mesh, compute=compute, **lk),
+                      batches=it,
                       opt=phase.opt, steps=phase.steps, workdir=phase_dir, mesh=mesh, identity=identity,
                       accum=accum, checkpoint_every=phase.get("checkpoint_every", 50),
                       log_every=phase.get("log_every", 10), desc=name, data_iter=it)
@@ -178,11 +179,12 @@ def done(workdir: str) -> bool:
   return artifact.is_complete(workdir)
 
 
-def evaluate(config, cfg: ModelConfig, params: Any, tokenizer, mesh) -> dict:
+def evaluate(config, cfg: ModelConfig, params: Any, tokenizer, mesh, compute: Compute = Compute()) -> dict:
   """The domain metrics of config.eval (empty when eval.domains is empty), for the manifest."""
   ev = config.get("eval", None)
   if not ev or not ev.get("domains"):
     return {}
   from bar_jax import evals
   return evals.evaluate_model(params, cfg, tokenizer, list(ev.domains), n_per_domain=ev.n_per_domain,
-                              max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, mesh=mesh)
+                              max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, mesh=mesh,
+                              compute=compute)

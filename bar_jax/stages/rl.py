@@ -37,19 +37,18 @@ from bar_jax.evals import verifiers
 from bar_jax.io.checkpoint import Checkpointer, check_run_identity
 from bar_jax.model import generate as gen
 from bar_jax.model import transformer
-from bar_jax.model.config import ModelConfig
+from bar_jax.model.config import Compute, ModelConfig
 from bar_jax.stages import loop
 from bar_jax.transforms import freeze, grpo
 
-# Prompts are the eval prompts as they are: the math SFT data teaches the closing "The answer is N." (an instruction
-# spelling that sentence out was copied verbatim by the 135M model). Set `instruction` to try one anyway.
-MATH_INSTRUCTION = ""
-
-
 def default_config(**kw) -> ml_collections.ConfigDict:
-  """The RL phase config (run_rl's `config`); the branch stage embeds one of these as its "rl" phase."""
+  """The RL phase config (run_rl's `config`); the branch stage embeds one of these as its "rl" phase.
+
+  instruction "": prompts are the eval prompts as they are. The math SFT data teaches the closing "The answer is N."
+  (an instruction spelling that sentence out was copied verbatim by the 135M model); set one to try anyway.
+  """
   c = ml_collections.ConfigDict(dict(
-      domain="math", generators=["basic_arithmetic", "chain_sum", "products"], instruction=MATH_INSTRUCTION,
+      domain="math", generators=["basic_arithmetic", "chain_sum", "products"], instruction="",
       max_prompts=0,                       # 0: every training prompt that fits max_prompt_len
       steps=20, prompts_per_step=4, group_size=8, max_prompt_len=96, max_response_len=48,
       temperature=1.0, top_p=1.0,
@@ -107,13 +106,13 @@ def domain_task(config, tokenizer, split: str = "train") -> Task:
 
 
 def evaluate_task(params, cfg: ModelConfig, tokenizer, task: Task, *, n: int, max_new_tokens: int,
-                  batch_size: int) -> dict[str, float]:
+                  batch_size: int, compute: Compute = Compute()) -> dict[str, float]:
   """Greedy mean reward on the first n prompts (the domain metric in the RL prompt format, for before/after)."""
   n = min(n, len(task.prompts))
   rewards, failures = [], 0
   for i in range(0, n, batch_size):
     outs = gen.generate(params, cfg, task.prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
-                        eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
+                        eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, compute=compute)
     texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
     r, f = verifiers.score_all(task.verifier, texts, task.references[i:i + batch_size])
     rewards += r
@@ -124,7 +123,8 @@ def evaluate_task(params, cfg: ModelConfig, tokenizer, task: Task, *, n: int, ma
 # ----------------------------------------------------------------------------------------------------------------
 # Rollouts.
 
-def rollout(params, cfg: ModelConfig, tokenizer, task: Task, config, step: int) -> tuple[dict, dict]:
+def rollout(params, cfg: ModelConfig, tokenizer, task: Task, config, step: int,
+            compute: Compute = Compute()) -> tuple[dict, dict]:
   """Samples and scores step `step`'s groups: (numpy batch without old_logp, stats). A function of (seed, step)."""
   P, G, R = config.prompts_per_step, config.group_size, config.max_response_len
   rng = np.random.default_rng([config.seed, step])
@@ -134,7 +134,7 @@ def rollout(params, cfg: ModelConfig, tokenizer, task: Task, config, step: int) 
   key = jax.random.fold_in(jax.random.key(config.seed), step)
   t0 = time.time()
   outs = gen.generate(params, cfg, prompts, max_new_tokens=R, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
-                      temperature=config.temperature, top_p=config.top_p, key=key)
+                      temperature=config.temperature, top_p=config.top_p, key=key, compute=compute)
   gen_s = time.time() - t0
   texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
   rewards, failures = verifiers.score_all(task.verifier, texts, refs, config.verifier_timeout_s)
@@ -180,7 +180,7 @@ def resolve_config(config, **overrides) -> ml_collections.ConfigDict:
 
 
 def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, task: Task | None = None, mesh=None,
-           input_fingerprint: str | None = None, **overrides) -> tuple[dict, dict]:
+           input_fingerprint: str | None = None, compute: Compute = Compute(), **overrides) -> tuple[dict, dict]:
   """GRPO on `params` for config.steps rollout steps; resumes from workdir/checkpoints. Returns (params, record).
 
   config: a full or partial RL config (missing keys from default_config()); overrides (domain, trainable,
@@ -228,11 +228,12 @@ def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, task: T
 
   keep = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   loss_fn = grpo.grpo_loss(cfg, clip_low=config.clip_low, clip_high=config.clip_high, kl_coef=config.kl_coef,
-                           temperature=config.temperature, mesh=mesh)
+                           temperature=config.temperature, mesh=mesh, compute=compute)
   step_fn = jax.jit(loop.make_step(loss_fn, tx, part, config.accum), donate_argnums=(0, 1),
                     out_shardings=(keep(trainable), keep(opt_state), None))
   join_fn = jax.jit(functools.partial(freeze.join, part=part))
-  logp_fn = jax.jit(functools.partial(grpo.token_logprobs, cfg=cfg, temperature=config.temperature, mesh=mesh))
+  logp_fn = jax.jit(functools.partial(grpo.token_logprobs, cfg=cfg, temperature=config.temperature, mesh=mesh,
+                                      compute=compute))
 
   def logprobs(p, tokens):
     """[B, T-1] in micro-batch chunks: the same program shape as the update's micro-batches."""
@@ -244,7 +245,7 @@ def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, task: T
   for step in range(start, config.steps):
     t0 = time.time()
     current = join_fn(trainable, frozen)
-    batch, info = rollout(current, cfg, tokenizer, task, config, step)
+    batch, info = rollout(current, cfg, tokenizer, task, config, step, compute)
     batch["old_logp"] = logprobs(current, batch["tokens"])
     if config.kl_coef:
       batch["ref_logp"] = logprobs(ref_params, batch["tokens"])
@@ -324,20 +325,22 @@ def run(config, workdir: str) -> str:
   if model.cfg.ffn != "moe":
     raise BarError(f"{config.model} is a {model.manifest.get('kind', 'dense')} model; RL runs on a branch "
                    "(upcycle it with the branch stage first)")
-  cfg = common.model_overrides(model.cfg, config.get("compute", None))
+  cfg, compute = common.model_overrides(model.cfg, config.get("compute", None))
   mesh = common.mesh_from(config)
   rl_config = resolve_config(config.rl)
   metrics = {}
   eval_task = domain_task(rl_config, model.tokenizer, split="eval") if rl_config.eval_n else None
   ev = dict(n=rl_config.eval_n, max_new_tokens=rl_config.eval_max_new_tokens, batch_size=rl_config.eval_batch_size)
   if eval_task:
-    metrics[f"{rl_config.domain}_before"] = evaluate_task(model.params, cfg, model.tokenizer, eval_task, **ev)
+    metrics[f"{rl_config.domain}_before"] = evaluate_task(model.params, cfg, model.tokenizer, eval_task,
+                                                          compute=compute, **ev)
   params, record = run_rl(model.params, cfg, model.tokenizer, rl_config, os.path.join(workdir, "rl"), mesh=mesh,
-                          input_fingerprint=model.manifest.get("fingerprint"))
+                          input_fingerprint=model.manifest.get("fingerprint"), compute=compute)
   if eval_task:
-    metrics[f"{rl_config.domain}_after"] = evaluate_task(params, cfg, model.tokenizer, eval_task, **ev)
+    metrics[f"{rl_config.domain}_after"] = evaluate_task(params, cfg, model.tokenizer, eval_task, compute=compute, **ev)
   record["metrics"] = metrics
   parent = dict(model.manifest, role="parent")
   return common.write_artifact(workdir, model, params, cfg, "branch", [record], [parent], metrics=metrics,
-                               base_fingerprint=model.manifest.get("base_fingerprint", model.manifest.get("fingerprint")),
+                               base_fingerprint=model.manifest.get("base_fingerprint",
+                                                                   model.manifest.get("fingerprint")),
                                domain=model.manifest.get("domain", rl_config.domain))

@@ -22,6 +22,7 @@ import ml_collections
 
 from bar_jax.errors import BarError
 from bar_jax.io import artifact
+from bar_jax.model.config import Compute
 from bar_jax.stages import common
 from bar_jax.transforms import freeze
 from bar_jax.transforms import upgrade as upgrade_lib
@@ -81,14 +82,14 @@ def router_phase(rc: ml_collections.ConfigDict, rows: int) -> ml_collections.Con
 
 
 def train_router(model: common.Model, cfg, params, rc: ml_collections.ConfigDict, fractions: Mapping[str, float],
-                 workdir: str, mesh, *, seed: int, name: str = "router", frozen_experts: Sequence[int] = ()
-                 ) -> tuple[Any, dict]:
+                 workdir: str, mesh, *, seed: int, name: str = "router", frozen_experts: Sequence[int] = (),
+                 compute: Compute = Compute()) -> tuple[Any, dict]:
   """Only the router kernel trains (its frozen_experts columns excepted); returns (params, stage record)."""
   batches, rows = sample_batches(model.tokenizer, fractions, rc, seed)
   phase = router_phase(rc, rows)
   params, record = common.train_phase(name=name, model=model, cfg=cfg, params=params, phase=phase, workdir=workdir,
                                       mesh=mesh, seed=seed, trainable=list(freeze.SCHEDULE["router"]),
-                                      frozen_experts=list(frozen_experts), batches=batches)
+                                      frozen_experts=list(frozen_experts), batches=batches, compute=compute)
   # max_steps may cut the configured epochs short: record the passes actually made over the sample.
   record.update(sample_rows=rows, epochs_configured=float(rc.epochs),
                 epochs=round(phase.steps * rc.batch_size / max(rows, 1), 4))
@@ -119,32 +120,34 @@ def eval_domains(config, experts: Sequence[str]) -> list[str]:
   return [d.strip() for d in spec.split(",") if d.strip()]
 
 
-def evaluate(config, cfg, params, tokenizer, mesh, experts: Sequence[str]) -> dict:
+def evaluate(config, cfg, params, tokenizer, mesh, experts: Sequence[str], compute: Compute = Compute()) -> dict:
   domains = eval_domains(config, experts)
   if not domains:
     return {}
   from bar_jax import evals
   ev = config.eval
   return evals.evaluate_model(params, cfg, tokenizer, domains, n_per_domain=ev.n_per_domain,
-                              max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, mesh=mesh)
+                              max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, mesh=mesh, compute=compute)
 
 
-def routing(config, cfg, params, tokenizer, mesh, names: Sequence[str], domains: Sequence[str]) -> dict:
+def routing(config, cfg, params, tokenizer, mesh, names: Sequence[str], domains: Sequence[str],
+            compute: Compute = Compute()) -> dict:
   from bar_jax.evals import routing as routing_lib
   r = config.routing
   rows = routing_lib.domain_rows(tokenizer, domains, seq_len=r.seq_len, max_rows=r.max_rows)
-  return routing_lib.routing_stats(params, cfg, rows, batch_size=r.batch_size, mesh=mesh, names=names)
+  return routing_lib.routing_stats(params, cfg, rows, batch_size=r.batch_size, mesh=mesh, names=names, compute=compute)
 
 
 def finish(config, workdir: str, model: common.Model, cfg, params, stages: list[dict], parents: list[dict],
-           experts: list[str], mesh, *, metrics_before: dict, **fields) -> str:
+           experts: list[str], mesh, *, metrics_before: dict, compute: Compute = Compute(), **fields) -> str:
   """Routing diagnostics (routing.json/png), eval after, then the moe artifact (manifest last)."""
   from bar_jax.evals import routing as routing_lib
   domains = list(dict.fromkeys([d for d in experts[1:]] + [GENERAL]))
-  report = routing(config, cfg, params, model.tokenizer, mesh, experts, domains) if config.routing.max_rows else {}
+  report = routing(config, cfg, params, model.tokenizer, mesh, experts, domains, compute) \
+      if config.routing.max_rows else {}
   if report:
     routing_lib.write(report, workdir)
-  metrics = evaluate(config, cfg, params, model.tokenizer, mesh, experts[1:])
+  metrics = evaluate(config, cfg, params, model.tokenizer, mesh, experts[1:], compute)
   return common.write_artifact(
       workdir, model, params, cfg, "moe", stages, parents, experts=experts,
       base_fingerprint=model.manifest.get("base_fingerprint"), metrics=metrics, metrics_before=metrics_before,
@@ -170,15 +173,16 @@ def run(config, workdir: str) -> str:
   if common.done(workdir):
     return workdir
   model = load_moe(config.model)
-  cfg = common.model_overrides(model.cfg, config.get("compute", None))
+  cfg, compute = common.model_overrides(model.cfg, config.get("compute", None))
   experts = list(model.manifest.get("experts") or [f"expert{e}" for e in range(cfg.n_experts)])
   rc = config.router
   fractions = {d: float(rc.fraction) for d in data_domains(rc, model.manifest)}
   mesh = common.mesh_from(config)
-  metrics_before = evaluate(config, cfg, model.params, model.tokenizer, mesh, experts[1:]) \
+  metrics_before = evaluate(config, cfg, model.params, model.tokenizer, mesh, experts[1:], compute) \
       if config.eval.get("before", False) else {}
-  params, record = train_router(model, cfg, model.params, rc, fractions, workdir, mesh, seed=config.seed)
+  params, record = train_router(model, cfg, model.params, rc, fractions, workdir, mesh, seed=config.seed,
+                                compute=compute)
   check_only_router_changed(model.params, params, cfg)
   parent = dict(model.manifest, role="moe")
   return finish(config, workdir, model, cfg, params, [record], [parent], experts, mesh, metrics_before=metrics_before,
-                router_data=record["data"], merge_rule=model.manifest.get("merge_rule"))
+                compute=compute, router_data=record["data"], merge_rule=model.manifest.get("merge_rule"))

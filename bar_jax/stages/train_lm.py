@@ -11,7 +11,7 @@ def run(config, workdir: str) -> str:
   if common.done(workdir):
     return workdir
   base = common.load_model(config.base)
-  cfg = common.model_overrides(base.cfg, config.get("compute", None))
+  cfg, compute = common.model_overrides(base.cfg, config.get("compute", None))
   if cfg.ffn != "dense":
     raise common.BarError(f"train_lm trains dense models; {config.base} is {cfg.ffn}: use the branch or router stage")
   mesh = common.mesh_from(config)
@@ -20,9 +20,9 @@ def run(config, workdir: str) -> str:
     phase = config.phases[name]
     params, record = common.train_phase(name=name, model=base, cfg=cfg, params=params, phase=phase,
                                         workdir=workdir, mesh=mesh, seed=config.seed,
-                                        trainable=phase.get("trainable", [r".*"]), frozen_experts=())
+                                        trainable=phase.get("trainable", [r".*"]), frozen_experts=(), compute=compute)
     stages.append(record)
-  metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh)
+  metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute)
   parent = dict(base.manifest, role="base")
   return common.write_artifact(workdir, base, params, cfg, "dense", stages, [parent], metrics=metrics,
                                base_fingerprint=base.manifest["fingerprint"],

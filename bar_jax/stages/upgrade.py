@@ -88,9 +88,9 @@ def run(config, workdir: str) -> str:
     params, cfg = upgrade_lib.add(model.params, model.cfg, branch.params, branch.cfg)
     replaced = None
     experts.append(domain)
-  cfg = common.model_overrides(cfg, config.get("compute", None))
+  cfg, compute = common.model_overrides(cfg, config.get("compute", None))
   mesh = common.mesh_from(config)
-  metrics_before = router_stage.evaluate(config, cfg, params, model.tokenizer, mesh, experts[1:]) \
+  metrics_before = router_stage.evaluate(config, cfg, params, model.tokenizer, mesh, experts[1:], compute) \
       if config.eval.get("before", False) else {}
 
   swap = {"stage": "upgrade", "steps": 0, "tokens": 0, "flops": 0, "mode": config.mode, "expert": index,
@@ -107,13 +107,14 @@ def run(config, workdir: str) -> str:
       fractions = {domain: float(config.local.fraction), **{d: float(config.local.replay_fraction) for d in others}}
       frozen = [e for e in range(cfg.n_experts) if e != index]
     params, record = router_stage.train_router(model, cfg, params, rc, fractions, workdir, mesh, seed=config.seed,
-                                               name=f"router_{config.router_update}", frozen_experts=frozen)
+                                               name=f"router_{config.router_update}", frozen_experts=frozen,
+                                               compute=compute)
     record["router_update"] = config.router_update
     stages.append(record)
   # Bit-identity guard: against the input MoE, only the new expert (slot `index`) and the router may differ.
   router_stage.check_only_router_changed(model.params, params, cfg, allowed_experts=[index])
   parents = [dict(model.manifest, role="moe"), dict(branch.manifest, role="branch")]
   return router_stage.finish(config, workdir, model, cfg, params, stages, parents, experts, mesh,
-                             metrics_before=metrics_before, upgrade={k: swap[k] for k in ("mode", "expert", "domain",
-                                                                                           "replaced", "branch")},
+                             metrics_before=metrics_before, compute=compute,
+                             upgrade={k: swap[k] for k in ("mode", "expert", "domain", "replaced", "branch")},
                              router_update=config.router_update, merge_rule=model.manifest.get("merge_rule"))

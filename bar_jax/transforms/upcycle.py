@@ -28,7 +28,7 @@ Params = dict[str, Any]
 def upcycle(dense_params: Mapping[str, Any], dense_cfg: ModelConfig, *, expert_kind: str = "ffn",
             lora_rank: int = 16, lora_alpha: float = 32.0, expert_init: Mapping[str, Any] | None = None,
             key: jax.Array | None = None, router_scale: float = 0.02) -> tuple[Params, ModelConfig]:
-  """Returns (branch_params, branch_cfg). dense_params is the DESIGN.md dict of a dense model; nothing is copied
+  """Returns (branch_params, branch_cfg). dense_params is the parameter dict of a dense model; nothing is copied
   except the FFN stack; the shared leaves of the result are the input's own arrays."""
   if dense_cfg.ffn != "dense" or "mlp" not in dense_params.get("layers", {}):
     raise BarError("upcycle needs a dense model (ffn='dense' with layers/mlp): this one is already an MoE")
