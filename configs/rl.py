@@ -1,5 +1,5 @@
-"""GRPO with verifiable rewards on a branch artifact (bar_paper.md §1, RLVR): the branch's math (or tool-use) expert
-and all shared parameters train, the anchor (expert 0) stays frozen; no KL term; clip-higher 0.272.
+"""GRPO with verifiable rewards on a branch artifact (RLVR, as in the BAR paper, arXiv 2604.18473): the branch's math
+(or tool-use) expert and all shared parameters train, the anchor (expert 0) stays frozen; no KL term; clip-higher 0.272.
 
   python -m bar_jax.train --config=configs/rl.py:math --config.model=BRANCH_DIR --workdir=runs/rl_math
   python -m bar_jax.train --config=configs/rl.py:math,frozen --config.model=BRANCH_DIR --workdir=runs/rl_frozen

@@ -3,9 +3,9 @@
   python -m bar_jax.train --config=configs/router.py --config.model=runs/moe --workdir=runs/moe_routed
   python -m bar_jax.train --config=configs/router.py:tiny --config.model=/tmp/moe --workdir=/tmp/routed  # tests
 
-The paper's settings (bar_paper.md §3): 5% of each domain's SFT data (+ general), 2 epochs, lr 1e-4 with 3% warmup
-decaying to 0, z-loss 0.001, no load-balance loss, every expert active (top_k = all). Steps = ceil(epochs * sampled
-rows / batch_size); `router.max_steps` caps them for quick runs.
+The settings of the BAR paper (arXiv 2604.18473): 5% of each domain's SFT data (+ general), 2 epochs, lr 1e-4 with
+3% warmup decaying to 0, z-loss 0.001, no load-balance loss, every expert active (top_k = all).
+Steps = ceil(epochs * sampled rows / batch_size); `router.max_steps` caps them for quick runs.
 Expected: WORKDIR is an `moe` artifact whose leaf_fingerprints equal the input's for every leaf but
 layers/moe/router/kernel; its manifest has parents [input moe], stages [router record: steps, tokens, FLOPs,
 seconds, data (domains, fractions, examples per domain) and data_fingerprint], expert_fingerprints per expert slice,

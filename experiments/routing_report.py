@@ -10,10 +10,7 @@ OUT/routing.json and OUT/routing.png and prints the layer-mean table (top-1 shar
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):

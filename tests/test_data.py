@@ -1,7 +1,6 @@
 """Domain registry splits, grain pipelines (packing, loss masks, mixing, sharding, exact resume) and bad input."""
 import collections
 import json
-import os
 
 import numpy as np
 import pytest

@@ -4,11 +4,10 @@ import math
 import os
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
-from bar_jax.data import domains, pipeline, refusals
+from bar_jax.data import domains, refusals
 from bar_jax.data.sources import bfcl, pydocs
 from bar_jax.errors import BarError
 from bar_jax.evals import metrics, runner

@@ -1,8 +1,7 @@
-"""GGUF import: the packaged SmolLM2 is found without importing its package, loads into the DESIGN.md dict with
+"""GGUF import: the packaged SmolLM2 is found without importing its package, loads into the parameter dict with
 half-split RoPE (checked against the interleaved layout GGUF stores), damaged files fail in one line, and the
 import_base stage writes an artifact the generate CLI can talk to."""
 import os
-import shutil
 import subprocess
 import sys
 

@@ -9,7 +9,7 @@ import pytest
 
 from bar_jax.errors import BarError
 from bar_jax.io import hf
-from bar_jax.model import moe, transformer
+from bar_jax.model import transformer
 from bar_jax.model.config import tiny
 from numerics import ulps
 

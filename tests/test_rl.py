@@ -13,7 +13,7 @@ from bar_jax.model import transformer
 from bar_jax.model.config import tiny
 from bar_jax.stages import rl
 from bar_jax import pytree
-from bar_jax.transforms import freeze, grpo
+from bar_jax.transforms import grpo
 from bar_jax.transforms.upcycle import upcycle
 
 DENSE = tiny(vocab_size=259)
@@ -70,7 +70,8 @@ def test_clipped_loss_matches_numpy():
   np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(float(metrics["pg_loss"]), want_pg, rtol=2e-5, atol=1e-6)
   clipped = (np.clip(ratio, 1 - clip_low, 1 + clip_high) * adv[:, None] < ratio * adv[:, None])
-  np.testing.assert_allclose(float(metrics["clip_frac"]), (clipped * mask).sum() / mask.sum(), rtol=1e-6)  # a count ratio
+  # A ratio of token counts: exact up to float32 division.
+  np.testing.assert_allclose(float(metrics["clip_frac"]), (clipped * mask).sum() / mask.sum(), rtol=1e-6)
 
 
 def _fraction_of_target(response: str, reference) -> float:
