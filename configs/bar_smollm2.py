@@ -18,11 +18,12 @@ Knobs: --config.domains (which branches), --config.branch.arg=lora (adapter expe
 """
 import ml_collections
 
+from configs.common import parse_arg
+
 
 def get_config(arg=None):
-  variant = arg or "default"
-  if variant not in ("default", "quick", "tiny"):
-    raise ValueError(f"unknown variant {variant!r}: use configs/bar_smollm2.py, :quick or :tiny")
+  variant = parse_arg(arg, positional=["variant"], choices={"variant": ("default", "quick", "tiny")},
+                      variant="default").variant
   c = ml_collections.ConfigDict()
   c.stage = "pipeline"
   c.title = f"SmolLM2-135M-Instruct, {variant}"
@@ -45,7 +46,7 @@ def get_config(arg=None):
       "sft": dict(steps=20, batch_size=8, accum=2, data=dict(seq_len=256), opt=dict(lr=5e-4, warmup_steps=2),
                   checkpoint_every=5, log_every=1),
   })
-  # Merge: configs/merge.py overrides (rule average = the paper's; top_k 0 = all experts, unnormalised).
+  # Merge: configs/merge.py overrides (rule average = base + N branches, as the recipe; top_k 0 = all experts).
   c.merge = ml_collections.ConfigDict({"rule": "average"})
   # Router: configs/router.py overrides; "auto" runs it when the router stage is installed.
   c.router = ml_collections.ConfigDict({"enabled": "auto", "arg": "", "overrides": ml_collections.ConfigDict({

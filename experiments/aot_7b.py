@@ -66,7 +66,7 @@ CASES = {c.name: c for c in [
 
 def _opt():
   return ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=10, end_lr_frac=0.1, weight_decay=0.0, b1=0.9, b2=0.95,
-                                        clip_norm=1.0))
+                                        clip_norm=1.0, schedule="cosine", eps=1e-8))
 
 
 def _abstract(shapes: dict, shardings: dict) -> dict:

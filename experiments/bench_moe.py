@@ -143,7 +143,7 @@ def merge_worker(n_branches: int = 4) -> dict:
   tracemalloc.start()
   base_mem = tracemalloc.get_traced_memory()[0]
   t = time.perf_counter()
-  merged, mcfg = merge_lib.merge(None, branches, [cfg] * n_branches, rule="average")
+  merged, mcfg = merge_lib.merge(None, branches, [cfg] * n_branches, rule="average_branches")
   seconds = time.perf_counter() - t
   peak = tracemalloc.get_traced_memory()[1] - base_mem
   tracemalloc.stop()

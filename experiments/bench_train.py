@@ -168,7 +168,7 @@ def bench_step(cfg: ModelConfig, batch: int, seq: int, *, mesh, stage: str = "de
   trainable = {k: jax.device_put(v, loop.slice_sharding(flat[k], v)) for k, v in trainable.items()}
   frozen = {k: jax.device_put(v, loop.slice_sharding(flat[k], v)) for k, v in frozen.items()}
   opt = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=0, end_lr_frac=0.1, weight_decay=0.01, b1=0.9,
-                                       b2=0.95, clip_norm=1.0))
+                                       b2=0.95, clip_norm=1.0, schedule="cosine", eps=1e-8))
   tx, _ = optim.adamw(opt, 1000)
   opt_state = jax.jit(tx.init, out_shardings=loop.opt_state_shardings(tx, trainable, mesh))(trainable)
   loss_fn = loop.lm_loss(cfg, mesh, compute=compute) if loss == "full" else \
@@ -340,7 +340,7 @@ def section_fastpaths(args):
   say("|---|---|")
   mesh = _mesh_for(len(jax.devices()))
   opt = ml_collections.ConfigDict(dict(lr=3e-3, warmup_steps=0, end_lr_frac=0.1, weight_decay=0.0, b1=0.9,
-                                       b2=0.95, clip_norm=1.0))
+                                       b2=0.95, clip_norm=1.0, schedule="cosine", eps=1e-8))
   rng = np.random.default_rng(0)
   fixed = rng.integers(0, 256, (16, 33), dtype=np.int32)  # one batch repeated: the loss must fall
 

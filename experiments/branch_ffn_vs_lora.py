@@ -71,7 +71,7 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   with open(stem + ".md", "w") as f:
     f.write("# Branch experts: ffn vs lora (SmolLM2-135M-Instruct, real data, the pipeline's branch recipe)\n\n"
-            f"Made by: `{command}`\n\n{table}\n\n{pipeline._settings_note([base_eval])}\n")
+            f"Made by: `{command}`\n\n{table}\n\n{pipeline.settings_note([base_eval])}\n")
   with open(stem + ".json", "w") as f:
     json.dump({"command": command, "rows": rows}, f, indent=1)
   print(table)

@@ -30,7 +30,7 @@ def main(argv=None):
   from bar_jax.errors import BarError
   from bar_jax.model import transformer
   from bar_jax.stages import common
-  from bar_jax.stages.evaluate import format_table
+  from bar_jax.stages.common import format_table
   model = common.load_model(args.model)
   if model.cfg.ffn != "moe":
     raise BarError(f"{args.model} is not an MoE: pass a merge/router/upgrade artifact")

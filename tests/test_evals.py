@@ -172,7 +172,7 @@ def test_evaluate_stage_writes_json_and_table(tmp_path):
 
 
 def test_format_table():
-  from bar_jax.stages.evaluate import format_table
+  from bar_jax.stages.common import format_table
   rows = [{"name": "base", "overall": 40.0, "domains": {
       "math": {"metric": "exact_match", "score": 50.0, "value": 50.0},
       "general": {"metric": "nll", "score": 30.0, "value": 1.204}}},

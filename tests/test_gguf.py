@@ -90,5 +90,10 @@ def test_import_base_stage_and_generate_cli(smollm2, tmp_path, monkeypatch):
   # Only basenames of the source: no directory of this machine goes into a manifest.
   assert os.path.dirname(gguf.default_base_path()) not in open(os.path.join(workdir, "manifest.json")).read()
   assert cli.complete(workdir, "The capital of France is", raw=True, max_new_tokens=4).startswith(" Paris")
-  with pytest.raises(BarError, match="already holds an artifact"):
-    import_base.run(import_smollm2.get_config(), workdir)
+  # The workdir contract: the same config returns the artifact as it is, another one is refused.
+  assert import_base.run(import_smollm2.get_config(), workdir) == workdir
+  assert artifact.read_manifest(workdir)["created"] == manifest["created"]
+  renamed = import_smollm2.get_config()
+  renamed.name = "another"
+  with pytest.raises(BarError, match="another import_base run"):
+    import_base.run(renamed, workdir)

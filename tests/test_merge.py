@@ -62,9 +62,11 @@ def test_rules_on_hand_checked_numbers():
   branches = [{"embed/embedding": 1 + np.array([d], np.float32), "layers/moe/router/kernel": router(i, 10 + i),
                "layers/moe/experts/gate": expert(5, 20 + i)} for i, d in enumerate(deltas)]
   run = lambda rule, **kw: merge_lib.merge(base, branches, [cfg] * 3, rule=rule, **kw)[0]  # noqa: E731
-  avg = run("average")
-  # Means taken in float64 and rounded once to float32: within one float32 ulp (2**-23 relative) of the exact value.
-  np.testing.assert_allclose(avg["embed"]["embedding"], [[1, 1 - 2 / 3, 1 + .2, 1 + 4 / 3]], rtol=2**-23)
+  avg = run("average")  # base (ones) + 3 branches: 1 + (summed deltas) / 4
+  # float32 inputs (each within half an ulp of these decimals), a float64 mean rounded once: within one ulp (2**-23).
+  np.testing.assert_allclose(avg["embed"]["embedding"], [[1, 1 - 2 / 4, 1 + .6 / 4, 1 + 4 / 4]], rtol=2**-23)
+  avg_branches = run("average_branches")
+  np.testing.assert_allclose(avg_branches["embed"]["embedding"], [[1, 1 - 2 / 3, 1 + .2, 1 + 4 / 3]], rtol=2**-23)
   np.testing.assert_array_equal(avg["layers"]["moe"]["router"]["kernel"], [[[1, 10, 11, 12]]])  # mean(0, 1, 2) = 1
   np.testing.assert_array_equal(avg["layers"]["moe"]["experts"]["gate"][0, :, 0, 0], [5, 20, 21, 22])
   np.testing.assert_array_equal(run("base")["embed"]["embedding"], base["embed/embedding"])
@@ -74,8 +76,9 @@ def test_rules_on_hand_checked_numbers():
   # signs [-,-,0,+]; the agreeing means are -3, -1.5, 0, 2.25.
   ties = run("ties", ties_density=0.5)
   np.testing.assert_allclose(ties["embed"]["embedding"], [[-2, -.5, 1, 3.25]], rtol=2**-23)
-  with pytest.raises(BarError, match="needs the base"):
-    merge_lib.merge(None, branches, [cfg] * 3, rule="ties")
+  for rule in ("ties", "average"):
+    with pytest.raises(BarError, match="needs the base"):
+      merge_lib.merge(None, branches, [cfg] * 3, rule=rule)
   with pytest.raises(BarError, match="non-negative weights"):
     run("weighted", weights=[1, 2])
 
@@ -104,7 +107,7 @@ def test_one_hot_routing_selects_each_branch_expert(base, kind):
 @pytest.mark.parametrize("kind", ["ffn", "lora"])
 def test_single_branch_average_reproduces_its_logits(base, kind):
   branch, bcfg = trained_branch(base, kind, 4)
-  merged, mcfg = merge_lib.merge(base, [branch], [bcfg], rule="average")
+  merged, mcfg = merge_lib.merge(base, [branch], [bcfg], rule="average_branches")
   assert mcfg == bcfg
   # Bit-identical parameters through the same jitted program on the same device: bit-identical logits.
   np.testing.assert_array_equal(np.asarray(forward(merged, TOKENS, mcfg)), np.asarray(forward(branch, TOKENS, bcfg)))
@@ -124,7 +127,7 @@ def test_streams_one_leaf_at_a_time(base):
       return super().__getitem__(path)
 
   (b1, c1), (b2, c2) = trained_branch(base, "ffn", 1), trained_branch(base, "ffn", 2)
-  merged, _ = merge_lib.merge(None, [Lazy(b1, 1), Lazy(b2, 2)], [c1, c2])
+  merged, _ = merge_lib.merge(None, [Lazy(b1, 1), Lazy(b2, 2)], [c1, c2], rule="average_branches")
   paths = [p for p, _ in reads]
   assert sorted(set(paths)) == sorted(pytree.flatten(b1)) and len(reads) == 2 * len(set(paths))
   for j in range(0, len(reads), 2):  # each path read once per branch, then never again
@@ -186,7 +189,8 @@ def test_stage_writes_moe_artifact_with_lineage(branch_dirs, tmp_path):
   assert [p["role"] for p in m["parents"]] == ["branch", "branch", "base"]
   assert [p["name"] for p in m["parents"]][:2] == ["math", "code"]
   # Against plain numpy, not the transform the stage calls: expert 0 and router column 0 the branches' mean anchor,
-  # expert / column i branch i's domain slot, every shared leaf the mean of the two branches.
+  # expert / column i branch i's domain slot, every shared leaf the mean of the base and the two branches.
+  base_flat = pytree.flatten(artifact.read(branch_dirs["base"]).params)
   math_, code = (pytree.flatten(artifact.read(branch_dirs[n]).params) for n in ("math", "code"))
   got = pytree.flatten(art.params)
   assert set(got) == set(math_)
@@ -198,9 +202,9 @@ def test_stage_writes_moe_artifact_with_lineage(branch_dirs, tmp_path):
     elif path.startswith("layers/moe/experts/"):
       want = np.stack([(a[:, 0] + b[:, 0]) / 2, a[:, 1], b[:, 1]], axis=1)
     else:
-      want = (a + b) / 2
+      want = (np.asarray(base_flat[path], np.float64) + a + b) / 3
     assert np.asarray(x).dtype == np.float32 and x.shape == want.shape, path
-    # The mean of two float32 numbers is exact in float64; the stage rounds it once: within one float32 ulp.
+    # A float64 mean of float32 numbers (exact sums, one division) rounded once: within one float32 ulp.
     np.testing.assert_allclose(np.asarray(x), want, rtol=2**-23, atol=0, err_msg=path)
 
 
@@ -217,7 +221,7 @@ def test_stage_refuses_bad_branches(branch_dirs, tmp_path, names, match):
   out = tmp_path / "moe"
   dirs = [branch_dirs.get(n, os.path.join(branch_dirs["root"], n)) for n in names]
   with pytest.raises(BarError, match=match):
-    merge_stage.run(stage_config(dirs), str(out))
+    merge_stage.run(stage_config(dirs, base=branch_dirs["base"]), str(out))
   assert not out.exists() or not os.listdir(out)
   assert not [n for n in os.listdir(tmp_path) if n.startswith(".moe")]  # no temporary left behind
 
@@ -244,7 +248,7 @@ def test_merge_inherits_no_compute_setting(base, branch_dirs, byte_tokenizer, tm
   fp = artifact.read_manifest(branch_dirs["code"])["base_fingerprint"]
   first = write_branch(str(tmp_path), "old_math", params, cfg, byte_tokenizer, fp, model=old)
   out = str(tmp_path / "moe")
-  merge_stage.run(stage_config([first, branch_dirs["code"]]), out)
+  merge_stage.run(stage_config([first, branch_dirs["code"]], base=branch_dirs["base"]), out)
   m = artifact.read_manifest(out)
   assert set(m["model"]) == {f.name for f in dataclasses.fields(ModelConfig)}
   assert ModelConfig.from_dict(m["model"]) == cfg.replace(n_experts=3)

@@ -27,7 +27,7 @@ def _cfg():
 def _opt():
   import ml_collections
   return ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=1, end_lr_frac=0.1, weight_decay=0.01, b1=0.9,
-                                        b2=0.95, clip_norm=1.0))
+                                        b2=0.95, clip_norm=1.0, schedule="cosine", eps=1e-8))
 
 
 def _global_batch(step: int, vocab: int) -> dict[str, np.ndarray]:

@@ -129,7 +129,7 @@ def _pad_row(el: dict[str, np.ndarray], seq_len: int, pad_id: int) -> dict[str, 
   return row
 
 
-def _from_packed(row: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+def from_packed(row: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
   seg = row["inputs_segment_ids"].astype(np.int32)
   real = seg > 0
   return {"inputs": np.where(real, row["inputs"], pad_id).astype(np.int32),
@@ -199,7 +199,7 @@ def build(examples: Mapping[str, Sequence], weights: Mapping[str, float], tokeni
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={"inputs": seq_len, "targets": seq_len, "mask": seq_len}, num_packing_bins=batch_size,
         shuffle_bins=False)
-    it = it.map(lambda row: _from_packed(row, pad))
+    it = it.map(lambda row: from_packed(row, pad))
   else:
     it = it.map(lambda el: _pad_row(el, seq_len, pad))
   # Endless streams keep one batch shape; a finite run (num_epochs=n) ends with its last, smaller batch: no loss.

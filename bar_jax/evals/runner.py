@@ -43,7 +43,7 @@ def _rows_nll(params, cfg, rows: list[dict], batch_size: int, seq_len: int, pad_
       grain.MapDataset.source(rows).to_iter_dataset(),
       length_struct={"inputs": seq_len, "targets": seq_len, "mask": seq_len}, num_packing_bins=batch_size,
       shuffle_bins=False)
-  packed = [pipeline._from_packed(r, pad_id) for r in packed]
+  packed = [pipeline.from_packed(r, pad_id) for r in packed]
   total, count = 0.0, 0.0
   for i in range(0, len(packed), batch_size):
     chunk = packed[i:i + batch_size]

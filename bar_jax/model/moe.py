@@ -88,7 +88,7 @@ def router_losses(logits: jax.Array, weights: jax.Array, idx: jax.Array, n_exper
   # diagnostics (bar_jax/evals/routing.py).
   top1 = jnp.mean(jax.nn.one_hot(jnp.argmax(logits, axis=-1), n_experts, dtype=jnp.float32), axis=0)
   return {"z_loss": jnp.mean(z * z), "lb_loss": n_experts * jnp.sum(f * p), "expert_load": f, "expert_prob": p,
-          "expert_top1": top1}
+          "expert_top1": top1, "expert_weight": jnp.mean(weights.astype(jnp.float32), axis=0)}  # applied weights
 
 
 def dense_dispatch(x: jax.Array, weights: jax.Array, gate, up, down) -> jax.Array:

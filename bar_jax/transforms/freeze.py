@@ -23,7 +23,8 @@ from bar_jax.model.config import ModelConfig
 
 EXPERTS = r"layers/moe/(experts|lora)/.*"
 ROUTER = r"layers/moe/router/kernel"
-EMBED_HEAD = r"embed/embedding|lm_head/kernel"
+# OLMo-core's LMHead owns the final norm (lm_head.norm), so the recipe's SFT set `lm_head.*` trains it too.
+EMBED_HEAD = r"embed/embedding|lm_head/kernel|final_norm/scale"
 
 # Stage -> trainable regexes (the anchor's slices are frozen by frozen_experts=(0,) throughout).
 SCHEDULE: dict[str, tuple[str, ...]] = {

@@ -7,7 +7,8 @@ expert E. Pure: nested dicts of arrays in, nested dicts of numpy arrays out.
                                  branch's slot / column 1; n_experts becomes E + 1.
 
 Shared leaves (attention, embeddings, norms, LM head) always stay the MoE's: the new expert runs on the merged shared
-weights, as in the paper's upgrade. `expert_fingerprints` hashes each expert's slice of every expert-stacked leaf, so
+weights (a choice of this library: it keeps every other expert's behaviour; the branch's own shared weights are not
+merged in). `expert_fingerprints` hashes each expert's slice of every expert-stacked leaf, so
 a test or a reader can prove which experts changed from the manifests alone.
 """
 from __future__ import annotations
