@@ -35,7 +35,8 @@ def get_config(arg=None):
   # Branches: configs/branch.py get_config("<domain>,<arg>") + these overrides (phases by name).
   c.branch = ml_collections.ConfigDict()
   c.branch.arg = ""                  # "lora" for adapter experts
-  # SFT only (no mid-training phase), activation remat and 2 micro-batches: fewer compilations and half the activation memory
+  # SFT only (no mid-training phase), activation remat and 2 micro-batches: fewer compilations and half the
+  # activation memory
   # on a shared 2-core CPU (8 x 256 in one micro-batch was OOM-killed at 6.3 GB beside other jobs).
   c.branch.overrides = ml_collections.ConfigDict({"general_ratio": 0.25, "phase_order": ["sft"],
                                                   "compute": {"remat": "full"}})
@@ -55,7 +56,8 @@ def get_config(arg=None):
                      log_every=1, opt=dict(lr=1e-3)),
       "routing": dict(seq_len=128, max_rows=2, batch_size=2)})})
   c.eval_branches = variant != "quick"  # the branch_<domain> rows
-  c.eval_merged_before_router = variant == "default"  # adds the row bar_merged_unrouted: the table before/after router training
+  # adds the row bar_merged_unrouted: the table before/after router training
+  c.eval_merged_before_router = variant == "default"
   # Evaluation: configs/evaluate.py overrides.
   c.eval = ml_collections.ConfigDict(dict(domains="all", n_per_domain=16, max_new_tokens=40, batch_size=16,
                                           nll_seq_len=256))

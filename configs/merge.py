@@ -27,7 +27,7 @@ def get_config(arg=None):
   c.weights = ""                # 'weighted': one non-negative weight per branch, comma-separated (normalised)
   c.ties_density = 0.2          # 'ties': share of each branch's delta kept (by magnitude, per leaf)
   c.ties_scale = 1.0            # 'ties': scale of the merged delta added to the base
-  c.compute = ml_collections.ConfigDict(dict(top_k=0, norm_topk=False, dispatch="dense"))  # 0 = all experts (paper)
+  c.compute = ml_collections.ConfigDict(dict(top_k=0, norm_topk=False))  # 0 = all experts (paper)
   c.place_on_mesh = False       # True: shard the merged params on config.mesh (experts over the expert axis)
   c.mesh = mesh_config(data=1, expert=-1)
   return c

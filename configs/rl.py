@@ -1,5 +1,5 @@
-"""GRPO with verifiable rewards on a branch artifact (RLVR, the paper's RL phase): the branch's math (or tool-use) expert
-and all shared parameters train, the anchor (expert 0) stays frozen; no KL term; clip-higher 0.272.
+"""GRPO with verifiable rewards on a branch artifact (RLVR, the paper's RL phase): the branch's math (or tool-use)
+expert and all shared parameters train, the anchor (expert 0) stays frozen; no KL term; clip-higher 0.272.
 
   python -m bar_jax.train --config=configs/rl.py:math --config.model=BRANCH_DIR --workdir=runs/rl_math
   python -m bar_jax.train --config=configs/rl.py:math,frozen --config.model=BRANCH_DIR --workdir=runs/rl_frozen

@@ -21,14 +21,13 @@ import time
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bar_jax.io import gguf  # noqa: E402
-from bar_jax import sharding  # noqa: E402
-from bar_jax.stages import rollouts as rl  # noqa: E402
-from bar_jax.transforms import freeze  # noqa: E402
-from bar_jax.transforms.upcycle import upcycle  # noqa: E402
-from configs.rl import rl_config  # noqa: E402
+from bar_jax.io import gguf
+from bar_jax import sharding
+from bar_jax.stages import rollouts as rl
+from bar_jax.transforms import freeze
+from bar_jax.transforms.upcycle import upcycle
+from configs.rl import rl_config
 
 ARMS = {"unfrozen": list(freeze.SCHEDULE["rl"]), "frozen": list(freeze.SCHEDULE["midtrain"])}
 
@@ -99,7 +98,7 @@ def _write(out: str, results: dict) -> None:
     json.dump(results, f, indent=1)
   arms = results["arms"]
   steps = max(len(a["reward_curve"]) for a in arms.values())
-  lines = [f"# GRPO on a math branch: shared parameters unfrozen vs frozen", "",
+  lines = ["# GRPO on a math branch: shared parameters unfrozen vs frozen", "",
            f"`{results['command']}`  ", f"{results['model']}; {results['machine']}", "",
            "| step | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
   for s in range(steps):

@@ -28,10 +28,9 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import numpy as np
 
-import numpy as np  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse(argv=None):
@@ -209,7 +208,8 @@ def write(a, domains: list[str], results: list[dict]) -> None:
   e = results[0]["n_experts"]
   head = ("| arm | router budget (steps) | " + " | ".join(f"{d}: own weight ± 95% (rank)" for d in domains)
           + " | mean own weight |")
-  lines = [f"# Routing fix: the merged model's weight on each domain's own expert ({'tiny, --quick' if a.quick else 'SmolLM2-135M'})",
+  model = "tiny, --quick" if a.quick else "SmolLM2-135M"
+  lines = [f"# Routing fix: the merged model's weight on each domain's own expert ({model})",
            "", f"Made by: `{a.command}`", "",
            f"Own weight = mean router weight (layer mean) of the domain's expert on its held-out tokens; 95% t "
            f"interval over packed rows (n rows each, below); rank 1 = the largest of the {e} experts; a uniform "

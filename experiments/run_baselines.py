@@ -10,7 +10,8 @@ Runs (each step skipped when its artifact is already complete, so it resumes lik
   experiments/baselines/monolithic.py         one dense model on all domains mixed, same total tokens;
   experiments/baselines/sequential.py         math -> code -> tool_use -> safety, a row after each domain;
   experiments/baselines/dense_merge.py        uniform average of the dense fine-tunes;
-  experiments/baselines/btx.py                dense fine-tunes' FFNs as experts, shared weights averaged, router trained.
+  experiments/baselines/btx.py                dense fine-tunes' FFNs as experts, shared weights averaged, router
+                                              trained.
 Writes experiments/results/bar_smollm2[_<variant>].md (table + the command) and .png (grouped bars).
 """
 from __future__ import annotations
@@ -26,7 +27,6 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, os.path.join(HERE, "baselines")]
 
 from bar_jax.stages import common, pipeline  # noqa: E402
 from bar_jax.transforms import merge as merge_lib, upcycle  # noqa: E402

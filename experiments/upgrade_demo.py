@@ -23,7 +23,6 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _eval_row(pipeline, config, model_dir: str, edir: str, label: str) -> dict:

@@ -2,7 +2,6 @@
 reduction, the final norm in the SFT set, and the router learning-rate multiplier."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 from configs.common import opt_defaults
 import numpy as np
 import pytest
@@ -137,7 +136,8 @@ def test_final_norm_trains_in_sft_only(base):
 
 def test_router_lr_multiplier_scales_only_the_router_update():
   def first_update(mult):
-    opt = opt_defaults(lr=1e-3, warmup_steps=0, end_lr_frac=0.0, clip_norm=0.0, schedule="constant", router_lr_mult=mult)
+    opt = opt_defaults(lr=1e-3, warmup_steps=0, end_lr_frac=0.0, clip_norm=0.0, schedule="constant",
+                       router_lr_mult=mult)
     tx, _ = optim.adamw(opt, 10)
     params = {ROUTER: jnp.ones((2, 3, 4)), "embed/embedding": jnp.ones((5, 3))}
     grads = {ROUTER: jnp.full((2, 3, 4), 0.3), "embed/embedding": jnp.full((5, 3), -0.2)}

@@ -14,7 +14,7 @@ from bar_jax.model.config import tiny
 from bar_jax import sharding
 from bar_jax.stages import rollouts as rl
 from bar_jax import pytree
-from bar_jax.transforms import freeze, grpo
+from bar_jax.transforms import grpo
 from bar_jax.transforms.upcycle import upcycle
 from configs.rl import rl_config
 
@@ -35,6 +35,7 @@ def test_advantages_match_numpy():
   want = []
   for g in rewards.reshape(3, 4).astype(np.float64):
     want += list((g - g.mean()) / (np.sqrt(((g - g.mean()) ** 2).mean()) + 1e-6))
+  # float32 against float64, values of order 1 from 4-term means: a few float32 ulps.
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   assert np.all(got[4:8] == 0)  # a group that all scored the same carries no signal
   np.testing.assert_allclose(grpo.group_advantages(rewards, 4, scale=False)[:4], [0.5, -0.5, -0.5, 0.5])
@@ -66,9 +67,12 @@ def test_clipped_loss_matches_numpy():
            "advantages": adv.astype(np.float32), "old_logp": old.astype(np.float32),
            "ref_logp": ref.astype(np.float32)}
   loss, metrics = loss_fn(params, batch)
+  # float32 log-softmax over V=259 logits, exp of ratios and a weighted sum over B*T=48 tokens against float64:
+  # ~V*eps relative per log-prob, so 2e-5 relative (atol for a loss near zero).
   np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(float(metrics["pg_loss"]), want_pg, rtol=2e-5, atol=1e-6)
   clipped = (np.clip(ratio, 1 - clip_low, 1 + clip_high) * adv[:, None] < ratio * adv[:, None])
+  # A ratio of token counts: exact up to float32 division.
   np.testing.assert_allclose(float(metrics["clip_frac"]), (clipped * mask).sum() / mask.sum(), rtol=1e-6)
 
 

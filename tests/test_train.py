@@ -15,7 +15,7 @@ from bar_jax import sharding, train
 from bar_jax.errors import BarError
 from bar_jax.io import artifact
 from bar_jax.model import config as config_lib, transformer
-from bar_jax.stages import common, loop
+from bar_jax.stages import loop
 from bar_jax.transforms import freeze
 from configs.common import opt_defaults
 

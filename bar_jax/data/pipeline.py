@@ -11,8 +11,8 @@ no token is lost: consecutive windows overlap by one token so every target appea
 conversations dropped or truncated (SFT), empty examples. Nothing is lost without being counted in `stats`.
 
 The iterator is a grain DatasetIterator: deterministic given the seed, repeats epochs (num_epochs=None: forever,
-each epoch reshuffled, domains drawn by weight; num_epochs=n: every element exactly n times, weights unused), and its get_state()/set_state() (or grain.checkpoint.CheckpointSave with orbax) resume
-exactly.
+each epoch reshuffled, domains drawn by weight; num_epochs=n: every element exactly n times, weights unused), and its
+get_state()/set_state() (or grain.checkpoint.CheckpointSave with orbax) resume exactly.
 """
 from __future__ import annotations
 
@@ -184,7 +184,8 @@ def build(examples: Mapping[str, Sequence], weights: Mapping[str, float], tokeni
     lost = s.dropped_too_long + s.truncated + s.empty
     if lost:
       logging.warning("data %s/%s: %d of %d examples dropped or cut (%s)", kind, name, lost, s.examples,
-                      {k: v for k, v in dataclasses.asdict(s).items() if k in ("dropped_too_long", "truncated", "empty") and v})
+                      {k: v for k, v in dataclasses.asdict(s).items()
+                       if k in ("dropped_too_long", "truncated", "empty") and v})
   if num_epochs is None:  # endless: each domain reshuffled every epoch, drawn by weight
     parts = [p.repeat(None) for p in parts]
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, part_weights)

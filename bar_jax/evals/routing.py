@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from bar_jax.model import transformer
-from bar_jax.model.config import ModelConfig
+from bar_jax.model.config import Compute, ModelConfig
 
 ROUTING_JSON, ROUTING_PNG = "routing.json", "routing.png"
 STATS = ("top_k_share", "top1_share", "mean_prob")
@@ -67,15 +67,15 @@ def domain_rows(tokenizer, domains: Sequence[str], *, seq_len: int = 256, max_ro
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
-def _router_means(params, inputs, positions, segment_ids, *, cfg: ModelConfig, mesh=None):
-  _, aux = transformer.forward(params, inputs, cfg, positions=positions, segment_ids=segment_ids, mesh=mesh,
-                               return_hidden=True)
+@functools.partial(jax.jit, static_argnames=("cfg", "compute", "mesh"))
+def _router_means(params, inputs, positions, segment_ids, *, cfg: ModelConfig, compute: Compute, mesh=None):
+  _, aux = transformer.forward(params, inputs, cfg, compute=compute, positions=positions, segment_ids=segment_ids,
+                               mesh=mesh, return_hidden=True)
   return aux["expert_load"], aux["expert_top1"], aux["expert_prob"]
 
 
 def routing_stats(params, cfg: ModelConfig, rows: Mapping[str, Mapping[str, np.ndarray]], *, batch_size: int = 8,
-                  mesh=None, names: Sequence[str] | None = None) -> dict[str, Any]:
+                  mesh=None, names: Sequence[str] | None = None, compute: Compute = Compute()) -> dict[str, Any]:
   """{"domains": {d: {stat: [L][E], "tokens": n}}, "experts": names, "top_k": k} from packed rows per domain."""
   if cfg.ffn != "moe":
     raise ValueError("routing diagnostics need an MoE model")
@@ -89,7 +89,7 @@ def routing_stats(params, cfg: ModelConfig, rows: Mapping[str, Mapping[str, np.n
     sums = [np.zeros((cfg.n_layers, cfg.n_experts)) for _ in STATS]
     for i in range(0, n, b):
       stats = _router_means(params, r["inputs"][i:i + b], r["positions"][i:i + b], r["segment_ids"][i:i + b],
-                            cfg=cfg, mesh=mesh)
+                            cfg=cfg, compute=compute, mesh=mesh)
       for s, v in zip(sums, stats):
         s += np.asarray(v, np.float64) * b
     out["domains"][domain] = {name: (s / n).round(5).tolist() for name, s in zip(STATS, sums)}
@@ -97,15 +97,15 @@ def routing_stats(params, cfg: ModelConfig, rows: Mapping[str, Mapping[str, np.n
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
-def _mean_weights(params, inputs, positions, segment_ids, *, cfg: ModelConfig, mesh=None):
-  _, aux = transformer.forward(params, inputs, cfg, positions=positions, segment_ids=segment_ids, mesh=mesh,
-                               return_hidden=True)
+@functools.partial(jax.jit, static_argnames=("cfg", "compute", "mesh"))
+def _mean_weights(params, inputs, positions, segment_ids, *, cfg: ModelConfig, compute: Compute, mesh=None):
+  _, aux = transformer.forward(params, inputs, cfg, compute=compute, positions=positions, segment_ids=segment_ids,
+                               mesh=mesh, return_hidden=True)
   return aux["expert_weight"]
 
 
 def weight_table(params, cfg: ModelConfig, rows: Mapping[str, Mapping[str, np.ndarray]], *, batch_size: int = 8,
-                 mesh=None, names: Sequence[str] | None = None) -> dict[str, Any]:
+                 mesh=None, names: Sequence[str] | None = None, compute: Compute = Compute()) -> dict[str, Any]:
   """The mean router weight each expert gets on each domain's tokens: the combine weight the model applies (after
   top-k and any renormalisation; the router probability when every expert runs), per layer, averaged over every
   token of the domain's packed rows. Same schema as routing_stats with the stat "mean_weight", so format_table and
@@ -122,7 +122,8 @@ def weight_table(params, cfg: ModelConfig, rows: Mapping[str, Mapping[str, np.nd
     total = np.zeros((cfg.n_layers, cfg.n_experts))
     for i in range(0, n, b):
       total += np.asarray(_mean_weights(params, r["inputs"][i:i + b], r["positions"][i:i + b],
-                                        r["segment_ids"][i:i + b], cfg=cfg, mesh=mesh), np.float64) * b
+                                        r["segment_ids"][i:i + b], cfg=cfg, compute=compute, mesh=mesh),
+                            np.float64) * b
     out["domains"][domain] = {"mean_weight": (total / n).round(6).tolist(), "tokens": int(n * r["inputs"].shape[1])}
   return out
 

@@ -58,26 +58,26 @@ def run(config, workdir: str) -> str:
   params, cfg = upcycle.upcycle(base.params, base.cfg, expert_kind=config.expert_kind, lora_rank=config.lora_rank,
                                 lora_alpha=config.lora_alpha, expert_init=init, key=jax.random.key(config.seed),
                                 router_init=config.router_init)
-  cfg = common.model_overrides(cfg, config.compute)
+  cfg, compute = common.model_overrides(cfg, config.compute)
   # Check every phase's trainable set now, before any data is built or anything is written.
   for name, phase in phases.items():
     freeze.make_partition(params, cfg, list(config.schedule[name]), list(config.frozen_experts))
   mesh = common.mesh_from(config)
   workdir_lib.start(workdir, identity)
 
-  metrics_before = common.evaluate(config, cfg, params, base.tokenizer, mesh) if config.eval.before else {}
+  metrics_before = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute) if config.eval.before else {}
   stages = []
   for name, phase in phases.items():
     if name == "rl":
       params, record = rollouts.run_rl(params, cfg, base.tokenizer, phase, os.path.join(workdir, "phases", name),
-                                       mesh=mesh, identity={"stage": identity, "phase": name})
+                                       mesh=mesh, identity={"stage": identity, "phase": name}, compute=compute)
     else:
       params, record = common.train_phase(name=name, model=base, cfg=cfg, params=params, phase=phase,
                                           workdir=workdir, mesh=mesh, seed=config.seed, identity=identity,
                                           trainable=list(config.schedule[name]),
-                                          frozen_experts=list(config.frozen_experts))
+                                          frozen_experts=list(config.frozen_experts), compute=compute)
     stages.append(record)
-  metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh)
+  metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute)
   parent = dict(base.manifest, role="base")
   return common.write_artifact(
       workdir, base, params, cfg, "branch", stages, [parent], identity=identity,

@@ -19,7 +19,7 @@ from bar_jax.errors import BarError
 from bar_jax.io import artifact
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.model import transformer
-from bar_jax.model.config import ModelConfig
+from bar_jax.model.config import Compute, ModelConfig, split_overrides
 from bar_jax.stages import loop
 from bar_jax.transforms import freeze
 
@@ -62,12 +62,13 @@ def load_model(spec: str, *, verify: bool = True) -> Model:
   return Model(art.manifest.get("name", os.path.basename(spec)), art.cfg, art.params, art.tokenizer, art.manifest)
 
 
-def model_overrides(cfg: ModelConfig, overrides: ml_collections.ConfigDict | dict) -> ModelConfig:
-  """Compute-side knobs from config.compute (dtype, remat, attention, dispatch, top_k, ...) applied to a loaded model."""
+def model_overrides(cfg: ModelConfig, overrides: ml_collections.ConfigDict | dict) -> tuple[ModelConfig, Compute]:
+  """config.compute applied to a loaded model: (cfg with its routing overrides such as top_k, the run's Compute:
+  dtype, remat, attention, dispatch, capacity_factor). Only the first is ever written into a manifest."""
   d = dict(overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
-  d = {k: v for k, v in d.items() if v is not None}
+  arch, compute = split_overrides({k: v for k, v in d.items() if v is not None})
   try:
-    return cfg.replace(**d).validate()
+    return cfg.replace(**arch).validate(), Compute(**compute).validate()
   except TypeError as e:
     raise BarError(f"config.compute has a key ModelConfig does not know ({e}); see bar_jax/model/config.py") from None
   except ValueError as e:
@@ -100,7 +101,7 @@ def config_hash(d: Any) -> str:
 
 def train_phase(*, name: str, model: Model, cfg: ModelConfig, params: Any, phase: ml_collections.ConfigDict,
                 workdir: str, mesh, seed: int, identity: dict, trainable, frozen_experts=(0,),
-                batches=None) -> tuple[Any, dict]:
+                batches=None, compute: Compute = Compute()) -> tuple[Any, dict]:
   """One training phase (mid-training, SFT, dense LM, router): data, partition, loop.train; returns (params, record).
 
   identity: the stage's identity (bar_jax/io/workdir.py); the phase's checkpoints are claimed for it and the phase
@@ -118,7 +119,8 @@ def train_phase(*, name: str, model: Model, cfg: ModelConfig, params: Any, phase
   part = freeze.make_partition(params, cfg, patterns, frozen_experts)
   phase_dir = os.path.join(workdir, "phases", name)
   result = loop.train(params=params, cfg=cfg, part=part,
-                      loss_fn=loop.lm_loss(cfg, mesh, z_loss=phase.z_loss, lb_loss=phase.lb_loss), batches=it,
+                      loss_fn=loop.lm_loss(cfg, mesh, z_loss=phase.z_loss, lb_loss=phase.lb_loss, compute=compute),
+                      batches=it,
                       opt=phase.opt, steps=phase.steps, workdir=phase_dir, mesh=mesh,
                       identity={"stage": identity, "phase": name}, accum=accum,
                       checkpoint_every=phase.checkpoint_every, log_every=phase.log_every, desc=name, data_iter=it)
@@ -161,14 +163,15 @@ def done(workdir: str) -> bool:
   return artifact.is_complete(workdir)
 
 
-def evaluate(config, cfg: ModelConfig, params: Any, tokenizer, mesh) -> dict:
+def evaluate(config, cfg: ModelConfig, params: Any, tokenizer, mesh, compute: Compute = Compute()) -> dict:
   """The domain metrics of config.eval (empty when eval.domains is empty), for the manifest."""
   ev = config.eval
   if not ev.domains:
     return {}
   from bar_jax import evals
   return evals.evaluate_model(params, cfg, tokenizer, list(ev.domains), n_per_domain=ev.n_per_domain,
-                              max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, mesh=mesh)
+                              max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, mesh=mesh,
+                              compute=compute)
 
 
 # ----------------------------------------------------------------------------------------------------------------

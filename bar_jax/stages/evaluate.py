@@ -31,11 +31,12 @@ def run(config, workdir: str) -> str:
   for spec in specs:
     t0 = time.time()
     model = common.load_model(spec)
-    cfg = common.model_overrides(model.cfg, config.compute)
+    cfg, compute = common.model_overrides(model.cfg, config.compute)
     report = evals.evaluate_model(model.params, cfg, model.tokenizer, config.domains,
                                   n_per_domain=config.n_per_domain, max_new_tokens=config.max_new_tokens,
                                   batch_size=config.batch_size, max_prompt_tokens=config.max_prompt_tokens,
-                                  nll_seq_len=config.nll_seq_len, nll_batch_rows=config.nll_batch_rows)
+                                  nll_seq_len=config.nll_seq_len, nll_batch_rows=config.nll_batch_rows,
+                                  compute=compute)
     rows.append({"name": model.manifest.get("name", spec) if spec == common.SMOLLM2 else spec, "model": spec,
                  "kind": model.manifest.get("kind"), "fingerprint": model.manifest.get("fingerprint"),
                  "load_and_eval_seconds": round(time.time() - t0, 2), **report})

@@ -2,9 +2,10 @@
 
 Every stage that trains (dense LM, branch mid-training/SFT, router, upgrade, RL) calls `train(...)` with its own loss
 function, partition and batch source (an iterator of batches, or RL's rollouts sampled from the current parameters),
-plus hooks (metrics and TensorBoard, progress, periodic eval). Frozen leaves are arguments of the step but never reach the optimiser; trainable leaves and the
-optimiser state are donated. A run killed at any point and started again with the same command resumes from the last
-checkpoint (params, optimiser state, step, data iterator) and ends bit-identical to an uninterrupted run.
+plus hooks (metrics and TensorBoard, progress, periodic eval). Frozen leaves are arguments of the step but never
+reach the optimiser; trainable leaves and the optimiser state are donated. A run killed at any point and started
+again with the same command resumes from the last checkpoint (params, optimiser state, step, data iterator) and ends
+bit-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from bar_jax import optim, pytree, sharding
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.io.checkpoint import Checkpointer
 from bar_jax.model import transformer
-from bar_jax.model.config import ModelConfig
+from bar_jax.model.config import Compute, ModelConfig
 from bar_jax.transforms import freeze
 
 LossFn = Callable[[dict, dict], tuple[jax.Array, dict[str, jax.Array]]]
@@ -33,11 +34,12 @@ LossFn = Callable[[dict, dict], tuple[jax.Array, dict[str, jax.Array]]]
 # ----------------------------------------------------------------------------------------------------------------
 # Losses.
 
-def lm_loss(cfg: ModelConfig, mesh=None, z_loss: float = 0.0, lb_loss: float = 0.0) -> LossFn:
+def lm_loss(cfg: ModelConfig, mesh=None, z_loss: float = 0.0, lb_loss: float = 0.0,
+            compute: Compute = Compute()) -> LossFn:
   """Next-token cross-entropy over batch["mask"] (assistant tokens for SFT), plus the MoE router losses."""
 
   def loss_fn(params, batch):
-    logits, aux = transformer.forward(params, batch["inputs"], cfg, positions=batch["positions"],
+    logits, aux = transformer.forward(params, batch["inputs"], cfg, compute=compute, positions=batch["positions"],
                                       segment_ids=batch["segment_ids"], mesh=mesh)
     mask = batch["mask"].astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
@@ -234,7 +236,7 @@ def init_state(params: dict, cfg: ModelConfig, part: freeze.Partition, tx: optax
   Partially frozen leaves were sliced along the expert axis, so their shardings are re-derived from the slices.
   Trainable leaves are copied: the step donates them, and the caller's arrays must stay alive.
   """
-  full = sharding.param_shardings(cfg, mesh, params)
+  full = transformer.param_shardings(cfg, mesh, params)
   flat_shardings = pytree.flatten(full)
   trainable, frozen = freeze.split(jax.tree.map(jax.device_put, params, full), part)
   trainable = {k: jnp.copy(jax.device_put(v, slice_sharding(flat_shardings[k], v))) for k, v in trainable.items()}

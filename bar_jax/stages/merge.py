@@ -22,6 +22,7 @@ from bar_jax.data.tokenizer import Tokenizer
 from bar_jax.errors import BarError
 from bar_jax.io import artifact
 from bar_jax.io import workdir as workdir_lib
+from bar_jax.model import transformer
 from bar_jax.model.config import ModelConfig
 from bar_jax.transforms import merge as merge_lib
 
@@ -54,20 +55,11 @@ def check_branches(dirs: list[str]) -> tuple[list[dict[str, Any]], list[ModelCon
   first, base_fp = dirs[0], manifests[0].get("base_fingerprint")
   if not base_fp:
     raise BarError(f"branch {first} has no base_fingerprint in its manifest; re-run its branch stage")
-  arch0 = merge_lib.architecture(cfgs[0])
   for d, m, cfg in zip(dirs, manifests, cfgs):
     if m.get("base_fingerprint") != base_fp:
       raise BarError(f"branch {d} was trained from base {str(m.get('base_fingerprint'))[:12]}, but {first} from "
                      f"{base_fp[:12]}: merge only branches of the same base")
-    arch = merge_lib.architecture(cfg)
-    if arch != arch0:
-      diff = ", ".join(f"{k}={arch.get(k)} vs {arch0.get(k)}" for k in sorted(arch) if arch.get(k) != arch0.get(k))
-      raise BarError(f"branch {d} has a different architecture from {first} ({diff}): merge only branches of one base")
-    for field in ("ffn", "n_experts", "expert_kind") + (("lora_rank", "lora_alpha") if cfg.expert_kind == "lora"
-                                                         else ()):
-      if getattr(cfg, field) != getattr(cfgs[0], field):
-        raise BarError(f"branch {d} has {field}={getattr(cfg, field)} but {first} has {getattr(cfgs[0], field)}: "
-                       "re-train it with the same expert settings")
+    merge_lib.check_stackable(cfg, cfgs[0], what=f"branch {d}", into=first, fix="merge only branches of one base")
   return manifests, cfgs
 
 
@@ -102,10 +94,10 @@ def run(config, workdir: str) -> str:
   compute = config.compute
   params, cfg = merge_lib.merge(base_params, branch_params, cfgs, rule=config.rule, weights=weights,
                                 ties_density=config.ties_density, ties_scale=config.ties_scale,
-                                top_k=compute.top_k, norm_topk=compute.norm_topk, dispatch=compute.dispatch)
+                                top_k=compute.top_k, norm_topk=compute.norm_topk)
   if config.place_on_mesh:
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    params = jax.device_put(params, sharding.param_shardings(cfg, mesh, params))
+    params = jax.device_put(params, transformer.param_shardings(cfg, mesh, params))
 
   parents = [dict(m, role="branch") for m in manifests]
   if base_manifest is not None:

@@ -22,7 +22,7 @@ import importlib.util
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import ml_collections
 

@@ -26,17 +26,17 @@ def run(config, workdir: str) -> str:
   if model.cfg.ffn != "moe":
     raise BarError(f"{config.model} is a {model.manifest.get('kind', 'dense')} model; RL runs on a branch "
                    "(upcycle it with the branch stage first)")
-  cfg = common.model_overrides(model.cfg, config.compute)
+  cfg, compute = common.model_overrides(model.cfg, config.compute)
   mesh = common.mesh_from(config)
   rc = config.rl
   metrics = {}
   eval_task = rollouts.domain_task(rc, model.tokenizer, split="eval") if rc.eval_n else None
-  ev = dict(n=rc.eval_n, max_new_tokens=rc.eval_max_new_tokens, batch_size=rc.eval_batch_size)
+  ev = dict(n=rc.eval_n, max_new_tokens=rc.eval_max_new_tokens, batch_size=rc.eval_batch_size, compute=compute)
   workdir_lib.start(workdir, identity)
   if eval_task:
     metrics[f"{rc.domain}_before"] = rollouts.evaluate_task(model.params, cfg, model.tokenizer, eval_task, **ev)
   params, record = rollouts.run_rl(model.params, cfg, model.tokenizer, rc, os.path.join(workdir, "rl"), mesh=mesh,
-                                   identity=identity)
+                                   identity=identity, compute=compute)
   if eval_task:
     metrics[f"{rc.domain}_after"] = rollouts.evaluate_task(params, cfg, model.tokenizer, eval_task, **ev)
   record["metrics"] = metrics

@@ -34,7 +34,7 @@ from bar_jax.evals import verifiers
 from bar_jax.io import workdir
 from bar_jax.model import generate as gen
 from bar_jax.model import transformer
-from bar_jax.model.config import ModelConfig
+from bar_jax.model.config import Compute, ModelConfig
 from bar_jax.stages import loop
 from bar_jax.transforms import freeze, grpo
 
@@ -79,13 +79,13 @@ def domain_task(config, tokenizer, split: str = "train") -> Task:
 
 
 def evaluate_task(params, cfg: ModelConfig, tokenizer, task: Task, *, n: int, max_new_tokens: int,
-                  batch_size: int) -> dict[str, float]:
+                  batch_size: int, compute: Compute = Compute()) -> dict[str, float]:
   """Greedy mean reward on the first n prompts (the domain metric in the RL prompt format, for before/after)."""
   n = min(n, len(task.prompts))
   rewards, failures = [], 0
   for i in range(0, n, batch_size):
     outs = gen.generate(params, cfg, task.prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
-                        eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
+                        eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, compute=compute)
     texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
     r, f = verifiers.score_all(task.verifier, texts, task.references[i:i + batch_size])
     rewards += r
@@ -96,7 +96,8 @@ def evaluate_task(params, cfg: ModelConfig, tokenizer, task: Task, *, n: int, ma
 # ----------------------------------------------------------------------------------------------------------------
 # Rollouts.
 
-def rollout(params, cfg: ModelConfig, tokenizer, task: Task, config, step: int) -> tuple[dict, dict]:
+def rollout(params, cfg: ModelConfig, tokenizer, task: Task, config, step: int,
+            compute: Compute = Compute()) -> tuple[dict, dict]:
   """Samples and scores step `step`'s groups: (numpy batch without old_logp, stats). A function of (seed, step)."""
   P, G, R = config.prompts_per_step, config.group_size, config.max_response_len
   rng = np.random.default_rng([config.seed, step])
@@ -106,7 +107,7 @@ def rollout(params, cfg: ModelConfig, tokenizer, task: Task, config, step: int) 
   key = jax.random.fold_in(jax.random.key(config.seed), step)
   t0 = time.time()
   outs = gen.generate(params, cfg, prompts, max_new_tokens=R, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
-                      temperature=config.temperature, top_p=config.top_p, key=key)
+                      temperature=config.temperature, top_p=config.top_p, key=key, compute=compute)
   gen_s = time.time() - t0
   texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
   rewards, failures = verifiers.score_all(task.verifier, texts, refs, config.verifier_timeout_s)
@@ -137,13 +138,15 @@ class Rollouts(loop.BatchSource):
   ppo_epochs x minibatches update batches. A function of (seed, s) and the parameters only: no iterator state."""
   data_iter = None
 
-  def __init__(self, cfg: ModelConfig, tokenizer, task: Task, config, mesh, ref_params=None):
+  def __init__(self, cfg: ModelConfig, tokenizer, task: Task, config, mesh, ref_params=None,
+               compute: Compute = Compute()):
     self.cfg, self.tokenizer, self.task, self.config, self.mesh, self.ref = cfg, tokenizer, task, config, mesh, \
         ref_params
+    self.compute = compute
     self.rows = config.prompts_per_step * config.group_size
     self.micro_rows = self.rows // (config.minibatches * config.accum)
     self.logp_fn = jax.jit(functools.partial(grpo.token_logprobs, cfg=cfg, temperature=config.temperature,
-                                             mesh=mesh))
+                                             mesh=mesh, compute=compute))
     self.sample = ("", "")
 
   def logprobs(self, params, tokens):
@@ -156,7 +159,7 @@ class Rollouts(loop.BatchSource):
     c, B = self.config, self.rows
     params = current()
     t0 = time.time()
-    batch, info = rollout(params, self.cfg, self.tokenizer, self.task, c, step)
+    batch, info = rollout(params, self.cfg, self.tokenizer, self.task, c, step, self.compute)
     batch["old_logp"] = self.logprobs(params, batch["tokens"])
     if c.kl_coef:
       batch["ref_logp"] = self.logprobs(self.ref, batch["tokens"])
@@ -187,7 +190,7 @@ class Console(loop.Hook):
 
 
 def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, mesh, identity: dict,
-           task: Task | None = None) -> tuple[dict, dict]:
+           task: Task | None = None, compute: Compute = Compute()) -> tuple[dict, dict]:
   """GRPO on `params` for config.steps rollout steps through loop.train; resumes from workdir/checkpoints.
 
   config: a full RL config (configs/rl.py rl_config()). Returns (params, record): the manifest's stage entry with
@@ -204,9 +207,10 @@ def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, mesh, i
                    f"exceeds the model's max_seq_len {cfg.max_seq_len}; shorten them")
   part = freeze.make_partition(params, cfg, list(config.trainable), tuple(config.frozen_experts))
   n_trainable = freeze.count(freeze.split(params, part)[0])
-  source = Rollouts(cfg, tokenizer, task, config, mesh, ref_params=params if config.kl_coef else None)
+  source = Rollouts(cfg, tokenizer, task, config, mesh, ref_params=params if config.kl_coef else None,
+                    compute=compute)
   loss_fn = grpo.grpo_loss(cfg, clip_low=config.clip_low, clip_high=config.clip_high, kl_coef=config.kl_coef,
-                           temperature=config.temperature, mesh=mesh)
+                           temperature=config.temperature, mesh=mesh, compute=compute)
   t0 = time.time()
   result = loop.train(params=params, cfg=cfg, part=part, loss_fn=loss_fn, batches=source, opt=config.opt,
                       steps=config.steps, workdir=workdir, mesh=mesh, identity=dict(identity, task=task.name,

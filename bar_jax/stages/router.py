@@ -24,18 +24,18 @@ def run(config, workdir: str) -> str:
   if workdir_lib.resolve(workdir, identity) == workdir_lib.FINISHED:
     return workdir
   model = rt.load_moe(config.model)
-  cfg = common.model_overrides(model.cfg, config.compute)
+  cfg, compute = common.model_overrides(model.cfg, config.compute)
   experts = list(model.manifest.get("experts") or [f"expert{e}" for e in range(cfg.n_experts)])
   rc = config.router
   fractions = {d: float(rc.fraction) for d in rt.data_domains(rc, model.manifest)}
   mesh = common.mesh_from(config)
   workdir_lib.start(workdir, identity)
-  metrics_before = rt.evaluate(config, cfg, model.params, model.tokenizer, mesh, experts[1:]) \
+  metrics_before = rt.evaluate(config, cfg, model.params, model.tokenizer, mesh, experts[1:], compute) \
       if config.eval.before else {}
   params, record = rt.train_router(model, cfg, model.params, rc, fractions, workdir, mesh, seed=config.seed,
-                                   identity=identity)
+                                   identity=identity, compute=compute)
   rt.check_only_router_changed(model.params, params, cfg)
   parent = dict(model.manifest, role="moe")
   return rt.finish(config, workdir, model, cfg, params, [record], [parent], experts, mesh, identity=identity,
-                   metrics_before=metrics_before, router_data=record["data"],
+                   metrics_before=metrics_before, compute=compute, router_data=record["data"],
                    merge_rule=model.manifest.get("merge_rule"))

@@ -15,6 +15,7 @@ import ml_collections
 
 from bar_jax.errors import BarError
 from bar_jax.io import artifact
+from bar_jax.model.config import Compute
 from bar_jax.stages import common
 from bar_jax.transforms import freeze
 from bar_jax.transforms import upgrade as upgrade_lib
@@ -75,13 +76,14 @@ def router_phase(rc: ml_collections.ConfigDict, rows: int) -> ml_collections.Con
 
 def train_router(model: common.Model, cfg, params, rc: ml_collections.ConfigDict, fractions: Mapping[str, float],
                  workdir: str, mesh, *, seed: int, identity: dict, name: str = "router",
-                 frozen_experts: Sequence[int] = ()) -> tuple[Any, dict]:
+                 frozen_experts: Sequence[int] = (), compute: Compute = Compute()) -> tuple[Any, dict]:
   """Only the router kernel trains (its frozen_experts columns excepted); returns (params, stage record)."""
   batches, rows = sample_batches(model.tokenizer, fractions, rc, seed)
   phase = router_phase(rc, rows)
   params, record = common.train_phase(name=name, model=model, cfg=cfg, params=params, phase=phase, workdir=workdir,
-                                      mesh=mesh, seed=seed, identity=identity, trainable=list(freeze.SCHEDULE["router"]),
-                                      frozen_experts=list(frozen_experts), batches=batches)
+                                      mesh=mesh, seed=seed, identity=identity,
+                                      trainable=list(freeze.SCHEDULE["router"]), frozen_experts=list(frozen_experts),
+                                      batches=batches, compute=compute)
   # max_steps may cut the configured epochs short: record the passes actually made over the sample.
   record.update(sample_rows=rows, epochs_configured=float(rc.epochs),
                 epochs=round(phase.steps * rc.batch_size / max(rows, 1), 4))
@@ -112,32 +114,35 @@ def eval_domains(config, experts: Sequence[str]) -> list[str]:
   return [d.strip() for d in spec.split(",") if d.strip()]
 
 
-def evaluate(config, cfg, params, tokenizer, mesh, experts: Sequence[str]) -> dict:
+def evaluate(config, cfg, params, tokenizer, mesh, experts: Sequence[str], compute: Compute = Compute()) -> dict:
   domains = eval_domains(config, experts)
   if not domains:
     return {}
   from bar_jax import evals
   ev = config.eval
   return evals.evaluate_model(params, cfg, tokenizer, domains, n_per_domain=ev.n_per_domain,
-                              max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, mesh=mesh)
+                              max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, mesh=mesh, compute=compute)
 
 
-def routing(config, cfg, params, tokenizer, mesh, names: Sequence[str], domains: Sequence[str]) -> dict:
+def routing(config, cfg, params, tokenizer, mesh, names: Sequence[str], domains: Sequence[str],
+            compute: Compute = Compute()) -> dict:
   from bar_jax.evals import routing as routing_lib
   r = config.routing
   rows = routing_lib.domain_rows(tokenizer, domains, seq_len=r.seq_len, max_rows=r.max_rows)
-  return routing_lib.routing_stats(params, cfg, rows, batch_size=r.batch_size, mesh=mesh, names=names)
+  return routing_lib.routing_stats(params, cfg, rows, batch_size=r.batch_size, mesh=mesh, names=names, compute=compute)
 
 
 def finish(config, workdir: str, model: common.Model, cfg, params, stages: list[dict], parents: list[dict],
-           experts: list[str], mesh, *, identity: dict, metrics_before: dict, **fields) -> str:
+           experts: list[str], mesh, *, identity: dict, metrics_before: dict, compute: Compute = Compute(),
+           **fields) -> str:
   """Routing diagnostics (routing.json/png), eval after, then the moe artifact (manifest last)."""
   from bar_jax.evals import routing as routing_lib
   domains = list(dict.fromkeys([d for d in experts[1:]] + [GENERAL]))
-  report = routing(config, cfg, params, model.tokenizer, mesh, experts, domains) if config.routing.max_rows else {}
+  report = routing(config, cfg, params, model.tokenizer, mesh, experts, domains, compute) \
+      if config.routing.max_rows else {}
   if report:
     routing_lib.write(report, workdir)
-  metrics = evaluate(config, cfg, params, model.tokenizer, mesh, experts[1:])
+  metrics = evaluate(config, cfg, params, model.tokenizer, mesh, experts[1:], compute)
   return common.write_artifact(
       workdir, model, params, cfg, "moe", stages, parents, identity=identity,
       keep_checkpoints=config.keep_checkpoints, experts=experts,

@@ -15,7 +15,7 @@ def run(config, workdir: str) -> str:
   if workdir_lib.resolve(workdir, identity) == workdir_lib.FINISHED:
     return workdir
   base = common.load_model(config.base)
-  cfg = common.model_overrides(base.cfg, config.compute)
+  cfg, compute = common.model_overrides(base.cfg, config.compute)
   if cfg.ffn != "dense":
     raise BarError(f"train_lm trains dense models; {config.base} is {cfg.ffn}: use the branch or router stage")
   mesh = common.mesh_from(config)
@@ -25,9 +25,9 @@ def run(config, workdir: str) -> str:
     phase = config.phases[name]
     params, record = common.train_phase(name=name, model=base, cfg=cfg, params=params, phase=phase,
                                         workdir=workdir, mesh=mesh, seed=config.seed, identity=identity,
-                                        trainable=phase.trainable, frozen_experts=())
+                                        trainable=phase.trainable, frozen_experts=(), compute=compute)
     stages.append(record)
-  metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh)
+  metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute)
   parent = dict(base.manifest, role="base")
   return common.write_artifact(workdir, base, params, cfg, "dense", stages, [parent], identity=identity,
                                keep_checkpoints=config.keep_checkpoints, metrics=metrics,

@@ -91,10 +91,10 @@ def run(config, workdir: str) -> str:
     params, cfg = upgrade_lib.add(model.params, model.cfg, branch.params, branch.cfg)
     replaced = None
     experts.append(domain)
-  cfg = common.model_overrides(cfg, config.compute)
+  cfg, compute = common.model_overrides(cfg, config.compute)
   mesh = common.mesh_from(config)
   workdir_lib.start(workdir, identity)
-  metrics_before = rt.evaluate(config, cfg, params, model.tokenizer, mesh, experts[1:]) \
+  metrics_before = rt.evaluate(config, cfg, params, model.tokenizer, mesh, experts[1:], compute) \
       if config.eval.before else {}
 
   swap = {"stage": "upgrade", "steps": 0, "tokens": 0, "flops": 0, "mode": config.mode, "expert": index,
@@ -111,13 +111,13 @@ def run(config, workdir: str) -> str:
       frozen = [e for e in range(cfg.n_experts) if e != index]
     params, record = rt.train_router(model, cfg, params, rc, fractions, workdir, mesh, seed=config.seed,
                                      identity=identity, name=f"router_{config.router_update}",
-                                     frozen_experts=frozen)
+                                     frozen_experts=frozen, compute=compute)
     record["router_update"] = config.router_update
     stages.append(record)
   # Bit-identity guard: against the input MoE, only the new expert (slot `index`) and the router may differ.
   rt.check_only_router_changed(model.params, params, cfg, allowed_experts=[index])
   parents = [dict(model.manifest, role="moe"), dict(branch.manifest, role="branch")]
   return rt.finish(config, workdir, model, cfg, params, stages, parents, experts, mesh, identity=identity,
-                   metrics_before=metrics_before,
+                   metrics_before=metrics_before, compute=compute,
                    upgrade={k: swap[k] for k in ("mode", "expert", "domain", "replaced", "branch")},
                    router_update=config.router_update, merge_rule=model.manifest.get("merge_rule"))

@@ -5,7 +5,7 @@ has an expert axis (experts, LoRA adapters, router columns), the slices of `froz
 expert 0) stay frozen: the leaf is split along that axis, so the frozen slice never reaches the optimiser either.
 `split` and `join` are pure and exact: join(split(p)) == p bit for bit, and gradients flow only to the trainable part.
 
-The paper's progressive schedule (bar_paper.md §1) is `SCHEDULE`.
+The BAR paper's progressive schedule (arXiv 2604.18473) is `SCHEDULE`.
 """
 from __future__ import annotations
 

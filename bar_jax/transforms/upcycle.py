@@ -33,7 +33,7 @@ def upcycle(dense_params: Mapping[str, Any], dense_cfg: ModelConfig, *, expert_k
             lora_rank: int = 16, lora_alpha: float = 32.0, expert_init: Mapping[str, Any] | None = None,
             key: jax.Array | None = None, router_init: str | None = None, router_scale: float = ROUTER_INIT_STD
             ) -> tuple[Params, ModelConfig]:
-  """Returns (branch_params, branch_cfg). dense_params is the DESIGN.md dict of a dense model; nothing is copied
+  """Returns (branch_params, branch_cfg). dense_params is the parameter dict of a dense model; nothing is copied
   except the FFN stack; the shared leaves of the result are the input's own arrays.
 
   router_init: "random" (needs `key`) or "zeros"; None = "random" when a key is given, else "zeros"."""

@@ -9,7 +9,6 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
 
 from bar_jax import train  # noqa: E402
 from bar_jax.stages import common, evaluate, pipeline  # noqa: E402

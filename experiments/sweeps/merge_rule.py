@@ -6,7 +6,7 @@ pipeline's own branches (run the pipeline first), before router training.
 """
 import os
 
-from common import append, args, evaluate_row, stage
+from experiments.sweeps.common import append, args, evaluate_row, stage
 
 a = args(__doc__)
 domains = list(a.pcfg.domains)
