@@ -87,6 +87,8 @@ def test_one_and_eight_devices_give_the_same_loss_curve(tmp_path):
                    accum=2)
   a, b = [h["loss"] for h in one.history], [h["loss"] for h in eight.history]
   assert len(a) == 6 and a[-1] < a[0]
+  # 8 devices reduce the gradient over shards in another order: float32 losses of ~5 drift apart by ~1e-6 a step
+  # through Adam, 6 steps: 2e-5 relative (~170 ulps) bounds it.
   np.testing.assert_allclose(a, b, rtol=2e-5)
 
 
