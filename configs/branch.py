@@ -48,6 +48,7 @@ def get_config(arg=None):
   c.seed = 0
   c.mesh = mesh_config()
   c.keep_checkpoints = False  # True: keep phases/*/checkpoints after the artifact is written
+  c.self_contained = False    # False: over a base artifact dir, store only the leaves training changed
   c.distributed = False
   c.compute = compute_config()
   c.expert_kind = "lora" if a.lora else "ffn"

@@ -144,13 +144,15 @@ def to_host(params: Any) -> Any:
 
 
 def write_artifact(workdir: str, model: Model, params: Any, cfg: ModelConfig, kind: str, stages: list[dict],
-                   parents: list[dict], *, identity: dict, keep_checkpoints: bool = False, **fields) -> str:
+                   parents: list[dict], *, identity: dict, keep_checkpoints: bool = False, over_base: str | None = None,
+                   from_base: dict | None = None, **fields) -> str:
   """Writes workdir as a complete artifact (manifest last, with the stage identity); returns workdir.
 
-  Then, unless keep_checkpoints, the finished run's training checkpoints go (metrics and identity files stay)."""
+  over_base: store only what differs from this base artifact (artifact.write). Then, unless keep_checkpoints, the
+  finished run's training checkpoints go (metrics and identity files stay)."""
   manifest = {"kind": kind, "model": cfg.to_dict(), "identity": identity, **fields}
   manifest.update(artifact.lineage(parents, stages))
-  artifact.write(workdir, to_host(params), manifest, model.tokenizer)
+  artifact.write(workdir, to_host(params), manifest, model.tokenizer, over_base=over_base, from_base=from_base)
   if not keep_checkpoints and jax.process_index() == 0:
     for root, dirs, _ in os.walk(workdir):
       if "checkpoints" in dirs and os.path.isfile(os.path.join(root, workdir_lib.IDENTITY_FILE)):
