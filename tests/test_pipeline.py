@@ -29,6 +29,10 @@ def _manifest(d):
     return json.load(f)
 
 
+def _params_bytes(d):
+  return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(os.path.join(d, "params")) for f in fs)
+
+
 def test_killed_pipeline_resumes_and_chains(tmp_path):
   work = str(tmp_path / "bar")
   first = os.path.join(work, "branch_math")
@@ -57,6 +61,12 @@ def test_killed_pipeline_resumes_and_chains(tmp_path):
     assert m["kind"] == "branch" and m["domain"] == d
     assert m["base_fingerprint"] == base["fingerprint"]
     assert [(p["fingerprint"], p["role"]) for p in m["parents"]] == [(base["fingerprint"], "base")]
+    # Stored over the base: only what training changed (the anchor and the frozen leaves are the base's).
+    assert m["over_base"]["fingerprint"] == base["fingerprint"] and m["over_base"]["path"] == "../base"
+    assert "layers/attn/q/kernel" in m["over_base"]["leaves"]
+    sizes = {n: _params_bytes(os.path.join(work, n)) for n in ("base", f"branch_{d}")}
+    print(f"params bytes: {sizes}")
+    assert sizes[f"branch_{d}"] < sizes["base"]
   merged_dir = os.path.join(work, "merged")
   merged = _manifest(merged_dir)
   assert merged["kind"] == "moe" and merged["experts"] == ["anchor"] + domains
