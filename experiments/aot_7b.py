@@ -26,9 +26,9 @@ if "jax" not in sys.modules:
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from configs.common import opt_defaults
 from bar_jax import optim, pytree, sharding
 from bar_jax.model import transformer
 from bar_jax.model.config import Compute, ModelConfig
@@ -65,8 +65,7 @@ CASES = {c.name: c for c in [
 
 
 def _opt():
-  return ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=10, end_lr_frac=0.1, weight_decay=0.0, b1=0.9, b2=0.95,
-                                        clip_norm=1.0, schedule="cosine", eps=1e-8))
+  return opt_defaults(lr=1e-5)
 
 
 def _abstract(shapes: dict, shardings: dict) -> dict:

@@ -54,7 +54,7 @@ if ARGS is not None and "jax" not in sys.modules and os.environ.get("JAX_PLATFOR
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
+from configs.common import opt_defaults  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
@@ -167,8 +167,7 @@ def bench_step(cfg: ModelConfig, batch: int, seq: int, *, mesh, stage: str = "de
   trainable, frozen = freeze.split(params, part)
   trainable = {k: jax.device_put(v, loop.slice_sharding(flat[k], v)) for k, v in trainable.items()}
   frozen = {k: jax.device_put(v, loop.slice_sharding(flat[k], v)) for k, v in frozen.items()}
-  opt = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=0, end_lr_frac=0.1, weight_decay=0.01, b1=0.9,
-                                       b2=0.95, clip_norm=1.0, schedule="cosine", eps=1e-8))
+  opt = opt_defaults(warmup_steps=0, weight_decay=0.01)
   tx, _ = optim.adamw(opt, 1000)
   opt_state = jax.jit(tx.init, out_shardings=loop.opt_state_shardings(tx, trainable, mesh))(trainable)
   loss_fn = loop.lm_loss(cfg, mesh, compute=compute) if loss == "full" else \
@@ -339,8 +338,7 @@ def section_fastpaths(args):
   say("| path | result |")
   say("|---|---|")
   mesh = _mesh_for(len(jax.devices()))
-  opt = ml_collections.ConfigDict(dict(lr=3e-3, warmup_steps=0, end_lr_frac=0.1, weight_decay=0.0, b1=0.9,
-                                       b2=0.95, clip_norm=1.0, schedule="cosine", eps=1e-8))
+  opt = opt_defaults(lr=3e-3, warmup_steps=0)
   rng = np.random.default_rng(0)
   fixed = rng.integers(0, 256, (16, 33), dtype=np.int32)  # one batch repeated: the loss must fall
 

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 
+from configs.common import opt_defaults
 import numpy as np
 
 STEPS, GLOBAL_BATCH, SEQ = 4, 8, 16
@@ -25,9 +26,7 @@ def _cfg():
 
 
 def _opt():
-  import ml_collections
-  return ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=1, end_lr_frac=0.1, weight_decay=0.01, b1=0.9,
-                                        b2=0.95, clip_norm=1.0, schedule="cosine", eps=1e-8))
+  return opt_defaults(lr=1e-2, warmup_steps=1, weight_decay=0.01)
 
 
 def _global_batch(step: int, vocab: int) -> dict[str, np.ndarray]:

@@ -2,7 +2,7 @@
 reduction, the final norm in the SFT set, and the router learning-rate multiplier."""
 import jax
 import jax.numpy as jnp
-import ml_collections
+from configs.common import opt_defaults
 import numpy as np
 import pytest
 
@@ -137,9 +137,8 @@ def test_final_norm_trains_in_sft_only(base):
 
 def test_router_lr_multiplier_scales_only_the_router_update():
   def first_update(mult):
-    opt = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=0, end_lr_frac=0.0, weight_decay=0.0, b1=0.9,
-                                         b2=0.95, clip_norm=0.0, schedule="constant", eps=1e-8,
-                                         router_lr_mult=mult))
+    opt = opt_defaults(lr=1e-3, warmup_steps=0, end_lr_frac=0.0, clip_norm=0.0, schedule="constant",
+                       router_lr_mult=mult)
     tx, _ = optim.adamw(opt, 10)
     params = {ROUTER: jnp.ones((2, 3, 4)), "embed/embedding": jnp.ones((5, 3))}
     grads = {ROUTER: jnp.full((2, 3, 4), 0.3), "embed/embedding": jnp.full((5, 3), -0.2)}
@@ -200,3 +199,21 @@ def test_weight_table_matches_mixtral_router_logits(tmp_path, top_k, norm_topk):
   assert summ["math"]["own"] == pytest.approx(float(np.mean(w, 0)[1]), abs=1e-4)
   assert 1 <= summ["code"]["own_rank"] <= 3
   assert "mean_weight" in routing.format_table(report, "mean_weight")
+
+
+def test_domain_embedding_router_columns():
+  """experiments/routing_fix.py's beyond-the-paper init: column e = the unit-length centred mean embedding."""
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "routing_fix.py")
+  spec = importlib.util.spec_from_file_location("routing_fix", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  emb = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+  tokens = [np.array([[0, 1], [2, 3]]), np.array([[5, 6, 7]]), np.array([[9]])]
+  router = mod.domain_embedding_router(emb, tokens, n_layers=3, scale=2.0)
+  assert router.shape == (3, 4, 3) and np.array_equal(router[0], router[2])
+  means = np.stack([emb[[0, 1, 2, 3]].mean(0), emb[[5, 6, 7]].mean(0), emb[9]]).astype(np.float64)
+  want = means - means.mean(0)
+  want = 2.0 * want / np.linalg.norm(want, axis=1, keepdims=True)
+  np.testing.assert_allclose(router[1], want.T, rtol=1e-6, atol=1e-6)  # float64 values rounded once to float32
