@@ -98,7 +98,7 @@ def main(argv=None):
   pipeline.compilation_cache(pcfg, a.workdir)
   base_dir = os.path.join(a.workdir, "base")
   if not common.done(base_dir):
-    pipeline._write_base(pcfg, base_dir)
+    pipeline.plan(pcfg, a.workdir)[0].run()  # the pipeline's base step: writes WORKDIR/base
 
   branch_arms = {"zeros": {"router_init": "zeros"}, "random": {"router_init": "random"},
                  "random_lr": {"router_init": "random", "router_lr_mult": a.router_lr_mult},
