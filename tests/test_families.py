@@ -116,7 +116,7 @@ def test_import_matches_transformers_and_kv_cache_matches_full_forward(family):
   np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], axis=1), got, atol=1e-5, rtol=0)
 
 
-def _train_branch(cfg, params, seed, steps=3):
+def _train_branch(cfg, params, seed, steps=2):
   """A few AdamW steps of the branch's own training step: everything trains but the anchor expert (slot 0)."""
   part = freeze.make_partition(params, cfg, [".*"], (0,))
   trainable, frozen = freeze.split(params, part)
@@ -186,9 +186,9 @@ def test_upcycle_train_merge_export_matches_transformers(family, tmp_path):
 
   # And the export reads back as the same model (the MoE classes round-trip through import too).
   cfg2, params2, _ = hf.load_dir(tmp_path / "merged")
-  assert (cfg2.qkv_bias, cfg2.qk_norm, cfg2.norm_position, cfg2.rope_type) == (
-      mcfg.qkv_bias, mcfg.qk_norm, mcfg.norm_position, mcfg.rope_type)
-  np.testing.assert_allclose(bar_logits(cfg2, params2), bar_logits(mcfg, merged), atol=1e-5, rtol=0)
+  assert cfg2 == mcfg.replace(top_k=mcfg.k, norm_topk=cfg2.norm_topk)
+  for x, y in zip(jax.tree.leaves(params2), jax.tree.leaves(merged)):
+    np.testing.assert_array_equal(np.asarray(x), y)
 
 
 @pytest.mark.parametrize("dispatch", ["dropless", "expert_parallel"])
