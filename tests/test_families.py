@@ -239,3 +239,59 @@ def test_unsupported_architecture_or_setting_is_one_line(tmp_path):
   assert "Qwen3 (qk_norm='head')" in msg and not os.path.exists(tmp_path / "out")
   with pytest.raises(ValueError, match="qk_norm='rms'"):
     tiny(qk_norm="rms")
+
+
+# Chat templates shaped like the families' own (written for this test): Llama 3 headers + <|eot_id|>; OLMo 2's
+# <|user|> / <|assistant|> turns closed by the eos token; Qwen's ChatML with a default system message.
+TEMPLATES = {
+    "llama3": ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+               " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}", "<|eot_id|>"),
+    "olmo2": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|assistant|>\\n' + "
+              "m['content'] + eos_token }}{% if not loop.last %}{{ '\\n' }}{% endif %}{% else %}{{ '<|' + m['role'] + "
+              "'|>\\n' + m['content'] + '\\n' }}{% endif %}{% if loop.last and add_generation_prompt %}"
+              "{{ '<|assistant|>\\n' }}{% endif %}{% endfor %}", "<|endoftext|>"),
+    "qwen": ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful bot.<|im_end|>\\n' }}"
+             "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}", "<|im_end|>"),
+}
+SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|endoftext|>",
+            "<|user|>", "<|assistant|>", "<|system|>", "<|im_start|>", "<|im_end|>"]
+
+
+@pytest.mark.parametrize("kind", list(TEMPLATES))
+def test_chat_template_from_tokenizer_config(tmp_path, kind):
+  import tokenizers
+  letters = "abcdefghijklmnopqrstuvwxyz0123456789.?!\u0120\u010a"  # byte-level letters, digits, space, newline
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={c: i for i, c in enumerate(letters)}, merges=[]))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.add_special_tokens(SPECIALS)
+  (tmp_path / "tok").mkdir()
+  tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+  template, eot = TEMPLATES[kind]
+  json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, "bos_token": "<|begin_of_text|>",
+             "eos_token": "<|endoftext|>", "pad_token": None}, open(tmp_path / "tok" / "tokenizer_config.json", "w"))
+  ours = hf._load_tokenizer(str(tmp_path / "tok"))
+  assert ours.chat["format"] == "template" and ours.eot_id == tok.token_to_id(eot)
+  assert ours.eot_id in ours.eos_ids and tok.token_to_id("<|endoftext|>") in ours.eos_ids
+
+  messages = [{"role": "system", "content": "be brief."}, {"role": "user", "content": "what is two plus two?"},
+              {"role": "assistant", "content": "four."}, {"role": "user", "content": "and four"},
+              {"role": "assistant", "content": "four"}]  # the last reply also occurs in the user turn before it
+  reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+  for msgs, gen in ((messages, False), (messages[1:4], True)):
+    ids, mask = ours.render_chat(msgs, add_generation_prompt=gen)
+    want = reference.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen, return_dict=True)["input_ids"]
+    assert ids == list(want)
+    # The mask covers exactly each assistant reply and its end-of-turn token, nothing else.
+    trained = [i for i, m in zip(ids, mask) if m]
+    replies = "".join(m["content"] + eot for m in msgs if m["role"] == "assistant")
+    assert ours.decode(trained) == replies
+  assert ours.format_prompt("hi")[-1] != ours.eot_id  # ends with the assistant header, ready to generate
+
+  # Saved with an export and read back (bar_jax's own chat file), the template survives.
+  ours.save(str(tmp_path / "saved"))
+  from bar_jax.data.tokenizer import Tokenizer
+  again = Tokenizer.load(str(tmp_path / "saved"))
+  assert again.render_chat(messages) == ours.render_chat(messages)

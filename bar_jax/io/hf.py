@@ -390,18 +390,20 @@ def _load_tokenizer(path: str):
   tc_path = os.path.join(path, TOKENIZER_CONFIG_FILE)
   tc = _read_json(tc_path) if os.path.isfile(tc_path) else {}
   template = tc.get("chat_template") or ""
-  match = tokenizer_lib._DEFAULT_SYSTEM.search(template)
+  if isinstance(template, list):  # several named templates: the default one is the chat template
+    template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
 
-  def token_id(key):
+  def token(key):
     t = tc.get(key)
-    t = t.get("content") if isinstance(t, dict) else t
-    return None if t is None else tok.token_to_id(t)
+    return t.get("content") if isinstance(t, dict) else t
 
-  eos = token_id("eos_token")
-  pad = token_id("pad_token")
-  chat = {"format": "chatml", "default_system": match.group(1) if match else None, "chat_template": template,
-          "eos_token_id": eos, "pad_token_id": eos if pad is None else pad}
   try:
+    if template:  # the model's own template (Llama 3, Qwen, OLMo 2, SmolLM2's ChatML alike)
+      return tokenizer_lib.Tokenizer.from_hf_template(tok, template, token("bos_token"), token("eos_token"),
+                                                      token("pad_token"))
+    eos, pad = (None if token(k) is None else tok.token_to_id(token(k)) for k in ("eos_token", "pad_token"))
+    chat = {"format": "chatml", "default_system": None, "chat_template": "", "eos_token_id": eos,
+            "pad_token_id": eos if pad is None else pad}
     return tokenizer_lib.Tokenizer(tok, chat)
   except BarError as e:
     raise BarError(f"{os.path.join(path, TOKENIZER_FILE)}: {e}") from None
@@ -585,6 +587,7 @@ def _save_tokenizer(directory: str, tokenizer, hf_config: dict[str, Any]) -> Non
   eos = chat.get("eos_token_id")
   pad = chat.get("pad_token_id")
   tc = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": chat.get("chat_template") or None,
+        "bos_token": chat.get("bos_token"),
         "eos_token": None if eos is None else tok.id_to_token(eos),
         "pad_token": None if pad is None else tok.id_to_token(pad),
         "model_max_length": hf_config["max_position_embeddings"], "clean_up_tokenization_spaces": False}
