@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from bar_jax import sharding
@@ -113,24 +112,25 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   return (y * scale).astype(x.dtype)
 
 
-def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
-  """The hd/2 RoPE inverse frequencies (float32), with Llama 3's scaling when cfg.rope_type == "llama3".
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+  """The hd/2 RoPE inverse frequencies (float32, as Hugging Face computes them), with Llama 3's scaling when
+  cfg.rope_type == "llama3".
 
   Llama 3 keeps short wavelengths (< original_len / high_freq_factor), divides long ones (> original_len /
   low_freq_factor) by the factor, and interpolates linearly in original_len / wavelength between the two.
   """
   hd = cfg.head_dim
-  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
   if cfg.rope_type == "llama3":
-    wavelen = 2 * np.pi / inv_freq
+    wavelen = 2 * math.pi / inv_freq
     ramp = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
         cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
-    ramp = np.clip(ramp, 0.0, 1.0)  # 0 on long wavelengths (fully scaled), 1 on short ones (untouched)
+    ramp = jnp.clip(ramp, 0.0, 1.0)  # 0 on long wavelengths (fully scaled), 1 on short ones (untouched)
     inv_freq = (1 - ramp) * inv_freq / cfg.rope_factor + ramp * inv_freq
-  return inv_freq.astype(np.float32)
+  return inv_freq
 
 
-def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray | jax.Array, style: str) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, style: str) -> jax.Array:
   """x [B, T, H, hd]; positions [B, T]; inv_freq [hd/2]. 'half' rotates (i, i + hd/2) pairs, 'interleaved'
   rotates (2i, 2i+1)."""
   hd = x.shape[-1]
