@@ -59,7 +59,8 @@ def save_hf_family(name, path):
         p.uniform_(0.5, 1.5)
       elif pname.endswith("bias"):
         p.normal_(0.0, 0.5)
-  model.save_pretrained(path)
+  # OLMo 2 is saved in shards (an index + several files), the others as one file: import reads both.
+  model.save_pretrained(path, max_shard_size="40KB" if name == "olmo2" else "5GB")
   return model.eval()
 
 
@@ -89,6 +90,13 @@ def test_import_matches_transformers_and_kv_cache_matches_full_forward(family):
   cfg, params, _ = hf.load_dir(path)
   for field, value in FAMILIES[name][1].items():
     assert getattr(cfg, field) == value, field
+  assert (name == "olmo2") == os.path.isfile(os.path.join(path, hf.INDEX_FILE))
+  # Read straight into sharded arrays (each device its own block), the new leaves placed by their logical axes.
+  mesh = sharding.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
+  _, sharded, _ = hf.load_dir(path, shardings=lambda c: sharding.param_shardings(c, mesh))
+  assert jax.tree.structure(sharded) == jax.tree.structure(params)
+  for x, y in zip(jax.tree.leaves(sharded), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   want = torch_logits(model)
   got = bar_logits(cfg, params)
   assert 1.0 < np.abs(want).max() < 30.0
