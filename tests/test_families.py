@@ -18,6 +18,7 @@ from bar_jax import sharding
 from bar_jax.errors import BarError
 from bar_jax.io import hf
 from bar_jax.model import transformer
+from bar_jax.model.config import Compute
 from bar_jax.stages import loop
 from bar_jax.transforms import freeze, merge, upcycle, upgrade
 
@@ -172,12 +173,12 @@ def test_upcycle_train_merge_export_matches_transformers(family, tmp_path):
   # Llama bases export to Mixtral, which renormalises top-k: an unnormalised top-2 of 3 is refused (one line,
   # nothing written); the other families' MoE classes express it.
   top_k = 0 if name == "llama3" else 2
-  merged, mcfg = merge.merge(None, branches, [bcfg, bcfg], top_k=top_k, norm_topk=False)
+  merged, mcfg = merge.merge(params, branches, [bcfg, bcfg], rule="average", top_k=top_k, norm_topk=False)
   for leaf in ("q_norm", "k_norm"):
-    if leaf in merged["layers"]["attn"]:  # shared leaves are the branches' mean
+    if leaf in merged["layers"]["attn"]:  # shared leaves are the mean of the base and the branches
       np.testing.assert_allclose(merged["layers"]["attn"][leaf]["scale"],
-                                 (branches[0]["layers"]["attn"][leaf]["scale"] +
-                                  branches[1]["layers"]["attn"][leaf]["scale"]) / 2, rtol=1e-6)
+                                 (params["layers"]["attn"][leaf]["scale"] + branches[0]["layers"]["attn"][leaf]["scale"]
+                                  + branches[1]["layers"]["attn"][leaf]["scale"]) / 3, rtol=1e-6)
   _export_and_compare(tmp_path, "merged", mcfg, merged, MOE_CLASS[name])
   if name == "llama3":
     bad = mcfg.replace(top_k=2)
@@ -212,9 +213,9 @@ def test_family_moe_runs_on_every_dispatch_path(dispatch):
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (8, 16)))
   want = np.asarray(_forward(params, tokens, cfg=cfg)[0])
   mesh = sharding.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
-  dcfg = cfg.replace(dispatch=dispatch)
-  ps = sharding.param_shardings(dcfg, mesh)
-  f = jax.jit(lambda p, t: transformer.forward(p, t, dcfg, mesh=mesh)[0],
+  compute = Compute(dispatch=dispatch)
+  ps = sharding.param_shardings(cfg, mesh)
+  f = jax.jit(lambda p, t: transformer.forward(p, t, cfg, compute=compute, mesh=mesh)[0],
               in_shardings=(ps, sharding.batch_sharding(mesh)))
   got = np.asarray(f(jax.device_put(params, ps), jax.device_put(tokens, sharding.batch_sharding(mesh))))
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)  # same fp32 math, another summation order

@@ -11,10 +11,12 @@ import pytest
 from bar_jax.evals import verifiers
 from bar_jax.model import transformer
 from bar_jax.model.config import tiny
-from bar_jax.stages import rl
+from bar_jax import sharding
+from bar_jax.stages import rollouts as rl
 from bar_jax import pytree
-from bar_jax.transforms import freeze, grpo
+from bar_jax.transforms import grpo
 from bar_jax.transforms.upcycle import upcycle
+from configs.rl import rl_config
 
 DENSE = tiny(vocab_size=259)
 TARGET = "a"  # the byte the fixed-token verifier rewards
@@ -33,6 +35,7 @@ def test_advantages_match_numpy():
   want = []
   for g in rewards.reshape(3, 4).astype(np.float64):
     want += list((g - g.mean()) / (np.sqrt(((g - g.mean()) ** 2).mean()) + 1e-6))
+  # float32 against float64, values of order 1 from 4-term means: a few float32 ulps.
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   assert np.all(got[4:8] == 0)  # a group that all scored the same carries no signal
   np.testing.assert_allclose(grpo.group_advantages(rewards, 4, scale=False)[:4], [0.5, -0.5, -0.5, 0.5])
@@ -64,9 +67,12 @@ def test_clipped_loss_matches_numpy():
            "advantages": adv.astype(np.float32), "old_logp": old.astype(np.float32),
            "ref_logp": ref.astype(np.float32)}
   loss, metrics = loss_fn(params, batch)
+  # float32 log-softmax over V=259 logits, exp of ratios and a weighted sum over B*T=48 tokens against float64:
+  # ~V*eps relative per log-prob, so 2e-5 relative (atol for a loss near zero).
   np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(float(metrics["pg_loss"]), want_pg, rtol=2e-5, atol=1e-6)
   clipped = (np.clip(ratio, 1 - clip_low, 1 + clip_high) * adv[:, None] < ratio * adv[:, None])
+  # A ratio of token counts: exact up to float32 division.
   np.testing.assert_allclose(float(metrics["clip_frac"]), (clipped * mask).sum() / mask.sum(), rtol=1e-6)
 
 
@@ -87,17 +93,22 @@ def _task(byte_tokenizer, verifier=_fraction_of_target):
 
 
 def _config(**kw):
-  c = rl.default_config(steps=30, prompts_per_step=4, group_size=8, max_prompt_len=8, max_response_len=8,
-                        checkpoint_every=10, log_every=10)
+  c = rl_config(steps=30, prompts_per_step=4, group_size=8, max_prompt_len=8, max_response_len=8,
+                checkpoint_every=10, log_every=10)
   c.opt.lr = 1e-2
   c.update(kw)
   return c
 
 
+def run_rl(params, cfg, tokenizer, config, workdir, task):
+  return rl.run_rl(params, cfg, tokenizer, config, workdir, task=task, mesh=sharding.make_mesh(),
+                   identity={"test": "rl"})
+
+
 def test_grpo_learns_the_rewarded_token_and_keeps_the_anchor(branch, byte_tokenizer, tmp_path):
   params, cfg = branch
   t0 = time.time()
-  out, record = rl.run_rl(params, cfg, byte_tokenizer, _config(), str(tmp_path / "run"),
+  out, record = run_rl(params, cfg, byte_tokenizer, _config(), str(tmp_path / "run"),
                           task=_task(byte_tokenizer))
   curve = record["reward_curve"]
   assert len(curve) == 30 and np.mean(curve[:3]) < 0.2, curve
@@ -118,7 +129,7 @@ def test_frozen_shared_params_stay_bit_identical(branch, byte_tokenizer, tmp_pat
   params, cfg = branch
   c = _config(steps=2, trainable=[r"layers/moe/(experts|lora)/.*", r"layers/moe/router/kernel"])
   first_char_early = lambda response, ref: float(bool(response) and response[0] < "m")  # a signal in every group
-  out, record = rl.run_rl(params, cfg, byte_tokenizer, c, str(tmp_path / "frozen"),
+  out, record = run_rl(params, cfg, byte_tokenizer, c, str(tmp_path / "frozen"),
                           task=_task(byte_tokenizer, first_char_early))
   assert 0 < record["reward_curve"][0] < 1
   flat_in, flat_out = pytree.flatten(params), pytree.flatten(jax.tree.map(np.asarray, out))
@@ -147,7 +158,7 @@ def test_bad_verifier_output_scores_zero_and_is_counted(branch, byte_tokenizer, 
   assert rewards == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
   calls.clear()
   c = _config(steps=1, verifier_timeout_s=0.05)
-  _, record = rl.run_rl(branch[0], branch[1], byte_tokenizer, c, str(tmp_path / "flaky"),
+  _, record = run_rl(branch[0], branch[1], byte_tokenizer, c, str(tmp_path / "flaky"),
                         task=_task(byte_tokenizer, flaky))
   assert record["verifier_failures"] == {"error": 8, "timeout": 8, "invalid": 12}
   assert record["reward_curve"] == [round(4 / 32, 4)]
@@ -156,10 +167,10 @@ def test_bad_verifier_output_scores_zero_and_is_counted(branch, byte_tokenizer, 
 def test_killed_run_resumes_bit_identical(branch, byte_tokenizer, tmp_path):
   params, cfg = branch
   c = _config(steps=4, checkpoint_every=2)
-  full, rec_full = rl.run_rl(params, cfg, byte_tokenizer, c, str(tmp_path / "a"), task=_task(byte_tokenizer))
+  full, rec_full = run_rl(params, cfg, byte_tokenizer, c, str(tmp_path / "a"), task=_task(byte_tokenizer))
   work = str(tmp_path / "b")
-  rl.run_rl(params, cfg, byte_tokenizer, c, work, task=_task(byte_tokenizer))
+  run_rl(params, cfg, byte_tokenizer, c, work, task=_task(byte_tokenizer))
   shutil.rmtree(os.path.join(work, "checkpoints", "4"))  # as if killed between step 2's and step 4's checkpoints
-  resumed, rec = rl.run_rl(params, cfg, byte_tokenizer, c, work, task=_task(byte_tokenizer))
+  resumed, rec = run_rl(params, cfg, byte_tokenizer, c, work, task=_task(byte_tokenizer))
   assert rec["reward_curve"] == rec_full["reward_curve"]
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), resumed, full)

@@ -15,8 +15,9 @@ from bar_jax import sharding, train
 from bar_jax.errors import BarError
 from bar_jax.io import artifact
 from bar_jax.model import config as config_lib, transformer
-from bar_jax.stages import common, loop
+from bar_jax.stages import loop
 from bar_jax.transforms import freeze
+from configs.common import opt_defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +44,7 @@ class SyntheticBatches:
 
 
 def opt(lr=1e-2):
-  return common.opt_defaults(lr=lr, warmup_steps=2)
+  return opt_defaults(lr=lr, warmup_steps=2)
 
 
 def run_loop(cfg, params, mesh, workdir, steps=6, trainable=(r".*",), frozen_experts=(), accum=1):
@@ -72,8 +73,23 @@ def _cli(workdir, *overrides):
   return cmd, env
 
 
+def _latest_step(ckpts) -> int:
+  return max([int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else [0], default=0)
+
+
+def _walk_keys(d):
+  if isinstance(d, dict):
+    for k, v in d.items():
+      yield k
+      yield from _walk_keys(v)
+  elif isinstance(d, list):
+    for v in d:
+      yield from _walk_keys(v)
+
+
 def test_kill_9_and_restart_resumes_bit_identical(tmp_path):
-  steps = ["--config.phases.midtrain.steps=8", "--config.phases.midtrain.checkpoint_every=2"]
+  n = 24
+  steps = [f"--config.phases.midtrain.steps={n}", "--config.phases.midtrain.checkpoint_every=2"]
   cmd, env = _cli(tmp_path / "full", *steps)
   subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
 
@@ -81,18 +97,35 @@ def test_kill_9_and_restart_resumes_bit_identical(tmp_path):
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpts = tmp_path / "killed" / "phases" / "midtrain" / "checkpoints"
   deadline = time.time() + 300
-  while time.time() < deadline and not (ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):
-    time.sleep(0.2)
-  time.sleep(0.5)
+  while time.time() < deadline and not _latest_step(ckpts) and proc.poll() is None:
+    time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert not artifact.is_complete(str(tmp_path / "killed")), "the run finished before it could be killed"
+  killed_at = _latest_step(ckpts)
+  # The kill landed between the first checkpoint and the last: the restart has to resume, not start or skip.
+  assert 0 < killed_at < n, f"kill landed at checkpoint {killed_at} of {n}"
+  assert not artifact.is_complete(str(tmp_path / "killed"))
   subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
 
   full, resumed = artifact.read_manifest(str(tmp_path / "full")), artifact.read_manifest(str(tmp_path / "killed"))
   assert full["leaf_fingerprints"] == resumed["leaf_fingerprints"]
   rows = [json.loads(l) for l in open(tmp_path / "killed" / "phases" / "midtrain" / "metrics.jsonl")]
-  assert [r["step"] for r in rows] == list(range(1, 9))
+  assert [r["step"] for r in rows] == list(range(1, n + 1))
+  # Finished: the checkpoints are gone (keep_checkpoints=False), the metrics stay; no run-time knob in the manifest
+  # outside `model` (ModelConfig's own fields).
+  assert not ckpts.exists()
+  from bar_jax.io import workdir
+  manifest_keys = set(_walk_keys({k: v for k, v in resumed.items() if k != "model"}))
+  assert not manifest_keys & workdir.RUNTIME_KEYS, manifest_keys & workdir.RUNTIME_KEYS
+
+  # The workdir contract through the CLI: a run-time knob reuses the artifact, anything else is one error line.
+  cmd, env = _cli(tmp_path / "killed", *steps, "--config.compute.remat=full")
+  subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
+  assert artifact.read_manifest(str(tmp_path / "killed"))["created"] == resumed["created"]
+  cmd, env = _cli(tmp_path / "killed", *steps, "--config.phases.midtrain.opt.lr=0.5")
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+  assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+  assert "phases.midtrain.opt.lr" in out.stderr and "another train_lm run" in out.stderr
 
 
 def test_unknown_config_key_is_one_line(tmp_path):

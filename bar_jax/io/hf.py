@@ -1,5 +1,5 @@
 """Hugging Face import and export: Llama 3.x, Qwen 2/2.5, Qwen 3 and OLMo 2 (dense) and their MoE classes <-> the
-DESIGN.md dict.
+parameter dict.
 
 Import (`load_dir`) reads config.json + *.safetensors (one file or a sharded index) with safetensors and builds each
 parameter leaf straight into a (optionally sharded) jax array: with a sharding, every device's block is read from
@@ -72,7 +72,7 @@ class _Source:
 
 
 def _sources(cfg: ModelConfig, moe_layout: str = "mixtral") -> Params:
-  """The DESIGN.md tree with a `_Source` at every leaf. moe_layout: 'mixtral' (block_sparse_moe.experts.{e}.w1),
+  """The parameter tree with a `_Source` at every leaf. moe_layout: 'mixtral' (block_sparse_moe.experts.{e}.w1),
   'per_expert' (mlp.experts.{e}.gate_proj: Qwen MoE, FlexOlmo) or 'fused' (transformers 5's in-memory gate_up_proj)."""
   L, D, F, V, E = cfg.n_layers, cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_experts
   qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
@@ -262,7 +262,8 @@ class _Checkpoint:
     if weight_map is not None:
       missing = sorted(set(weight_map) - set(self.file_of))
       if missing:
-        raise BarError(f"{index} lists {missing[0]} in {weight_map[missing[0]]}, which lacks it; re-download the shards")
+        raise BarError(f"{index} lists {missing[0]} in {weight_map[missing[0]]}, which lacks it; "
+                       "re-download the shards")
 
   def _open(self, fname: str, framework: str):
     key = (fname, framework)
