@@ -94,7 +94,7 @@ def test_import_matches_transformers_and_kv_cache_matches_full_forward(family):
   assert (name == "olmo2") == os.path.isfile(os.path.join(path, hf.INDEX_FILE))
   # Read straight into sharded arrays (each device its own block), the new leaves placed by their logical axes.
   mesh = sharding.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
-  _, sharded, _ = hf.load_dir(path, shardings=lambda c: sharding.param_shardings(c, mesh))
+  _, sharded, _ = hf.load_dir(path, shardings=lambda c: transformer.param_shardings(c, mesh))
   assert jax.tree.structure(sharded) == jax.tree.structure(params)
   for x, y in zip(jax.tree.leaves(sharded), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -214,7 +214,7 @@ def test_family_moe_runs_on_every_dispatch_path(dispatch):
   want = np.asarray(_forward(params, tokens, cfg=cfg)[0])
   mesh = sharding.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
   compute = Compute(dispatch=dispatch)
-  ps = sharding.param_shardings(cfg, mesh)
+  ps = transformer.param_shardings(cfg, mesh)
   f = jax.jit(lambda p, t: transformer.forward(p, t, cfg, compute=compute, mesh=mesh)[0],
               in_shardings=(ps, sharding.batch_sharding(mesh)))
   got = np.asarray(f(jax.device_put(params, ps), jax.device_put(tokens, sharding.batch_sharding(mesh))))
