@@ -3,9 +3,11 @@
   python -m bar_jax.train --config=configs/router.py --config.model=runs/moe --workdir=runs/moe_routed
   python -m bar_jax.train --config=configs/router.py:tiny --config.model=/tmp/moe --workdir=/tmp/routed  # tests
 
-The paper's settings: 5% of each domain's SFT data (+ general), 2 epochs, lr 1e-4 with 3% warmup
-decaying to 0, z-loss 0.001, no load-balance loss, every expert active (top_k = all). Steps = ceil(epochs * sampled
-rows / batch_size); `router.max_steps` caps them for quick runs.
+The paper's settings: 5% of each domain's SFT data (+ general), 2 epochs, lr 1e-4 with 3% warmup decaying to 0,
+z-loss 0.001, no load-balance loss, every expert active (top_k = all). These are the defaults; the lr for SmolLM2 is
+to be picked by experiments/sweeps/router_lr.py (1e-4 .. 1e-2). configs/bar_smollm2.py caps the default run's
+router at 8 steps (far short of the 2 epochs) to keep that run near an hour on a 2-core CPU.
+Steps = ceil(epochs * sampled rows / batch_size); `router.max_steps` caps them for quick runs.
 Expected: WORKDIR is an `moe` artifact whose leaf_fingerprints equal the input's for every leaf but
 layers/moe/router/kernel; its manifest has parents [input moe], stages [router record: steps, tokens, FLOPs,
 seconds, data (domains, fractions, examples per domain) and data_fingerprint], expert_fingerprints per expert slice,

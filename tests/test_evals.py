@@ -164,7 +164,10 @@ def test_evaluate_stage_writes_json_and_table(tmp_path):
   table = open(os.path.join(out, "eval.md")).read()
   assert table.splitlines()[0] == "| model | math | code | tool_use | safety | general | overall |"
   assert table.splitlines()[2].startswith("| tiny |")
-  with pytest.raises(BarError, match="already exists"):
+  assert evaluate.run(config, str(tmp_path)) == out  # the same eval: returned as it is (the workdir contract)
+  assert json.load(open(os.path.join(out, "eval.json"))) == report
+  config.n_per_domain = 3
+  with pytest.raises(BarError, match="another evaluate run"):
     evaluate.run(config, str(tmp_path))
   config.domains = "math,poetry"
   with pytest.raises(BarError, match="unknown domain 'poetry'"):

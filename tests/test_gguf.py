@@ -45,6 +45,7 @@ def test_unpermute_turns_interleaved_rope_weights_into_half_split():
   interleaved = transformer.forward(gguf_style, tokens, cfg.replace(rope_style="interleaved"))[0]
   # The same rotation on permuted columns: only the order of the head_dim sums differs, tens of ulps of a logit.
   np.testing.assert_allclose(np.asarray(interleaved), np.asarray(half), rtol=0, atol=ulps(half, 64))
+  # Permuted kernels read with the wrong pairing give another function: far more than rounding (1e-3 = ~2000 ulps).
   assert not np.allclose(np.asarray(transformer.forward(gguf_style, tokens, cfg)[0]), np.asarray(half), atol=1e-3)
 
 

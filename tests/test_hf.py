@@ -206,8 +206,12 @@ def test_export_stage_from_artifact(tmp_path):
   os.remove(tmp_path / "plain_hf" / "tokenizer_chat.json")
   tok3 = hf.load_dir(tmp_path / "plain_hf")[2]
   assert tok3.encode(text) == tok.encode(text) and tok3.chat["eos_token_id"] == 30 and tok3.eot_id == 29
-  with pytest.raises(BarError, match="not empty"):
-    train.run(configs.export_hf.get_config(str(tmp_path / "art")), out)
+  # The workdir contract: the same export returns the directory as it is, another is refused with one line.
+  assert train.run(configs.export_hf.get_config(str(tmp_path / "art")), out) == out
+  smaller = configs.export_hf.get_config(str(tmp_path / "art"))
+  smaller.max_shard_gb = 1.0
+  with pytest.raises(BarError, match="another export_hf run"):
+    train.run(smaller, out)
 
 
 def _one_line_error(fn, match):

@@ -119,6 +119,7 @@ def test_z_loss_reduction_matches_olmo_core(n_layers, n_experts):
   # float32 logsumexp of zeros (~1 ulp) squared, averaged over positions and summed over <= 3 layers: ~1e-6.
   np.testing.assert_allclose(float(metrics["z_loss"]), want, rtol=1e-5)
   loss, m = loop.lm_loss(cfg, z_loss=1e-3)(params, b)
+  # The same float32 sum (nll ~5 plus the z-loss term) unjitted: a few ulps of the total, far inside 1e-5 relative.
   np.testing.assert_allclose(float(loss), float(m["nll"]) + 1e-3 * want, rtol=1e-5)
 
 
@@ -190,9 +191,29 @@ def test_weight_table_matches_mixtral_router_logits(tmp_path, top_k, norm_topk):
     np.testing.assert_allclose(report["domains"][d]["mean_weight"], np.asarray(want), atol=2e-5)
     assert report["domains"][d]["tokens"] == 2 * t
   w = np.asarray(report["domains"]["math"]["mean_weight"])
+  # Each layer's E float32 means of weights that sum to 1 per token (6 decimals in the report): 1 within 1e-5.
   np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
   assert w.max() - w.min() > 0.05  # not uniform, so the comparison can fail
   summ = routing.weight_summary(report)
+  # The summary rounds its shares to 4 decimals for the table: within half of 1e-4 of the layer mean.
   assert summ["math"]["own"] == pytest.approx(float(np.mean(w, 0)[1]), abs=1e-4)
   assert 1 <= summ["code"]["own_rank"] <= 3
   assert "mean_weight" in routing.format_table(report, "mean_weight")
+
+
+def test_domain_embedding_router_columns():
+  """experiments/routing_fix.py's beyond-the-paper init: column e = the unit-length centred mean embedding."""
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "routing_fix.py")
+  spec = importlib.util.spec_from_file_location("routing_fix", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  emb = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+  tokens = [np.array([[0, 1], [2, 3]]), np.array([[5, 6, 7]]), np.array([[9]])]
+  router = mod.domain_embedding_router(emb, tokens, n_layers=3, scale=2.0)
+  assert router.shape == (3, 4, 3) and np.array_equal(router[0], router[2])
+  means = np.stack([emb[[0, 1, 2, 3]].mean(0), emb[[5, 6, 7]].mean(0), emb[9]]).astype(np.float64)
+  want = means - means.mean(0)
+  want = 2.0 * want / np.linalg.norm(want, axis=1, keepdims=True)
+  np.testing.assert_allclose(router[1], want.T, rtol=1e-6, atol=1e-6)  # float64 values rounded once to float32

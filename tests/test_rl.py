@@ -1,7 +1,10 @@
 """GRPO: advantages and the clipped loss against plain numpy; a tiny branch learns to emit a rewarded token; the
 anchor stays bit-identical; bad verifier output scores 0 and is counted; a killed run resumes bit-identically."""
+import json
 import os
-import shutil
+import signal
+import subprocess
+import sys
 import time
 
 import jax
@@ -164,13 +167,50 @@ def test_bad_verifier_output_scores_zero_and_is_counted(branch, byte_tokenizer, 
   assert record["reward_curve"] == [round(4 / 32, 4)]
 
 
-def test_killed_run_resumes_bit_identical(branch, byte_tokenizer, tmp_path):
-  params, cfg = branch
-  c = _config(steps=4, checkpoint_every=2)
-  full, rec_full = run_rl(params, cfg, byte_tokenizer, c, str(tmp_path / "a"), task=_task(byte_tokenizer))
-  work = str(tmp_path / "b")
-  run_rl(params, cfg, byte_tokenizer, c, work, task=_task(byte_tokenizer))
-  shutil.rmtree(os.path.join(work, "checkpoints", "4"))  # as if killed between step 2's and step 4's checkpoints
-  resumed, rec = run_rl(params, cfg, byte_tokenizer, c, work, task=_task(byte_tokenizer))
-  assert rec["reward_curve"] == rec_full["reward_curve"]
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), resumed, full)
+KILL_STEPS = 6
+
+
+def _latest_step(ckpts: str) -> int:
+  names = os.listdir(ckpts) if os.path.isdir(ckpts) else []
+  return max([int(n) for n in names if n.isdigit()], default=0)
+
+
+def test_kill_9_and_restart_resumes_bit_identical(tmp_path):
+  """RL through the one loop: killed with SIGKILL between its first and last checkpoint, started again, it ends with
+  the same parameters and reward curve as an uninterrupted run (same program, same devices)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = lambda name: [sys.executable, "-m", "tests.test_rl", str(tmp_path / name), str(tmp_path / f"{name}.npz")]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  subprocess.run(cmd("full"), cwd=root, env=env, check=True, capture_output=True)
+  proc = subprocess.Popen(cmd("killed"), cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = str(tmp_path / "killed" / "checkpoints")
+  deadline = time.time() + 300
+  while time.time() < deadline and not _latest_step(ckpts) and proc.poll() is None:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = _latest_step(ckpts)
+  assert 0 < killed_at < KILL_STEPS, f"kill landed at checkpoint {killed_at} of {KILL_STEPS}"
+  assert not (tmp_path / "killed.npz").exists()
+  subprocess.run(cmd("killed"), cwd=root, env=env, check=True, capture_output=True)
+  full, resumed = np.load(tmp_path / "full.npz"), np.load(tmp_path / "killed.npz")
+  assert sorted(full.files) == sorted(resumed.files)
+  for name in full.files:
+    np.testing.assert_array_equal(resumed[name], full[name], err_msg=name)
+  rows = lambda name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]  # noqa: E731
+  assert [r["step"] for r in rows("killed")] == list(range(1, KILL_STEPS + 1))
+  assert [r["reward_mean"] for r in rows("killed")] == [r["reward_mean"] for r in rows("full")]
+
+
+def _kill_test_run(workdir: str, out: str) -> None:
+  """The kill test's run in its own process: GRPO on the tiny branch, final parameters to OUT (.npz)."""
+  from tests.conftest import make_byte_tokenizer
+  tok = make_byte_tokenizer()
+  params, cfg = upcycle(transformer.init_params(DENSE, jax.random.key(0)), DENSE)
+  c = _config(steps=KILL_STEPS, checkpoint_every=1, log_every=1)
+  final, _ = run_rl(jax.tree.map(np.asarray, params), cfg, tok, c, workdir, task=_task(tok))
+  np.savez(out, **{k.replace("/", "|"): np.asarray(v) for k, v in pytree.flatten(final).items()})
+
+
+if __name__ == "__main__":
+  _kill_test_run(*sys.argv[1:3])

@@ -125,3 +125,28 @@ def test_variant_parser_is_typed_and_refuses_unknown_words():
     _config("branch", "math,lora,huge")
   with pytest.raises(ValueError, match="use one of"):
     _config("branch", "poetry")
+
+
+def test_stages_import_libraries_never_other_stages():
+  """A stage is a module of bar_jax/stages with a top-level run(config, workdir); the pipeline runs stages by name
+  (importlib), like the CLI, and imports none of them."""
+  import ast
+  stages_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bar_jax", "stages")
+  trees = {f[:-3]: ast.parse(open(os.path.join(stages_dir, f)).read()) for f in os.listdir(stages_dir)
+           if f.endswith(".py") and f != "__init__.py"}
+  stages = {name for name, tree in trees.items()
+            if any(isinstance(n, ast.FunctionDef) and n.name == "run" for n in tree.body)}
+  assert {"train_lm", "branch", "rl", "router", "upgrade", "merge", "evaluate", "pipeline"} <= stages
+  for name, tree in trees.items():
+    imported = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module == "bar_jax.stages":
+        imported |= {a.name for a in node.names}
+      elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bar_jax.stages."):
+        imported.add(node.module.rsplit(".", 1)[1])
+      elif isinstance(node, ast.Import):
+        imported |= {a.name.rsplit(".", 1)[1] for a in node.names if a.name.startswith("bar_jax.stages.")}
+      if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr.startswith("_") \
+          and not node.attr.startswith("__") and node.value.id in trees:
+        raise AssertionError(f"{name} uses the private name {node.value.id}.{node.attr}")
+    assert not imported & stages, f"stage code {name} imports the stages {sorted(imported & stages)}"

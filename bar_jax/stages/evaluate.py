@@ -26,7 +26,7 @@ def run(config, workdir: str) -> str:
   if not specs:
     raise BarError("config.model is empty: pass --config.model=DIR[,DIR2,...] or --config.model=smollm2")
   domains_lib.resolve(config.domains)  # unknown names fail before any model is loaded
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.start(workdir, identity)  # a run killed before eval.json resumes here
   rows = []
   for spec in specs:
     t0 = time.time()
