@@ -5,9 +5,16 @@ Per-layer parameters (the scan slices off the leading L axis):
   experts/{gate,up}    [E0, D, F] ; experts/down [E0, F, D]   E0 = E for ffn experts, 1 (the anchor) for lora
   lora/{gate,up,down}/{a,b}  [E-1, in, r] / [E-1, r, out]    lora experts only: expert i = anchor + (a_i @ b_i) * alpha/r
 
-Dispatch paths ("dense" reference; "dropless" and "expert_parallel" are added beside it) all consume
-`expert_weights(...)`: LoRA experts are materialised as anchor + delta (cheap: E*D*F*r FLOPs), so every path runs
-one stacked (E, D, F) expert layout.
+How each layer runs (the output is always sum_e w_e * expert_e(x), w the top-k-masked router weights):
+  lora experts   `lora_ffn`, whatever the dispatch: the anchor's gate/up run once for every token, each adapter adds
+                 its low-rank term (x a) b, and the down projection runs once on the router-weighted hidden units
+                 (plus each adapter's low-rank down term). The experts are never materialised.
+  dense dispatch `dense_dispatch`: all experts as ONE wide FFN of width E*F whose hidden units are scaled by their
+                 expert's router weight before the down projection (one matmul, no [E, N, D] intermediate).
+  top_k = E      the same wide FFN for dropless too (nothing to skip), and for expert_parallel unless the experts
+                 are split over an expert mesh axis (then the all_to_all path keeps them where they live).
+  otherwise      `dispatch.run` (dropless grouped matmul, expert_parallel all_to_all).
+`expert_weights` materialises the stacked (E, D, F) layout for export and as the tests' reference.
 """
 from __future__ import annotations
 
@@ -91,24 +98,66 @@ def router_losses(logits: jax.Array, weights: jax.Array, idx: jax.Array, n_exper
 
 
 def dense_dispatch(x: jax.Array, weights: jax.Array, gate, up, down) -> jax.Array:
-  """Every expert on every token, combined by the (top-k masked) router weights. x [N, D]."""
+  """Every expert on every token, combined by the (top-k masked) router weights. x [N, D], weights [N, E].
+
+  One wide FFN: the E experts' hidden units side by side ([N, E, F]), each scaled by its expert's weight, then one
+  down projection contracting (E, F) at once. The same sum as running each expert and combining their outputs.
+  """
   dt = x.dtype
-  h = jax.nn.silu(jnp.einsum("nd,edf->enf", x, gate.astype(dt))) * jnp.einsum("nd,edf->enf", x, up.astype(dt))
-  y = jnp.einsum("enf,efd->end", h, down.astype(dt))
-  return jnp.einsum("end,ne->nd", y, weights.astype(dt))
+  a = jnp.einsum("nd,edf->nef", x, gate.astype(dt))
+  b = jnp.einsum("nd,edf->nef", x, up.astype(dt))
+  h = jax.nn.silu(a) * b * weights.astype(dt)[:, :, None]
+  return jnp.einsum("nef,efd->nd", h, down.astype(dt))
+
+
+def lora_ffn(x: jax.Array, weights: jax.Array, anchor: Params, lora: Params, scale: float) -> jax.Array:
+  """LoRA experts as a side path. x [N, D], weights [N, E]; anchor {gate,up,down} [1, ...]; lora {gate,up,down}
+  {a [E-1, in, r], b [E-1, r, out]}. Expert i > 0 is the anchor plus scale * a_i @ b_i on each projection, so
+
+    gate_i(x) = x Wg + scale (x a_i) b_i            (x Wg computed once for all experts)
+    y = (sum_e w_e h_e) Wd + scale sum_{i>0} ((w_i h_i) a_i) b_i
+
+  costs one anchor FFN plus rank-r terms, instead of E full experts.
+  """
+  dt = x.dtype
+  cast = lambda w: w.astype(dt)  # noqa: E731
+
+  def low_rank(h, name, spec_in):  # scale * (h a) b, batched over the adapters
+    ab = lora[name]
+    t = jnp.einsum(spec_in + ",air->nar", h, cast(ab["a"])) * scale
+    return jnp.einsum("nar,aro->nao", t, cast(ab["b"]))
+
+  g0 = x @ cast(anchor["gate"][0])
+  u0 = x @ cast(anchor["up"][0])
+  g = g0[:, None] + low_rank(x, "gate", "ni")               # [N, E-1, F]
+  u = u0[:, None] + low_rank(x, "up", "ni")
+  w = weights.astype(dt)
+  h_adapters = jax.nn.silu(g) * u * w[:, 1:, None]           # router-weighted hidden units of the adapters
+  h = jax.nn.silu(g0) * u0 * w[:, :1] + jnp.sum(h_adapters, axis=1)
+  return h @ cast(anchor["down"][0]) + jnp.sum(low_rank(h_adapters, "down", "nai"), axis=1)
+
+
+def _expert_axis(mesh) -> int:
+  return mesh.shape.get("expert", 1) if mesh is not None else 1
 
 
 def moe_ffn(p: Params, x: jax.Array, cfg: ModelConfig, mesh=None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """x [B, T, D] -> (y [B, T, D], aux {z_loss, lb_loss, expert_load [E], dropped})."""
+  dispatch_kind = cfg.dispatch  # the run-time knob, read once
   B, T, D = x.shape
   xt = x.reshape(B * T, D)
   weights, idx, logits = route(p["router"]["kernel"], xt, cfg)
-  gate, up, down = expert_weights(p, cfg)
-  if cfg.dispatch == "dense":
-    y, dropped = dense_dispatch(xt, weights, gate, up, down), jnp.zeros((), jnp.int32)
+  dropped = jnp.zeros((), jnp.int32)
+  if cfg.expert_kind == "lora":
+    y = lora_ffn(xt, weights, p["experts"], p["lora"], cfg.lora_alpha / cfg.lora_rank)
+  elif dispatch_kind == "dense" or (cfg.k == cfg.n_experts and not (dispatch_kind == "expert_parallel"
+                                                                     and _expert_axis(mesh) > 1)):
+    e = p["experts"]
+    y = dense_dispatch(xt, weights, e["gate"], e["up"], e["down"])
   else:
     from bar_jax.model import dispatch  # the grouped and expert-parallel paths
-    y, dropped = dispatch.run(cfg.dispatch, xt, weights, idx, gate, up, down, cfg, mesh)
+    e = p["experts"]
+    y, dropped = dispatch.run(dispatch_kind, xt, weights, idx, e["gate"], e["up"], e["down"], cfg, mesh)
   aux = router_losses(logits, weights, idx, cfg.n_experts)
   aux["dropped"] = dropped
   return y.reshape(B, T, D), aux
