@@ -100,14 +100,35 @@ def router_losses(logits: jax.Array, weights: jax.Array, idx: jax.Array, n_exper
 def dense_dispatch(x: jax.Array, weights: jax.Array, gate, up, down) -> jax.Array:
   """Every expert on every token, combined by the (top-k masked) router weights. x [N, D], weights [N, E].
 
-  One wide FFN: the E experts' hidden units side by side ([N, E, F]), each scaled by its expert's weight, then one
-  down projection contracting (E, F) at once. The same sum as running each expert and combining their outputs.
+  One wide FFN of width E*F: each expert's hidden units are scaled by its router weight, and the down projection
+  contracts (expert, hidden) at once, as a sum of E blocks (no [E, N, D] expert outputs). gate/up/down are stacked
+  [E, ...] arrays or sequences of per-expert [D, F] / [F, D] arrays (`unstack_experts`): with separate arrays, the
+  weight gradient of each expert is its own matmul, so XLA drops a frozen expert's (the branch anchor's) entirely.
   """
   dt = x.dtype
-  a = jnp.einsum("nd,edf->nef", x, gate.astype(dt))
-  b = jnp.einsum("nd,edf->nef", x, up.astype(dt))
-  h = jax.nn.silu(a) * b * weights.astype(dt)[:, :, None]
-  return jnp.einsum("nef,efd->nd", h, down.astype(dt))
+  w = weights.astype(dt)
+  y = None
+  for e in range(len(gate)):
+    h = jax.nn.silu(x @ gate[e].astype(dt)) * (x @ up[e].astype(dt)) * w[:, e:e + 1]
+    part = h @ down[e].astype(dt)
+    y = part if y is None else y + part
+  return y
+
+
+def unstack_experts(moe_layers: Params, cfg: ModelConfig) -> Params:
+  """The scanned MoE leaves with ffn experts [L, E, ...] as E separate [L, ...] arrays (taken before the layer scan).
+
+  A partially frozen expert leaf is joined from its frozen and trainable slices (freeze.join); split here, outside the
+  scan, each expert's gradient is a separate output of the scan, and the frozen one is dead code that XLA removes
+  (the stacked layout would compute it inside the scan and throw it away after).
+  """
+  if cfg.expert_kind != "ffn":
+    return moe_layers
+  # lax.split, not indexing: its transpose concatenates the per-expert gradients (indexing's pads and adds them),
+  # and XLA folds slice(concatenate) where freeze.split takes the trainable experts back out.
+  experts = {name: [jnp.squeeze(piece, 1) for piece in jax.lax.split(w, (1,) * w.shape[1], axis=1)]
+             for name, w in moe_layers["experts"].items()}
+  return dict(moe_layers, experts=experts)
 
 
 def lora_ffn(x: jax.Array, weights: jax.Array, anchor: Params, lora: Params, scale: float) -> jax.Array:
@@ -156,8 +177,9 @@ def moe_ffn(p: Params, x: jax.Array, cfg: ModelConfig, mesh=None) -> tuple[jax.A
     y = dense_dispatch(xt, weights, e["gate"], e["up"], e["down"])
   else:
     from bar_jax.model import dispatch  # the grouped and expert-parallel paths
-    e = p["experts"]
-    y, dropped = dispatch.run(dispatch_kind, xt, weights, idx, e["gate"], e["up"], e["down"], cfg, mesh)
+    gate, up, down = (jnp.stack(w) if isinstance(w, (list, tuple)) else w
+                      for w in (p["experts"][name] for name in ("gate", "up", "down")))
+    y, dropped = dispatch.run(dispatch_kind, xt, weights, idx, gate, up, down, cfg, mesh)
   aux = router_losses(logits, weights, idx, cfg.n_experts)
   aux["dropped"] = dropped
   return y.reshape(B, T, D), aux
