@@ -149,3 +149,30 @@ def test_fast_paths_build_no_per_expert_weights_or_outputs():
   p, x = layer(ffn)
   shapes = _shapes_in(jax.make_jaxpr(jax.grad(lambda p: moe.moe_ffn(p, x, ffn)[0].sum()))(p).jaxpr)
   assert (4, N_TOKENS, D) not in shapes and (N_TOKENS, 4, D) not in shapes, shapes
+
+
+def test_branch_step_skips_the_frozen_anchors_weight_gradient():
+  """In the midtrain step (anchor frozen) XLA must not compute the anchor's weight gradients: compiled FLOPs fall by
+  at least those matmuls (2 N D F each for gate, up, down) against the same step with the anchor trainable."""
+  import optax
+  from bar_jax.model import transformer
+  from bar_jax.stages import loop
+  from bar_jax.transforms import freeze
+  cfg = tiny(ffn="moe", n_experts=2)
+  B, T = 4, 32
+  params = transformer.init_params(cfg, jax.random.key(0))
+  tok = np.zeros((1, B, T), np.int32)
+  batch = {"inputs": tok, "targets": tok, "mask": np.ones((1, B, T), np.float32),
+           "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (1, B, T)), "segment_ids": np.ones_like(tok)}
+  tx = optax.sgd(1e-3)
+
+  def flops(frozen_experts):
+    part = freeze.make_partition(params, cfg, freeze.SCHEDULE["midtrain"], frozen_experts=frozen_experts)
+    trainable, frozen = freeze.split(params, part)
+    step = jax.jit(loop.make_step(loop.lm_loss(cfg), tx, part, 1))
+    cost = step.lower(trainable, tx.init(trainable), frozen, batch).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+  anchor_weight_grads = 3 * 2 * B * T * cfg.d_model * cfg.d_ff  # one layer (XLA counts a loop body once)
+  saved = flops(()) - flops((0,))
+  assert saved >= 0.9 * anchor_weight_grads, (saved, anchor_weight_grads)
