@@ -115,14 +115,23 @@ def dense_dispatch(x: jax.Array, weights: jax.Array, gate, up, down) -> jax.Arra
   return y
 
 
-def unstack_experts(moe_layers: Params, cfg: ModelConfig) -> Params:
+def uses_wide_ffn(cfg: ModelConfig, mesh=None) -> bool:
+  """Whether ffn experts run as the wide FFN (`dense_dispatch`) rather than through `dispatch.run`."""
+  dispatch_kind = cfg.dispatch  # the run-time knob, read once
+  if cfg.expert_kind != "ffn":
+    return False
+  expert_sharded = dispatch_kind == "expert_parallel" and mesh is not None and mesh.shape.get("expert", 1) > 1
+  return dispatch_kind == "dense" or (cfg.k == cfg.n_experts and not expert_sharded)
+
+
+def unstack_experts(moe_layers: Params, cfg: ModelConfig, mesh=None) -> Params:
   """The scanned MoE leaves with ffn experts [L, E, ...] as E separate [L, ...] arrays (taken before the layer scan).
 
   A partially frozen expert leaf is joined from its frozen and trainable slices (freeze.join); split here, outside the
   scan, each expert's gradient is a separate output of the scan, and the frozen one is dead code that XLA removes
   (the stacked layout would compute it inside the scan and throw it away after).
   """
-  if cfg.expert_kind != "ffn":
+  if not uses_wide_ffn(cfg, mesh):
     return moe_layers
   # lax.split, not indexing: its transpose concatenates the per-expert gradients (indexing's pads and adds them),
   # and XLA folds slice(concatenate) where freeze.split takes the trainable experts back out.
@@ -158,10 +167,6 @@ def lora_ffn(x: jax.Array, weights: jax.Array, anchor: Params, lora: Params, sca
   return h @ cast(anchor["down"][0]) + jnp.sum(low_rank(h_adapters, "down", "nai"), axis=1)
 
 
-def _expert_axis(mesh) -> int:
-  return mesh.shape.get("expert", 1) if mesh is not None else 1
-
-
 def moe_ffn(p: Params, x: jax.Array, cfg: ModelConfig, mesh=None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """x [B, T, D] -> (y [B, T, D], aux {z_loss, lb_loss, expert_load [E], dropped})."""
   dispatch_kind = cfg.dispatch  # the run-time knob, read once
@@ -171,14 +176,12 @@ def moe_ffn(p: Params, x: jax.Array, cfg: ModelConfig, mesh=None) -> tuple[jax.A
   dropped = jnp.zeros((), jnp.int32)
   if cfg.expert_kind == "lora":
     y = lora_ffn(xt, weights, p["experts"], p["lora"], cfg.lora_alpha / cfg.lora_rank)
-  elif dispatch_kind == "dense" or (cfg.k == cfg.n_experts and not (dispatch_kind == "expert_parallel"
-                                                                     and _expert_axis(mesh) > 1)):
+  elif uses_wide_ffn(cfg, mesh):
     e = p["experts"]
     y = dense_dispatch(xt, weights, e["gate"], e["up"], e["down"])
   else:
     from bar_jax.model import dispatch  # the grouped and expert-parallel paths
-    gate, up, down = (jnp.stack(w) if isinstance(w, (list, tuple)) else w
-                      for w in (p["experts"][name] for name in ("gate", "up", "down")))
+    gate, up, down = (p["experts"][name] for name in ("gate", "up", "down"))
     y, dropped = dispatch.run(dispatch_kind, xt, weights, idx, gate, up, down, cfg, mesh)
   aux = router_losses(logits, weights, idx, cfg.n_experts)
   aux["dropped"] = dropped
