@@ -73,7 +73,7 @@ def dispatch_worker(n_devices: int) -> dict:
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from bar_jax.model import moe
-  from bar_jax.model.config import ModelConfig
+  from bar_jax.model.config import Compute, ModelConfig
   from bar_jax.sharding import make_mesh, BATCH_AXES
 
   assert jax.device_count() == n_devices
@@ -96,14 +96,14 @@ def dispatch_worker(n_devices: int) -> dict:
       return tree
     return jax.device_put(tree, NamedSharding(mesh, P(BATCH_AXES) if batch else P()))
 
-  def moe_step(cfg, mesh, params=p, ffn=moe.moe_ffn):
+  def moe_step(cfg, compute, mesh, params=p, ffn=moe.moe_ffn):
     def loss(p, x):
-      y, aux = ffn(p, x[None], cfg, mesh=mesh)
+      y, aux = ffn(p, x[None], cfg, mesh=mesh, compute=compute)
       return jnp.sum(y[0] * probe_s) + 1e-3 * aux["z_loss"]
     probe_s = place(probe, mesh, True)
     return _runner(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), place(params, mesh, False), place(x, mesh, True))
 
-  def materialised_lora(p, x, cfg, mesh=None):
+  def materialised_lora(p, x, cfg, mesh=None, compute=None):
     """The previous LoRA layer: experts materialised (anchor + a b) and run one by one on every token."""
     xt = x.reshape(-1, D)
     weights, idx, logits = moe.route(p["router"]["kernel"], xt, cfg)
@@ -131,15 +131,15 @@ def dispatch_worker(n_devices: int) -> dict:
       mesh = ep_mesh if kind == "expert_parallel" else data_mesh
       if kind == "expert_parallel" and mesh is None:
         continue  # no expert axis on one device: it is the dropless path
-      runs[kind] = moe_step(cfg.replace(dispatch=kind), mesh)
+      runs[kind] = moe_step(cfg, Compute(dispatch=kind), mesh)
     row = {"k": k, "flops": 3 * 2 * N_TOKENS * 3 * D * F * k, **_stats(_interleaved(runs, ROUNDS), "dense_ffn")}
     out["rows"].append(row)
     print(json.dumps(row), file=sys.stderr, flush=True)
   # LoRA experts (E-1 adapters of rank RANK over one anchor), all active: the side path against the materialised
   # layout it replaces and against one dense FFN of width F (the anchor's FLOPs; the adapters add ~3% at rank 16).
   cfg = ModelConfig(d_model=D, d_ff=F, n_layers=1, ffn="moe", n_experts=E, expert_kind="lora", lora_rank=RANK)
-  runs = {"dense_ffn": dense_ffn_step(1, data_mesh), "lora": moe_step(cfg, data_mesh, lora_p),
-          "lora_materialised": moe_step(cfg, data_mesh, lora_p, materialised_lora)}
+  runs = {"dense_ffn": dense_ffn_step(1, data_mesh), "lora": moe_step(cfg, Compute(), data_mesh, lora_p),
+          "lora_materialised": moe_step(cfg, Compute(), data_mesh, lora_p, materialised_lora)}
   out["lora"] = _stats(_interleaved(runs, ROUNDS), "dense_ffn")
   print(json.dumps(out["lora"]), file=sys.stderr, flush=True)
   return out
@@ -168,7 +168,6 @@ class RandomBranch(dict):
 def merge_worker(n_branches: int = 4) -> dict:
   import tracemalloc
 
-  import numpy as np
 
   from bar_jax.model import transformer
   from bar_jax.model.config import ModelConfig
@@ -185,7 +184,7 @@ def merge_worker(n_branches: int = 4) -> dict:
   tracemalloc.start()
   base_mem = tracemalloc.get_traced_memory()[0]
   t = time.perf_counter()
-  merged, mcfg = merge_lib.merge(None, branches, [cfg] * n_branches, rule="average")
+  merged, mcfg = merge_lib.merge(None, branches, [cfg] * n_branches, rule="average_branches")
   seconds = time.perf_counter() - t
   peak = tracemalloc.get_traced_memory()[1] - base_mem
   tracemalloc.stop()

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bar_jax import sharding
 from bar_jax.model import moe
-from bar_jax.model.config import tiny
+from bar_jax.model.config import Compute, tiny
 
 D, F, N_TOKENS, RANK = 16, 32, 64, 4
 DISPATCH = ("dense", "dropless", "expert_parallel")
@@ -29,9 +29,9 @@ def mesh_for(name):
   return sharding.make_mesh(shape, devices=jax.devices()[:n])
 
 
-def cfg_for(n_experts, top_k, kind, dispatch):
+def cfg_for(n_experts, top_k, kind):
   return tiny(d_model=D, d_ff=F, ffn="moe", n_experts=n_experts, top_k=top_k, expert_kind=kind, lora_rank=RANK,
-              lora_alpha=8.0, dispatch=dispatch)
+              lora_alpha=8.0)
 
 
 def layer(cfg, key=0):
@@ -46,7 +46,7 @@ def layer(cfg, key=0):
   return p, x
 
 
-def reference_ffn(p, x, cfg, mesh=None):
+def reference_ffn(p, x, cfg, mesh=None, compute=None):
   """Materialised experts, one SwiGLU per expert on every token, combined by the router weights."""
   xt = x.reshape(-1, D)
   weights, idx, logits = moe.route(p["router"]["kernel"], xt, cfg)
@@ -56,11 +56,11 @@ def reference_ffn(p, x, cfg, mesh=None):
   return y.reshape(x.shape), dict(aux, dropped=jnp.zeros((), jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def value_and_grads(p, x, cfg, mesh, fn):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def value_and_grads(p, x, cfg, mesh, fn, dispatch="dense"):
   """Output and gradients w.r.t. x and every parameter of a fixed random linear loss (+ the z-loss)."""
   def loss(p, x):
-    y, aux = fn(p, x, cfg, mesh=mesh)
+    y, aux = fn(p, x, cfg, mesh=mesh, compute=Compute(dispatch=dispatch))
     probe = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
     return jnp.sum(y * probe) + 0.1 * aux["z_loss"], (y, aux["dropped"])
   (_, (y, dropped)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(p, x)
@@ -92,11 +92,11 @@ CASES = [(mesh, dispatch) for mesh in ("1", "8") for dispatch in DISPATCH] + [("
 @pytest.mark.parametrize("mesh_name,dispatch", CASES)
 @pytest.mark.parametrize("n_experts,top_k", [(2, 0), (4, 2)])  # the branch; a merged MoE at top-k
 def test_lora_side_path_equals_materialised(mesh_name, dispatch, n_experts, top_k):
-  cfg = cfg_for(n_experts, top_k, "lora", dispatch)
+  cfg = cfg_for(n_experts, top_k, "lora")
   mesh = mesh_for(mesh_name)
   p, x = place(*layer(cfg, key=n_experts + top_k), cfg, mesh)
-  y0, _, g0 = value_and_grads(p, x, cfg.replace(dispatch="dense"), None, reference_ffn)
-  y1, dropped, g1 = value_and_grads(p, x, cfg, mesh, moe.moe_ffn)
+  y0, _, g0 = value_and_grads(p, x, cfg, None, reference_ffn)
+  y1, dropped, g1 = value_and_grads(p, x, cfg, mesh, moe.moe_ffn, dispatch)
   assert int(dropped) == 0
   assert_close(y1, y0)
   assert_close(g1, g0)
@@ -106,11 +106,11 @@ def test_lora_side_path_equals_materialised(mesh_name, dispatch, n_experts, top_
 @pytest.mark.parametrize("mesh_name,dispatch", CASES)
 def test_all_experts_wide_ffn_equals_per_expert(mesh_name, dispatch):
   n_experts = 4
-  cfg = cfg_for(n_experts, 0, "ffn", dispatch)  # top_k 0 = all experts
+  cfg = cfg_for(n_experts, 0, "ffn")  # top_k 0 = all experts
   mesh = mesh_for(mesh_name)
   p, x = place(*layer(cfg, key=7), cfg, mesh)
-  y0, _, g0 = value_and_grads(p, x, cfg.replace(dispatch="dense"), None, reference_ffn)
-  y1, dropped, g1 = value_and_grads(p, x, cfg, mesh, moe.moe_ffn)
+  y0, _, g0 = value_and_grads(p, x, cfg, None, reference_ffn)
+  y1, dropped, g1 = value_and_grads(p, x, cfg, mesh, moe.moe_ffn, dispatch)
   assert int(dropped) == 0
   assert_close(y1, y0)
   assert_close(g1, g0)
@@ -120,7 +120,7 @@ def test_all_experts_wide_ffn_equals_per_expert(mesh_name, dispatch):
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_dense_dispatch_top_k_equals_per_expert(top_k):
   """The wide FFN with router weights zero off the top-k is the masked sum too (dense dispatch at top_k < E)."""
-  cfg = cfg_for(4, top_k, "ffn", "dense")
+  cfg = cfg_for(4, top_k, "ffn")
   p, x = layer(cfg, key=top_k)
   y0, _, g0 = value_and_grads(p, x, cfg, None, reference_ffn)
   y1, _, g1 = value_and_grads(p, x, cfg, None, moe.moe_ffn)
@@ -139,13 +139,13 @@ def _shapes_in(jaxpr) -> set:
 
 def test_fast_paths_build_no_per_expert_weights_or_outputs():
   """The LoRA path never forms an (E-1, D, F) expert, and the wide FFN never forms the [E, N, D] expert outputs."""
-  lora = cfg_for(4, 0, "lora", "dense")
+  lora = cfg_for(4, 0, "lora")
   p, x = layer(lora)
   shapes = _shapes_in(jax.make_jaxpr(jax.grad(lambda p: moe.moe_ffn(p, x, lora)[0].sum()))(p).jaxpr)
   assert not shapes & {(3, D, F), (3, F, D), (4, D, F), (4, F, D)}, shapes
   ref = _shapes_in(jax.make_jaxpr(lambda p: moe.expert_weights(p, lora))(p).jaxpr)
   assert (4, D, F) in ref  # the check sees materialised experts where they exist
-  ffn = cfg_for(4, 0, "ffn", "dense")
+  ffn = cfg_for(4, 0, "ffn")
   p, x = layer(ffn)
   shapes = _shapes_in(jax.make_jaxpr(jax.grad(lambda p: moe.moe_ffn(p, x, ffn)[0].sum()))(p).jaxpr)
   assert (4, N_TOKENS, D) not in shapes and (N_TOKENS, 4, D) not in shapes, shapes

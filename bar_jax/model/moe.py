@@ -3,7 +3,8 @@
 Per-layer parameters (the scan slices off the leading L axis):
   router/kernel        [D, E]
   experts/{gate,up}    [E0, D, F] ; experts/down [E0, F, D]   E0 = E for ffn experts, 1 (the anchor) for lora
-  lora/{gate,up,down}/{a,b}  [E-1, in, r] / [E-1, r, out]    lora experts only: expert i = anchor + (a_i @ b_i) * alpha/r
+  lora/{gate,up,down}/{a,b}  [E-1, in, r] / [E-1, r, out]    lora experts only:
+                             expert i = anchor + (a_i @ b_i) * alpha/r
 
 How each layer runs (the output is always sum_e w_e * expert_e(x), w the top-k-masked router weights):
   lora experts   `lora_ffn`, whatever the dispatch: the anchor's gate/up run once for every token, each adapter adds
@@ -23,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bar_jax.model.config import ModelConfig
+from bar_jax.model.config import Compute, ModelConfig
 
 Params = dict[str, Any]
 
@@ -94,7 +95,7 @@ def router_losses(logits: jax.Array, weights: jax.Array, idx: jax.Array, n_exper
   # diagnostics (bar_jax/evals/routing.py).
   top1 = jnp.mean(jax.nn.one_hot(jnp.argmax(logits, axis=-1), n_experts, dtype=jnp.float32), axis=0)
   return {"z_loss": jnp.mean(z * z), "lb_loss": n_experts * jnp.sum(f * p), "expert_load": f, "expert_prob": p,
-          "expert_top1": top1}
+          "expert_top1": top1, "expert_weight": jnp.mean(weights.astype(jnp.float32), axis=0)}  # applied weights
 
 
 def dense_dispatch(x: jax.Array, weights: jax.Array, gate, up, down) -> jax.Array:
@@ -115,23 +116,23 @@ def dense_dispatch(x: jax.Array, weights: jax.Array, gate, up, down) -> jax.Arra
   return y
 
 
-def uses_wide_ffn(cfg: ModelConfig, mesh=None) -> bool:
+def uses_wide_ffn(cfg: ModelConfig, compute: Compute = Compute(), mesh=None) -> bool:
   """Whether ffn experts run as the wide FFN (`dense_dispatch`) rather than through `dispatch.run`."""
-  dispatch_kind = cfg.dispatch  # the run-time knob, read once
+  dispatch_kind = compute.dispatch
   if cfg.expert_kind != "ffn":
     return False
   expert_sharded = dispatch_kind == "expert_parallel" and mesh is not None and mesh.shape.get("expert", 1) > 1
   return dispatch_kind == "dense" or (cfg.k == cfg.n_experts and not expert_sharded)
 
 
-def unstack_experts(moe_layers: Params, cfg: ModelConfig, mesh=None) -> Params:
+def unstack_experts(moe_layers: Params, cfg: ModelConfig, compute: Compute = Compute(), mesh=None) -> Params:
   """The scanned MoE leaves with ffn experts [L, E, ...] as E separate [L, ...] arrays (taken before the layer scan).
 
   A partially frozen expert leaf is joined from its frozen and trainable slices (freeze.join); split here, outside the
   scan, each expert's gradient is a separate output of the scan, and the frozen one is dead code that XLA removes
   (the stacked layout would compute it inside the scan and throw it away after).
   """
-  if not uses_wide_ffn(cfg, mesh):
+  if not uses_wide_ffn(cfg, compute, mesh):
     return moe_layers
   # lax.split, not indexing: its transpose concatenates the per-expert gradients (indexing's pads and adds them),
   # and XLA folds slice(concatenate) where freeze.split takes the trainable experts back out.
@@ -167,22 +168,23 @@ def lora_ffn(x: jax.Array, weights: jax.Array, anchor: Params, lora: Params, sca
   return h @ cast(anchor["down"][0]) + jnp.sum(low_rank(h_adapters, "down", "nai"), axis=1)
 
 
-def moe_ffn(p: Params, x: jax.Array, cfg: ModelConfig, mesh=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def moe_ffn(p: Params, x: jax.Array, cfg: ModelConfig, mesh=None,
+            compute: Compute = Compute()) -> tuple[jax.Array, dict[str, jax.Array]]:
   """x [B, T, D] -> (y [B, T, D], aux {z_loss, lb_loss, expert_load [E], dropped})."""
-  dispatch_kind = cfg.dispatch  # the run-time knob, read once
+  dispatch_kind = compute.dispatch
   B, T, D = x.shape
   xt = x.reshape(B * T, D)
   weights, idx, logits = route(p["router"]["kernel"], xt, cfg)
   dropped = jnp.zeros((), jnp.int32)
   if cfg.expert_kind == "lora":
     y = lora_ffn(xt, weights, p["experts"], p["lora"], cfg.lora_alpha / cfg.lora_rank)
-  elif uses_wide_ffn(cfg, mesh):
+  elif uses_wide_ffn(cfg, compute, mesh):
     e = p["experts"]
     y = dense_dispatch(xt, weights, e["gate"], e["up"], e["down"])
   else:
     from bar_jax.model import dispatch  # the grouped and expert-parallel paths
     gate, up, down = (p["experts"][name] for name in ("gate", "up", "down"))
-    y, dropped = dispatch.run(dispatch_kind, xt, weights, idx, gate, up, down, cfg, mesh)
+    y, dropped = dispatch.run(dispatch_kind, xt, weights, idx, gate, up, down, compute.capacity_factor, mesh)
   aux = router_losses(logits, weights, idx, cfg.n_experts)
   aux["dropped"] = dropped
   return y.reshape(B, T, D), aux
