@@ -1,7 +1,7 @@
 """MoE dispatch and merge benchmark at SmolLM2 shapes (D=576, F=1536), E=5 experts, ~4096 tokens.
 
   python experiments/bench_moe.py            # ~5 min on 2 idle CPU cores; writes experiments/results/bench_moe.md
-  BENCH_MOE_TOKENS=2040 BENCH_MOE_ROUNDS=3 python experiments/bench_moe.py --no_merge   # smaller, dispatch only
+  BENCH_MOE_TOKENS=400 python experiments/bench_moe.py --no_merge --out=experiments/results/bench_moe_small.md
 
 Dispatch: step time (forward + backward w.r.t. tokens, router and experts) of one MoE layer per dispatch path at
 top_k = 1, 2, 5, against a dense SwiGLU FFN of width k*F (the same active FLOPs), on 1 and on 8 simulated CPU
@@ -264,15 +264,15 @@ def main():
     return
   skip_merge = "--no_merge" in sys.argv
   command = " ".join(f"{k}={os.environ[k]}" for k in ("BENCH_MOE_TOKENS", "BENCH_MOE_ROUNDS") if k in os.environ)
-  command = (command + " " if command else "") + "python experiments/bench_moe.py" + (
-      " --no_merge" if skip_merge else "")
+  command = (command + " " if command else "") + " ".join(["python experiments/bench_moe.py"] + sys.argv[1:])
   start = _host_line()
   results = [_subprocess(["--dispatch", str(n)], {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
              for n in (1, 8)]
   merge = None if skip_merge else _subprocess(["--merge"], {})
   text = report(results, merge, command, (start, _host_line()))
   print(text)
-  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_moe.md")
+  out = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--out=")),
+             os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_moe.md"))
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
     f.write(text)

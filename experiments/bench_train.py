@@ -47,6 +47,7 @@ def _args():
   ap.add_argument("--big_layers", type=int, default=16, help="layers of the ~1B shape (fewer fit a small host's RAM)")
   ap.add_argument("--moe_shape", default="16x256", help="batch x seq of the MoE vs dense step")
   ap.add_argument("--lora_shape", default="4x256", help="batch x seq of the SmolLM2 lora vs ffn branch step")
+  ap.add_argument("--lora_layers", type=int, default=30, help="layers of the lora vs ffn branch (SmolLM2: 30)")
   ap.add_argument("--lora_stage", default="sft", help="partition of the lora vs ffn branch step (midtrain | sft)")
   ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the compared steps (branch, lora, moe)")
   ap.add_argument("--decode_batches", default="1,8")
@@ -352,12 +353,12 @@ def section_branch(args, peak):
 
 def section_lora(args, peak):
   """LoRA vs ffn experts in the 2-expert branch at SmolLM2's shape, same stage, interleaved."""
-  cfg, compute = SMOLLM2.replace(ffn="moe", n_experts=2), compute_from(args)
+  cfg, compute = SMOLLM2.replace(ffn="moe", n_experts=2, n_layers=args.lora_layers), compute_from(args)
   b, t = _shape(args.lora_shape)
   mesh = _mesh_for(len(jax.devices()))
   stage = args.lora_stage
-  say(f"## Branch step: LoRA (rank {cfg.lora_rank}) vs ffn domain expert, SmolLM2-135M shape, stage {stage}, "
-      f"batch {b} x {t}\n")
+  say(f"## Branch step: LoRA (rank {cfg.lora_rank}) vs ffn domain expert, SmolLM2-135M shape ({cfg.n_layers} "
+      f"layers), stage {stage}, batch {b} x {t}\n")
   runners = {"ffn": StepRunner(cfg, b, t, mesh=mesh, stage=stage, compute=compute),
              "lora": StepRunner(cfg.replace(expert_kind="lora"), b, t, mesh=mesh, stage=stage, compute=compute)}
   times = interleaved({n: r.run for n, r in runners.items()}, args.rounds)
