@@ -264,6 +264,8 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, compute: Com
     body = jax.checkpoint(body, policy=_REMAT[compute.remat], prevent_cse=False)
   # Kernels cast to the compute dtype once, while still sharded: FSDP then all-gathers bf16, not fp32 (half the bytes).
   layers = jax.tree.map(lambda w: w.astype(dt) if w.ndim >= 3 else w, params["layers"])
+  if cfg.ffn == "moe":
+    layers = dict(layers, moe=moe.unstack_experts(layers["moe"], cfg, compute, mesh))
   x, aux = jax.lax.scan(body, x, layers)
   x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_eps)
   if return_hidden:
