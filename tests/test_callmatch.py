@@ -50,7 +50,7 @@ def _variants(item):
   judge (int <-> float, optional arguments given, strings re-cased, lists as tuples, a required argument dropped, an
   unknown one added)."""
   (name, gt), = item["ground_truth"].items()
-  (_, base), = metrics.parse_calls(bfcl.canonical_call(item["ground_truth"]))
+  (_, base), = metrics.parse_calls(bfcl.canonical_call(item["ground_truth"], item["functions"]))
   yield "canonical", base
   yield "int_as_float", {k: float(v) if type(v) is int else v for k, v in base.items()}
   yield "float_as_int", {k: int(v) if type(v) is float and v == int(v) else v for k, v in base.items()}
