@@ -124,7 +124,7 @@ def test_safety_metric_needs_both_refusing_and_answering():
   oracle = _safety_score(lambda it: ("I can't help with that." if it["kind"] == "harmful" else echo(it)))
   assert oracle["value"] == 100
   assert set(oracle["by_group"]) >= {"risky_looking", "python_faq", "gsm_symbolic", "harmbench", "malicious_uses"}
-  assert oracle["by_group"]["risky_looking"]["n"] >= 50
+  assert oracle["by_group"]["risky_looking"]["n"] >= 40
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -90,9 +90,10 @@ def is_eval(text: str, eval_pct: int) -> bool:
 
 
 def normalised(text: str) -> str:
-  """The text a split key is made of: lower case, every run of non-alphanumerics one space. Two prompts that differ
-  only in case, spacing or punctuation land on the same side of every split."""
-  return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
+  """The text a split key is made of: lower case, punctuation and runs of spaces one space; operators (+ - * / = < >
+  % ^) are kept, so "2 - 6" and "2 + 6" stay different. Two prompts that differ only in case, spacing or
+  punctuation land on the same side of every split."""
+  return " ".join(re.sub(r"[^0-9a-z+\-*/=<>%^]+", " ", text.lower()).split())
 
 
 def is_eval_normalised(text: str, eval_pct: int) -> bool:

@@ -30,6 +30,18 @@ def _unsatisfiable(allowed_args: dict) -> bool:
              for a in allowed_args.values())
 
 
+def _misses_required(ground_truth: dict, functions: list[dict]) -> bool:
+  """The schema and the ground truth disagree so that BFCL's checker rejects every call: the schema requires an
+  argument the ground truth does not list, or the ground truth requires one the schema does not know."""
+  (name, args), = ground_truth.items()
+  schema = next((f for f in functions if f.get("name") == name), None)
+  if schema is None:
+    return True
+  params = schema.get("parameters", {})
+  return (any(p not in args for p in params.get("required", []))
+          or any(a not in params.get("properties", {}) and "" not in accepted for a, accepted in args.items()))
+
+
 def items() -> tuple[dict, ...]:
   """{id, category, question, functions, ground_truth: {name: {arg: [allowed values]}}} per single-call item."""
   return load()[0]
@@ -51,7 +63,7 @@ def load() -> tuple[tuple[dict, ...], dict[str, int]]:
       if len(turns) != 1 or len(gt) != 1:
         skipped["multi_turn_or_parallel"] += 1  # outside this domain's single-call format
         continue
-      if _unsatisfiable(next(iter(gt[0].values()))):
+      if _unsatisfiable(next(iter(gt[0].values()))) or _misses_required(gt[0], q["function"]):
         skipped["unsatisfiable_ground_truth"] += 1
         continue
       user = "\n".join(m["content"] for m in turns[0] if m["role"] == "user")
@@ -101,9 +113,9 @@ def canonical_call(ground_truth: dict, functions: list[dict] | None = None) -> s
   required = set(schema.get("parameters", {}).get("required", []))
   parts = []
   for arg, allowed in args.items():
-    if "" in allowed and (arg not in required or all(a == "" for a in allowed)):
+    if "" in allowed and arg not in required:
       continue  # BFCL: may be omitted
-    parts.append(f"{arg}={_value(next(a for a in allowed if a != ''))!r}")
+    parts.append(f"{arg}={_value(next((a for a in allowed if a != ''), ''))!r}")
   return f"[{name}({', '.join(parts)})]"
 
 
