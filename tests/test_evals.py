@@ -80,11 +80,12 @@ def test_refusal_detector_hand_checked(response, expected):
 
 
 def test_refusal_detector_on_labelled_real_replies():
-  """Labelled replies of real models (tests/data/refusal_replies.jsonl: see its header line for where each comes
-  from), including the two the audit found misread. No false positive and no false negative."""
+  """Labelled replies (tests/data/refusal_replies.jsonl; its header line says where each comes from: real model
+  replies from BFCL's live conversations and SmolLM2's own, the two the audit found misread, and written ones in
+  common assistant phrasings, none of them bar_jax's SFT templates). No false positive and no false negative."""
   rows = [json.loads(l) for l in open(os.path.join(os.path.dirname(__file__), "data", "refusal_replies.jsonl"))]
   rows = [r for r in rows if "reply" in r]
-  assert sum(r["refusal"] for r in rows) >= 20 and sum(not r["refusal"] for r in rows) >= 20
+  assert sum(r["refusal"] for r in rows) >= 15 and sum(not r["refusal"] for r in rows) >= 15
   wrong = [(r["refusal"], r["reply"][:100]) for r in rows if metrics.is_refusal(r["reply"]) != r["refusal"]]
   assert not wrong, wrong
 
