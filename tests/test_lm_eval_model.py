@@ -48,12 +48,23 @@ def test_rolling_loglikelihood_equals_bar_jax_nll(lm):
   assert count == len(ids)
   # float32 log-softmax over a 49k vocabulary, ~20 tokens summed: the two paths differ by rounding (~1e-5 relative).
   assert ll == pytest.approx(-nll, rel=1e-4)
-  # Longer than one window: disjoint windows still cover every token exactly once.
-  long_text = " ".join([TEXT] * 6)
+  # Longer than one window: lm-eval's disjoint windows score every token exactly once, each with up to max_length
+  # tokens of context; the sum equals bar_jax's NLL over the same windows.
+  from lm_eval import utils
+  long_text = " ".join([TEXT] * 8)
   long_ids = lm.tokenizer.encode(long_text)
   assert len(long_ids) > 2 * lm.max_length
   (ll_long,) = lm.loglikelihood_rolling([_Req(long_text)])
-  assert np.isfinite(ll_long) and ll_long < 6 * ll < 0 or ll_long < 0
+  windows = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
+      token_list=long_ids, prefix_token=lm.prefix_id, max_seq_len=lm.max_length, context_len=1)]
+  assert sum(len(t) for _, t in windows) == len(long_ids) and len(windows) >= 2
+  ref = 0.0
+  for ctx, tgt in windows:
+    seq = list(ctx) + list(tgt)
+    mask = np.zeros(len(seq) - 1)
+    mask[-len(tgt):] = 1
+    ref += _own_nll(lm, seq[:-1], seq[1:], mask)[0]
+  assert ll_long == pytest.approx(-ref, rel=1e-4)
 
 
 def test_loglikelihood_of_a_continuation_equals_bar_jax_nll(lm):
