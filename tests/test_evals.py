@@ -85,7 +85,7 @@ def test_refusal_detector_on_labelled_real_replies():
   common assistant phrasings, none of them bar_jax's SFT templates). No false positive and no false negative."""
   rows = [json.loads(l) for l in open(os.path.join(os.path.dirname(__file__), "data", "refusal_replies.jsonl"))]
   rows = [r for r in rows if "reply" in r]
-  assert sum(r["refusal"] for r in rows) >= 15 and sum(not r["refusal"] for r in rows) >= 15
+  assert sum(r["refusal"] for r in rows) >= 25 and sum(not r["refusal"] for r in rows) >= 50
   wrong = [(r["refusal"], r["reply"][:100]) for r in rows if metrics.is_refusal(r["reply"]) != r["refusal"]]
   assert not wrong, wrong
 
