@@ -12,11 +12,14 @@ budgets come from the data (bar_jax/evals/runner.py): up to 200 held-out items p
 """
 import ml_collections
 
+from configs.common import parse_arg
+
 
 def get_config(arg=None):
+  a = parse_arg(arg, positional=["model"], model="smollm2")
   c = ml_collections.ConfigDict()
   c.stage = "evaluate"
-  c.model = "smollm2"           # comma-separated artifact dirs, or "smollm2" (the packaged base GGUF)
+  c.model = a.model             # comma-separated artifact dirs, or "smollm2" (the packaged base GGUF)
   c.domains = "all"             # or e.g. "math,tool_use"
   c.n_per_domain = 200          # held-out items per kind (safety: harmful and benign each), stratified
   c.max_new_tokens = 256        # upper limit of the answer budget (the 95th percentile of the domain's answers)

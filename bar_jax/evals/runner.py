@@ -27,24 +27,26 @@ from bar_jax.data import domains as domains_lib
 from bar_jax.data import pipeline
 from bar_jax.evals import metrics
 from bar_jax.model import transformer
-from bar_jax.model.config import ModelConfig
+from bar_jax.model.config import Compute, ModelConfig
 
 N_SAMPLES = 3       # responses kept per domain in the report, for reading
 PERCENTILE = 95     # budgets cover this percentile of the data
 BUDGET_ROUND = 32   # prompt budgets rounded up to a multiple of this (fewer compiled shapes)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
-def _nll_tokens(params, inputs, targets, mask, positions, segment_ids, *, cfg: ModelConfig, mesh=None):
+@functools.partial(jax.jit, static_argnames=("cfg", "compute", "mesh"))
+def _nll_tokens(params, inputs, targets, mask, positions, segment_ids, *, cfg: ModelConfig,
+                compute: Compute = Compute(), mesh=None):
   """Per-token target NLL under the mask, [batch, seq]."""
-  logits, _ = transformer.forward(params, inputs, cfg, positions=positions, segment_ids=segment_ids, mesh=mesh)
+  logits, _ = transformer.forward(params, inputs, cfg, compute=compute, positions=positions, segment_ids=segment_ids,
+                                  mesh=mesh)
   logz = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
   picked = jnp.take_along_axis(logits.astype(jnp.float32), targets[..., None], axis=-1)[..., 0]
   return (logz - picked) * mask
 
 
-def _rows_nll(params, cfg, rows: list[dict], batch_size: int, seq_len: int, pad_id: int, mesh
-              ) -> tuple[np.ndarray, np.ndarray]:
+def _rows_nll(params, cfg, rows: list[dict], batch_size: int, seq_len: int, pad_id: int, mesh,
+              compute: Compute = Compute()) -> tuple[np.ndarray, np.ndarray]:
   """(NLL sum, token count) per row of `rows`, after first-fit packing (grain) into [batch_size, seq_len] batches
   of one fixed shape; each token carries its row's index through the packing."""
   import grain
@@ -53,7 +55,7 @@ def _rows_nll(params, cfg, rows: list[dict], batch_size: int, seq_len: int, pad_
       grain.MapDataset.source(tagged).to_iter_dataset(),
       length_struct={"inputs": seq_len, "targets": seq_len, "mask": seq_len, "item": seq_len},
       num_packing_bins=batch_size, shuffle_bins=False)
-  packed = [dict(pipeline._from_packed(r, pad_id), item=np.where(r["inputs_segment_ids"] > 0, r["item"], 0))
+  packed = [dict(pipeline.from_packed(r, pad_id), item=np.where(r["inputs_segment_ids"] > 0, r["item"], 0))
             for r in packed]
   sums, counts = np.zeros(len(rows) + 1), np.zeros(len(rows) + 1)
   for i in range(0, len(packed), batch_size):
@@ -62,7 +64,7 @@ def _rows_nll(params, cfg, rows: list[dict], batch_size: int, seq_len: int, pad_
       chunk.append({k: np.zeros_like(v) for k, v in chunk[0].items()})
     b = {k: jnp.asarray(np.stack([c[k] for c in chunk])) for k in chunk[0] if k != "item"}
     nll = np.asarray(_nll_tokens(params, b["inputs"], b["targets"], b["mask"], b["positions"], b["segment_ids"],
-                                 cfg=cfg, mesh=mesh), np.float64)
+                                 cfg=cfg, compute=compute, mesh=mesh), np.float64)
     item = np.stack([c["item"] for c in chunk]).ravel()
     mask = np.stack([c["mask"] for c in chunk]).ravel()
     sums += np.bincount(item, nll.ravel(), minlength=len(rows) + 1)
@@ -70,7 +72,7 @@ def _rows_nll(params, cfg, rows: list[dict], batch_size: int, seq_len: int, pad_
   return sums[1:], counts[1:]
 
 
-def _nll_domain(params, cfg, tokenizer, items, *, batch_size, seq_len, mesh) -> dict[str, Any]:
+def _nll_domain(params, cfg, tokenizer, items, *, batch_size, seq_len, mesh, compute) -> dict[str, Any]:
   """Per-token NLL over the items (a token-weighted mean), its bootstrap interval, and each item's (sum, tokens)."""
   from bar_jax.evals import stats
   dstats = pipeline.DomainStats()
@@ -83,7 +85,7 @@ def _nll_domain(params, cfg, tokenizer, items, *, batch_size, seq_len, mesh) -> 
     if els:
       rows.append(els[0])
       kept.append(it)
-  sums, counts = _rows_nll(params, cfg, rows, batch_size, seq_len, tokenizer.pad_id, mesh)
+  sums, counts = _rows_nll(params, cfg, rows, batch_size, seq_len, tokenizer.pad_id, mesh, compute)
   nll = float(sums.sum() / max(counts.sum(), 1.0))
   per_token = sums / np.maximum(counts, 1.0)
   lo, hi = stats.bootstrap(per_token, counts)
@@ -127,7 +129,7 @@ def _take(items: list[dict], n: int, prompt_budget: int, tokenizer) -> tuple[lis
 
 
 def _generate_domain(params, cfg, tokenizer, kept, *, batch_size, max_new_tokens, max_prompt_tokens,
-                     mesh) -> list[dict]:
+                     mesh, compute) -> list[dict]:
   """Greedy replies, batched by prompt length (less padding), returned in the items' order."""
   from bar_jax.model import generate as gen
   order = sorted(range(len(kept)), key=lambda i: len(kept[i][1]))
@@ -136,7 +138,7 @@ def _generate_domain(params, cfg, tokenizer, kept, *, batch_size, max_new_tokens
     chunk = order[start:start + batch_size]
     outs = gen.generate(params, cfg, [kept[i][1] for i in chunk], max_new_tokens=max_new_tokens,
                         eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
-                        max_len=max_prompt_tokens + max_new_tokens)
+                        max_len=max_prompt_tokens + max_new_tokens, compute=compute)
     for i, o in zip(chunk, outs):
       replies[i] = tokenizer.decode(o, skip_special_tokens=True)
   return [dict(it, response=r) for (it, _), r in zip(kept, replies)]
@@ -197,7 +199,7 @@ def overall(domain_results: dict[str, dict]) -> tuple[float, list[float]]:
 def evaluate_model(params, cfg: ModelConfig, tokenizer, domains: Sequence[str] | str = "all", *,
                    n_per_domain: int = 200, max_new_tokens: int = 256, batch_size: int = 16,
                    max_prompt_tokens: int | None = None, nll_seq_len: int = 512, nll_batch_rows: int = 4,
-                   mesh=None) -> dict[str, Any]:
+                   mesh=None, compute: Compute = Compute()) -> dict[str, Any]:
   """{domains: {domain: {metric, value, ci, score, n, items, budgets, ..., seconds, samples}}, overall,
   overall_ci, settings, seconds}.
 
@@ -211,7 +213,7 @@ def evaluate_model(params, cfg: ModelConfig, tokenizer, domains: Sequence[str] |
     items = domain.eval_items()
     if domain.metric == "nll":
       res = _nll_domain(params, cfg, tokenizer, items[:n_per_domain], batch_size=nll_batch_rows,
-                        seq_len=nll_seq_len, mesh=mesh)
+                        seq_len=nll_seq_len, mesh=mesh, compute=compute)
       samples = []
     else:
       budget = budgets(domain, tokenizer, items, max_new_tokens)
@@ -220,7 +222,8 @@ def evaluate_model(params, cfg: ModelConfig, tokenizer, domains: Sequence[str] |
       prompt_budget = min(budget["prompt_tokens"], cfg.max_seq_len - budget["answer_tokens"])
       kept, skipped = _take(items, n_per_domain, prompt_budget, tokenizer)
       done = _generate_domain(params, cfg, tokenizer, kept, batch_size=batch_size,
-                              max_new_tokens=budget["answer_tokens"], max_prompt_tokens=prompt_budget, mesh=mesh)
+                              max_new_tokens=budget["answer_tokens"], max_prompt_tokens=prompt_budget, mesh=mesh,
+                              compute=compute)
       res = score_generated(domain.metric, done)
       res.update(skipped_prompt_too_long=skipped, budgets=budget)
       for d, rec in zip(done, res["items"]):
