@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from bar_jax.data import domains, refusals
+from bar_jax.data import domains
 from bar_jax.data.sources import bfcl, pydocs
 from bar_jax.errors import BarError
 from bar_jax.evals import metrics, runner

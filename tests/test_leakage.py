@@ -44,5 +44,6 @@ def test_no_eval_item_has_a_train_twin_in_any_domain():
 
 def test_normalised_keys_catch_what_exact_keys_miss():
   """The check above can fail: two BFCL questions that differ only in spacing and case are one question."""
-  a, b = "What is the area of a triangle with base 10 and height 5?", "what is the area of a triangle  with base 10, and height 5"
+  a = "What is the area of a triangle with base 10 and height 5?"
+  b = "what is the area of a triangle  with base 10, and height 5"
   assert a != b and normalised(a) == normalised(b)

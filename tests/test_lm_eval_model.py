@@ -2,7 +2,6 @@
 task YAML and local JSONL files, offline) runs end to end through lm_eval.simple_evaluate with all three request
 kinds."""
 import json
-import os
 
 import jax
 import numpy as np

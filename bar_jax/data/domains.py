@@ -21,7 +21,7 @@ from typing import Callable
 
 from bar_jax.errors import BarError
 from bar_jax.data import refusals
-from bar_jax.data.sources import bfcl, garak_data, is_eval, pydocs, rgym, safety_prompts, stdlib_code
+from bar_jax.data.sources import bfcl, garak_data, pydocs, rgym, safety_prompts, stdlib_code
 
 EVAL_PCT = 5  # percent of each corpus held out (by content hash); changing it changes every eval set
 SPLITS = ("train", "eval")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any
 
 import jax
 import jax.numpy as jnp
