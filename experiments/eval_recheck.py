@@ -13,10 +13,7 @@ import argparse
 import json
 import os
 import re
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):
