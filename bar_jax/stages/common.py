@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 from typing import Any, Sequence
@@ -182,28 +181,8 @@ def evaluate(config, cfg: ModelConfig, params: Any, tokenizer, mesh, compute: Co
 EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
 
 
-def _cell(res: dict[str, Any] | None) -> str:
-  if not res or not isinstance(res.get("score"), (int, float)) or not math.isfinite(res["score"]):
-    return "–"
-  if res.get("metric") == "nll":
-    return f"{res['score']:.1f} (nll {res['value']:.3f})"
-  if res.get("metric") == "safety":
-    return f"{res['score']:.1f} (ref {res['refusal_rate']:.0f} / ans {res['answer_rate']:.0f})"
-  return f"{res['score']:.1f}"
-
-
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-  """Markdown table like the paper's: one row per model ({name, domains: {d: result}, overall}), overall last.
-
-  Generative domains show their score (%); NLL domains show 100*exp(-nll) with the NLL beside it; safety shows the
-  mean of the refusal rate (harmful prompts) and answer rate (benign prompts) with both beside it.
-  """
-  domains: list[str] = []
-  for r in rows:
-    domains += [d for d in r["domains"] if d not in domains]
-  lines = ["| model | " + " | ".join(domains) + " | overall |", "|---" * (len(domains) + 2) + "|"]
-  for r in rows:
-    overall = r.get("overall", float("nan"))
-    cells = [_cell(r["domains"].get(d)) for d in domains]
-    lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {overall:.1f} |")
-  return "\n".join(lines) + "\n"
+  """The comparison table (95% intervals; every row tested against the first on the same items, * at p < 0.05;
+  NLL as the change vs the first row; overall = mean of the percentage columns): bar_jax.evals.report."""
+  from bar_jax.evals import report
+  return report.format_table(rows)
