@@ -145,7 +145,8 @@ def train_phase(*, name: str, model: Model, cfg: ModelConfig, params: Any, phase
   result = loop.train(params=params, cfg=cfg, part=part, loss_fn=loop.lm_loss(cfg, mesh, **lk), batches=it,
                       opt=phase.opt, steps=phase.steps, workdir=phase_dir, mesh=mesh, identity=identity,
                       accum=accum, checkpoint_every=phase.get("checkpoint_every", 50),
-                      log_every=phase.get("log_every", 10), desc=name, data_iter=it)
+                      log_every=phase.get("log_every", 10), desc=name, data_iter=it,
+                      divergence_factor=phase.get("divergence_factor", 10.0))
   tokens = float(phase.steps * batch_size * phase.data.seq_len)
   trainable_tree, _ = freeze.split(params, part)
   record = {

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bar_jax import optim, pytree, sharding
+from bar_jax import guards, optim, pytree, sharding
 from bar_jax.io.checkpoint import Checkpointer, check_run_identity
 from bar_jax.model import transformer
 from bar_jax.model.config import ModelConfig
@@ -102,8 +102,8 @@ def to_micro(local: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarray]:
 
 def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: LossFn, batches: Iterator[dict],
           opt, steps: int, workdir: str, mesh, identity: dict, accum: int = 1, checkpoint_every: int = 100,
-          log_every: int = 10, desc: str = "train", data_iter=None, on_log: Callable[[dict], None] | None = None
-          ) -> Result:
+          log_every: int = 10, desc: str = "train", data_iter=None, on_log: Callable[[dict], None] | None = None,
+          divergence_factor: float = 10.0) -> Result:
   """Trains `part`'s trainable leaves of `params` for `steps` steps; resumes from workdir/checkpoints if present.
 
   batches yields this process's share of each global batch as numpy dicts [B_local, ...]; data_iter (if it has
@@ -130,6 +130,10 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
   writer = MetricsWriter(workdir, history_path, history) if jax.process_index() == 0 else None
   tokens_seen = sum(h.get("tokens", 0.0) for h in history)
   t0, t_last, seconds = time.time(), time.time(), 0.0
+  prior_seconds = history[-1].get("elapsed", 0.0) if history else 0.0  # a resumed run adds up every process's time
+  guard = guards.LossGuard(divergence_factor)
+  for h in history:
+    guard.check(h, desc)
   bar = _progress(desc, steps, start)
   pending: list[tuple[int, dict]] = []
   for step in range(start, steps):
@@ -145,9 +149,11 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
         row.update(step=s, lr=float(sched(s - 1)))
         tokens_seen += row.get("tokens", 0.0)
         row["tokens_seen"] = tokens_seen
+        row["elapsed"] = prior_seconds + now - t0
         history.append(row)
         if writer:
           writer.write(row)
+        guard.check(row, desc)  # before any save: a bad step never reaches a checkpoint
       row = history[-1]
       row["step_time"] = (now - t_last) / len(pending)
       seconds += now - t_last
@@ -159,12 +165,15 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
     if done % checkpoint_every == 0 or done == steps:
       ckpt.save(done, {"trainable": trainable, "opt_state": opt_state, "step": step_array(done, mesh)},
                 data_iter)
+      if writer:
+        writer.flush()  # TensorBoard holds what the checkpoint holds: a resume loses no logged steps
   bar.close()
   ckpt.close()
   if writer:
     writer.close()
   final = freeze.join(trainable, frozen, part)
-  return Result(params=final, steps=steps, tokens=tokens_seen, seconds=time.time() - t0, history=history,
+  return Result(params=final, steps=steps, tokens=tokens_seen, seconds=prior_seconds + time.time() - t0,
+                history=history,
                 opt_state=opt_state)
 
 
@@ -258,12 +267,18 @@ class MetricsWriter:
       self.tb = None
 
   def write(self, row: dict) -> None:
+    row = guards.json_safe(row)  # NaN -> null: every line stays valid JSON
     self.f.write(json.dumps(row) + "\n")
     self.f.flush()
     if self.tb:
       for k, v in row.items():
-        if k != "step":
+        if k != "step" and v is not None:
           self.tb.add_scalar(k, v, row["step"])
+
+  def flush(self) -> None:
+    self.f.flush()
+    if self.tb:
+      self.tb.flush()
 
   def close(self) -> None:
     self.f.close()

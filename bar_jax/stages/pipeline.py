@@ -320,15 +320,22 @@ def write_table(config, workdir: str) -> str:
   check_same_settings(rows)
   table = evaluate.format_table(rows)
   md = (f"# BAR pipeline results: {config.get('title', 'bar_jax')}\n\n"
-        f"Made by: `{config.get('command', 'python -m bar_jax.train --config=configs/bar_smollm2.py')}`\n\n"
+        f"Made by: `{made_by(config)}`\n\n"
         f"{table}\n{_settings_note(rows)}\n")
   evaluate._write_atomic(os.path.join(workdir, RESULTS_MD), md)
   slim = [{k: v for k, v in r.items() if k != "domains"} | {"domains": {d: {k: x for k, x in res.items()
                                                                           if k != "samples"}
                                                                       for d, res in r["domains"].items()}}
           for r in rows]
-  evaluate._write_atomic(os.path.join(workdir, RESULTS_JSON), json.dumps({"models": slim}, indent=1, default=str))
+  out = {"command": made_by(config), "models": slim}
+  evaluate._write_atomic(os.path.join(workdir, RESULTS_JSON), json.dumps(out, indent=1, default=str))
   return table
+
+
+def made_by(config) -> str:
+  """The command that ran (recorded by the CLI, overrides included), else the config's own example command."""
+  from bar_jax import invocation
+  return invocation.command() or config.get("command", "python -m bar_jax.train --config=configs/bar_smollm2.py")
 
 
 def _settings_note(rows) -> str:
