@@ -228,6 +228,7 @@ def parse_flags(argv):
     except BarError as e:
       _fail(str(e))
     _LIST_OVERRIDES[:] = lists
+    sys.argv[:] = argv  # ml_collections reads its --config.* overrides from sys.argv itself
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:

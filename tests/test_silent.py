@@ -89,6 +89,9 @@ def test_pipeline_domains_are_checked_before_the_first_branch(tmp_path):
 def test_list_settings_take_comma_lists_on_the_command_line(tmp_path):
   code, err = cli("--config=configs/bar_smollm2.py:tiny", f"--workdir={tmp_path}/p", "--config.domains=math,math")
   assert code == 2 and "config.domains lists math more than once" in one_line(err)
+  code, err = cli("--config=configs/bar_smollm2.py:tiny", f"--workdir={tmp_path}/p", "--config.domains=math,code",
+                  "--config.merge.compute.top_k=4")  # two domains reached the config: anchor + 2 experts
+  assert code == 2 and "top_k=4 is more than the merged model's 3 experts" in one_line(err)
   from configs import branch
   argv, lists = train._list_overrides(["x", "--config.phase_order=midtrain,sft,rl", "--config.seed=3",
                                        "--config.frozen_experts=0,1"], branch.get_config("math,tiny"))
