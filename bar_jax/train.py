@@ -234,7 +234,7 @@ def parse_flags(argv):
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
     msg = " ".join(str(e).strip().strip('"').split())
-    if isinstance(e, AttributeError):
+    if isinstance(e, (AttributeError, KeyError)):
       msg = f"unknown config key {msg} among {bad}: check the spelling against the config file's get_config()"
     _fail(f"bad command line: {msg}")
 
