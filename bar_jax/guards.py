@@ -155,7 +155,7 @@ class LossGuard:
     if loss is None:
       return
     loss = float(loss)
-    if self.level is not None and self.seen >= self.warmup and loss > self.factor * self.level:
+    if self.factor and self.level is not None and self.seen >= self.warmup and loss > self.factor * self.level:
       raise BarError(f"{where}: loss {loss:.4g} at step {step} is over {self.factor:g}x its running level "
                      f"{self.level:.4g} (diverging); the last good checkpoint is kept: lower the learning rate "
                      f"(opt.lr) and re-run in a fresh --workdir, or raise divergence_factor if this is expected")
