@@ -126,6 +126,9 @@ def write(directory: str, params, manifest: dict[str, Any], tokenizer: Tokenizer
     raise BarError("artifact manifest has no 'model'; pass ModelConfig.to_dict()")
   ModelConfig.from_dict(manifest["model"])
   check_finite(directory, params, "refusing to write artifact")
+  from bar_jax.io.checkpoint import check_disk_room
+  check_disk_room(os.path.dirname(directory), sum(np.asarray(x).nbytes for x in flatten(params).values()),
+                  f"artifact {directory}")
   clean_interrupted_write(directory)
 
   leaf_fps = leaf_fingerprints(params)

@@ -90,6 +90,19 @@ def damage(directory: str) -> str | None:
   return None
 
 
+def check_disk_room(directory: str, nbytes: int, what: str) -> None:
+  """BarError before a write that cannot fit: orbax fails a full disk from many worker threads (500+ lines)."""
+  existing = directory
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  free = shutil.disk_usage(existing).free
+  need = int(nbytes * 1.1) + 2**20  # + metadata and slack
+  if free < need:
+    raise BarError(f"no room for {what}: it needs ~{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free under "
+                   f"{existing}; free disk space and run the same command again (it resumes from the last "
+                   "checkpoint)")
+
+
 class Checkpointer:
   """orbax CheckpointManager over {state: pytree, data: iterator state}; keeps the last `max_to_keep`."""
 
@@ -130,6 +143,8 @@ class Checkpointer:
       self.manager = self._open()
 
   def save(self, step: int, state: Any, data_iter=None) -> None:
+    check_disk_room(self.directory, sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state)),
+                    f"checkpoint step {step}")
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       import grain
