@@ -260,6 +260,16 @@ def test_workdir_that_is_a_file_unwritable_or_on_a_full_disk(tmp_path, monkeypat
   assert not (tmp_path / "new").exists()
 
 
+def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch):
+  ck = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+  monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: type("U", (), {"free": 2**20})())
+  with pytest.raises(BarError, match=r"no room for checkpoint step 2: it needs ~5 MiB, 1 MiB are free"):
+    ck.save(2, {"w": np.zeros(2**20, np.float32)})  # 4 MiB of state
+  monkeypatch.undo()
+  assert ck.latest_step() is None
+  ck.close()
+
+
 def test_merge_checks_its_workdir_before_reading_a_leaf(tmp_path):
   from configs import merge
   c = merge.get_config()
