@@ -72,7 +72,8 @@ def get_config(arg=None):
   if a.tiny:
     c.base = "tiny"
     c.phases.midtrain = phase("lm", 6, 8, 64, 1e-3, max_examples=64, checkpoint_every=3, log_every=1)
-    c.phases.sft = phase("sft", 6, 8, 96, 1e-3, max_examples=64, checkpoint_every=3, log_every=1)
+    sft_len = 256 if domain == "tool_use" else 96  # tool-call chats run 148-331 tokens: at 96 every one is dropped
+    c.phases.sft = phase("sft", 6, 8, sft_len, 1e-3, max_examples=64, checkpoint_every=3, log_every=1)
     c.phases.rl = rl_phase(domain, steps=2, checkpoint_every=5)
     c.eval = ml_collections.ConfigDict(dict(domains=[], n_per_domain=4, max_new_tokens=8, batch_size=4,
                                             before=False))

@@ -235,6 +235,8 @@ def evaluate_model(params, cfg: ModelConfig, tokenizer, domains: Sequence[str] |
     res.update(metric=domain.metric, higher_is_better=domain.higher_is_better, seconds=round(time.time() - t0, 2),
                samples=samples)
     report["domains"][domain.name] = res
+    if jax.process_index() == 0:  # progress: a model's evaluation takes minutes on a CPU
+      print(f"[eval] {domain.name}: score {res['score']:.1f} (n={res.get('n')}) in {res['seconds']:.0f} s", flush=True)
   report["overall"], report["overall_ci"] = overall(report["domains"])
   report["settings"] = dict(n_per_domain=n_per_domain, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             max_prompt_tokens=max_prompt_tokens, nll_seq_len=nll_seq_len,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import datetime
+import glob
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from bar_jax import invocation
 from bar_jax.data.tokenizer import Tokenizer
 from bar_jax.errors import BarError
 from bar_jax.fingerprints import combine as _combine, fingerprint, leaf_fingerprint, leaf_fingerprints  # noqa: F401
@@ -42,6 +44,23 @@ BAR_JAX_VERSION = "0.1.0"
 # Fingerprints.
 
 # (leaf_fingerprint, leaf_fingerprints, fingerprint: bar_jax/fingerprints.py, pure so the transforms can use them.)
+
+
+def nonfinite_count(x) -> int:
+  """How many NaN/Inf values a leaf holds (0 for integer leaves)."""
+  a = np.asarray(x)
+  if a.dtype.kind in "iub":
+    return 0
+  return int(a.size - np.count_nonzero(np.isfinite(a)))
+
+
+def check_finite(directory: str, params, doing: str) -> None:
+  """BarError naming the first leaf with NaN/Inf: such a model is never written or accepted."""
+  for path, x in sorted(flatten(params).items()):
+    n = nonfinite_count(x)
+    if n:
+      raise BarError(f"{doing} {directory}: leaf {path} holds {n} NaN/Inf values (the training diverged or read a "
+                     "damaged checkpoint); re-train it with a lower learning rate in a fresh --workdir")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,10 +133,11 @@ def write(directory: str, params, manifest: dict[str, Any], tokenizer: Tokenizer
   if "model" not in manifest:
     raise BarError("artifact manifest has no 'model'; pass ModelConfig.to_dict()")
   ModelConfig.from_dict(manifest["model"])
-  for name in (PARAMS, "tokenizer.json"):
-    if os.path.exists(os.path.join(directory, name)):
-      raise BarError(f"{os.path.join(directory, name)} exists without a manifest (an interrupted write?); "
-                     "delete it and re-run")
+  check_finite(directory, params, "refusing to write artifact")
+  from bar_jax.io.checkpoint import check_disk_room
+  check_disk_room(os.path.dirname(directory), sum(np.asarray(x).nbytes for x in flatten(params).values()),
+                  f"artifact {directory}")
+  clean_interrupted_write(directory)
 
   leaf_fps = leaf_fingerprints(params)
   fp = _combine(leaf_fps)
@@ -125,6 +145,8 @@ def write(directory: str, params, manifest: dict[str, Any], tokenizer: Tokenizer
   if over_base is not None:
     params, full["over_base"] = _without_base(params, directory, over_base, from_base or {})
   full.setdefault("name", os.path.basename(directory))
+  if invocation.command():  # the exact command line (config, workdir, every override) that made this artifact
+    full.setdefault("command", invocation.command())
   if "ledger" in full:  # resolve lineage()'s 'self' entry now that the fingerprint is known
     entries = dict(full["ledger"].get("entries", {}))
     if "self" in entries:
@@ -219,6 +241,22 @@ def self_contained(src: str, dst: str) -> str:
   manifest = {k: v for k, v in art.manifest.items() if k not in ("over_base", "fingerprint", "leaf_fingerprints")}
   return write(dst, jax.tree.map(np.asarray, art.params), manifest, art.tokenizer)
 
+def clean_interrupted_write(directory: str) -> None:
+  """Removes what a killed write() left (it is about to be written again, whole): the sibling temporary folders
+  `.NAME.tmp-*` and, in a directory without a manifest, the files write() moves in (params/, tokenizer files)."""
+  parent, name = os.path.dirname(directory), os.path.basename(directory)
+  left = sorted(glob.glob(os.path.join(parent, f".{glob.escape(name)}.tmp-*")))
+  if not os.path.exists(os.path.join(directory, MANIFEST)):
+    left += [os.path.join(directory, n) for n in (PARAMS, "tokenizer.json", "tokenizer_chat.json")
+             if os.path.lexists(os.path.join(directory, n))]
+  for path in left:
+    print(f"[artifact] removing {path}: left by an interrupted write of {directory}, which is written again now",
+          flush=True)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path)
+    else:
+      os.remove(path)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Read.
@@ -311,6 +349,7 @@ def verify_params(directory: str, manifest: dict[str, Any], params) -> None:
   if _combine(actual) != manifest.get("fingerprint"):
     raise BarError(f"artifact {directory} fails verification: its fingerprint does not match its leaves; "
                    "re-run the stage that wrote it")
+  check_finite(directory, params, "artifact fails verification:")
 
 
 class LazyParams(collections.abc.Mapping):
@@ -351,6 +390,7 @@ class LazyParams(collections.abc.Mapping):
       if leaf_fingerprint(path, x) != expected:
         raise BarError(f"artifact {self.directory} fails verification: leaf {path} is changed (fingerprint "
                        "mismatch); re-run the stage that wrote it")
+      check_finite(self.directory, {path: x}, "artifact fails verification:")
     return x
 
   def _read(self, path: str):
