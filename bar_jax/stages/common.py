@@ -123,7 +123,7 @@ def train_phase(*, name: str, model: Model, cfg: ModelConfig, params: Any, phase
                       opt=phase.opt, steps=phase.steps, workdir=phase_dir, mesh=mesh,
                       identity={"stage": identity, "phase": name}, accum=accum,
                       checkpoint_every=phase.checkpoint_every, log_every=phase.log_every, desc=name, data_iter=it,
-                      divergence_factor=phase.get("divergence_factor", 10.0))
+                      divergence_factor=phase.divergence_factor)
   tokens = float(phase.steps * batch_size * phase.data.seq_len)
   trainable_tree, _ = freeze.split(params, part)
   record = {
