@@ -153,14 +153,15 @@ def test_bad_verifier_output_scores_zero_and_is_counted(branch, byte_tokenizer, 
     if kind == 1:
       return "not a number"
     if kind == 2:
-      time.sleep(5)  # interrupted by the timeout
+      time.sleep(60)  # interrupted by the timeout
     return float("nan") if len(calls) % 8 == 3 else 1.0
 
-  rewards, failures = verifiers.score_all(flaky, ["x"] * 8, [None] * 8, timeout_s=0.05)
+  # 1 s: far above a returning call's microseconds even on a loaded machine, far below the sleeping one's 60 s.
+  rewards, failures = verifiers.score_all(flaky, ["x"] * 8, [None] * 8, timeout_s=1.0)
   assert failures == {"error": 2, "timeout": 2, "invalid": 3}
   assert rewards == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
   calls.clear()
-  c = _config(steps=1, verifier_timeout_s=0.05)
+  c = _config(steps=1, verifier_timeout_s=1.0)
   _, record = run_rl(branch[0], branch[1], byte_tokenizer, c, str(tmp_path / "flaky"),
                         task=_task(byte_tokenizer, flaky))
   assert record["verifier_failures"] == {"error": 8, "timeout": 8, "invalid": 12}
