@@ -2,7 +2,9 @@
 
   DIR/manifest.json                 kind, model (ModelConfig.to_dict()), fingerprint, leaf_fingerprints, parents,
                                     ledger, stages, ... (written last: its presence marks a complete artifact)
-  DIR/params/                       the parameter dict (orbax StandardCheckpointer)
+  DIR/params/                       the parameter dict (orbax StandardCheckpointer); an artifact written over a
+                                    base (a branch: manifest `over_base`) holds only the leaves and slices the base
+                                    does not, and readers put those back from the base, checked by fingerprint
   DIR/tokenizer.json (+ tokenizer_chat.json)
 
 Fingerprints: each leaf's is sha256 over its '/'-joined path, shape, dtype and little-endian C-order bytes; the
@@ -110,8 +112,14 @@ def _jsonable(x):
   return x
 
 
-def write(directory: str, params, manifest: dict[str, Any], tokenizer: Tokenizer) -> str:
+def write(directory: str, params, manifest: dict[str, Any], tokenizer: Tokenizer, *, over_base: str | None = None,
+          from_base: dict[str, tuple[str, int, int]] | None = None) -> str:
   """Writes an artifact atomically; returns its fingerprint. Refuses (BarError) if DIR already holds one.
+
+  over_base: a base artifact directory. Leaves equal (bit for bit) to the base's leaf of the same path, and slices
+  equal to a base leaf as `from_base` names them ({path: (base path, axis, index)}, e.g. a branch's anchor expert),
+  are not stored; the manifest names the base by fingerprint and relative path (`over_base`), and every reader
+  (read, open_params) puts them back. The fingerprints are always those of the complete parameters.
 
   Everything is written to a sibling temporary directory first. If DIR does not exist, that directory is renamed
   into place in one step; if DIR exists (e.g. it holds a running stage's checkpoints/), the files are moved in one
@@ -134,6 +142,8 @@ def write(directory: str, params, manifest: dict[str, Any], tokenizer: Tokenizer
   leaf_fps = leaf_fingerprints(params)
   fp = _combine(leaf_fps)
   full = dict(_jsonable(manifest))
+  if over_base is not None:
+    params, full["over_base"] = _without_base(params, directory, over_base, from_base or {})
   full.setdefault("name", os.path.basename(directory))
   if invocation.command():  # the exact command line (config, workdir, every override) that made this artifact
     full.setdefault("command", invocation.command())
@@ -167,6 +177,69 @@ def write(directory: str, params, manifest: dict[str, Any], tokenizer: Tokenizer
       shutil.rmtree(tmp, ignore_errors=True)
   return fp
 
+
+def _without_base(params, directory: str, base_dir: str, from_base: dict[str, tuple[str, int, int]]):
+  """(the leaves and slices the base does not hold, the manifest's over_base entry)."""
+  base = LazyParams(base_dir, verify=True)
+  same = lambda a, b: a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()  # noqa: E731
+  stored, leaves, slices = {}, [], {}
+  for path, x in flatten(params).items():
+    x = np.asarray(x)
+    if path in base and same(x, np.asarray(base[path])):
+      leaves.append(path)
+      continue
+    if path in from_base:
+      base_path, axis, index = from_base[path]
+      if base_path in base and same(np.take(x, index, axis=axis), np.asarray(base[base_path])):
+        slices[path] = {"base": base_path, "axis": axis, "index": index}
+        x = np.delete(x, index, axis=axis)
+        if not x.size:  # the base slice was all of it
+          continue
+    stored[path] = x
+  entry = {"fingerprint": base.manifest["fingerprint"], "path": os.path.relpath(base.directory, directory),
+           "leaves": sorted(leaves), "slices": slices}
+  return unflatten(stored), entry
+
+
+def base_dir_of(directory: str, manifest: dict[str, Any]) -> str | None:
+  """The base directory an artifact stored over (None if it is self-contained), or one BarError line."""
+  ref = manifest.get("over_base")
+  if not ref:
+    return None
+  base_dir = os.path.normpath(os.path.join(directory, ref["path"]))
+  fix = ("put the base artifact back there, or re-run the branch stage with --config.self_contained=True for a "
+         "copy that needs no base")
+  if not os.path.isfile(os.path.join(base_dir, MANIFEST)):
+    raise BarError(f"{directory} stores only what its training changed over base {ref['fingerprint'][:12]} at "
+                   f"{base_dir}, which holds no artifact; {fix}")
+  found = read_manifest(base_dir).get("fingerprint")
+  if found != ref["fingerprint"]:
+    raise BarError(f"{directory} stores only what its training changed over base {ref['fingerprint'][:12]}, but "
+                   f"{base_dir} holds {str(found)[:12]}; {fix}")
+  return base_dir
+
+
+def _with_base(stored: dict[str, Any], ref: dict[str, Any], base) -> dict[str, Any]:
+  """The complete flat parameters: stored leaves, base leaves, and stored leaves with their base slice put back."""
+  flat = dict(stored)
+  for path in ref["leaves"]:
+    flat[path] = base[path]
+  for path, s in ref["slices"].items():
+    flat[path] = _insert(flat.get(path), np.asarray(base[s["base"]]), s["axis"], s["index"])
+  return flat
+
+
+def _insert(rest, base_slice, axis: int, index: int):
+  if rest is None:
+    return np.expand_dims(base_slice, axis)
+  return np.insert(np.asarray(rest), index, base_slice, axis=axis)
+
+
+def self_contained(src: str, dst: str) -> str:
+  """A copy of artifact SRC at DST that stores every leaf (needs no base); returns its fingerprint."""
+  art = read(src)
+  manifest = {k: v for k, v in art.manifest.items() if k not in ("over_base", "fingerprint", "leaf_fingerprints")}
+  return write(dst, jax.tree.map(np.asarray, art.params), manifest, art.tokenizer)
 
 def clean_interrupted_write(directory: str) -> None:
   """Removes what a killed write() left (it is about to be written again, whole): the sibling temporary folders
@@ -243,7 +316,8 @@ def read(directory: str, *, shardings=None, verify: bool = True) -> Artifact:
     cfg = ModelConfig.from_dict(manifest["model"])
   except (KeyError, TypeError, ValueError) as e:
     raise BarError(f"{directory}/{MANIFEST} has no valid 'model' ({e}); re-run the stage that writes it") from None
-  abstract = _abstract_params(directory, shardings)
+  base_dir = base_dir_of(directory, manifest)
+  abstract = _abstract_params(directory, shardings if base_dir is None else None)
   path = os.path.join(directory, PARAMS)
   try:
     ckptr = ocp.StandardCheckpointer()
@@ -252,6 +326,12 @@ def read(directory: str, *, shardings=None, verify: bool = True) -> Artifact:
   except Exception as e:
     raise BarError(f"cannot restore parameters at {path} ({type(e).__name__}); re-run the stage that writes it") \
         from None
+  if base_dir is not None:
+    base = flatten(read(base_dir, verify=False).params)  # verified below, as part of the complete parameters
+    params = unflatten(_with_base({p: np.asarray(x) for p, x in flatten(params).items()}, manifest["over_base"],
+                                  base))
+    if shardings is not None:
+      params = jax.device_put(params, shardings)
   if verify:
     verify_params(directory, manifest, params)
   return Artifact(directory, manifest, cfg, params, Tokenizer.load(directory))
@@ -279,20 +359,32 @@ class LazyParams(collections.abc.Mapping):
   def __init__(self, directory: str, verify: bool = True):
     self.directory = os.path.abspath(directory)
     self.manifest = read_manifest(self.directory)
-    self._abstract = flatten(_abstract_params(self.directory))
+    self._stored = flatten(_abstract_params(self.directory))
+    self._abstract = dict(self._stored)
     self._verify = verify
     self._ckptr = ocp.PyTreeCheckpointer()
+    base_dir = base_dir_of(self.directory, self.manifest)
+    self._base = LazyParams(base_dir, verify=False) if base_dir else None
+    if self._base is not None:  # shapes of the leaves the base fills in
+      ref = self.manifest["over_base"]
+      for p in ref["leaves"]:
+        self._abstract[p] = self._base.shape(p)
+      for p, s in ref["slices"].items():
+        b = self._base.shape(s["base"])
+        n = self._stored[p].shape[s["axis"]] + 1 if p in self._stored else 1
+        shape = b.shape[:s["axis"]] + (n,) + b.shape[s["axis"]:]
+        self._abstract[p] = jax.ShapeDtypeStruct(shape, b.dtype, sharding=b.sharding)
 
   def __getitem__(self, path: str):
     if path not in self._abstract:
       raise KeyError(path)
-    item = unflatten({path: self._abstract[path]})
-    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
-                                                               dtype=a.dtype), item)
-    tree = self._ckptr.restore(os.path.join(self.directory, PARAMS),
-                               args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                           partial_restore=True))
-    x = flatten(tree)[path]
+    ref = self.manifest.get("over_base")
+    if ref and (path in ref["slices"] or path not in self._stored):  # (partly) the base's
+      one = {"leaves": [path] if path in ref["leaves"] else [],
+             "slices": {path: ref["slices"][path]} if path in ref["slices"] else {}}
+      x = _with_base({path: self._read(path)} if path in self._stored else {}, one, self._base)[path]
+    else:
+      x = self._read(path)
     if self._verify:
       expected = self.manifest.get("leaf_fingerprints", {}).get(path)
       if leaf_fingerprint(path, x) != expected:
@@ -300,6 +392,15 @@ class LazyParams(collections.abc.Mapping):
                        "mismatch); re-run the stage that wrote it")
       check_finite(self.directory, {path: x}, "artifact fails verification:")
     return x
+
+  def _read(self, path: str):
+    item = unflatten({path: self._stored[path]})
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                                               dtype=a.dtype), item)
+    tree = self._ckptr.restore(os.path.join(self.directory, PARAMS),
+                               args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                           partial_restore=True))
+    return flatten(tree)[path]
 
   def __iter__(self) -> Iterator[str]:
     return iter(sorted(self._abstract))
