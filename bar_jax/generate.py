@@ -35,9 +35,11 @@ def complete(model: str, prompt: str, *, raw: bool = False, system: str | None =
   tok = m.tokenizer
   ids = tok.encode(prompt) if raw else tok.format_prompt(prompt, system=system)
   if len(ids) + max_new_tokens > m.cfg.max_seq_len:  # the model would stop at its context, mid-answer, silently
+    room = m.cfg.max_seq_len - len(ids)
+    fix = f"set --max_new_tokens<={room} or shorten the prompt" if room > 0 else \
+        f"shorten the prompt to under {m.cfg.max_seq_len} tokens"
     raise BarError(f"the prompt ({len(ids)} tokens) plus --max_new_tokens={max_new_tokens} exceeds the model's "
-                   f"context of {m.cfg.max_seq_len} tokens; shorten the prompt or set --max_new_tokens<="
-                   f"{max(m.cfg.max_seq_len - len(ids), 0)}")
+                   f"context of {m.cfg.max_seq_len} tokens; {fix}")
   out = gen.generate(jax.device_put(m.params), m.cfg, [ids], max_new_tokens=max_new_tokens, eos_ids=tok.eos_ids,
                      pad_id=tok.pad_id, temperature=temperature, top_p=top_p, key=jax.random.key(seed))[0]
   return tok.decode(out, skip_special_tokens=True)

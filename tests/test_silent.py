@@ -16,7 +16,8 @@ from bar_jax import errors, guards, invocation, preflight, sharding, train
 from bar_jax.errors import BarError
 from bar_jax.io import artifact, checkpoint
 from bar_jax.model import config as config_lib, transformer
-from bar_jax.stages import common, loop
+from bar_jax.stages import loop
+from configs.common import opt_defaults
 from bar_jax.transforms import freeze
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,7 +154,7 @@ def _train(workdir, lr, steps, checkpoint_every=2, nan_at=0):
   part = freeze.make_partition(params, cfg, [r".*"])
   it = Batches(cfg, nan_at)
   return loop.train(params=params, cfg=cfg, part=part, loss_fn=loop.lm_loss(cfg), batches=it,
-                    opt=common.opt_defaults(lr=lr, warmup_steps=0, schedule="constant", clip_norm=0.0),
+                    opt=opt_defaults(lr=lr, warmup_steps=0, schedule="constant", clip_norm=0.0),
                     steps=steps, workdir=workdir, mesh=mesh, identity={"lr": lr}, checkpoint_every=checkpoint_every,
                     log_every=1, data_iter=it)
 
@@ -170,14 +171,14 @@ def test_a_nan_loss_stops_the_run_keeps_the_last_good_checkpoint_and_writes_vali
 def test_metrics_rows_are_json_and_tensorboard_is_flushed_at_checkpoints(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
   w = loop.MetricsWriter(str(tmp_path), path, [])
-  w.write({"step": 1, "loss": float("nan"), "grad_norm": 2.0})
+  w.log({"step": 1, "loss": float("nan"), "grad_norm": 2.0})
   (line,) = open(path).read().splitlines()
   assert strict_json(line)["loss"] is None
   events = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "tensorboard") for f in fs]
   before = sum(os.path.getsize(e) for e in events)
   w.flush()
   assert sum(os.path.getsize(e) for e in events) > before  # the scalars are on disk before close()
-  w.close()
+  w.end()
 
 
 def test_resumed_stage_adds_up_its_seconds(tmp_path, monkeypatch):
@@ -301,7 +302,7 @@ def test_config_file_errors_and_missing_flags_are_one_line(tmp_path):
   code, err = cli(f"--config={bad}", f"--workdir={tmp_path}/w")
   assert code == 2 and f"{bad}:5: NameError: name 'undefined' is not defined" in one_line(err)
   code, err = cli("--config=configs/bar_smollm2.py:bogus", f"--workdir={tmp_path}/w")
-  assert code == 2 and "bar_smollm2.py:" in one_line(err) and "unknown variant 'bogus'" in err
+  assert code == 2 and "bar_smollm2.py:" in one_line(err) and "variant='bogus'" in err
   code, err = cli(f"--workdir={tmp_path}/w")
   assert code == 2 and "--config is required" in one_line(err)
   code, err = cli("--config=configs/train_lm.py:tiny")
