@@ -41,7 +41,7 @@ def main(argv=None):
     mdir = os.path.join(args.out, re.sub(r"[^\w.-]+", "_", spec.strip("/")))
     os.makedirs(mdir, exist_ok=True)
     model = common.load_model(spec)
-    cfg = common.model_overrides(model.cfg, c.get("compute", None))
+    cfg, compute = common.model_overrides(model.cfg, c.compute)
     results, seconds = {}, 0.0
     for name in names:
       path = os.path.join(mdir, f"{name}.json")
@@ -50,7 +50,7 @@ def main(argv=None):
         rep = evals.evaluate_model(model.params, cfg, model.tokenizer, [name], n_per_domain=c.n_per_domain,
                                    max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
                                    max_prompt_tokens=c.max_prompt_tokens or None, nll_seq_len=c.nll_seq_len,
-                                   nll_batch_rows=c.nll_batch_rows)
+                                   nll_batch_rows=c.nll_batch_rows, compute=compute)
         with open(path + ".tmp", "w") as f:
           json.dump(dict(rep["domains"][name], settings=rep["settings"]), f, indent=1, default=str)
         os.replace(path + ".tmp", path)

@@ -153,7 +153,7 @@ class BarJaxLM(LM):
     return out
 
   def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
-    return self.tokenizer.render_chat_text(chat_history, add_generation_prompt=add_generation_prompt)
+    return self.tokenizer.render_chat_text(chat_history, add_generation_prompt=add_generation_prompt)[0]
 
   @property
   def tokenizer_name(self) -> str:
