@@ -193,7 +193,7 @@ def overall(domain_results: dict[str, dict]) -> tuple[float, list[float]]:
     return float("nan"), [float("nan"), float("nan")]
   mean = float(np.mean([r["score"] for r in pct]))
   half = math.sqrt(sum(((r["ci"][1] - r["ci"][0]) / 2) ** 2 for r in pct)) / len(pct)
-  return mean, [mean - half, mean + half]
+  return mean, [max(0.0, mean - half), min(100.0, mean + half)]
 
 
 def evaluate_model(params, cfg: ModelConfig, tokenizer, domains: Sequence[str] | str = "all", *,
