@@ -1,7 +1,7 @@
 """Resumable training state with orbax: trainable params, optimiser state, step, and the data iterator's position.
 
-Frozen parameters are not saved: they are the input artifact's, which the run identity (run.json) pins by fingerprint.
-A workdir whose run.json describes another run is refused before anything is written.
+Frozen parameters are not saved: they are the input artifact's, which the run identity (io/workdir.py) pins by
+fingerprint.
 
 Every saved step is sealed with the sha256 of each of its files (STEP/bar_checksums.json, written once orbax has
 finished the step). A resume verifies the step it restores: a damaged one is refused with one line, or, when asked
@@ -20,29 +20,6 @@ import jax
 import orbax.checkpoint as ocp
 
 from bar_jax.errors import BarError
-
-
-def check_run_identity(workdir: str, identity: dict[str, Any]) -> None:
-  """First call writes workdir/run.json; later calls (resumes) must describe the same run."""
-  path = os.path.join(workdir, "run.json")
-  identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
-  if os.path.exists(path):
-    with open(path) as f:
-      try:
-        previous = json.load(f)
-      except json.JSONDecodeError:
-        raise BarError(f"{path} is corrupt; delete it (and {workdir}/checkpoints) or use a fresh --workdir") from None
-    if previous != identity:
-      keys = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-      raise BarError(f"workdir {workdir} holds a checkpoint of another run (differs in {keys}); "
-                     f"use a fresh --workdir or the original config")
-    return
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(identity, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _is_grain_iterator(it) -> bool:
