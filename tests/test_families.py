@@ -261,7 +261,8 @@ TEMPLATES = {
               "'|>\\n' + m['content'] + '\\n' }}{% endif %}{% if loop.last and add_generation_prompt %}"
               "{{ '<|assistant|>\\n' }}{% endif %}{% endfor %}", "<|endoftext|>"),
     "qwen": ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful bot.<|im_end|>\\n' }}"
-             "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+             "{% endif %}{% for m in messages %}"
+             "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}", "<|im_end|>"),
 }
 SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|endoftext|>",

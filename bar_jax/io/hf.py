@@ -11,9 +11,9 @@ dense family has one MoE class with the same attention and norms, which export w
 
   dense class        what differs from Llama                                   MoE export class
   LlamaForCausalLM   (rope_type "default" or "llama3")                         MixtralForCausalLM
-  Qwen2ForCausalLM   q/k/v biases                                              Qwen2MoeForCausalLM (+ zero shared expert)
+  Qwen2ForCausalLM   q/k/v biases                                              Qwen2MoeForCausalLM (+ zero shared exp.)
   Qwen3ForCausalLM   RMSNorm on each q/k head                                  Qwen3MoeForCausalLM
-  Olmo2ForCausalLM   RMSNorm on the whole q/k projection; norms after sub-layers  FlexOlmoForCausalLM
+  Olmo2ForCausalLM   RMSNorm on the whole q/k projection, norms after sub-layers  FlexOlmoForCausalLM
 
 Top-k mapping: bar_jax routes with softmax over all E experts, keeps the top_k, and renormalises the kept
 probabilities only when norm_topk=True. FlexOlmo and the Qwen MoE classes do exactly that (their `norm_topk_prob`
@@ -480,8 +480,10 @@ def _zero_shared_expert(cfg: ModelConfig) -> dict[str, np.ndarray]:
   D, out = cfg.d_model, {}
   for l in range(cfg.n_layers):
     p = f"model.layers.{l}.mlp.shared_expert"
-    out.update({f"{p}.gate_proj.weight": np.zeros((1, D), np.float32), f"{p}.up_proj.weight": np.zeros((1, D), np.float32),
-                f"{p}.down_proj.weight": np.zeros((D, 1), np.float32), f"{p}_gate.weight": np.zeros((1, D), np.float32)})
+    out.update({f"{p}.gate_proj.weight": np.zeros((1, D), np.float32),
+                f"{p}.up_proj.weight": np.zeros((1, D), np.float32),
+                f"{p}.down_proj.weight": np.zeros((D, 1), np.float32),
+                f"{p}_gate.weight": np.zeros((1, D), np.float32)})
   return out
 
 
