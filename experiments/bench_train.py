@@ -427,9 +427,10 @@ def section_flops(args, peak):
   smol = SMOLLM2.replace(ffn="moe", n_experts=2)
   big = OLMO_1B.replace(n_layers=args.big_layers)
   moe5 = SMOLLM2.replace(n_layers=8, ffn="moe", n_experts=5)
-  rows = [("SmolLM2 branch, sft: lora vs ffn expert", (smol.replace(expert_kind="lora"), "sft", base), (smol, "sft", base)),
-          (f"~1B ({big.n_layers} layers): branch (midtrain) vs dense", (big.replace(ffn="moe", n_experts=2), "midtrain", base),
-           (big, "dense", base)),
+  rows = [("SmolLM2 branch, sft: lora vs ffn expert", (smol.replace(expert_kind="lora"), "sft", base),
+           (smol, "sft", base)),
+          (f"~1B ({big.n_layers} layers): branch (midtrain) vs dense",
+           (big.replace(ffn="moe", n_experts=2), "midtrain", base), (big, "dense", base)),
           ("SmolLM2 widths, 8 layers: MoE E=5 top_k=5 (rl) vs dense d_ff x 5", (moe5, "rl", base),
            (SMOLLM2.replace(n_layers=8, d_ff=5 * SMOLLM2.d_ff), "dense", base))]
   for name, (ca, sa, pa), (cb, sb, pb) in rows:
