@@ -12,7 +12,6 @@ Sections (comma-separated, or "all"):
             shapes, on 1 device and on a data-parallel mesh of all devices, full vs chunked LM-head loss.
   branch    dense vs 2-expert branch (midtrain partition: anchor frozen) train step at a ~1B shape (OLMo-1B-like),
             interleaved with a matmul: MFU per round against the matmul of that round.
-  flops     compiled FLOPs (XLA cost analysis) of the lora/ffn branch, branch/dense and MoE/dense steps: no timing.
   lora      the 2-expert branch step with a LoRA vs an ffn domain expert at SmolLM2's shape (--lora_stage).
   moe       an E=5 MoE train step at top_k 1, 2, E vs a dense model of equal active FLOPs (d_ff x k).
 The compared steps of branch, lora and moe run interleaved (A B, B A, ... for --rounds rounds, after a warm-up step
@@ -395,52 +394,6 @@ def section_moe(args, peak):
   say("\n(\"rl\" is the partition that trains every leaf, experts included; the anchor is not frozen here.)\n")
 
 
-def compiled_flops(cfg: ModelConfig, batch: int, seq: int, stage: str, compute: Compute) -> float:
-  """FLOPs of the compiled train step by XLA's cost analysis (no run: independent of the host's load). The analysis
-  counts the layer scan's body once, so the step is compiled at 1 and 2 layers and extrapolated to cfg.n_layers."""
-  def at(n_layers):
-    c = cfg.replace(n_layers=n_layers)
-    params = jax.eval_shape(lambda: transformer.init_params(c, jax.random.key(0)))
-    part = freeze.make_partition(params, c, freeze.SCHEDULE[stage])
-    trainable, frozen = jax.eval_shape(lambda p: freeze.split(p, part), params)
-    tx, _ = optim.adamw(opt_defaults(warmup_steps=0, weight_decay=0.01), 1000)
-    opt_state = jax.eval_shape(tx.init, trainable)
-    data = {"inputs": jax.ShapeDtypeStruct((1, batch, seq), jnp.int32),
-            "targets": jax.ShapeDtypeStruct((1, batch, seq), jnp.int32),
-            "mask": jax.ShapeDtypeStruct((1, batch, seq), jnp.float32),
-            "positions": jax.ShapeDtypeStruct((1, batch, seq), jnp.int32),
-            "segment_ids": jax.ShapeDtypeStruct((1, batch, seq), jnp.int32)}
-    step = jax.jit(loop.make_step(loop.lm_loss(c, None, compute=compute), tx, part, 1))
-    cost = step.lower(trainable, opt_state, frozen, data).compile().cost_analysis()
-    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
-  one, two = at(1), at(2)
-  return one + (cfg.n_layers - 1) * (two - one)
-
-
-def section_flops(args, peak):
-  """Compiled FLOPs of the compared steps against each other and against the model FLOPs the MFU counts."""
-  b, t = 2, 128
-  base = compute_from(args)
-  say(f"## Compiled step FLOPs (XLA cost analysis, batch {b} x {t}, one device; no timing, so no load noise)\n")
-  say("| comparison | step A | step B | A / B compiled FLOPs | A compiled / model FLOPs |")
-  say("|---|---|---|---|---|")
-  smol = SMOLLM2.replace(ffn="moe", n_experts=2)
-  big = OLMO_1B.replace(n_layers=args.big_layers)
-  moe5 = SMOLLM2.replace(n_layers=8, ffn="moe", n_experts=5)
-  rows = [("SmolLM2 branch, sft: lora vs ffn expert", (smol.replace(expert_kind="lora"), "sft", base),
-           (smol, "sft", base)),
-          (f"~1B ({big.n_layers} layers): branch (midtrain) vs dense",
-           (big.replace(ffn="moe", n_experts=2), "midtrain", base), (big, "dense", base)),
-          ("SmolLM2 widths, 8 layers: MoE E=5 top_k=5 (rl) vs dense d_ff x 5", (moe5, "rl", base),
-           (SMOLLM2.replace(n_layers=8, d_ff=5 * SMOLLM2.d_ff), "dense", base))]
-  for name, (ca, sa, pa), (cb, sb, pb) in rows:
-    fa, fb = compiled_flops(ca, b, t, sa, pa), compiled_flops(cb, b, t, sb, pb)
-    model = train_flops_per_token(ca, t, trainable_active_params(ca, sa) if sa != "rl" else None) * b * t
-    model_cell = f"{fa / model:.3f}" if ca.expert_kind == "ffn" else "n/a (lora)"
-    say(f"| {name} | {fa / 1e9:.1f} GFLOP | {fb / 1e9:.1f} GFLOP | {fa / fb:.3f} | {model_cell} |")
-  say("")
-
-
 def section_decode(args, bandwidth):
   cfg, compute = SMOLLM2, Compute(dtype=args.dtype, attention=args.attention)
   params = transformer.init_params(cfg, jax.random.key(0))
@@ -556,7 +509,7 @@ def host_line() -> str:
 def main(args):
   import flax
   sections = set(args.sections.split(",")) if args.sections != "all" else {"peak", "fastpaths", "smollm2",
-                                                                            "flops", "branch", "lora", "moe", "decode"}
+                                                                            "branch", "lora", "moe", "decode"}
   dev = jax.devices()[0]
   say("# bar_jax benchmarks\n")
   say(f"Command: `python experiments/bench_train.py {' '.join(sys.argv[1:])}`  ")
@@ -580,8 +533,6 @@ def main(args):
     section_smollm2(args, peak)
   if "branch" in sections:
     section_branch(args, peak)
-  if "flops" in sections:
-    section_flops(args, peak)
   if "lora" in sections:
     section_lora(args, peak)
   if "moe" in sections:

@@ -152,20 +152,20 @@ def lora_ffn(x: jax.Array, weights: jax.Array, anchor: Params, lora: Params, sca
   """
   dt = x.dtype
   cast = lambda w: w.astype(dt)  # noqa: E731
-
-  def low_rank(h, name, spec_in):  # scale * (h a) b, batched over the adapters
-    ab = lora[name]
-    t = jnp.einsum(spec_in + ",air->nar", h, cast(ab["a"])) * scale
-    return jnp.einsum("nar,aro->nao", t, cast(ab["b"]))
-
+  # Adapter-major [E-1, N, ...] layout: every rank-r product is a batched matmul over the adapters with no transpose
+  # of the [*, N, F] activations.
+  lo = {name: (cast(ab["a"]), cast(ab["b"])) for name, ab in lora.items()}
+  r = lo["gate"][0].shape[-1]
+  xa = jnp.einsum("ni,air->anr", x, jnp.concatenate([lo["gate"][0], lo["up"][0]], axis=-1)) * scale
   g0 = x @ cast(anchor["gate"][0])
   u0 = x @ cast(anchor["up"][0])
-  g = g0[:, None] + low_rank(x, "gate", "ni")               # [N, E-1, F]
-  u = u0[:, None] + low_rank(x, "up", "ni")
+  g = g0 + jnp.einsum("anr,arf->anf", xa[..., :r], lo["gate"][1])    # [E-1, N, F]
+  u = u0 + jnp.einsum("anr,arf->anf", xa[..., r:], lo["up"][1])
   w = weights.astype(dt)
-  h_adapters = jax.nn.silu(g) * u * w[:, 1:, None]           # router-weighted hidden units of the adapters
-  h = jax.nn.silu(g0) * u0 * w[:, :1] + jnp.sum(h_adapters, axis=1)
-  return h @ cast(anchor["down"][0]) + jnp.sum(low_rank(h_adapters, "down", "nai"), axis=1)
+  h_adapters = jax.nn.silu(g) * u * w.T[1:, :, None]                # router-weighted hidden units of the adapters
+  h = jax.nn.silu(g0) * u0 * w[:, :1] + jnp.sum(h_adapters, axis=0)
+  hd = jnp.einsum("anf,afr->anr", h_adapters, lo["down"][0]) * scale
+  return h @ cast(anchor["down"][0]) + jnp.einsum("anr,ard->nd", hd, lo["down"][1])
 
 
 def moe_ffn(p: Params, x: jax.Array, cfg: ModelConfig, mesh=None,
