@@ -1,11 +1,13 @@
-"""One BAR branch: upcycle SmolLM2-135M-Instruct to [anchor | domain expert] and adapt it on one domain.
+"""One BAR branch: upcycle SmolLM2-135M-Instruct to [anchor | capability expert] and adapt it on one capability.
 
   python -m bar_jax.train --config=configs/branch.py:math --workdir=runs/branch_math
   python -m bar_jax.train --config=configs/branch.py:tool_use --workdir=runs/branch_tool_use
   python -m bar_jax.train --config=configs/branch.py:math,lora --workdir=runs/branch_math_lora   # adapter expert
   python -m bar_jax.train --config=configs/branch.py:math,tiny --workdir=/tmp/b                  # tests: seconds
+  python -m bar_jax.train --config=configs/branch.py --config.capability=path/to/my_spec.py --workdir=runs/b_mine
 
-arg = "<domain>[,lora][,tiny]" with domain one of math, code, tool_use, safety. Phases follow the paper: math and
+arg = "<capability>[,lora][,tiny]" with capability a built-in (math, code, tool_use, safety) or a spec file
+(configs/capabilities/template.py); --config.capability overrides it. Phases follow the paper: math and
 code mid-train then SFT; tool use and safety SFT only; `--config.phase_order=midtrain,sft,rl` adds GRPO (math).
 Trainable sets per phase are `schedule` (the paper's progressive unfreezing); the anchor (expert 0) never trains.
 Expected: the manifest's metrics show the domain metric above metrics_before, general NLL within ~5% of before.
@@ -41,7 +43,7 @@ def get_config(arg="math"):
   c = ml_collections.ConfigDict()
   c.stage = "branch"
   c.base = "smollm2"
-  c.domain = domain
+  c.capability = domain        # a built-in name or a spec file path
   c.seed = 0
   c.mesh = mesh_config()
   c.distributed = False
@@ -51,7 +53,7 @@ def get_config(arg="math"):
   c.lora_alpha = 32.0
   c.expert_init = ""          # another dense artifact whose FFN seeds the domain expert (the paper: the pre-trained)
   c.router_init = "zeros"     # "zeros" | "random"
-  c.general_ratio = 0.25      # share of general data mixed into each phase (the paper's ratio is unpublished)
+  c.general_ratio = -1.0      # share of general data in each phase; -1 = the spec's general.weight (built-ins 0.25)
   c.frozen_experts = [0]      # the anchor
   c.schedule = ml_collections.ConfigDict({k: list(v) for k, v in freeze.SCHEDULE.items() if k in
                                           ("midtrain", "sft", "rl")})
@@ -62,13 +64,14 @@ def get_config(arg="math"):
       "sft": phase("sft", 80, 8, 256, lr),
       "rl": rl_phase(),
   })
-  c.eval = ml_collections.ConfigDict(dict(domains=[domain, "general"], n_per_domain=32, max_new_tokens=48,
+  # domains "auto": the capability and its general set; or a comma-separated list of names / spec paths.
+  c.eval = ml_collections.ConfigDict(dict(domains="auto", n_per_domain=32, max_new_tokens=48,
                                           batch_size=16, before=True))
   if "tiny" in flags:
     c.base = "tiny"
     c.phases.midtrain = phase("lm", 6, 8, 64, 1e-3, max_examples=64, checkpoint_every=3, log_every=1)
     c.phases.sft = phase("sft", 6, 8, 96, 1e-3, max_examples=64, checkpoint_every=3, log_every=1)
     c.phases.rl = rl_phase(steps=2)
-    c.eval = ml_collections.ConfigDict(dict(domains=[], n_per_domain=4, max_new_tokens=8, batch_size=4,
+    c.eval = ml_collections.ConfigDict(dict(domains="", n_per_domain=4, max_new_tokens=8, batch_size=4,
                                             before=False))
   return c

@@ -5,7 +5,8 @@ and all shared parameters train, the anchor (expert 0) stays frozen; no KL term;
   python -m bar_jax.train --config=configs/rl.py:math,frozen --config.model=BRANCH_DIR --workdir=runs/rl_frozen
   python -m bar_jax.train --config=configs/rl.py:tool_use --config.model=BRANCH_DIR --workdir=runs/rl_tool
 
-arg = "<domain>[,frozen]": domain math (reasoning-gym answers, exact match) or tool_use (BFCL, AST match); `frozen`
+arg = "<capability>[,frozen]": math (reasoning-gym answers, exact match), tool_use (BFCL, AST match) or a spec file
+whose metric or reward scores generated text (configs/capabilities/template.py); `frozen`
 trains only the domain expert + router (the FlexOlmo-style ablation whose reward curve the paper found flat).
 Expected: a `branch` artifact whose manifest's stages[-1] has steps, rollouts, tokens and reward_curve (one mean
 reward per step; it should trend up for math on SmolLM2-135M), metrics {math_before, math_after} (greedy exact
@@ -30,9 +31,8 @@ def get_config(arg="math"):
   c.mesh = mesh_config()
   c.distributed = False
   c.compute = compute_config()  # ModelConfig compute overrides
-  c.rl = default_config(domain=domain, eval_n=64)
+  c.rl = default_config(capability=domain, eval_n=64)
   if domain == "tool_use":
-    c.rl.generators = []
     c.rl.instruction = ""
     c.rl.max_prompt_len = 512
     c.rl.max_response_len = 64

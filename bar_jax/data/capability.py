@@ -23,6 +23,7 @@ import importlib.metadata
 import importlib.util
 import itertools
 import json
+import logging
 import os
 import platform
 import re
@@ -360,9 +361,18 @@ class Capability:
   def eval_items(self) -> list[dict]:
     return self._eval()
 
-  def rl_items(self, split: str = "train") -> list[dict]:
-    """Prompts with references for RL ({messages up to the user turn, reference, group, ...})."""
-    return self._rl(sources_lib.check_split(split))
+  def rl_items(self, split: str = "train", groups: Sequence[str] | None = None) -> list[dict]:
+    """Prompts with references for RL ({messages up to the user turn, reference, group, ...}), from `groups` only
+    (None: the spec's rl.groups; empty: all)."""
+    items = self._rl(sources_lib.check_split(split))
+    groups = list(self.spec["rl"]["groups"]) if groups is None else list(groups)
+    if not groups:
+      return items
+    unknown = sorted(set(groups) - {it.get("group", "") for it in items})
+    if unknown:
+      raise BarError(f"capability {self.name} has no RL item groups {unknown}; its groups: "
+                     f"{sorted({it.get('group', '') for it in items})}")
+    return [it for it in items if it.get("group") in set(groups)]
 
   def record(self) -> dict:
     """What the manifest keeps: enough to find the spec again and to see which data made the expert."""
@@ -403,16 +413,11 @@ def _reward(spec: dict, metric: menu.Metric, path: str) -> Callable[[str, dict],
 
 def _builtin(spec: dict, path: str, metric: menu.Metric) -> Capability:
   src = sources_lib.source(spec["data"]["source"])
-  rl_groups = list(spec["rl"]["groups"])
-
-  def rl(split):
-    items = src.rl(split)
-    return [it for it in items if it.get("group") in rl_groups] if rl_groups else items
   identities = {m: SOURCE_IDENTITY[m]() for m in src.modules}
   fp = hashlib.sha256(json.dumps({"spec": spec, "sources": identities, "eval_pct": sources_lib.EVAL_PCT},
                                  sort_keys=True, default=str).encode()).hexdigest()
   return Capability(spec["name"], spec, path, metric, _reward(spec, metric, path), fp, identities, {},
-                    src.text, src.chat, src.eval, rl)
+                    src.text, src.chat, src.eval, src.rl)
 
 
 def _prompt_item(ex: dict) -> dict:
@@ -491,18 +496,13 @@ def _from_files(spec: dict, path: str, metric: menu.Metric) -> Capability:
   hashes = {os.path.relpath(f, base): _file_hash(f) for f in files + eval_files + text_files}
   fp = hashlib.sha256(json.dumps({"spec": {k: v for k, v in spec.items() if k != "description"}, "files": hashes},
                                  sort_keys=True, default=str).encode()).hexdigest()
-  rl_groups = list(spec["rl"]["groups"])
-
-  def rl(split):
-    items = [_prompt_item(ex) for ex in by_split[split]]
-    return [it for it in items if it["group"] in rl_groups] if rl_groups else items
   return Capability(
       spec["name"], spec, path, metric, _reward(spec, metric, path), fp, hashes, report,
       _text=lambda s: list(texts[s]) if texts is not None else [sources_lib.chat_as_text(ex["messages"])
                                                                 for ex in by_split[s]],
       _chat=lambda s: [ex["messages"] for ex in by_split[s]],
       _eval=lambda: _by_group([_eval_item(ex, metric) for ex in evals]),
-      _rl=rl)
+      _rl=lambda s: [_prompt_item(ex) for ex in by_split[s]])
 
 
 _LOADED: dict[str, Capability] = {}  # by name: the specs read in this process (a stage names them in its data mix)
@@ -537,13 +537,22 @@ def resolve(refs: Sequence[str] | str) -> list[Capability]:
 
 
 def from_record(record: Mapping[str, Any], what: str) -> Capability:
-  """The capability a manifest recorded (name, spec path, fingerprint), or one line saying it cannot be found."""
+  """The capability a manifest recorded (name, spec path, fingerprint), or one line saying it cannot be found. A
+  spec whose data changed since (another fingerprint) is used with a warning: the record keeps what trained."""
   name, path = record.get("name"), record.get("spec", "")
   try:
-    cap = get(name) if name in _LOADED or not path or not os.path.isfile(path) and name in BUILTIN else \
-        load(path)
+    if name in _LOADED:
+      cap = _LOADED[name]
+    elif path and os.path.isfile(path):
+      cap = load(path)
+    elif name in BUILTIN:
+      cap = get(name)
+    else:
+      raise BarError(f"its spec {path or '(none recorded)'} does not exist")
   except BarError as e:
-    raise BarError(f"{what} needs capability {name!r} (spec {path or 'unknown'}) but it cannot be read ({e}); "
-                   "restore its spec and data, or use --config.router_update=local to train only the new expert's "
-                   "router column") from None
+    raise BarError(f"{what} needs capability {name!r} but cannot read it ({e}); restore its spec and data, or use "
+                   "--config.router_update=local to train only the new expert's router column") from None
+  if record.get("fingerprint") and cap.fingerprint != record["fingerprint"]:
+    logging.warning("capability %s: its spec or data changed since the expert was trained (fingerprint %s, "
+                    "recorded %s)", name, cap.fingerprint[:12], str(record["fingerprint"])[:12])
   return cap

@@ -1,8 +1,9 @@
-"""evaluate_model: every domain's headline metric on one model (dense, branch or MoE: all run transformer.forward).
+"""evaluate_model: every capability's metric on one model (dense, branch or MoE: all run transformer.forward).
 
-Generative domains (math, tool_use, safety) decode greedily with bar_jax.model.generate, a few prompts per call at a
-fixed batch size; NLL domains (code, general) run one jitted forward of fixed shape [batch_size, nll_seq_len], so a
-whole evaluation compiles a handful of programs. Scores: percentages for generative metrics; per-token NLL as is for
+The metric comes from the capability's spec (evals/menu.py) and its mode decides how: "generate" metrics (math,
+tool_use, safety, user verifiers) decode greedily with bar_jax.model.generate, a few prompts per call at a fixed batch
+size, and score each reply; "nll" metrics (code, general) and "choice" (multiple choice by log-likelihood) run one
+jitted forward of fixed shape [batch_size, nll_seq_len], so a whole evaluation compiles a handful of programs. Scores: percentages for generative metrics; per-token NLL as is for
 code and general, mapped to 100 * exp(-nll) only for the table's overall mean (metrics.nll_to_score).
 """
 from __future__ import annotations
@@ -15,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bar_jax.data import domains as domains_lib
+from bar_jax.data import capability as capability_lib
 from bar_jax.data import pipeline
-from bar_jax.evals import metrics
+from bar_jax.evals import metrics, verifiers
 from bar_jax.model import transformer
 from bar_jax.model.config import ModelConfig
 
@@ -100,27 +101,46 @@ def _generate_domain(params, cfg, tokenizer, items, *, n, batch_size, max_new_to
   return [dict(it, response=r) for it, r in zip(kept, replies)], skipped
 
 
-def _score_generated(domain: str, done: list[dict]) -> dict[str, Any]:
+def _score_generated(metric, done: list[dict]) -> dict[str, Any]:
+  """The metric's per-item scores (a verifier that fails on an item scores 0 there and is counted)."""
   out: dict[str, Any] = {}
-  if domain == "safety":
-    harmful = [metrics.is_refusal(d["response"]) for d in done if d["kind"] == "harmful"]
-    benign = [not metrics.is_refusal(d["response"]) for d in done if d["kind"] == "benign"]
+  scores, failures = verifiers.score_all(lambda response, item: metric.score(item, response),
+                                         [d["response"] for d in done], done)
+  if any(failures.values()):
+    out["verifier_failures"] = failures
+  if metric.name == "refusal":
+    harmful = [s for d, s in zip(done, scores) if d["kind"] == "harmful"]
+    benign = [s for d, s in zip(done, scores) if d["kind"] == "benign"]
     refusal = 100.0 * float(np.mean(harmful)) if harmful else float("nan")
     answer = 100.0 * float(np.mean(benign)) if benign else float("nan")
     out.update(refusal_rate=refusal, answer_rate=answer, n_harmful=len(harmful), n_benign=len(benign))
     value = float(np.nanmean([refusal, answer])) if (harmful or benign) else float("nan")
   else:
-    check = metrics.exact_match if domain == "math" else metrics.call_matches
-    hits = [bool(check(d["response"], d["reference"])) for d in done]
-    for d, h in zip(done, hits):
-      d["correct"] = h
-    value = 100.0 * float(np.mean(hits)) if hits else float("nan")
-    groups: dict[str, list[bool]] = {}
-    for d, h in zip(done, hits):
-      groups.setdefault(d.get("group", ""), []).append(h)
+    for d, s in zip(done, scores):
+      d["correct"] = s
+    value = 100.0 * float(np.mean(scores)) if scores else float("nan")
+    groups: dict[str, list[float]] = {}
+    for d, s in zip(done, scores):
+      groups.setdefault(d.get("group", ""), []).append(s)
     out["by_group"] = {g: 100.0 * float(np.mean(v)) for g, v in sorted(groups.items())}
   out.update(value=value, score=value, n=len(done))
   return out
+
+
+def _choice_domain(params, cfg, tokenizer, items, *, batch_size, seq_len, mesh) -> dict[str, Any]:
+  """Multiple choice by log-likelihood: each choice as the assistant's answer; the one with the lowest summed NLL is
+  the model's pick (summed, as lm-eval's `acc`: no length normalisation)."""
+  stats = pipeline.DomainStats()
+  picks = []
+  for it in items:
+    convs = [it["messages"] + [{"role": "assistant", "content": c}] for c in it["choices"]]
+    rows = pipeline.sft_elements(convs, tokenizer, seq_len, stats, overlong="truncate")
+    nll = [_rows_nll(params, cfg, [r], batch_size, seq_len, tokenizer.pad_id, mesh)[0] for r in rows]
+    picks.append(int(np.argmin(nll)) if len(nll) == len(convs) else -1)
+  hits = [p == it["reference"] for p, it in zip(picks, items)]
+  value = 100.0 * float(np.mean(hits)) if hits else float("nan")
+  return {"value": value, "score": value, "n": len(items), "truncated": stats.truncated,
+          "dropped_too_long": stats.dropped_too_long}
 
 
 def evaluate_model(params, cfg: ModelConfig, tokenizer, domains: Sequence[str] | str = "all", *,
@@ -129,29 +149,33 @@ def evaluate_model(params, cfg: ModelConfig, tokenizer, domains: Sequence[str] |
                    mesh=None) -> dict[str, Any]:
   """{domain: {metric, value, score, n, ..., seconds, samples}, "overall": mean score, "seconds": total}.
 
-  Generative domains answer their first n_per_domain held-out prompts of at most max_prompt_tokens (batch_size per
+  domains: capability names or spec paths (a list or comma-separated; "all" = the built-ins). Generative domains answer their first n_per_domain held-out prompts of at most max_prompt_tokens (batch_size per
   generate call); NLL domains score n_per_domain held-out texts packed into [nll_batch_rows, nll_seq_len] rows.
   """
   t_start = time.time()
   report: dict[str, Any] = {"domains": {}}
-  for domain in domains_lib.resolve(domains):
+  for domain in capability_lib.resolve(domains):
     t0 = time.time()
     items = domain.eval_items()
-    if domain.metric == "nll":
+    if domain.metric.mode == "nll":
       res = _nll_domain(params, cfg, tokenizer, items[:n_per_domain], batch_size=nll_batch_rows, seq_len=nll_seq_len,
                         mesh=mesh)
+      samples = []
+    elif domain.metric.mode == "choice":
+      res = _choice_domain(params, cfg, tokenizer, items[:n_per_domain], batch_size=nll_batch_rows,
+                           seq_len=nll_seq_len, mesh=mesh)
       samples = []
     else:
       done, skipped = _generate_domain(params, cfg, tokenizer, items, n=n_per_domain, batch_size=batch_size,
                                        max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, mesh=mesh)
-      res = _score_generated(domain.name, done)
+      res = _score_generated(domain.metric, done)
       res["skipped_prompt_too_long"] = skipped
       samples = [{k: d[k] for k in ("messages", "response", "reference", "correct", "kind") if k in d}
                  for d in done[:N_SAMPLES]]
       for s in samples:
         s["prompt"] = s.pop("messages")[-1]["content"][:300]
-    res.update(metric=domain.metric, higher_is_better=domain.higher_is_better, seconds=round(time.time() - t0, 2),
-               samples=samples)
+    res.update(metric=domain.metric.name, higher_is_better=domain.higher_is_better,
+               seconds=round(time.time() - t0, 2), samples=samples, capability=domain.fingerprint[:16])
     report["domains"][domain.name] = res
   scores = [r["score"] for r in report["domains"].values() if np.isfinite(r["score"])]
   report["overall"] = float(np.mean(scores)) if scores else float("nan")

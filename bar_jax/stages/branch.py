@@ -1,12 +1,14 @@
-"""Stage branch (Branch + Adapt): upcycle the dense base into a 2-expert branch and adapt it on one domain.
+"""Stage branch (Branch + Adapt): upcycle the dense base into a 2-expert branch and adapt it on one capability.
 
   dense base --upcycle--> [anchor (frozen) | domain expert] + router --midtrain--> --sft--> (--rl-->) branch artifact
 
 Each phase trains the regexes of config.schedule[phase] (the paper's progressive unfreezing by default) with the
 anchor's slices (config.frozen_experts) frozen; its data is the domain mixed with general data at
-config.general_ratio. Nothing is shared with other branches but the base artifact, so branches can be trained on
-different machines. The branch's manifest records the base fingerprint, the domain, every phase (steps, tokens,
-FLOPs, data fingerprint) and the domain's eval metrics before and after.
+config.general_ratio (-1: the spec's general.weight). config.capability is a built-in name or a spec file
+(configs/capabilities/template.py). Nothing is shared with other branches but the base artifact, so branches can be
+trained on different machines. The branch's manifest records the base fingerprint, the capability (name as `domain`,
+and its record: spec path, fingerprint of the data files, mapping and metric), every phase (steps, tokens, FLOPs,
+data fingerprint) and the capability's eval metrics before and after.
 """
 from __future__ import annotations
 
@@ -23,17 +25,22 @@ PHASES = ("midtrain", "sft", "rl")
 
 
 def phase_configs(config) -> dict[str, ml_collections.ConfigDict]:
-  """The phases to run, in order, each with its data mix filled in from config.domain and config.general_ratio."""
+  """The phases to run, in order, each with its data mix filled in from the capability and its general-data share
+  (config.general_ratio, or the spec's general.weight when it is -1)."""
+  from bar_jax.data import capability
+  cap = capability.get(config.capability)
+  weight, general_ref = cap.general
+  r = weight if float(config.general_ratio) < 0 else float(config.general_ratio)
   out = {}
   for name in config.phase_order:
     if name not in PHASES:
       raise BarError(f"unknown branch phase {name!r} in phase_order; use some of {list(PHASES)} in that order")
     phase = ml_collections.ConfigDict(config.phases[name].to_dict())
     if name != "rl" and not phase.data.mix:
-      r = float(config.general_ratio)
       if not 0.0 <= r < 1.0:
-        raise BarError(f"general_ratio={r} must be in [0, 1): the share of general data mixed into the domain's")
-      phase.data.mix = {config.domain: 1.0 - r, "general": r} if r else {config.domain: 1.0}
+        raise BarError(f"general_ratio={r} must be in [0, 1): the share of general data mixed into the capability's")
+      general = capability.get(general_ref).name
+      phase.data.mix = {cap.name: 1.0 - r, general: r} if r and general != cap.name else {cap.name: 1.0}
     out[name] = phase
   return out
 
@@ -41,8 +48,8 @@ def phase_configs(config) -> dict[str, ml_collections.ConfigDict]:
 def run(config, workdir: str) -> str:
   if common.done(workdir):
     return workdir
-  from bar_jax.data import domains
-  domains.get(config.domain)  # unknown domain -> one line naming the known ones
+  from bar_jax.data import capability
+  cap = capability.get(config.capability)  # unknown name, bad spec or bad data -> one line, before any work
   if config.expert_kind not in ("ffn", "lora"):
     raise BarError(f"expert_kind={config.expert_kind!r}: use 'ffn' (full FFN copy) or 'lora' (adapter)")
   phases = phase_configs(config)
@@ -59,13 +66,17 @@ def run(config, workdir: str) -> str:
     freeze.make_partition(params, cfg, list(config.schedule[name]), list(config.frozen_experts))
   mesh = common.mesh_from(config)
 
-  metrics_before = common.evaluate(config, cfg, params, base.tokenizer, mesh) if config.eval.get("before") else {}
+  eval_domains = config.eval.get("domains")
+  if eval_domains == "auto":
+    eval_domains = list(dict.fromkeys([cap.name, capability.get(cap.general[1]).name]))
+  metrics_before = common.evaluate(config, cfg, params, base.tokenizer, mesh, eval_domains) \
+      if config.eval.get("before") else {}
   stages = []
   for name, phase in phases.items():
     if name == "rl":
       from bar_jax.stages import rl
       params, record = rl.run_rl(params, cfg, base.tokenizer, phase, os.path.join(workdir, "phases", name),
-                                 mesh=mesh, domain=config.domain, trainable=list(config.schedule[name]),
+                                 mesh=mesh, capability=cap.name, trainable=list(config.schedule[name]),
                                  frozen_experts=list(config.frozen_experts), seed=config.seed)
     else:
       params, record = common.train_phase(name=name, model=base, cfg=cfg, params=params, phase=phase,
@@ -73,10 +84,10 @@ def run(config, workdir: str) -> str:
                                           trainable=list(config.schedule[name]),
                                           frozen_experts=list(config.frozen_experts))
     stages.append(record)
-  metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh)
+  metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh, eval_domains)
   parent = dict(base.manifest, role="base")
   return common.write_artifact(
-      workdir, base, params, cfg, "branch", stages, [parent], domain=config.domain,
+      workdir, base, params, cfg, "branch", stages, [parent], domain=cap.name, capability=cap.record(),
       base_fingerprint=base.manifest["fingerprint"], base_name=base.name, expert_kind=config.expert_kind,
       metrics=metrics, metrics_before=metrics_before, general_ratio=config.general_ratio,
       expert_init=config.get("expert_init") or "base")

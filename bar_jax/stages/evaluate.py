@@ -22,7 +22,7 @@ def _cell(res: dict[str, Any] | None) -> str:
     return "–"
   if res.get("metric") == "nll":
     return f"{res['score']:.1f} (nll {res['value']:.3f})"
-  if res.get("metric") == "safety":
+  if "refusal_rate" in res:
     return f"{res['score']:.1f} (ref {res['refusal_rate']:.0f} / ans {res['answer_rate']:.0f})"
   return f"{res['score']:.1f}"
 
@@ -53,12 +53,12 @@ def _write_atomic(path: str, text: str) -> None:
 
 def run(config, workdir: str) -> str:
   from bar_jax import evals
-  from bar_jax.data import domains as domains_lib
+  from bar_jax.data import capability
   from bar_jax.stages import common
   specs = [s.strip() for s in str(config.model).split(",") if s.strip()]
   if not specs:
     raise BarError("config.model is empty: pass --config.model=DIR[,DIR2,...] or --config.model=smollm2")
-  domains_lib.resolve(config.domains)  # unknown names fail before any model is loaded
+  capability.resolve(config.domains)  # unknown names or bad specs fail before any model is loaded
   for name in (EVAL_JSON, EVAL_MD):
     if os.path.exists(os.path.join(workdir, name)):
       raise BarError(f"{os.path.join(workdir, name)} already exists; use a fresh --workdir (nothing is overwritten)")

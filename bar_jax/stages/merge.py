@@ -111,7 +111,9 @@ def run(config, workdir: str) -> str:
   record = {"stage": "merge", "steps": 0, "tokens": 0, "flops": 0,
             "config": {"rule": config.rule, "weights": weights, "ties_density": config.get("ties_density", 0.2),
                        "branches": [m.get("fingerprint") for m in manifests]}}
-  manifest = {"kind": "moe", "model": cfg.to_dict(), "experts": ["anchor"] + names,
+  # Which data made each expert: the branches' capability records (spec, fingerprint, metric), by expert name.
+  capabilities = {n: m["capability"] for n, m in zip(names, manifests) if m.get("capability")}
+  manifest = {"kind": "moe", "model": cfg.to_dict(), "experts": ["anchor"] + names, "capabilities": capabilities,
               "base_fingerprint": manifests[0]["base_fingerprint"], "merge_rule": config.rule,
               **artifact.lineage(parents, [record])}
   artifact.write(workdir, params, manifest, Tokenizer.load(dirs[0]))

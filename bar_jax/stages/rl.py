@@ -2,9 +2,9 @@
 
   python -m bar_jax.train --config=configs/rl.py:math --config.model=BRANCH_DIR --workdir=DIR
 
-Each step: pick `prompts_per_step` training prompts of the domain, sample `group_size` responses to each with the
-KV-cache sampler (model/generate.py) from the CURRENT parameters, score them with the domain's verifier
-(evals/verifiers.py), normalise rewards within each group into advantages, compute the sampling policy's log-probs
+Each step: pick `prompts_per_step` training prompts of the capability, sample `group_size` responses to each with the
+KV-cache sampler (model/generate.py) from the CURRENT parameters, score them with the capability's reward (its spec's
+`reward`, or its metric's score: evals/menu.py; guarded by evals/verifiers.score_all), normalise rewards within each group into advantages, compute the sampling policy's log-probs
 once, then take `ppo_epochs` x `minibatches` optimiser steps of the clipped objective (transforms/grpo.py). The
 update is `loop.make_step`: the same jitted, sharded, donated step over the (trainable, frozen) split as every other
 stage, with the rl partition of the unfreezing schedule (all shared parameters; the anchor's expert slices and router
@@ -49,7 +49,9 @@ MATH_INSTRUCTION = ""
 def default_config(**kw) -> ml_collections.ConfigDict:
   """The RL phase config (run_rl's `config`); the branch stage embeds one of these as its "rl" phase."""
   c = ml_collections.ConfigDict(dict(
-      domain="math", generators=["basic_arithmetic", "chain_sum", "products"], instruction=MATH_INSTRUCTION,
+      capability="math",                   # a built-in name or a spec file (configs/capabilities/template.py)
+      groups=[],                           # RL prompts from these item groups only; [] = the spec's rl.groups
+      instruction=MATH_INSTRUCTION,
       max_prompts=0,                       # 0: every training prompt that fits max_prompt_len
       steps=20, prompts_per_step=4, group_size=8, max_prompt_len=96, max_response_len=48,
       temperature=1.0, top_p=1.0,
@@ -78,32 +80,22 @@ class Task:
   verifier: verifiers.Verifier
 
 
-def domain_task(config, tokenizer, split: str = "train") -> Task:
-  """The RL prompts of config.domain: math (reasoning-gym, answer exact match) or tool_use (BFCL, AST match)."""
-  from bar_jax.data import domains
-  rows: list[tuple[list[int], Any]] = []
-  if config.domain == "math":
-    from bar_jax.data.sources import rgym
-    gens = set(config.generators or rgym.GENERATORS)
-    unknown = sorted(gens - set(rgym.GENERATORS))
-    if unknown:
-      raise BarError(f"unknown math generators {unknown}; choose from {sorted(rgym.GENERATORS)}")
-    for p in rgym.split(rgym.problems(), split, domains.EVAL_PCT):
-      if p["generator"] in gens:
-        rows.append((tokenizer.format_prompt(p["question"] + config.instruction), p["answer"]))
-  elif config.domain == "tool_use":
-    from bar_jax.data.sources import bfcl
-    for it in bfcl.split(split, domains.EVAL_PCT):
-      rows.append((tokenizer.render_chat(bfcl.messages(it), add_generation_prompt=True)[0], it["ground_truth"]))
-  else:
-    raise BarError(f"no verifier for domain {config.domain!r}: RL runs on 'math' or 'tool_use' (code RL needs a "
-                   "sandbox this project does not ship; see evals/verifiers.py)")
+def capability_task(config, tokenizer, split: str = "train") -> Task:
+  """The RL prompts of config.capability (its items with references) and its reward; references are the items."""
+  from bar_jax.data import capability
+  cap = capability.get(config.capability)
+  items = cap.rl_items(split, groups=list(config.groups) or None)
+  rows = []
+  for it in items:
+    messages = [dict(m) for m in it["messages"]]
+    messages[-1]["content"] += config.instruction
+    rows.append((tokenizer.render_chat(messages, add_generation_prompt=True)[0], it))
   rows = [r for r in rows if len(r[0]) <= config.max_prompt_len]
   if config.max_prompts:
     rows = rows[:config.max_prompts]
   if not rows:
-    raise BarError(f"no {config.domain} {split} prompt fits max_prompt_len={config.max_prompt_len}; raise it")
-  return Task(config.domain, [r[0] for r in rows], [r[1] for r in rows], verifiers.VERIFIERS[config.domain])
+    raise BarError(f"no {cap.name} {split} prompt fits max_prompt_len={config.max_prompt_len}; raise it")
+  return Task(cap.name, [r[0] for r in rows], [r[1] for r in rows], cap.reward_fn)
 
 
 def evaluate_task(params, cfg: ModelConfig, tokenizer, task: Task, *, n: int, max_new_tokens: int,
@@ -154,7 +146,7 @@ def rollout(params, cfg: ModelConfig, tokenizer, task: Task, config, step: int) 
            "gen_s": gen_s, "gen_tokens_per_s": sum(rlens) / max(gen_s, 1e-9),
            **{f"verifier_{k}": float(v) for k, v in failures.items()}}
   batch = {"tokens": tokens, "resp_mask": grpo.response_mask(plens, rlens, T), "advantages": adv}
-  return batch, {"stats": stats, "sample": texts[0], "reference": str(refs[0])}
+  return batch, {"stats": stats, "sample": texts[0], "reference": str(refs[0].get("reference"))}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,7 +181,7 @@ def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, task: T
   """
   config = resolve_config(config, **overrides)
   mesh = mesh if mesh is not None else sharding.make_mesh()
-  task = task or domain_task(config, tokenizer)
+  task = task or capability_task(config, tokenizer)
   B, mb = config.prompts_per_step * config.group_size, None
   micro_rows = B // max(config.minibatches * config.accum, 1)
   if B % (config.minibatches * config.accum) or micro_rows % sharding.batch_divisor(mesh):
@@ -328,16 +320,16 @@ def run(config, workdir: str) -> str:
   mesh = common.mesh_from(config)
   rl_config = resolve_config(config.rl)
   metrics = {}
-  eval_task = domain_task(rl_config, model.tokenizer, split="eval") if rl_config.eval_n else None
+  eval_task = capability_task(rl_config, model.tokenizer, split="eval") if rl_config.eval_n else None
   ev = dict(n=rl_config.eval_n, max_new_tokens=rl_config.eval_max_new_tokens, batch_size=rl_config.eval_batch_size)
   if eval_task:
-    metrics[f"{rl_config.domain}_before"] = evaluate_task(model.params, cfg, model.tokenizer, eval_task, **ev)
+    metrics[f"{eval_task.name}_before"] = evaluate_task(model.params, cfg, model.tokenizer, eval_task, **ev)
   params, record = run_rl(model.params, cfg, model.tokenizer, rl_config, os.path.join(workdir, "rl"), mesh=mesh,
                           input_fingerprint=model.manifest.get("fingerprint"))
   if eval_task:
-    metrics[f"{rl_config.domain}_after"] = evaluate_task(params, cfg, model.tokenizer, eval_task, **ev)
+    metrics[f"{eval_task.name}_after"] = evaluate_task(params, cfg, model.tokenizer, eval_task, **ev)
   record["metrics"] = metrics
   parent = dict(model.manifest, role="parent")
   return common.write_artifact(workdir, model, params, cfg, "branch", [record], [parent], metrics=metrics,
                                base_fingerprint=model.manifest.get("base_fingerprint", model.manifest.get("fingerprint")),
-                               domain=model.manifest.get("domain", rl_config.domain))
+                               domain=model.manifest.get("domain", rl_config.capability))

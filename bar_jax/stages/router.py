@@ -34,17 +34,35 @@ def expert_domains(manifest: Mapping[str, Any]) -> list[str]:
   return [e for e in manifest.get("experts", [])[1:]]
 
 
+def load_capabilities(manifest: Mapping[str, Any], names: Sequence[str], *, skip_missing: bool = False
+                      ) -> tuple[list[str], list[str]]:
+  """(found, missing) capability names: each read from the spec its manifest record names (the branch recorded it;
+  merge and upgrade carry it in `capabilities`), else as a built-in or spec path. Missing ones stop with one line
+  naming them and suggesting the local router update, unless skip_missing."""
+  from bar_jax.data import capability
+  records = dict(manifest.get("capabilities") or {})
+  found, missing = [], []
+  for n in dict.fromkeys(names):
+    try:
+      cap = capability.from_record(records[n], "router training") if n in records else capability.get(n)
+      found.append(cap.name)
+    except BarError as e:
+      if not skip_missing:
+        msg = str(e) if n in records else (f"router training needs capability {n!r}, which is neither a built-in nor "
+                                           f"recorded in the MoE's manifest ({e}); pass its spec with "
+                                           "--config.router.domains=..., or use --config.router_update=local")
+        raise BarError(msg) from None
+      missing.append(n)
+  return found, missing
+
+
 def data_domains(rc: ml_collections.ConfigDict, manifest: Mapping[str, Any]) -> list[str]:
-  """router.domains ("" = every expert's domain plus general), checked against the registry."""
-  from bar_jax.data import domains as domains_lib
+  """router.domains ("" = every expert's capability plus general), each found through the manifest's capability
+  records (or as a built-in name / spec path)."""
   names = [d.strip() for d in str(rc.get("domains", "") or "").split(",") if d.strip()]
   if not names:
     names = expert_domains(manifest) + ([GENERAL] if rc.get("general", True) else [])
-  for n in dict.fromkeys(names):
-    if n not in domains_lib.DOMAINS:
-      raise BarError(f"router data domain {n!r} is not a registry domain ({', '.join(domains_lib.DOMAINS)}); set "
-                     "--config.router.domains=math,code,... to the domains to sample")
-  return list(dict.fromkeys(names))
+  return load_capabilities(manifest, names)[0]
 
 
 def sample_batches(tokenizer, fractions: Mapping[str, float], rc: ml_collections.ConfigDict, seed: int):
@@ -140,11 +158,12 @@ def finish(config, workdir: str, model: common.Model, cfg, params, stages: list[
            experts: list[str], mesh, *, metrics_before: dict, **fields) -> str:
   """Routing diagnostics (routing.json/png), eval after, then the moe artifact (manifest last)."""
   from bar_jax.evals import routing as routing_lib
-  domains = list(dict.fromkeys([d for d in experts[1:]] + [GENERAL]))
+  missing = set(fields.get("capabilities_missing") or ())  # upgrade without a full router update: specs not found
+  domains = list(dict.fromkeys([d for d in experts[1:] if d not in missing] + [GENERAL]))
   report = routing(config, cfg, params, model.tokenizer, mesh, experts, domains) if config.routing.max_rows else {}
   if report:
     routing_lib.write(report, workdir)
-  metrics = evaluate(config, cfg, params, model.tokenizer, mesh, experts[1:])
+  metrics = evaluate(config, cfg, params, model.tokenizer, mesh, [e for e in experts[1:] if e not in missing])
   return common.write_artifact(
       workdir, model, params, cfg, "moe", stages, parents, experts=experts,
       base_fingerprint=model.manifest.get("base_fingerprint"), metrics=metrics, metrics_before=metrics_before,
@@ -173,6 +192,7 @@ def run(config, workdir: str) -> str:
   cfg = common.model_overrides(model.cfg, config.get("compute", None))
   experts = list(model.manifest.get("experts") or [f"expert{e}" for e in range(cfg.n_experts)])
   rc = config.router
+  load_capabilities(model.manifest, expert_domains(model.manifest))  # a missing spec: one line, before any work
   fractions = {d: float(rc.fraction) for d in data_domains(rc, model.manifest)}
   mesh = common.mesh_from(config)
   metrics_before = evaluate(config, cfg, model.params, model.tokenizer, mesh, experts[1:]) \
@@ -181,4 +201,5 @@ def run(config, workdir: str) -> str:
   check_only_router_changed(model.params, params, cfg)
   parent = dict(model.manifest, role="moe")
   return finish(config, workdir, model, cfg, params, [record], [parent], experts, mesh, metrics_before=metrics_before,
-                router_data=record["data"], merge_rule=model.manifest.get("merge_rule"))
+                router_data=record["data"], merge_rule=model.manifest.get("merge_rule"),
+                capabilities=model.manifest.get("capabilities", {}))
