@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bar_jax.data import domains, pipeline, refusals
+from bar_jax.data import capability, pipeline, refusals
 from bar_jax.data.sources import bfcl, pydocs
 from bar_jax.errors import BarError
 from bar_jax.evals import metrics, runner
@@ -101,7 +101,7 @@ def test_refusal_detector_hand_checked(response, expected):
 def test_refusal_detector_on_the_safety_data():
   """Every refusal template is a refusal; no real benign answer (Python FAQ, worked math) is."""
   assert all(metrics.is_refusal(t) for ts in refusals.TEMPLATES.values() for t in ts)
-  answers = [q["answer"] for q in pydocs.faq()] + [m[-1]["content"] for m in domains.get("math").chat_examples()[:500]]
+  answers = [q["answer"] for q in pydocs.faq()] + [m[-1]["content"] for m in capability.get("math").chat_examples()[:500]]
   refused = [a for a in answers if metrics.is_refusal(a)]
   assert not refused, refused[:3]
 
@@ -147,7 +147,7 @@ def test_evaluate_stage_writes_json_and_table(tmp_path):
   out = evaluate.run(config, str(tmp_path))
   report = json.load(open(os.path.join(out, "eval.json")))
   (row,) = report["models"]
-  assert set(row["domains"]) == set(domains.DOMAINS)
+  assert set(row["domains"]) == set(capability.BUILTIN)
   for name, res in row["domains"].items():
     assert 0.0 <= res["score"] <= 100.0, name
     assert res["n"] >= 1 or res.get("skipped_prompt_too_long", 0) > 0, name
@@ -158,7 +158,7 @@ def test_evaluate_stage_writes_json_and_table(tmp_path):
   with pytest.raises(BarError, match="already exists"):
     evaluate.run(config, str(tmp_path))
   config.domains = "math,poetry"
-  with pytest.raises(BarError, match="unknown domain 'poetry'"):
+  with pytest.raises(BarError, match="unknown capability 'poetry'"):
     evaluate.run(config, str(tmp_path / "other"))
 
 

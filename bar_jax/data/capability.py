@@ -237,9 +237,9 @@ def _text_field(row: dict, field: str, where: str, key: str) -> str:
   if isinstance(value, (int, float)) and not isinstance(value, bool):
     value = str(value)
   if not isinstance(value, str) or not value.strip():
-    got = "missing" if field not in row else "empty" if value in (None, "") or (isinstance(value, str) and
-                                                                                 not value.strip()) else \
-        f"a {type(value).__name__}, not text"
+    # `datasets` gives every row every column of the file: a field absent from a row reads as None.
+    got = "missing" if field not in row else "missing or empty" if value is None else "empty" \
+        if isinstance(value, str) else f"a {type(value).__name__}, not text"
     raise BarError(f"{where}: field {field!r} is {got}: fix the row, or set data.{key} to the right field")
   return value
 
@@ -411,12 +411,12 @@ def _reward(spec: dict, metric: menu.Metric, path: str) -> Callable[[str, dict],
   return metric.reward
 
 
-def _builtin(spec: dict, path: str, metric: menu.Metric) -> Capability:
+def _builtin(spec: dict, path: str, metric: menu.Metric, reward) -> Capability:
   src = sources_lib.source(spec["data"]["source"])
   identities = {m: SOURCE_IDENTITY[m]() for m in src.modules}
   fp = hashlib.sha256(json.dumps({"spec": spec, "sources": identities, "eval_pct": sources_lib.EVAL_PCT},
                                  sort_keys=True, default=str).encode()).hexdigest()
-  return Capability(spec["name"], spec, path, metric, _reward(spec, metric, path), fp, identities, {},
+  return Capability(spec["name"], spec, path, metric, reward, fp, identities, {},
                     src.text, src.chat, src.eval, src.rl)
 
 
@@ -436,7 +436,7 @@ def _eval_item(ex: dict, metric: menu.Metric) -> dict:
   return item
 
 
-def _from_files(spec: dict, path: str, metric: menu.Metric) -> Capability:
+def _from_files(spec: dict, path: str, metric: menu.Metric, reward) -> Capability:
   data, ev = spec["data"], spec["eval"]
   if not data["files"]:
     raise BarError(f"capability spec {path}: give data.files (JSONL/JSON/Parquet/CSV or a saved datasets folder) "
@@ -497,7 +497,7 @@ def _from_files(spec: dict, path: str, metric: menu.Metric) -> Capability:
   fp = hashlib.sha256(json.dumps({"spec": {k: v for k, v in spec.items() if k != "description"}, "files": hashes},
                                  sort_keys=True, default=str).encode()).hexdigest()
   return Capability(
-      spec["name"], spec, path, metric, _reward(spec, metric, path), fp, hashes, report,
+      spec["name"], spec, path, metric, reward, fp, hashes, report,
       _text=lambda s: list(texts[s]) if texts is not None else [sources_lib.chat_as_text(ex["messages"])
                                                                 for ex in by_split[s]],
       _chat=lambda s: [ex["messages"] for ex in by_split[s]],
@@ -511,8 +511,9 @@ _LOADED: dict[str, Capability] = {}  # by name: the specs read in this process (
 def load(path: str) -> Capability:
   """Reads one spec file (and its data) into a Capability; the same name twice must be the same capability."""
   spec = load_spec(path)
-  metric = menu.build(spec["metric"])
-  cap = _builtin(spec, path, metric) if spec["data"]["source"] else _from_files(spec, path, metric)
+  metric = menu.build(spec["metric"])  # an unknown metric or verifier: one line before any data is read
+  reward = _reward(spec, metric, path)
+  cap = (_builtin if spec["data"]["source"] else _from_files)(spec, path, metric, reward)
   known = _LOADED.get(cap.name)
   if known is not None and known.fingerprint != cap.fingerprint:
     raise BarError(f"two different capabilities are named {cap.name!r} ({known.path} and {path}): rename one "

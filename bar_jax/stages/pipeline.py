@@ -134,8 +134,9 @@ def plan(config, workdir: str) -> list[Step]:
   base_dir = os.path.join(workdir, "base")
   steps = [Step("base", "base", 0, 0, lambda: _write_base(config.base, base_dir), lambda: common.done(base_dir))]
   branch_dirs = []
-  for d in config.domains:
-    bdir = os.path.join(workdir, f"branch_{d}")
+  from bar_jax.data import capability
+  for d in config.domains:  # capability names or spec files: each branch's folder is named by the capability
+    bdir = os.path.join(workdir, f"branch_{capability.get(d).name}")
     branch_dirs.append(bdir)
     bc = branch_config(config, d, base_dir)
     n, tps = _phase_budget(bc)
@@ -242,7 +243,7 @@ def eval_models(config, workdir: str, branch_dirs: list[str], merged: str, final
   base_dir = os.path.join(workdir, "base")
   rows = [("base", base_dir)]
   if config.get("eval_branches", True):  # the specialist rows (:quick leaves them out to stay under 5 minutes)
-    rows += [(f"branch_{d}", b) for d, b in zip(config.domains, branch_dirs)]
+    rows += [(os.path.basename(b), b) for b in branch_dirs]
   if final != merged and config.get("eval_merged_before_router", False):
     rows.append(("bar_merged_unrouted", merged))
   rows.append(("bar", final))
