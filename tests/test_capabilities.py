@@ -311,7 +311,7 @@ def test_user_capability_branch_add_evaluate_rl(kind, tmp_path, tiny_moe, verifi
   # Branch: SFT only, a few steps of the tiny model.
   bc = branch_config.get_config("math,tiny")
   bc.capability, bc.phase_order = spec, ["sft"]
-  bc.phases.sft.steps, bc.phases.sft.data.seq_len = 2, 64
+  bc.phases.sft.steps, bc.phases.sft.data.seq_len = 1, 64
   branch_dir = train.run(bc, str(tmp_path / "branch"))
   bm = artifact.read_manifest(branch_dir)
   cap = capability.get(spec)
@@ -326,14 +326,14 @@ def test_user_capability_branch_add_evaluate_rl(kind, tmp_path, tiny_moe, verifi
   assert mm["experts"] == ["anchor", "math", name]
   assert mm["capabilities"][name]["fingerprint"] == cap.fingerprint
   assert mm["stages"][1]["data"]["fractions"][name] == uc.local.fraction
-  # Evaluate the MoE on the user's capability next to a built-in.
+  # Evaluate the MoE on the user's capability (by its spec path).
   ec = evaluate_config.get_config()
-  ec.model, ec.domains, ec.n_per_domain, ec.max_new_tokens, ec.batch_size = moe_dir, f"{spec},math", 2, 4, 2
+  ec.model, ec.domains, ec.n_per_domain, ec.max_new_tokens, ec.batch_size = moe_dir, spec, 2, 4, 2
   out = train.run(ec, str(tmp_path / "eval"))
   (row,) = json.load(open(os.path.join(out, "eval.json")))["models"]
   res = row["domains"][name]
   assert res["metric"] == "exact_match" and res["n"] == 2 and 0 <= res["score"] <= 100
-  assert open(os.path.join(out, "eval.md")).read().splitlines()[0] == f"| model | {name} | math | overall |"
+  assert open(os.path.join(out, "eval.md")).read().splitlines()[0] == f"| model | {name} | overall |"
   # One GRPO step on the branch, rewarded by the user's verifier.
   calls = sys.modules[verifier_module].CALLS
   calls.clear()
