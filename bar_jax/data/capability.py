@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib
 import importlib.metadata
 import importlib.util
 import itertools
@@ -44,6 +45,13 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 SPEC_DIR = os.path.join(_REPO, "configs", "capabilities")
 TEMPLATE = os.path.join(SPEC_DIR, "template.py")
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}  # e.g. data.jsonl.gz: `datasets` reads them as they are
+
+
+def _format_ext(path: str) -> str:
+  """The data format's extension, under a compression suffix: 'a.jsonl.gz' -> '.jsonl'."""
+  stem, ext = os.path.splitext(path)
+  return (os.path.splitext(stem)[1] if ext.lower() in COMPRESSED else ext).lower()
 
 Messages = list[dict[str, str]]
 
@@ -137,6 +145,12 @@ def _check_text_file(path: str) -> str:
     raise BarError(f"data file {path} does not exist: fix the path in the capability spec")
   with open(path, "rb") as f:
     raw = f.read()
+  codec = COMPRESSED.get(os.path.splitext(path)[1].lower())
+  if codec:
+    try:
+      raw = importlib.import_module(codec).decompress(raw)
+    except Exception as e:  # noqa: BLE001 - a damaged archive: one line
+      raise BarError(f"data file {path} cannot be decompressed ({codec}: {e}): fix or re-create it") from None
   if not raw.strip():
     raise BarError(f"data file {path} is empty: give it content or remove it from the spec")
   try:
@@ -148,7 +162,7 @@ def _check_text_file(path: str) -> str:
 
 def _json_problem(path: str, text: str) -> str | None:
   """Where a JSON / JSON-lines file breaks, for the error line (the reading itself is `datasets`')."""
-  if path.endswith(".jsonl"):
+  if _format_ext(path) == ".jsonl":
     for n, line in enumerate(text.split("\n"), 1):
       if line.strip():
         try:
@@ -194,7 +208,7 @@ def read_rows(path: str, split: str = "train") -> tuple[list[dict], Callable[[in
     if not rows:
       raise BarError(f"{path} holds no rows: give it data or remove it from the spec")
     return rows, lambda i: f"{path} row {i + 1}"
-  ext = os.path.splitext(path)[1].lower()
+  ext = _format_ext(path)
   builder = FILE_FORMATS.get(ext)
   if builder is None or builder == "text":
     raise BarError(f"data file {path}: unknown format {ext!r}; use .jsonl, .json, .parquet, .csv or a saved "
@@ -484,7 +498,7 @@ def _from_files(spec: dict, path: str, metric: menu.Metric, reward) -> Capabilit
   if text_files:
     texts = {"train": [], "eval": []}
     for f in text_files:
-      if f.endswith(".txt"):
+      if _format_ext(f) == ".txt":
         body = _check_text_file(f)
         docs, where = [body], None
       else:
@@ -493,9 +507,13 @@ def _from_files(spec: dict, path: str, metric: menu.Metric, reward) -> Capabilit
       for d in docs:
         texts["eval" if is_eval(normalise(d), pct if 0 < pct < 100 else 5) else "train"].append(d)
 
-  hashes = {os.path.relpath(f, base): _file_hash(f) for f in files + eval_files + text_files}
-  fp = hashlib.sha256(json.dumps({"spec": {k: v for k, v in spec.items() if k != "description"}, "files": hashes},
-                                 sort_keys=True, default=str).encode()).hexdigest()
+  # The fingerprint is of content, not of where it lies: file names and their bytes' hashes, the mapping, the metric.
+  hashes = {f: _file_hash(f) for f in files + eval_files + text_files}
+  named = {k: v for k, v in spec.items() if k != "description"}
+  for part in ("data", "eval", "text"):
+    named[part] = dict(spec[part], files=[os.path.basename(os.path.normpath(f)) for f in spec[part]["files"]])
+  fp = hashlib.sha256(json.dumps({"spec": named, "files": sorted(hashes.values())}, sort_keys=True,
+                                 default=str).encode()).hexdigest()
   return Capability(
       spec["name"], spec, path, metric, reward, fp, hashes, report,
       _text=lambda s: list(texts[s]) if texts is not None else [sources_lib.chat_as_text(ex["messages"])
