@@ -76,7 +76,7 @@ def default_config(**kw) -> ml_collections.ConfigDict:
 class Task:
   name: str
   prompts: list[list[int]]
-  references: list[Any]
+  references: list[Any]          # what the verifier gets beside each response (a capability task: the item)
   verifier: verifiers.Verifier
 
 
@@ -146,7 +146,8 @@ def rollout(params, cfg: ModelConfig, tokenizer, task: Task, config, step: int) 
            "gen_s": gen_s, "gen_tokens_per_s": sum(rlens) / max(gen_s, 1e-9),
            **{f"verifier_{k}": float(v) for k, v in failures.items()}}
   batch = {"tokens": tokens, "resp_mask": grpo.response_mask(plens, rlens, T), "advantages": adv}
-  return batch, {"stats": stats, "sample": texts[0], "reference": str(refs[0].get("reference"))}
+  ref = refs[0]["reference"] if isinstance(refs[0], dict) and "reference" in refs[0] else refs[0]  # an item or as is
+  return batch, {"stats": stats, "sample": texts[0], "reference": str(ref)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
