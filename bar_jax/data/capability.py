@@ -545,7 +545,11 @@ def get(ref: str) -> Capability:
   ref = str(ref).strip()
   if ref in _LOADED:
     return _LOADED[ref]
-  return load(spec_path(ref))
+  path = spec_path(ref)
+  for cap in _LOADED.values():  # a spec read before in this process (its data is not read twice)
+    if cap.path == path:
+      return cap
+  return load(path)
 
 
 def resolve(refs: Sequence[str] | str) -> list[Capability]:
