@@ -304,7 +304,7 @@ def tiny_moe(tmp_path_factory):
 def test_user_capability_branch_add_evaluate_rl(kind, tmp_path, tiny_moe, verifier_module):
   from configs import branch as branch_config, evaluate as evaluate_config, upgrade as upgrade_config
   from bar_jax.stages import common, rl
-  name = f"sums_{kind}"
+  name = f"user_{kind}"  # one name per capability in a process: the registry refuses two different "sums_..."
   spec = _write_spec(tmp_path, name, data=dict(_formats(tmp_path)[kind], reference="" if "chat" in kind else "value"),
                      eval=dict(heldout_pct=20), metric=dict(name="exact_match", extractor="last_number"),
                      reward=f"{verifier_module}:reward", general=dict(weight=0.0))
