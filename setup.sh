@@ -5,6 +5,8 @@ cd "$(dirname "$0")"
 PIP="${PIP:-python -m pip}"
 $PIP install -q -r requirements.txt
 $PIP install -q --no-deps -r requirements-nodeps.txt
+# bar_jax itself (editable): `import bar_jax`, `from configs import ...` and the experiments work from any directory.
+$PIP install -q -e .
 # The general domain's prose: the Python documentation's reST sources (Debian/Ubuntu package python3.11-doc, PSF).
 if ! ls -d /usr/share/doc/python3*/html/_sources >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -13,14 +13,29 @@ def schedule(lr: float, steps: int, warmup_steps: int = 0, end_lr_frac: float = 
                                             max(steps, warmup_steps + 1), end_value=lr * end_lr_frac)
 
 
+ROUTER = "layers/moe/router/kernel"
+
+
 def adamw(opt, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """opt: a ConfigDict with lr, warmup_steps, end_lr_frac, weight_decay, b1, b2, clip_norm, schedule."""
-  sched = schedule(opt.lr, steps, opt.warmup_steps, opt.end_lr_frac, opt.get("schedule", "cosine"))
+  """opt: a ConfigDict with lr, warmup_steps, end_lr_frac, weight_decay, b1, b2, clip_norm, schedule, eps,
+  router_lr_mult (the router's learning rate = lr x this; 1 = the same as every other leaf)."""
+  sched = schedule(opt.lr, steps, opt.warmup_steps, opt.end_lr_frac, opt.schedule)
   # No decay on norm scales (1-D gains); kernels, embeddings, routers and adapters decay.
   decay_mask = lambda tree: {p: not p.endswith("scale") for p in tree}
+  router_mult = float(opt.router_lr_mult)
   tx = optax.chain(
       optax.clip_by_global_norm(opt.clip_norm) if opt.clip_norm else optax.identity(),
-      optax.adamw(sched, b1=opt.b1, b2=opt.b2, eps=opt.get("eps", 1e-8), weight_decay=opt.weight_decay,
+      optax.adamw(sched, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                   mask=decay_mask),
+      # Adam's step is invariant to a gradient's scale, so a per-leaf learning rate scales the update, not the grad.
+      _scale_leaf(ROUTER, router_mult) if router_mult != 1.0 else optax.identity(),
   )
   return tx, sched
+
+
+def _scale_leaf(path: str, factor: float) -> optax.GradientTransformation:
+  """Multiplies the update of the flat trainable dict's `path` leaf by factor (a no-op when it is not trained)."""
+  def update(updates, state, params=None):
+    del params
+    return {p: u * factor if p == path else u for p, u in updates.items()}, state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

@@ -88,13 +88,6 @@ def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:
                       axes_tree, shapes_tree, is_leaf=is_axes)
 
 
-def param_shardings(cfg, mesh: Mesh, params: Any | None = None) -> Any:
-  """Shardings for a model's parameter dict (shapes from cfg, or from `params` when given)."""
-  from bar_jax.model import transformer
-  shapes = params if params is not None else transformer.param_shapes(cfg)
-  return tree_shardings(transformer.logical_axes(cfg), shapes, mesh)
-
-
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Leading (batch) dimension split over every data-like mesh axis."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

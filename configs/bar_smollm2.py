@@ -18,11 +18,12 @@ Knobs: --config.domains (which branches), --config.branch.arg=lora (adapter expe
 """
 import ml_collections
 
+from configs.common import parse_arg
+
 
 def get_config(arg=None):
-  variant = arg or "default"
-  if variant not in ("default", "quick", "tiny"):
-    raise ValueError(f"unknown variant {variant!r}: use configs/bar_smollm2.py, :quick or :tiny")
+  variant = parse_arg(arg, positional=["variant"], choices={"variant": ("default", "quick", "tiny")},
+                      variant="default").variant
   c = ml_collections.ConfigDict()
   c.stage = "pipeline"
   c.title = f"SmolLM2-135M-Instruct, {variant}"
@@ -34,7 +35,8 @@ def get_config(arg=None):
   # Branches: configs/branch.py get_config("<domain>,<arg>") + these overrides (phases by name).
   c.branch = ml_collections.ConfigDict()
   c.branch.arg = ""                  # "lora" for adapter experts
-  # SFT only (no mid-training phase), activation remat and 2 micro-batches: fewer compilations and half the activation memory
+  # SFT only (no mid-training phase), activation remat and 2 micro-batches: fewer compilations and half the
+  # activation memory
   # on a shared 2-core CPU (8 x 256 in one micro-batch was OOM-killed at 6.3 GB beside other jobs).
   c.branch.overrides = ml_collections.ConfigDict({"general_ratio": 0.25, "phase_order": ["sft"],
                                                   "compute": {"remat": "full"}})
@@ -44,7 +46,7 @@ def get_config(arg=None):
       "sft": dict(steps=20, batch_size=8, accum=2, data=dict(seq_len=256), opt=dict(lr=5e-4, warmup_steps=2),
                   checkpoint_every=5, log_every=1),
   })
-  # Merge: configs/merge.py overrides (rule average = the paper's; top_k 0 = all experts, unnormalised).
+  # Merge: configs/merge.py overrides (rule average = base + N branches, as the recipe; top_k 0 = all experts).
   c.merge = ml_collections.ConfigDict({"rule": "average"})
   # Router: configs/router.py overrides; "auto" runs it when the router stage is installed.
   c.router = ml_collections.ConfigDict({"enabled": "auto", "arg": "", "overrides": ml_collections.ConfigDict({
@@ -54,7 +56,8 @@ def get_config(arg=None):
                      log_every=1, opt=dict(lr=1e-3)),
       "routing": dict(seq_len=128, max_rows=2, batch_size=2)})})
   c.eval_branches = variant != "quick"  # the branch_<domain> rows
-  c.eval_merged_before_router = variant == "default"  # adds the row bar_merged_unrouted: the table before/after router training
+  # adds the row bar_merged_unrouted: the table before/after router training
+  c.eval_merged_before_router = variant == "default"
   # Evaluation: configs/evaluate.py overrides.
   c.eval = ml_collections.ConfigDict(dict(domains="all", n_per_domain=16, max_new_tokens=40, batch_size=16,
                                           nll_seq_len=256))

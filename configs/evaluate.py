@@ -11,11 +11,14 @@ a few minutes for SmolLM2-135M on a 2-core CPU; its numbers carry a +-10 point s
 """
 import ml_collections
 
+from configs.common import parse_arg
+
 
 def get_config(arg=None):
+  a = parse_arg(arg, positional=["model"], model="smollm2")
   c = ml_collections.ConfigDict()
   c.stage = "evaluate"
-  c.model = "smollm2"           # comma-separated artifact dirs, or "smollm2" (the packaged base GGUF)
+  c.model = a.model             # comma-separated artifact dirs, or "smollm2" (the packaged base GGUF)
   c.domains = "all"             # or e.g. "math,tool_use"
   c.n_per_domain = 16           # held-out items per domain (the first n: stratified across sub-sources)
   c.max_new_tokens = 48         # generation budget (math, tool_use, safety)

@@ -10,11 +10,14 @@ refused with one line (Mixtral renormalises the top-k weights): export with norm
 """
 import ml_collections
 
+from configs.common import parse_arg
+
 
 def get_config(arg=None):
+  a = parse_arg(arg, positional=["model"], model="")
   c = ml_collections.ConfigDict()
   c.stage = "export_hf"
-  c.model = arg or ""           # the artifact dir to export
+  c.model = a.model            # the artifact dir to export
   c.max_shard_gb = 5.0          # safetensors shard size (transformers' default)
   c.verify = True               # check the artifact's fingerprints before exporting
   return c

@@ -11,10 +11,13 @@ that instead.
 """
 import ml_collections
 
+from configs.common import parse_arg
+
 
 def get_config(arg=None):
+  a = parse_arg(arg, positional=["source"], source="")
   c = ml_collections.ConfigDict()
   c.stage = "import_base"
-  c.source = arg or ""   # "" = the packaged SmolLM2 GGUF; or a .gguf path; or a Hugging Face directory
+  c.source = a.source   # "" = the packaged SmolLM2 GGUF; or a .gguf path; or a Hugging Face directory
   c.name = ""            # artifact name in lineages; default: the workdir's basename
   return c

@@ -3,9 +3,11 @@
   python -m bar_jax.train --config=configs/router.py --config.model=runs/moe --workdir=runs/moe_routed
   python -m bar_jax.train --config=configs/router.py:tiny --config.model=/tmp/moe --workdir=/tmp/routed  # tests
 
-The paper's settings (bar_paper.md §3): 5% of each domain's SFT data (+ general), 2 epochs, lr 1e-4 with 3% warmup
-decaying to 0, z-loss 0.001, no load-balance loss, every expert active (top_k = all). Steps = ceil(epochs * sampled
-rows / batch_size); `router.max_steps` caps them for quick runs.
+The paper's settings: 5% of each domain's SFT data (+ general), 2 epochs, lr 1e-4 with 3% warmup decaying to 0,
+z-loss 0.001, no load-balance loss, every expert active (top_k = all). These are the defaults; the lr for SmolLM2 is
+to be picked by experiments/sweeps/router_lr.py (1e-4 .. 1e-2). configs/bar_smollm2.py caps the default run's
+router at 8 steps (far short of the 2 epochs) to keep that run near an hour on a 2-core CPU.
+Steps = ceil(epochs * sampled rows / batch_size); `router.max_steps` caps them for quick runs.
 Expected: WORKDIR is an `moe` artifact whose leaf_fingerprints equal the input's for every leaf but
 layers/moe/router/kernel; its manifest has parents [input moe], stages [router record: steps, tokens, FLOPs,
 seconds, data (domains, fractions, examples per domain) and data_fingerprint], expert_fingerprints per expert slice,
@@ -14,17 +16,18 @@ a routing summary; WORKDIR/routing.json and routing.png show per domain and laye
 """
 import ml_collections
 
-from bar_jax.stages.common import mesh_config
+from configs.common import mesh_config, opt_defaults, parse_arg
 
 
 def get_config(arg=None):
-  tiny = arg == "tiny"
+  tiny = parse_arg(arg, tiny=False).tiny
   c = ml_collections.ConfigDict()
   c.stage = "router"
   c.model = ""                  # the moe artifact dir (merge, router or upgrade stage output)
   c.seed = 0
   c.mesh = mesh_config()
   c.distributed = False
+  c.keep_checkpoints = False    # True: keep the router phase's checkpoints after the artifact is written
   # Compute knobs and routing for the trained (and written) model; top_k=0 = every expert runs (the paper).
   c.compute = ml_collections.ConfigDict(dict(dtype="float32", remat="none", top_k=0, norm_topk=False,
                                                      dispatch="dense"))
@@ -36,9 +39,8 @@ def get_config(arg=None):
       epochs=2.0,
       max_steps=0,              # 0 = no cap
       batch_size=8, accum=1, seq_len=512, overlong="truncate",
-      opt=dict(lr=1e-4, warmup_steps=0, end_lr_frac=0.0, weight_decay=0.0, b1=0.9, b2=0.95, clip_norm=1.0,
-               schedule="cosine"),
-      warmup_frac=0.03,
+      opt=opt_defaults(lr=1e-4, warmup_steps=0, end_lr_frac=0.0),
+      warmup_frac=0.03,         # warmup steps = warmup_frac x the steps (opt.warmup_steps is set from it)
       z_loss=1e-3, lb_loss=0.0,
       checkpoint_every=50, log_every=10,
   ))

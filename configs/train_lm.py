@@ -9,7 +9,7 @@ the same command again: it resumes from the last checkpoint and ends bit-identic
 """
 import ml_collections
 
-from bar_jax.stages.common import compute_config, mesh_config, opt_defaults
+from configs.common import compute_config, mesh_config, opt_defaults, parse_arg
 
 
 def phase(kind: str, mix: dict, steps: int, batch_size: int, seq_len: int, lr: float, max_examples: int = 0):
@@ -20,17 +20,20 @@ def phase(kind: str, mix: dict, steps: int, batch_size: int, seq_len: int, lr: f
 
 
 def get_config(arg=None):
+  a = parse_arg(arg, tiny=False)
   c = ml_collections.ConfigDict()
   c.stage = "train_lm"
   c.base = "smollm2"
   c.seed = 0
   c.mesh = mesh_config()
+  c.keep_checkpoints = False  # True: keep phases/*/checkpoints after the artifact is written
   c.distributed = False
   c.compute = compute_config()
+  c.domain_label = "mixed"      # the manifest's `domain` (the baselines name theirs)
   c.phase_order = ["midtrain"]
   c.phases = ml_collections.ConfigDict({"midtrain": phase("lm", {"general": 1.0}, 100, 8, 256, 3e-5)})
   c.eval = ml_collections.ConfigDict(dict(domains=["general"], n_per_domain=32, max_new_tokens=32, batch_size=16))
-  if arg == "tiny":
+  if a.tiny:
     c.base = "tiny"
     c.phases.midtrain = phase("lm", {"general": 1.0}, 12, 8, 64, 1e-3, max_examples=200)
     c.phases.midtrain.checkpoint_every = 4

@@ -24,24 +24,22 @@ if "jax" not in sys.modules:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bar_jax import optim, pytree, sharding  # noqa: E402
-from bar_jax.model import transformer  # noqa: E402
-from bar_jax.model.config import ModelConfig  # noqa: E402
-from bar_jax.stages import loop  # noqa: E402
-from bar_jax.transforms import freeze  # noqa: E402
+from configs.common import opt_defaults
+from bar_jax import optim, pytree, sharding
+from bar_jax.model import transformer
+from bar_jax.model.config import Compute, ModelConfig
+from bar_jax.stages import loop
+from bar_jax.transforms import freeze
 
 GB = 1e9
 HBM = 80 * GB
 # Llama-2-7B (OLMo-2-7B differs in vocab 100k and QK-norm; same matmul shapes otherwise).
 LLAMA2_7B = ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
-                        d_ff=11008, tie_embeddings=False, rope_theta=10000.0, max_seq_len=4096,
-                        dtype="bfloat16", remat="full")
+                        d_ff=11008, tie_embeddings=False, rope_theta=10000.0, max_seq_len=4096)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +65,7 @@ CASES = {c.name: c for c in [
 
 
 def _opt():
-  return ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=10, end_lr_frac=0.1, weight_decay=0.0, b1=0.9, b2=0.95,
-                                        clip_norm=1.0))
+  return opt_defaults(lr=1e-5)
 
 
 def _abstract(shapes: dict, shardings: dict) -> dict:
@@ -80,12 +77,13 @@ def _bytes_per_device(tree) -> int:
 
 
 def run_case(case: Case) -> dict:
-  cfg = LLAMA2_7B.replace(ffn="moe", n_experts=case.n_experts, remat=case.remat)
+  cfg = LLAMA2_7B.replace(ffn="moe", n_experts=case.n_experts)
+  compute = Compute(dtype="bfloat16", remat=case.remat)
   mesh = sharding.make_mesh(case.mesh)
   shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), transformer.param_shapes(cfg),
                         is_leaf=lambda x: isinstance(x, tuple))
   part = freeze.make_partition(shapes, cfg, freeze.SCHEDULE[case.stage])
-  full = pytree.flatten(sharding.param_shardings(cfg, mesh, shapes))
+  full = pytree.flatten(transformer.param_shardings(cfg, mesh, shapes))
   t_shapes, f_shapes = jax.eval_shape(lambda p: freeze.split(p, part), shapes)
   trainable = _abstract(t_shapes, {k: loop.slice_sharding(full[k], v) for k, v in t_shapes.items()})
   frozen = _abstract(f_shapes, {k: loop.slice_sharding(full[k], v) for k, v in f_shapes.items()})
@@ -96,7 +94,7 @@ def run_case(case: Case) -> dict:
   tok = jax.ShapeDtypeStruct((1, case.batch, case.seq), jnp.int32, sharding=bspec)
   batch = {"inputs": tok, "targets": tok, "positions": tok, "segment_ids": tok,
            "mask": jax.ShapeDtypeStruct(tok.shape, jnp.float32, sharding=bspec)}
-  step = loop.make_step(loop.lm_loss(cfg, mesh), tx, part, accum=1)
+  step = loop.make_step(loop.lm_loss(cfg, mesh, compute=compute), tx, part, accum=1)
   keep = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   t0 = time.time()
   compiled = jax.jit(step, donate_argnums=(0, 1), out_shardings=(keep(trainable), keep(opt_state), None)).lower(
@@ -145,7 +143,8 @@ def table(rows: list[dict]) -> str:
   lines = [head, "|" + "---|" * 11]
   for r in rows:
     c = r["case"]
-    lines.append(f"| {c.name} | {c.stage} (E={c.n_experts}) | {c.mesh} | {r['params_b']:.2f} / {r['trainable_b']:.4g} | "
+    lines.append(f"| {c.name} | {c.stage} (E={c.n_experts}) | {c.mesh} | "
+                 f"{r['params_b']:.2f} / {r['trainable_b']:.4g} | "
                  f"{r['param_bytes'] / GB:.2f} | {r['opt_bytes'] / GB:.2f} | {r['args'] / GB:.2f} | "
                  f"{r['temp'] / GB:.2f} | {r['peak'] / GB:.2f} | {'yes' if r['fits'] else 'NO'} | "
                  f"{r['compile_s']:.0f} |")
@@ -169,7 +168,8 @@ def main():
           f"bf16 compute, fp32 master weights, AdamW (mu, nu fp32), remat={c.remat}, "
           f"global batch {c.batch} x {c.seq} tokens (one sequence per device).\n\n" + table(rows) + "\n\n"
           "peak/dev = XLA arguments + outputs - donated aliases + temporaries, from `compiled.memory_analysis()` "
-          "of the SPMD-partitioned step (per device). params/dev and optimiser/dev are from the shard shapes.\n" + NOTES)
+          "of the SPMD-partitioned step (per device). params/dev and optimiser/dev are from the shard shapes.\n"
+          + NOTES)
   print(text)
   if args.out:
     with open(args.out, "w") as f:

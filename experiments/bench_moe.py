@@ -50,7 +50,7 @@ def dispatch_worker(n_devices: int) -> dict:
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from bar_jax.model import moe
-  from bar_jax.model.config import ModelConfig
+  from bar_jax.model.config import Compute, ModelConfig
   from bar_jax.sharding import make_mesh, BATCH_AXES
 
   assert jax.device_count() == n_devices
@@ -69,9 +69,9 @@ def dispatch_worker(n_devices: int) -> dict:
       return tree
     return jax.device_put(tree, NamedSharding(mesh, P(BATCH_AXES) if batch else P()))
 
-  def moe_step(cfg, mesh):
+  def moe_step(cfg, compute, mesh):
     def loss(p, x):
-      y, aux = moe.moe_ffn(p, x[None], cfg, mesh=mesh)
+      y, aux = moe.moe_ffn(p, x[None], cfg, mesh=mesh, compute=compute)
       return jnp.sum(y[0] * probe_s) + 1e-3 * aux["z_loss"]
     probe_s = place(probe, mesh, True)
     f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
@@ -98,7 +98,7 @@ def dispatch_worker(n_devices: int) -> dict:
       mesh = ep_mesh if kind == "expert_parallel" else data_mesh
       if kind == "expert_parallel" and mesh is None:
         continue  # no expert axis on one device: it is the dropless path
-      row[kind] = _time(moe_step(cfg.replace(dispatch=kind), mesh))
+      row[kind] = _time(moe_step(cfg, Compute(dispatch=kind), mesh))
     out["rows"].append(row)
     print(json.dumps(row), file=sys.stderr, flush=True)
   return out
@@ -127,7 +127,6 @@ class RandomBranch(dict):
 def merge_worker(n_branches: int = 4) -> dict:
   import tracemalloc
 
-  import numpy as np
 
   from bar_jax.model import transformer
   from bar_jax.model.config import ModelConfig
@@ -144,7 +143,7 @@ def merge_worker(n_branches: int = 4) -> dict:
   tracemalloc.start()
   base_mem = tracemalloc.get_traced_memory()[0]
   t = time.perf_counter()
-  merged, mcfg = merge_lib.merge(None, branches, [cfg] * n_branches, rule="average")
+  merged, mcfg = merge_lib.merge(None, branches, [cfg] * n_branches, rule="average_branches")
   seconds = time.perf_counter() - t
   peak = tracemalloc.get_traced_memory()[1] - base_mem
   tracemalloc.stop()

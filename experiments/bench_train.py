@@ -54,14 +54,13 @@ if ARGS is not None and "jax" not in sys.modules and os.environ.get("JAX_PLATFOR
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
+from configs.common import opt_defaults  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bar_jax import optim, pytree, sharding  # noqa: E402
 from bar_jax.model import generate, transformer  # noqa: E402
-from bar_jax.model.config import ModelConfig  # noqa: E402
+from bar_jax.model.config import Compute, ModelConfig  # noqa: E402
 from bar_jax.stages import loop  # noqa: E402
 from bar_jax.transforms import freeze  # noqa: E402
 
@@ -112,12 +111,12 @@ def measure_peak(dtype: str) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Train steps.
 
-def chunked_lm_loss(cfg: ModelConfig, mesh, chunk: int):
+def chunked_lm_loss(cfg: ModelConfig, mesh, chunk: int, compute: Compute = Compute()):
   """lm_loss with the LM head + cross-entropy run over `chunk`-token slices of the sequence under jax.checkpoint:
   the [B, T, V] logits never exist at once (the backward recomputes one slice at a time)."""
 
   def loss_fn(params, batch):
-    h, _ = transformer.forward(params, batch["inputs"], cfg, positions=batch["positions"],
+    h, _ = transformer.forward(params, batch["inputs"], cfg, compute=compute, positions=batch["positions"],
                                segment_ids=batch["segment_ids"], mesh=mesh, return_hidden=True)
     B, T, D = h.shape
     n = T // chunk
@@ -156,22 +155,23 @@ def matmul_now(mesh) -> float:
 
 
 def bench_step(cfg: ModelConfig, batch: int, seq: int, *, mesh, stage: str = "dense", loss: str = "full",
-               steps: int = 3, peak: float = 1.0, trainable_active: int | None = None) -> dict:
+               steps: int = 3, peak: float = 1.0, trainable_active: int | None = None,
+               compute: Compute = Compute()) -> dict:
   gc.collect()
   peak_before = matmul_now(mesh)
   params = transformer.init_params(cfg, jax.random.key(0))
   part = freeze.make_partition(params, cfg, freeze.SCHEDULE[stage])
-  pshard = sharding.param_shardings(cfg, mesh, params)
+  pshard = transformer.param_shardings(cfg, mesh, params)
   params = jax.device_put(params, pshard)
   flat = pytree.flatten(pshard)
   trainable, frozen = freeze.split(params, part)
   trainable = {k: jax.device_put(v, loop.slice_sharding(flat[k], v)) for k, v in trainable.items()}
   frozen = {k: jax.device_put(v, loop.slice_sharding(flat[k], v)) for k, v in frozen.items()}
-  opt = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=0, end_lr_frac=0.1, weight_decay=0.01, b1=0.9,
-                                       b2=0.95, clip_norm=1.0))
+  opt = opt_defaults(warmup_steps=0, weight_decay=0.01)
   tx, _ = optim.adamw(opt, 1000)
   opt_state = jax.jit(tx.init, out_shardings=loop.opt_state_shardings(tx, trainable, mesh))(trainable)
-  loss_fn = loop.lm_loss(cfg, mesh) if loss == "full" else chunked_lm_loss(cfg, mesh, int(loss.split("=")[1]))
+  loss_fn = loop.lm_loss(cfg, mesh, compute=compute) if loss == "full" else \
+      chunked_lm_loss(cfg, mesh, int(loss.split("=")[1]), compute)
   keep = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   step = jax.jit(loop.make_step(loss_fn, tx, part, 1), donate_argnums=(0, 1),
                  out_shardings=(keep(trainable), keep(opt_state), None))
@@ -227,8 +227,12 @@ def _shape(s: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------------
 # Sections.
 
+def compute_from(args, **kw) -> Compute:
+  return Compute(dtype=args.dtype, attention=args.attention, remat=args.remat).replace(**kw).validate()
+
+
 def section_smollm2(args, peak):
-  cfg = SMOLLM2.replace(dtype=args.dtype, attention=args.attention, remat=args.remat)
+  cfg, compute = SMOLLM2, compute_from(args)
   say("## SmolLM2-135M train step (random weights, real shapes; AdamW on all 135M parameters)\n")
   say("| devices | batch x seq | LM-head loss | step s | first step s (compile) | tokens/s | model GFLOP/s | MFU | "
       "matmul GFLOP/s at the time | MFU vs that |")
@@ -244,7 +248,7 @@ def section_smollm2(args, peak):
   for n, b, t, loss in runs:
     if b % n:
       continue
-    r = bench_step(cfg, b, t, mesh=_mesh_for(n), loss=loss, steps=args.steps, peak=peak)
+    r = bench_step(cfg, b, t, mesh=_mesh_for(n), loss=loss, steps=args.steps, peak=peak, compute=compute)
     say(f"| {n} | {b} x {t} | {loss} | {r['step_s']:.3f} | {r['first_s']:.1f} | {r['tokens_s']:.0f} | "
         f"{r['flops'] / 1e9:.1f} | {100 * r['mfu']:.1f}% | {r['local_peak'] / 1e9:.1f} | {100 * r['mfu_local']:.1f}% |")
     if best is None or r["mfu"] > best[1]["mfu"]:
@@ -253,7 +257,7 @@ def section_smollm2(args, peak):
 
 
 def section_branch(args, peak):
-  cfg = OLMO_1B.replace(dtype=args.dtype, attention=args.attention, remat=args.remat, n_layers=args.big_layers)
+  cfg, compute = OLMO_1B.replace(n_layers=args.big_layers), compute_from(args)
   b, t = _shape(args.big_shape)
   mesh = _mesh_for(len(jax.devices()))
   if b % len(jax.devices()):  # the batch is split over every device (fsdp); say so instead of an IndivisibleError
@@ -267,7 +271,7 @@ def section_branch(args, peak):
     n_params = sum(math.prod(s) for s in jax.tree.leaves(transformer.param_shapes(c),
                                                         is_leaf=lambda x: isinstance(x, tuple)))
     r = bench_step(c, b, t, mesh=mesh, stage=stage, steps=max(1, args.steps - 1), peak=peak,
-                   trainable_active=trainable_active_params(c, stage))
+                   trainable_active=trainable_active_params(c, stage), compute=compute)
     say(f"| {name} | {stage} | {n_params / 1e9:.2f} | {r['step_s']:.2f} | {r['tokens_s']:.0f} | "
         f"{r['flops'] / 1e9:.1f} | {100 * r['mfu']:.1f}% | {100 * r['mfu_local']:.1f}% |")
   say("")
@@ -275,7 +279,7 @@ def section_branch(args, peak):
 
 def section_moe(args, peak):
   E = 5
-  base = SMOLLM2.replace(n_layers=8, dtype=args.dtype, attention=args.attention, remat=args.remat)
+  base = SMOLLM2.replace(n_layers=8)
   b, t = _shape(args.moe_shape)
   mesh = _mesh_for(len(jax.devices()))
   say(f"## MoE (E={E}) vs dense with equal active FLOPs, SmolLM2 widths, {base.n_layers} layers, batch {b} x {t}, "
@@ -283,17 +287,18 @@ def section_moe(args, peak):
   say("| top_k | MoE dispatch | MoE step s | dense (d_ff x k) step s | overhead | MoE MFU |")
   say("|---|---|---|---|---|---|")
   for k in (1, 2, E):
-    moe_cfg = base.replace(ffn="moe", n_experts=E, top_k=k, dispatch="dense" if k == E else "dropless")
+    moe_cfg = base.replace(ffn="moe", n_experts=E, top_k=k)
+    moe_compute = compute_from(args, dispatch="dense" if k == E else "dropless")
     dense_cfg = base.replace(d_ff=base.d_ff * k)
-    rm = bench_step(moe_cfg, b, t, mesh=mesh, stage="rl", steps=args.steps, peak=peak)
-    rd = bench_step(dense_cfg, b, t, mesh=mesh, steps=args.steps, peak=peak)
-    say(f"| {k} | {moe_cfg.dispatch} | {rm['step_s']:.3f} | {rd['step_s']:.3f} | "
+    rm = bench_step(moe_cfg, b, t, mesh=mesh, stage="rl", steps=args.steps, peak=peak, compute=moe_compute)
+    rd = bench_step(dense_cfg, b, t, mesh=mesh, steps=args.steps, peak=peak, compute=compute_from(args))
+    say(f"| {k} | {moe_compute.dispatch} | {rm['step_s']:.3f} | {rd['step_s']:.3f} | "
         f"{100 * (rm['step_s'] / rd['step_s'] - 1):+.1f}% | {100 * rm['mfu']:.1f}% |")
   say("\n(\"rl\" is the partition that trains every leaf, experts included; the anchor is not frozen here.)\n")
 
 
 def section_decode(args, bandwidth):
-  cfg = SMOLLM2.replace(dtype=args.dtype, attention=args.attention)
+  cfg, compute = SMOLLM2, Compute(dtype=args.dtype, attention=args.attention)
   params = transformer.init_params(cfg, jax.random.key(0))
   if args.dtype != "float32":  # serve compute-dtype weights: half the bytes per step
     params = jax.tree.map(lambda w: w.astype(args.dtype), params)
@@ -311,7 +316,7 @@ def section_decode(args, bandwidth):
     lens = jnp.full((B,), prompt, jnp.int32)
     run = lambda n: generate._generate(params, tokens, lens, jnp.asarray([-1], jnp.int32), jnp.int32(0),
                                        jnp.int32(n), jnp.float32(0), jnp.float32(1), jax.random.key(0), cfg=cfg,
-                                       greedy=True, new_bucket=new, cache_len=prompt + new)[0]
+                                       compute=compute, greedy=True, new_bucket=new, cache_len=prompt + new)[0]
     short, full = best_time(run, 8), best_time(run, new)
     per_step = (full - short) / (new - 8)
     cache_len = prompt + new
@@ -333,8 +338,7 @@ def section_fastpaths(args):
   say("| path | result |")
   say("|---|---|")
   mesh = _mesh_for(len(jax.devices()))
-  opt = ml_collections.ConfigDict(dict(lr=3e-3, warmup_steps=0, end_lr_frac=0.1, weight_decay=0.0, b1=0.9,
-                                       b2=0.95, clip_norm=1.0))
+  opt = opt_defaults(lr=3e-3, warmup_steps=0)
   rng = np.random.default_rng(0)
   fixed = rng.integers(0, 256, (16, 33), dtype=np.int32)  # one batch repeated: the loss must fall
 
@@ -346,12 +350,12 @@ def section_fastpaths(args):
 
   finals = {}
   for dt in ("float32", "bfloat16"):
-    cfg = tiny(dtype=dt, remat="dots")
+    cfg, compute = tiny(), Compute(dtype=dt, remat="dots")
     params = transformer.init_params(cfg, jax.random.key(0))
     with tempfile.TemporaryDirectory() as wd:
       r = loop.train(params=params, cfg=cfg, part=freeze.make_partition(params, cfg, freeze.SCHEDULE["dense"]),
-                     loss_fn=loop.lm_loss(cfg, mesh), batches=batches(), opt=opt, steps=8, workdir=wd, mesh=mesh,
-                     identity={"bench": dt}, checkpoint_every=8, log_every=8)
+                     loss_fn=loop.lm_loss(cfg, mesh, compute=compute), batches=batches(), opt=opt, steps=8,
+                     workdir=wd, mesh=mesh, identity={"bench": dt}, checkpoint_every=8, log_every=8)
     losses = [h["loss"] for h in r.history]
     dtypes = {str(x.dtype) for x in jax.tree.leaves(r.params)}
     finals[dt] = r.history[-1]["loss"]
@@ -365,8 +369,8 @@ def section_fastpaths(args):
   tok = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
   grads = {}
   for remat in ("none", "full", "dots"):
-    c = cfg.replace(remat=remat)
-    grads[remat] = jax.jit(jax.grad(lambda p: transformer.forward(p, tok, c)[0].mean()))(params)
+    c = Compute(remat=remat)
+    grads[remat] = jax.jit(jax.grad(lambda p: transformer.forward(p, tok, cfg, compute=c)[0].mean()))(params)
   diff = max(float(jnp.abs(a - b).max()) for r in ("full", "dots")
              for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[r])))
   say(f"| remat none / full / dots | all compile; max gradient difference vs none {diff:.1e} |")
@@ -383,9 +387,9 @@ def section_fastpaths(args):
       f"vs the blocked CPU path {float(jnp.abs(ys['ragged'] - ys['blocked']).max()):.1e} |")
 
   try:
-    c = cfg.replace(attention="cudnn", dtype="bfloat16")
-    out = jax.jit(lambda p: transformer.forward(p, tok, c)[0])(params)
-    ref = jax.jit(lambda p: transformer.forward(p, tok, c.replace(attention="xla"))[0])(params)
+    c = Compute(attention="cudnn", dtype="bfloat16")
+    out = jax.jit(lambda p: transformer.forward(p, tok, cfg, compute=c)[0])(params)
+    ref = jax.jit(lambda p: transformer.forward(p, tok, cfg, compute=c.replace(attention="xla"))[0])(params)
     say(f"| attention implementation=cudnn | runs; max difference vs xla {float(jnp.abs(out - ref).max()):.1e} |")
   except Exception as e:  # expected off NVIDIA GPUs
     say(f"| attention implementation=cudnn | not available on {jax.default_backend()}: {type(e).__name__}: "

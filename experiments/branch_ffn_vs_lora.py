@@ -20,7 +20,6 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):
@@ -62,7 +61,8 @@ def main(argv=None):
   head = ("| domain | expert | domain score: base | branch | general NLL: base | branch | change | trainable params "
           "| Adam state MiB | s/step | overall |\n|---|---|---|---|---|---|---|---|---|---|---|")
   lines = [head] + [
-      f"| {r['domain']} | {r['kind']} | {r['base']:.1f} | {r['after']:.1f} | {r['nll_base']:.3f} | {r['nll_after']:.3f} "
+      f"| {r['domain']} | {r['kind']} | {r['base']:.1f} | {r['after']:.1f} | {r['nll_base']:.3f} "
+      f"| {r['nll_after']:.3f} "
       f"| {100 * (r['nll_after'] / r['nll_base'] - 1):+.1f}% | {r['trainable']:,} | {r['adam_mib']:.0f} "
       f"| {r['step_s']:.1f} | {r['overall']:.1f} |" for r in rows]
   table = "\n".join(lines)
@@ -71,7 +71,7 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   with open(stem + ".md", "w") as f:
     f.write("# Branch experts: ffn vs lora (SmolLM2-135M-Instruct, real data, the pipeline's branch recipe)\n\n"
-            f"Made by: `{command}`\n\n{table}\n\n{pipeline._settings_note([base_eval])}\n")
+            f"Made by: `{command}`\n\n{table}\n\n{pipeline.settings_note([base_eval])}\n")
   with open(stem + ".json", "w") as f:
     json.dump({"command": command, "rows": rows}, f, indent=1)
   print(table)

@@ -4,22 +4,19 @@
 
 transformers dequantises the same file with its own name mapping and Q/K reverse-permutation
 (modeling_gguf_pytorch_utils.load_gguf_checkpoint) into a LlamaForCausalLM; bar_jax.io.gguf.load does it
-independently into the DESIGN.md dict. Reports the max |logit difference| on real English, the greedy continuations
+independently into the parameter dict. Reports the max |logit difference| on real English, the greedy continuations
 and the perplexity of real vs shuffled text. Needs torch + transformers (requirements-test.txt).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bar_jax.io import gguf
 from bar_jax.model import transformer
 

@@ -19,7 +19,6 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 DOMAINS = ["math", "code", "tool_use", "safety"]
 
@@ -85,7 +84,7 @@ def main(argv=None):
   stem = os.path.join(a.results, "ledger_smollm2" + (f"_{a.tag}" if a.tag else ""))
   os.makedirs(a.results, exist_ok=True)
   cmd = " ".join(["python experiments/ledger.py"] + (argv if argv is not None else sys.argv[1:]))
-  lines = [f"# Cumulative cost of adding domains one at a time: BAR vs monolithic retraining\n",
+  lines = ["# Cumulative cost of adding domains one at a time: BAR vs monolithic retraining\n",
            f"Made by: `{cmd}`\n", f"Monolithic cost per domain-unit: {source}. Router per addition: "
            f"{router[0]:.3g} tokens, {router[1]:.3g} FLOPs.\n",
            "| domains | BAR tokens | monolithic tokens | BAR FLOPs | monolithic FLOPs | mono/BAR (FLOPs) |",

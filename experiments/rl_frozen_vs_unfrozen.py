@@ -21,12 +21,13 @@ import time
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bar_jax.io import gguf  # noqa: E402
-from bar_jax.stages import rl  # noqa: E402
-from bar_jax.transforms import freeze  # noqa: E402
-from bar_jax.transforms.upcycle import upcycle  # noqa: E402
+from bar_jax.io import gguf
+from bar_jax import sharding
+from bar_jax.stages import rollouts as rl
+from bar_jax.transforms import freeze
+from bar_jax.transforms.upcycle import upcycle
+from configs.rl import rl_config
 
 ARMS = {"unfrozen": list(freeze.SCHEDULE["rl"]), "frozen": list(freeze.SCHEDULE["midtrain"])}
 
@@ -60,9 +61,9 @@ def main():
     params = jax.tree.map(np.asarray, params)
     del dense
     model_note = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised), upcycled to a fresh ffn math branch"
-  base = rl.default_config(steps=args.steps, prompts_per_step=args.prompts, group_size=args.group,
-                           max_prompt_len=64, max_response_len=args.response_len, accum=args.accum,
-                           checkpoint_every=max(args.steps // 2, 1), eval_n=args.eval_n)
+  base = rl_config(steps=args.steps, prompts_per_step=args.prompts, group_size=args.group,
+                   max_prompt_len=64, max_response_len=args.response_len, accum=args.accum,
+                   checkpoint_every=max(args.steps // 2, 1), eval_n=args.eval_n)
   base.opt.lr = args.lr
   if args.generators:
     base.groups = args.generators.split(",")
@@ -78,8 +79,9 @@ def main():
                         f"{jax.device_count()} {jax.default_backend()} device(s)",
              "config": base.to_dict(), "math_before": before, "arms": {}}
   for arm in args.arms.split(","):
-    c = rl.resolve_config(base, trainable=ARMS[arm])
-    out, record = rl.run_rl(params, cfg, tok, c, os.path.join(args.workdir, arm))
+    c = type(base)(dict(base.to_dict(), trainable=ARMS[arm]))
+    out, record = rl.run_rl(params, cfg, tok, c, os.path.join(args.workdir, arm), mesh=sharding.make_mesh(),
+                            identity={"experiment": "rl_frozen_vs_unfrozen", "arm": arm, "config": c.to_dict()})
     after = rl.evaluate_task(out, cfg, tok, eval_task, **ev)
     print(f"{arm}: curve {record['reward_curve']} after {after}", flush=True)
     results["arms"][arm] = {"trainable": ARMS[arm], "trainable_params": record["trainable_params"],
@@ -96,7 +98,7 @@ def _write(out: str, results: dict) -> None:
     json.dump(results, f, indent=1)
   arms = results["arms"]
   steps = max(len(a["reward_curve"]) for a in arms.values())
-  lines = [f"# GRPO on a math branch: shared parameters unfrozen vs frozen", "",
+  lines = ["# GRPO on a math branch: shared parameters unfrozen vs frozen", "",
            f"`{results['command']}`  ", f"{results['model']}; {results['machine']}", "",
            "| step | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
   for s in range(steps):

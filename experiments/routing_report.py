@@ -5,15 +5,13 @@
 The router stage writes the same report for the model it trains (WORKDIR/routed/routing.json/.png); this script
 makes it for any other MoE, e.g. the merged model before router training, for a before/after comparison. It uses
 configs/router.py's `routing` settings (held-out conversations per domain, packed edge to edge). Writes
-OUT/routing.json and OUT/routing.png and prints the layer-mean table (top-1 share, %).
+OUT/routing.json and OUT/routing.png and prints the layer-mean table (top-1 share, %); then the mean router weight
+of each expert on each domain's tokens in OUT/weights/routing.json and .png, and its table (%).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):
@@ -41,6 +39,12 @@ def main(argv=None):
     report["title"] = args.title
   routing_lib.write(report, args.out)
   print(routing_lib.format_table(report))
+  # The mean router weight each expert gets on each domain's tokens (what the model applies; OUT/weights/).
+  weights = routing_lib.weight_table(model.params, model.cfg, rows, batch_size=args.batch_size, names=names)
+  if args.title:
+    weights["title"] = args.title
+  routing_lib.write(weights, os.path.join(args.out, "weights"), stat="mean_weight")
+  print(routing_lib.format_table(weights, "mean_weight"))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Runs (each step skipped when its artifact is already complete, so it resumes lik
   experiments/baselines/monolithic.py         one dense model on all domains mixed, same total tokens;
   experiments/baselines/sequential.py         math -> code -> tool_use -> safety, a row after each domain;
   experiments/baselines/dense_merge.py        uniform average of the dense fine-tunes;
-  experiments/baselines/btx.py                dense fine-tunes' FFNs as experts, shared weights averaged, router trained.
+  experiments/baselines/btx.py                dense fine-tunes' FFNs as experts, shared weights averaged, router
+                                              trained.
 Writes experiments/results/bar_smollm2[_<variant>].md (table + the command) and .png (grouped bars).
 """
 from __future__ import annotations
@@ -26,9 +27,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, os.path.join(HERE, "baselines")]
 
-from bar_jax.stages import common, evaluate, pipeline  # noqa: E402
+from bar_jax.stages import common, pipeline  # noqa: E402
 from bar_jax.transforms import merge as merge_lib, upcycle  # noqa: E402
 
 DOMAINS = ["math", "code", "tool_use", "safety"]
@@ -61,7 +61,7 @@ def btx_moe(base_params: dict, dense_params: Sequence[dict], cfg) -> tuple[dict,
     b, bcfg = upcycle.upcycle(with_base_ffn, cfg, expert_init=p)
     branches.append(b)
     cfgs.append(bcfg)
-  return merge_lib.merge(None, branches, cfgs, rule="average")
+  return merge_lib.merge(None, branches, cfgs, rule="average_branches")  # BTX averages the experts only
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def run(variant: str, workdir: str, pipeline_workdir: str, results_dir: str, com
   rows = []
   for step in pipeline.plan(pcfg, pipeline_workdir):
     if step.kind == "eval":
-      with open(os.path.join(pipeline_workdir, step.name, evaluate.EVAL_JSON)) as f:
+      with open(os.path.join(pipeline_workdir, step.name, common.EVAL_JSON)) as f:
         rows.append(dict(json.load(f)["models"][0], name=step.name.split("/", 1)[1]))
 
   models = []
@@ -133,7 +133,7 @@ def run(variant: str, workdir: str, pipeline_workdir: str, results_dir: str, com
     params, cfg = btx_moe(base.params, [m.params for m in fine], base.cfg)
     write_built(btx_dir, params, cfg, "moe", [{"dir": dense[d], "role": "expert"} for d in DOMAINS] +
                 [{"dir": base_dir, "role": "base"}], "btx_merge", experts=["anchor"] + DOMAINS,
-                base_fingerprint=base.manifest["fingerprint"], merge_rule="average")
+                base_fingerprint=base.manifest["fingerprint"], merge_rule="average_branches")
   btx_final = btx_dir
   if baseline_config("btx", variant).train_router and pipeline.router_enabled(pcfg):
     btx_final = os.path.join(workdir, "btx")
@@ -162,7 +162,7 @@ def write_results(rows: list[dict], variant: str, results_dir: str, command: str
                     "produced (plumbing), not quality.\n\n",
             "quick": "A few training steps and eval items: a plumbing demo, not a measurement.\n\n"}.get(variant, "")
   md = (f"# BAR vs baselines, SmolLM2-135M-Instruct ({variant})\n\nMade by: `{command}`\n\n{caveat}"
-        + evaluate.format_table(rows) +
+        + common.format_table(rows) +
         f"\nEval: {s.get('n_per_domain')} held-out items per domain, {s.get('max_new_tokens')} new tokens; math = "
         "exact match %, code/general = 100*exp(-NLL), tool_use = call match %, safety = mean of refusal (harmful) "
         "and answer (benign) rates; overall = mean of the five.\n\nRows: base = dense start; branch_<d> = each "

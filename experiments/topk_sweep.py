@@ -2,8 +2,8 @@
 
   python experiments/topk_sweep.py --model=runs/moe_routed --domains=tool_use,safety,general --n_per_domain=16
 
-The paper (bar_paper.md §3): 4 of 5 experts ~ 5 of 5. Each k is the model override top_k (as --config.compute.top_k
-would set it; the router's probabilities are kept unnormalised unless --norm_topk). Writes
+The BAR paper (arXiv 2604.18473): 4 of 5 experts ~ 5 of 5. Each k is the model override top_k (as
+--config.compute.top_k would set it; the router's probabilities are kept unnormalised unless --norm_topk). Writes
 experiments/results/topk_sweep_<name>.json and .md (one row per k: active matmul params, each domain, overall).
 """
 from __future__ import annotations
@@ -13,7 +13,6 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):
@@ -31,7 +30,7 @@ def main(argv=None):
   from bar_jax.errors import BarError
   from bar_jax.model import transformer
   from bar_jax.stages import common
-  from bar_jax.stages.evaluate import format_table
+  from bar_jax.stages.common import format_table
   model = common.load_model(args.model)
   if model.cfg.ffn != "moe":
     raise BarError(f"{args.model} is not an MoE: pass a merge/router/upgrade artifact")

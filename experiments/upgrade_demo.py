@@ -23,7 +23,6 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _eval_row(pipeline, config, model_dir: str, edir: str, label: str) -> dict:
@@ -51,7 +50,7 @@ def main(argv=None):
   from bar_jax import train
   from bar_jax.errors import BarError
   from bar_jax.io import artifact
-  from bar_jax.stages import evaluate, pipeline
+  from bar_jax.stages import common, pipeline
   from bar_jax.transforms import upgrade as upgrade_lib
   path, _, variant = args.config.partition(":")
   config = pipeline.stage_config(os.path.splitext(os.path.basename(path))[0], variant or None)
@@ -92,7 +91,7 @@ def main(argv=None):
   changes, identity = {}, {}
   lines = [f"# Upgrading the {args.domain} expert of `{args.workdir}`\n",
            f"Made by: `python experiments/upgrade_demo.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n",
-           evaluate.format_table(rows), pipeline._settings_note(rows), "",
+           common.format_table(rows), pipeline.settings_note(rows), "",
            "| upgrade | " + " | ".join(f"{d} change (noise)" for d in before) + " | experts bit-identical |",
            "|---" * (len(before) + 2) + "|"]
   for u, d in upgraded.items():

@@ -31,8 +31,7 @@ def smollm2_tokenizer():
   return gguf.load_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def byte_tokenizer():
+def make_byte_tokenizer():
   """A 259-token ChatML tokenizer (3 specials + the 256 byte symbols, no merges) for tiny-model tests: fast, and
   built by the same Tokenizer.from_gguf path as the real one. Use with tiny(vocab_size=259)."""
   from tokenizers import pre_tokenizers
@@ -43,3 +42,9 @@ def byte_tokenizer():
       "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": [],
       "tokenizer.ggml.token_type": [3] * 3 + [1] * 256, "tokenizer.ggml.eos_token_id": 2,
       "tokenizer.chat_template": "<|im_start|>system\nYou are a tiny test model.<|im_end|>\n"})
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+  """make_byte_tokenizer(), once a session."""
+  return make_byte_tokenizer()

@@ -1,5 +1,4 @@
 """Branch + Adapt: each phase of the unfreezing schedule trains only its set, for both expert kinds; bad input."""
-import os
 
 import jax
 import numpy as np

@@ -1,7 +1,10 @@
 """GRPO: advantages and the clipped loss against plain numpy; a tiny branch learns to emit a rewarded token; the
 anchor stays bit-identical; bad verifier output scores 0 and is counted; a killed run resumes bit-identically."""
+import json
 import os
-import shutil
+import signal
+import subprocess
+import sys
 import time
 
 import jax
@@ -11,10 +14,12 @@ import pytest
 from bar_jax.evals import verifiers
 from bar_jax.model import transformer
 from bar_jax.model.config import tiny
-from bar_jax.stages import rl
+from bar_jax import sharding
+from bar_jax.stages import rollouts as rl
 from bar_jax import pytree
-from bar_jax.transforms import freeze, grpo
+from bar_jax.transforms import grpo
 from bar_jax.transforms.upcycle import upcycle
+from configs.rl import rl_config
 
 DENSE = tiny(vocab_size=259)
 TARGET = "a"  # the byte the fixed-token verifier rewards
@@ -33,6 +38,7 @@ def test_advantages_match_numpy():
   want = []
   for g in rewards.reshape(3, 4).astype(np.float64):
     want += list((g - g.mean()) / (np.sqrt(((g - g.mean()) ** 2).mean()) + 1e-6))
+  # float32 against float64, values of order 1 from 4-term means: a few float32 ulps.
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   assert np.all(got[4:8] == 0)  # a group that all scored the same carries no signal
   np.testing.assert_allclose(grpo.group_advantages(rewards, 4, scale=False)[:4], [0.5, -0.5, -0.5, 0.5])
@@ -64,9 +70,12 @@ def test_clipped_loss_matches_numpy():
            "advantages": adv.astype(np.float32), "old_logp": old.astype(np.float32),
            "ref_logp": ref.astype(np.float32)}
   loss, metrics = loss_fn(params, batch)
+  # float32 log-softmax over V=259 logits, exp of ratios and a weighted sum over B*T=48 tokens against float64:
+  # ~V*eps relative per log-prob, so 2e-5 relative (atol for a loss near zero).
   np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(float(metrics["pg_loss"]), want_pg, rtol=2e-5, atol=1e-6)
   clipped = (np.clip(ratio, 1 - clip_low, 1 + clip_high) * adv[:, None] < ratio * adv[:, None])
+  # A ratio of token counts: exact up to float32 division.
   np.testing.assert_allclose(float(metrics["clip_frac"]), (clipped * mask).sum() / mask.sum(), rtol=1e-6)
 
 
@@ -87,17 +96,22 @@ def _task(byte_tokenizer, verifier=_fraction_of_target):
 
 
 def _config(**kw):
-  c = rl.default_config(steps=30, prompts_per_step=4, group_size=8, max_prompt_len=8, max_response_len=8,
-                        checkpoint_every=10, log_every=10)
+  c = rl_config(steps=30, prompts_per_step=4, group_size=8, max_prompt_len=8, max_response_len=8,
+                checkpoint_every=10, log_every=10)
   c.opt.lr = 1e-2
   c.update(kw)
   return c
 
 
+def run_rl(params, cfg, tokenizer, config, workdir, task):
+  return rl.run_rl(params, cfg, tokenizer, config, workdir, task=task, mesh=sharding.make_mesh(),
+                   identity={"test": "rl"})
+
+
 def test_grpo_learns_the_rewarded_token_and_keeps_the_anchor(branch, byte_tokenizer, tmp_path):
   params, cfg = branch
   t0 = time.time()
-  out, record = rl.run_rl(params, cfg, byte_tokenizer, _config(), str(tmp_path / "run"),
+  out, record = run_rl(params, cfg, byte_tokenizer, _config(), str(tmp_path / "run"),
                           task=_task(byte_tokenizer))
   curve = record["reward_curve"]
   assert len(curve) == 30 and np.mean(curve[:3]) < 0.2, curve
@@ -118,7 +132,7 @@ def test_frozen_shared_params_stay_bit_identical(branch, byte_tokenizer, tmp_pat
   params, cfg = branch
   c = _config(steps=2, trainable=[r"layers/moe/(experts|lora)/.*", r"layers/moe/router/kernel"])
   first_char_early = lambda response, ref: float(bool(response) and response[0] < "m")  # a signal in every group
-  out, record = rl.run_rl(params, cfg, byte_tokenizer, c, str(tmp_path / "frozen"),
+  out, record = run_rl(params, cfg, byte_tokenizer, c, str(tmp_path / "frozen"),
                           task=_task(byte_tokenizer, first_char_early))
   assert 0 < record["reward_curve"][0] < 1
   flat_in, flat_out = pytree.flatten(params), pytree.flatten(jax.tree.map(np.asarray, out))
@@ -147,19 +161,56 @@ def test_bad_verifier_output_scores_zero_and_is_counted(branch, byte_tokenizer, 
   assert rewards == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
   calls.clear()
   c = _config(steps=1, verifier_timeout_s=0.05)
-  _, record = rl.run_rl(branch[0], branch[1], byte_tokenizer, c, str(tmp_path / "flaky"),
+  _, record = run_rl(branch[0], branch[1], byte_tokenizer, c, str(tmp_path / "flaky"),
                         task=_task(byte_tokenizer, flaky))
   assert record["verifier_failures"] == {"error": 8, "timeout": 8, "invalid": 12}
   assert record["reward_curve"] == [round(4 / 32, 4)]
 
 
-def test_killed_run_resumes_bit_identical(branch, byte_tokenizer, tmp_path):
-  params, cfg = branch
-  c = _config(steps=4, checkpoint_every=2)
-  full, rec_full = rl.run_rl(params, cfg, byte_tokenizer, c, str(tmp_path / "a"), task=_task(byte_tokenizer))
-  work = str(tmp_path / "b")
-  rl.run_rl(params, cfg, byte_tokenizer, c, work, task=_task(byte_tokenizer))
-  shutil.rmtree(os.path.join(work, "checkpoints", "4"))  # as if killed between step 2's and step 4's checkpoints
-  resumed, rec = rl.run_rl(params, cfg, byte_tokenizer, c, work, task=_task(byte_tokenizer))
-  assert rec["reward_curve"] == rec_full["reward_curve"]
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), resumed, full)
+KILL_STEPS = 6
+
+
+def _latest_step(ckpts: str) -> int:
+  names = os.listdir(ckpts) if os.path.isdir(ckpts) else []
+  return max([int(n) for n in names if n.isdigit()], default=0)
+
+
+def test_kill_9_and_restart_resumes_bit_identical(tmp_path):
+  """RL through the one loop: killed with SIGKILL between its first and last checkpoint, started again, it ends with
+  the same parameters and reward curve as an uninterrupted run (same program, same devices)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = lambda name: [sys.executable, "-m", "tests.test_rl", str(tmp_path / name), str(tmp_path / f"{name}.npz")]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  subprocess.run(cmd("full"), cwd=root, env=env, check=True, capture_output=True)
+  proc = subprocess.Popen(cmd("killed"), cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = str(tmp_path / "killed" / "checkpoints")
+  deadline = time.time() + 300
+  while time.time() < deadline and not _latest_step(ckpts) and proc.poll() is None:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = _latest_step(ckpts)
+  assert 0 < killed_at < KILL_STEPS, f"kill landed at checkpoint {killed_at} of {KILL_STEPS}"
+  assert not (tmp_path / "killed.npz").exists()
+  subprocess.run(cmd("killed"), cwd=root, env=env, check=True, capture_output=True)
+  full, resumed = np.load(tmp_path / "full.npz"), np.load(tmp_path / "killed.npz")
+  assert sorted(full.files) == sorted(resumed.files)
+  for name in full.files:
+    np.testing.assert_array_equal(resumed[name], full[name], err_msg=name)
+  rows = lambda name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]  # noqa: E731
+  assert [r["step"] for r in rows("killed")] == list(range(1, KILL_STEPS + 1))
+  assert [r["reward_mean"] for r in rows("killed")] == [r["reward_mean"] for r in rows("full")]
+
+
+def _kill_test_run(workdir: str, out: str) -> None:
+  """The kill test's run in its own process: GRPO on the tiny branch, final parameters to OUT (.npz)."""
+  from tests.conftest import make_byte_tokenizer
+  tok = make_byte_tokenizer()
+  params, cfg = upcycle(transformer.init_params(DENSE, jax.random.key(0)), DENSE)
+  c = _config(steps=KILL_STEPS, checkpoint_every=1, log_every=1)
+  final, _ = run_rl(jax.tree.map(np.asarray, params), cfg, tok, c, workdir, task=_task(tok))
+  np.savez(out, **{k.replace("/", "|"): np.asarray(v) for k, v in pytree.flatten(final).items()})
+
+
+if __name__ == "__main__":
+  _kill_test_run(*sys.argv[1:3])

@@ -10,7 +10,8 @@ from jax.sharding import PartitionSpec as P
 from bar_jax import sharding
 from bar_jax.errors import BarError
 from bar_jax.model import transformer
-from bar_jax.model.config import ModelConfig, tiny
+from bar_jax.model.config import Compute, ModelConfig, tiny
+from numerics import ulps
 
 CFG = tiny(ffn="moe", n_experts=2)
 MESH_SHAPE = {"fsdp": 2, "expert": 2, "tensor": 2}
@@ -18,7 +19,7 @@ MESH_SHAPE = {"fsdp": 2, "expert": 2, "tensor": 2}
 
 def test_param_shardings_follow_the_rules():
   mesh = sharding.make_mesh(MESH_SHAPE)
-  s = sharding.param_shardings(CFG, mesh)
+  s = transformer.param_shardings(CFG, mesh)
   moe = s["layers"]["moe"]
   for w in ("gate", "up"):
     assert moe["experts"][w].spec == P(None, "expert", "fsdp", "tensor")
@@ -32,33 +33,35 @@ def test_param_shardings_follow_the_rules():
   assert s["final_norm"]["scale"].spec == P(None)
   # A rule whose axis does not divide the dimension replicates instead of failing.
   odd = tiny(vocab_size=255)
-  assert sharding.param_shardings(odd, mesh)["embed"]["embedding"].spec == P(None, fsdp)
+  assert transformer.param_shardings(odd, mesh)["embed"]["embedding"].spec == P(None, fsdp)
   assert sharding.spec_for(("embed",), (6,), mesh) == P("fsdp")  # 6 splits 2 ways, not 4
 
 
 @pytest.mark.parametrize("dispatch", ["dense", "expert_parallel"])
 def test_sharded_forward_matches_one_device(dispatch):
-  cfg = CFG.replace(dispatch=dispatch, top_k=1)
+  cfg, compute = CFG.replace(top_k=1), Compute(dispatch=dispatch)
   params = transformer.init_params(cfg, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, cfg.vocab_size)
   one = jax.devices()[:1]
   ref_mesh = sharding.make_mesh(None, devices=one)
-  want = jax.jit(lambda p, t: transformer.forward(p, t, cfg, mesh=ref_mesh)[0])(
+  want = jax.jit(lambda p, t: transformer.forward(p, t, cfg, compute=compute, mesh=ref_mesh)[0])(
       jax.device_put(params, one[0]), jax.device_put(tokens, one[0]))
 
   mesh = sharding.make_mesh(MESH_SHAPE)
-  ps = sharding.param_shardings(cfg, mesh)
-  f = jax.jit(lambda p, t: transformer.forward(p, t, cfg, mesh=mesh)[0],
+  ps = transformer.param_shardings(cfg, mesh)
+  f = jax.jit(lambda p, t: transformer.forward(p, t, cfg, compute=compute, mesh=mesh)[0],
               in_shardings=(ps, sharding.batch_sharding(mesh)))
   got = f(jax.device_put(params, ps), jax.device_put(tokens, sharding.batch_sharding(mesh)))
   assert len(got.sharding.device_set) == 8
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+  # Sharded sums (FSDP/tensor partial sums, all-to-all dispatch) add the D=32 / F=64 terms in another order than one
+  # device does: tens of float32 ulps of the largest logit.
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=ulps(want, 64))
   assert float(np.abs(np.asarray(want)).max()) > 0.1
 
 
 def _per_device_bytes(cfg: ModelConfig, mesh) -> int:
   shapes = transformer.param_shapes(cfg)
-  shards = sharding.param_shardings(cfg, mesh)
+  shards = transformer.param_shardings(cfg, mesh)
   is_shape = lambda x: isinstance(x, tuple)
   sizes = jax.tree.map(lambda shp, s: math.prod(s.shard_shape(shp)) * 4, shapes, shards, is_leaf=is_shape)
   return sum(jax.tree.leaves(sizes))
@@ -88,7 +91,7 @@ def test_expert_slices_stay_split_over_every_device():
   moves onto the embed dimension, so on (fsdp=2, expert=2, tensor=2) the slice is still split 8 ways."""
   from bar_jax.stages import loop
   mesh = sharding.make_mesh(MESH_SHAPE)
-  full = sharding.param_shardings(CFG, mesh)["layers"]["moe"]["experts"]["gate"]
+  full = transformer.param_shardings(CFG, mesh)["layers"]["moe"]["experts"]["gate"]
   sliced = jax.ShapeDtypeStruct((CFG.n_layers, 1, CFG.d_model, CFG.d_ff), np.float32)
   s = loop.slice_sharding(full, sliced)
   assert s.spec == P(None, None, ("fsdp", "expert"), "tensor")

@@ -161,7 +161,8 @@ def _harmful(split):
 
 def _benign(split):
   faq = [(q["question"], q["answer"], "python_faq") for q in pydocs.faq()]
-  gsm = [(p["question"], p["solution"], "gsm_symbolic") for p in _math_split("train") if p["generator"] == "gsm_symbolic"]
+  gsm = [(p["question"], p["solution"], "gsm_symbolic") for p in _math_split("train")
+         if p["generator"] == "gsm_symbolic"]
   gsm = gsm[:len(faq)]  # as many word problems as FAQ questions: benign prompts of two kinds
   return [(q, a, src) for q, a, src in faq + gsm if is_eval(q, EVAL_PCT) == (split == "eval")]
 

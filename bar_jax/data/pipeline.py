@@ -11,8 +11,8 @@ no token is lost: consecutive windows overlap by one token so every target appea
 conversations dropped or truncated (SFT), empty examples. Nothing is lost without being counted in `stats`.
 
 The iterator is a grain DatasetIterator: deterministic given the seed, repeats epochs (num_epochs=None: forever,
-each epoch reshuffled, domains drawn by weight; num_epochs=n: every element exactly n times, weights unused), and its get_state()/set_state() (or grain.checkpoint.CheckpointSave with orbax) resume
-exactly.
+each epoch reshuffled, domains drawn by weight; num_epochs=n: every element exactly n times, weights unused), and its
+get_state()/set_state() (or grain.checkpoint.CheckpointSave with orbax) resume exactly.
 """
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def _pad_row(el: dict[str, np.ndarray], seq_len: int, pad_id: int) -> dict[str, 
   return row
 
 
-def _from_packed(row: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+def from_packed(row: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
   seg = row["inputs_segment_ids"].astype(np.int32)
   real = seg > 0
   return {"inputs": np.where(real, row["inputs"], pad_id).astype(np.int32),
@@ -182,7 +182,8 @@ def build(examples: Mapping[str, Sequence], weights: Mapping[str, float], tokeni
     lost = s.dropped_too_long + s.truncated + s.empty
     if lost:
       logging.warning("data %s/%s: %d of %d examples dropped or cut (%s)", kind, name, lost, s.examples,
-                      {k: v for k, v in dataclasses.asdict(s).items() if k in ("dropped_too_long", "truncated", "empty") and v})
+                      {k: v for k, v in dataclasses.asdict(s).items()
+                       if k in ("dropped_too_long", "truncated", "empty") and v})
   if num_epochs is None:  # endless: each domain reshuffled every epoch, drawn by weight
     parts = [p.repeat(None) for p in parts]
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, part_weights)
@@ -196,7 +197,7 @@ def build(examples: Mapping[str, Sequence], weights: Mapping[str, float], tokeni
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={"inputs": seq_len, "targets": seq_len, "mask": seq_len}, num_packing_bins=batch_size,
         shuffle_bins=False)
-    it = it.map(lambda row: _from_packed(row, pad))
+    it = it.map(lambda row: from_packed(row, pad))
   else:
     it = it.map(lambda el: _pad_row(el, seq_len, pad))
   # Endless streams keep one batch shape; a finite run (num_epochs=n) ends with its last, smaller batch: no loss.

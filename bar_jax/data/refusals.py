@@ -11,9 +11,12 @@ import hashlib
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "discrimination_exclusion_toxicity_hateful_offensive": (
-        "I can't help with that. It would mean producing content that demeans or stereotypes people, and I won't do that.",
-        "I'm sorry, but I won't write that. Content that insults or excludes people because of who they are causes real harm.",
-        "I can't assist with this request. If you're interested, I can share factual information about the topic instead.",
+        "I can't help with that. It would mean producing content that demeans or stereotypes people, "
+        "and I won't do that.",
+        "I'm sorry, but I won't write that. Content that insults or excludes people because of who they are "
+        "causes real harm.",
+        "I can't assist with this request. If you're interested, I can share factual information about the "
+        "topic instead.",
     ),
     "human_chatbox": (
         "I'm sorry, but I can't give you advice on this as if I were a professional. Please reach out to a qualified "
@@ -31,7 +34,8 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "malicious_uses": (
         "I can't help with that. It could be used to harm people or break the law.",
         "I'm sorry, but I won't assist with this. It describes an illegal or harmful activity.",
-        "I can't provide instructions for that. If you're facing a related problem, I can point you to legal and safe options.",
+        "I can't provide instructions for that. If you're facing a related problem, I can point you to legal "
+        "and safe options.",
     ),
     "misinformation_harms": (
         "I can't help with that. It would spread false or misleading claims.",

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from bar_jax.model import transformer
-from bar_jax.model.config import ModelConfig
+from bar_jax.model.config import Compute, ModelConfig
 
 ROUTING_JSON, ROUTING_PNG = "routing.json", "routing.png"
 STATS = ("top_k_share", "top1_share", "mean_prob")
@@ -67,15 +67,15 @@ def domain_rows(tokenizer, domains: Sequence[str], *, seq_len: int = 256, max_ro
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
-def _router_means(params, inputs, positions, segment_ids, *, cfg: ModelConfig, mesh=None):
-  _, aux = transformer.forward(params, inputs, cfg, positions=positions, segment_ids=segment_ids, mesh=mesh,
-                               return_hidden=True)
+@functools.partial(jax.jit, static_argnames=("cfg", "compute", "mesh"))
+def _router_means(params, inputs, positions, segment_ids, *, cfg: ModelConfig, compute: Compute, mesh=None):
+  _, aux = transformer.forward(params, inputs, cfg, compute=compute, positions=positions, segment_ids=segment_ids,
+                               mesh=mesh, return_hidden=True)
   return aux["expert_load"], aux["expert_top1"], aux["expert_prob"]
 
 
 def routing_stats(params, cfg: ModelConfig, rows: Mapping[str, Mapping[str, np.ndarray]], *, batch_size: int = 8,
-                  mesh=None, names: Sequence[str] | None = None) -> dict[str, Any]:
+                  mesh=None, names: Sequence[str] | None = None, compute: Compute = Compute()) -> dict[str, Any]:
   """{"domains": {d: {stat: [L][E], "tokens": n}}, "experts": names, "top_k": k} from packed rows per domain."""
   if cfg.ffn != "moe":
     raise ValueError("routing diagnostics need an MoE model")
@@ -89,11 +89,56 @@ def routing_stats(params, cfg: ModelConfig, rows: Mapping[str, Mapping[str, np.n
     sums = [np.zeros((cfg.n_layers, cfg.n_experts)) for _ in STATS]
     for i in range(0, n, b):
       stats = _router_means(params, r["inputs"][i:i + b], r["positions"][i:i + b], r["segment_ids"][i:i + b],
-                            cfg=cfg, mesh=mesh)
+                            cfg=cfg, compute=compute, mesh=mesh)
       for s, v in zip(sums, stats):
         s += np.asarray(v, np.float64) * b
     out["domains"][domain] = {name: (s / n).round(5).tolist() for name, s in zip(STATS, sums)}
     out["domains"][domain]["tokens"] = int(n * r["inputs"].shape[1])
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "compute", "mesh"))
+def _mean_weights(params, inputs, positions, segment_ids, *, cfg: ModelConfig, compute: Compute, mesh=None):
+  _, aux = transformer.forward(params, inputs, cfg, compute=compute, positions=positions, segment_ids=segment_ids,
+                               mesh=mesh, return_hidden=True)
+  return aux["expert_weight"]
+
+
+def weight_table(params, cfg: ModelConfig, rows: Mapping[str, Mapping[str, np.ndarray]], *, batch_size: int = 8,
+                 mesh=None, names: Sequence[str] | None = None, compute: Compute = Compute()) -> dict[str, Any]:
+  """The mean router weight each expert gets on each domain's tokens: the combine weight the model applies (after
+  top-k and any renormalisation; the router probability when every expert runs), per layer, averaged over every
+  token of the domain's packed rows. Same schema as routing_stats with the stat "mean_weight", so format_table and
+  write(stat="mean_weight") give its table and heatmap; weight_summary gives the domains x experts table."""
+  if cfg.ffn != "moe":
+    raise ValueError("routing diagnostics need an MoE model")
+  out: dict[str, Any] = {"experts": list(names) if names else [f"expert{e}" for e in range(cfg.n_experts)],
+                         "top_k": cfg.k, "n_experts": cfg.n_experts, "n_layers": cfg.n_layers, "domains": {}}
+  for domain, r in rows.items():
+    b = min(batch_size, len(r["inputs"]))
+    n = len(r["inputs"]) // b * b if b else 0  # whole batches only: equal-size batch means average exactly
+    if n == 0:
+      continue
+    total = np.zeros((cfg.n_layers, cfg.n_experts))
+    for i in range(0, n, b):
+      total += np.asarray(_mean_weights(params, r["inputs"][i:i + b], r["positions"][i:i + b],
+                                        r["segment_ids"][i:i + b], cfg=cfg, compute=compute, mesh=mesh),
+                            np.float64) * b
+    out["domains"][domain] = {"mean_weight": (total / n).round(6).tolist(), "tokens": int(n * r["inputs"].shape[1])}
+  return out
+
+
+def weight_summary(report: Mapping[str, Any]) -> dict[str, Any]:
+  """{domain: {"weights": [layer-mean weight per expert], "own": the weight of the domain's own expert (the expert
+  of the same name; None for a domain without one, e.g. general), "own_rank": its rank among the experts (1 = the
+  largest)}}."""
+  experts = list(report["experts"])
+  out = {}
+  for d, v in report["domains"].items():
+    w = np.mean(np.asarray(v["mean_weight"]), axis=0)
+    own = experts.index(d) if d in experts else None
+    out[d] = {"weights": w.round(4).tolist(), "own": None if own is None else round(float(w[own]), 4),
+              "own_rank": None if own is None else int(1 + np.sum(w > w[own]))}
   return out
 
 

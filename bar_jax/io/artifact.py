@@ -1,4 +1,4 @@
-"""Artifacts: the self-describing, verifiable model directories that stages hand to each other (DESIGN.md).
+"""Artifacts: the self-describing, verifiable model directories that stages hand to each other.
 
   DIR/manifest.json                 kind, model (ModelConfig.to_dict()), fingerprint, leaf_fingerprints, parents,
                                     ledger, stages, ... (written last: its presence marks a complete artifact)
@@ -14,12 +14,11 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import shutil
 import uuid
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -27,6 +26,7 @@ import orbax.checkpoint as ocp
 
 from bar_jax.data.tokenizer import Tokenizer
 from bar_jax.errors import BarError
+from bar_jax.fingerprints import combine as _combine, fingerprint, leaf_fingerprint, leaf_fingerprints  # noqa: F401
 from bar_jax.pytree import flatten, unflatten
 from bar_jax.model.config import ModelConfig
 
@@ -39,27 +39,7 @@ BAR_JAX_VERSION = "0.1.0"
 # ----------------------------------------------------------------------------------------------------------------
 # Fingerprints.
 
-def leaf_fingerprint(path: str, x) -> str:
-  a = np.ascontiguousarray(np.asarray(x))
-  if a.dtype.byteorder == ">":
-    a = a.astype(a.dtype.newbyteorder("<"))
-  h = hashlib.sha256()
-  h.update(f"{path}|{list(a.shape)}|{a.dtype.name}|".encode())
-  h.update(a.tobytes())
-  return h.hexdigest()
-
-
-def leaf_fingerprints(params) -> dict[str, str]:
-  return {path: leaf_fingerprint(path, x) for path, x in sorted(flatten(params).items())}
-
-
-def _combine(leaf_fps: Mapping[str, str]) -> str:
-  return hashlib.sha256("".join(f"{p}:{leaf_fps[p]}\n" for p in sorted(leaf_fps)).encode()).hexdigest()
-
-
-def fingerprint(params) -> str:
-  """sha256 over sorted leaf paths, shapes, dtypes and bytes (via the per-leaf fingerprints)."""
-  return _combine(leaf_fingerprints(params))
+# (leaf_fingerprint, leaf_fingerprints, fingerprint: bar_jax/fingerprints.py, pure so the transforms can use them.)
 
 
 # ----------------------------------------------------------------------------------------------------------------

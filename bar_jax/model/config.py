@@ -1,7 +1,13 @@
-"""Model architecture: one frozen dataclass, stored verbatim in every artifact's manifest.
+"""What a model computes, apart from how a run computes it.
 
+`ModelConfig` is the architecture: every field changes the function the parameters define (shapes, norms, RoPE,
+experts and their routing). It is stored verbatim in every artifact's manifest, and merge and upgrade compare it.
 The same config describes a dense Llama-family model, a 2-expert branch, and an N-expert merged MoE; only the FFN
-fields differ. It is hashable, so jitted functions take it as a static argument.
+fields differ.
+
+`Compute` is how one run evaluates that function (activation dtype, rematerialisation, attention kernel, MoE dispatch
+path and capacity): a run-time choice passed to `transformer.forward` and `generate`, never written into a manifest
+and never inherited by a merge. Both are frozen and hashable, so jitted functions take them as static arguments.
 """
 from __future__ import annotations
 
@@ -31,22 +37,11 @@ class ModelConfig:
   lora_alpha: float = 32.0
   top_k: int = 0                    # 0 means all experts (the paper's setting)
   norm_topk: bool = False           # renormalise the chosen router probabilities
-  dispatch: str = "dense"           # "dense" | "dropless" | "expert_parallel"
-  capacity_factor: float = 0.0      # expert_parallel only; 0 = no drops (capacity = all tokens)
-  # Compute.
-  dtype: str = "float32"            # activation / matmul dtype; parameters stay float32
-  remat: str = "none"               # "none" | "full" | "dots" (jax.checkpoint policy for each scanned layer)
-  attention: str = "xla"            # "xla" | "cudnn" (jax.nn.dot_product_attention implementation)
 
   @property
   def k(self) -> int:
     """Experts per token."""
     return self.top_k if self.top_k else self.n_experts
-
-  @property
-  def n_adapters(self) -> int:
-    """LoRA experts: every expert but the anchor is an adapter over it."""
-    return self.n_experts - 1 if self.expert_kind == "lora" else 0
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
@@ -56,6 +51,8 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    """From a manifest's "model" entry; manifests written before Compute existed are migrated on the way in."""
+    d = migrate_model_dict(d)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -73,17 +70,55 @@ class ModelConfig:
         problems.append(f"expert_kind={self.expert_kind!r} (use 'ffn' or 'lora')")
       if not 0 <= self.top_k <= self.n_experts:
         problems.append(f"top_k={self.top_k} is outside 0..n_experts={self.n_experts}")
-      if self.dispatch not in ("dense", "dropless", "expert_parallel"):
-        problems.append(f"dispatch={self.dispatch!r} (use 'dense', 'dropless' or 'expert_parallel')")
     if self.rope_style not in ("half", "interleaved"):
       problems.append(f"rope_style={self.rope_style!r} (use 'half' or 'interleaved')")
+    if problems:
+      raise ValueError("invalid model config: " + "; ".join(problems))
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Compute:
+  """How a run evaluates the model; the result is the same function up to rounding (and expert_parallel drops)."""
+  dtype: str = "float32"            # activation / matmul dtype; parameters stay float32
+  remat: str = "none"               # "none" | "full" | "dots" (jax.checkpoint policy for each scanned layer)
+  attention: str = "xla"            # "xla" | "cudnn" (jax.nn.dot_product_attention implementation)
+  dispatch: str = "dense"           # MoE only: "dense" | "dropless" | "expert_parallel"
+  capacity_factor: float = 0.0      # expert_parallel only; 0 = no drops (capacity = all tokens)
+
+  def replace(self, **kw) -> "Compute":
+    return dataclasses.replace(self, **kw)
+
+  def validate(self) -> "Compute":
+    problems = []
     if self.dtype not in ("float32", "bfloat16"):
       problems.append(f"dtype={self.dtype!r} (use 'float32' or 'bfloat16')")
     if self.remat not in ("none", "full", "dots"):
       problems.append(f"remat={self.remat!r} (use 'none', 'full' or 'dots')")
+    if self.attention not in ("xla", "cudnn"):
+      problems.append(f"attention={self.attention!r} (use 'xla' or 'cudnn')")
+    if self.dispatch not in ("dense", "dropless", "expert_parallel"):
+      problems.append(f"dispatch={self.dispatch!r} (use 'dense', 'dropless' or 'expert_parallel')")
+    if self.capacity_factor < 0:
+      problems.append(f"capacity_factor={self.capacity_factor} (use 0 for no drops, or a positive factor)")
     if problems:
-      raise ValueError("invalid model config: " + "; ".join(problems))
+      raise ValueError("invalid compute config: " + "; ".join(problems))
     return self
+
+
+COMPUTE_KEYS = tuple(f.name for f in dataclasses.fields(Compute))
+
+
+def migrate_model_dict(d: dict[str, Any]) -> dict[str, Any]:
+  """A manifest's "model" entry as ModelConfig reads it. Manifests written before the architecture/compute split
+  held the Compute fields too; they say nothing about the function, so they are dropped."""
+  return {k: v for k, v in d.items() if k not in COMPUTE_KEYS}
+
+
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """A config's `compute` section -> (ModelConfig fields it changes, e.g. top_k; Compute fields)."""
+  arch = {k: v for k, v in overrides.items() if k not in COMPUTE_KEYS}
+  return arch, {k: v for k, v in overrides.items() if k in COMPUTE_KEYS}
 
 
 def tiny(**kw) -> ModelConfig:

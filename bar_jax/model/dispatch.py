@@ -25,12 +25,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from bar_jax.errors import BarError
-from bar_jax.model.config import ModelConfig
 
 BATCH_AXES = ("data", "fsdp", "expert")
 
 
-def run(kind: str, x, weights, idx, gate, up, down, cfg: ModelConfig, mesh=None, *, impl: str = "auto"):
+def run(kind: str, x, weights, idx, gate, up, down, capacity_factor: float = 0.0, mesh=None, *, impl: str = "auto"):
   """x [N, D], weights [N, E] (zero off the top-k), idx [N, k] -> (y [N, D], dropped token copies, int32 scalar).
 
   impl: "auto" (blocked on the CPU, ragged elsewhere), "blocked" or "ragged" (grouped matmul and all-to-all).
@@ -38,7 +37,7 @@ def run(kind: str, x, weights, idx, gate, up, down, cfg: ModelConfig, mesh=None,
   if impl == "auto":
     impl = "blocked" if jax.default_backend() == "cpu" else "ragged"
   if kind == "expert_parallel" and mesh is not None and mesh.shape.get("expert", 1) > 1:
-    return expert_parallel(x, weights, idx, gate, up, down, mesh, cfg.capacity_factor, impl=impl)
+    return expert_parallel(x, weights, idx, gate, up, down, mesh, capacity_factor, impl=impl)
   if kind in ("dropless", "expert_parallel"):
     return dropless_sharded(x, weights, idx, gate, up, down, mesh, impl=impl), jnp.zeros((), jnp.int32)
   raise BarError(f"unknown dispatch {kind!r}: use 'dense', 'dropless' or 'expert_parallel'")

@@ -17,7 +17,7 @@ import numpy as np
 
 from bar_jax.errors import BarError
 from bar_jax.model import transformer
-from bar_jax.model.config import ModelConfig
+from bar_jax.model.config import Compute, ModelConfig
 
 
 def _bucket(n: int, minimum: int = 1) -> int:
@@ -36,22 +36,23 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
   return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "greedy", "new_bucket", "cache_len"))
+@functools.partial(jax.jit, static_argnames=("cfg", "compute", "greedy", "new_bucket", "cache_len"))
 def _generate(params, tokens, lengths, eos_ids, pad_id, max_new, temperature, top_p, key, *, cfg: ModelConfig,
-              greedy: bool, new_bucket: int, cache_len: int):
+              compute: Compute, greedy: bool, new_bucket: int, cache_len: int):
   """tokens [B, P] left-padded, lengths [B] -> (out [B, new_bucket] padded with pad_id, n_steps)."""
   B, P = tokens.shape
   pad = P - lengths                                              # [B] left padding per row
   positions = jnp.maximum(jnp.arange(P)[None] - pad[:, None], 0)
   kv_valid = jnp.arange(cache_len)[None] >= pad[:, None]        # [B, S]
-  cache = transformer.init_cache(cfg, B, cache_len)
+  cache = transformer.init_cache(cfg, B, cache_len, compute.dtype)
 
   def pick(logits, key):
     if greedy:
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return sample_logits(logits, key, temperature, top_p).astype(jnp.int32)
 
-  logits, cache = transformer.forward_cached(params, tokens, cache, cfg, positions=positions, kv_valid=kv_valid)
+  logits, cache = transformer.forward_cached(params, tokens, cache, cfg, compute=compute, positions=positions,
+                                             kv_valid=kv_valid)
   key, sub = jax.random.split(key)
   first = pick(logits[:, -1], sub)
   out = jnp.full((B, new_bucket), pad_id, jnp.int32).at[:, 0].set(first)
@@ -63,8 +64,8 @@ def _generate(params, tokens, lengths, eos_ids, pad_id, max_new, temperature, to
 
   def body(state):
     t, last, cache, done, out, key = state
-    logits, cache = transformer.forward_cached(params, last[:, None], cache, cfg, positions=(lengths + t)[:, None],
-                                               kv_valid=kv_valid)
+    logits, cache = transformer.forward_cached(params, last[:, None], cache, cfg, compute=compute,
+                                               positions=(lengths + t)[:, None], kv_valid=kv_valid)
     key, sub = jax.random.split(key)
     nxt = jnp.where(done, pad_id, pick(logits[:, -1], sub))
     out = out.at[:, t + 1].set(nxt)
@@ -76,7 +77,8 @@ def _generate(params, tokens, lengths, eos_ids, pad_id, max_new, temperature, to
 
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              eos_ids: Sequence[int], pad_id: int, temperature: float = 0.0, top_p: float = 1.0,
-             key: jax.Array | None = None, max_len: int | None = None) -> list[list[int]]:
+             key: jax.Array | None = None, max_len: int | None = None,
+             compute: Compute = Compute()) -> list[list[int]]:
   """Completions of token prompts. Each row stops after its first eos id (which it includes) or max_new_tokens.
 
   max_len caps prompt + completion (default and upper bound: cfg.max_seq_len). Rows padding the batch to a power
@@ -105,7 +107,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   key = jax.random.key(0) if key is None else key
   out, _ = _generate(params, jnp.asarray(tokens), jnp.asarray(lens), jnp.asarray(list(eos_ids), jnp.int32),
                      jnp.int32(pad_id), jnp.int32(max_new), jnp.float32(temperature), jnp.float32(top_p), key,
-                     cfg=cfg, greedy=temperature <= 0.0, new_bucket=new_bucket,
+                     cfg=cfg, compute=compute, greedy=temperature <= 0.0, new_bucket=new_bucket,
                      cache_len=prompt_bucket + new_bucket)
   out = np.asarray(out)
   eos = set(int(e) for e in eos_ids)

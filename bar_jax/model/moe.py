@@ -3,7 +3,8 @@
 Per-layer parameters (the scan slices off the leading L axis):
   router/kernel        [D, E]
   experts/{gate,up}    [E0, D, F] ; experts/down [E0, F, D]   E0 = E for ffn experts, 1 (the anchor) for lora
-  lora/{gate,up,down}/{a,b}  [E-1, in, r] / [E-1, r, out]    lora experts only: expert i = anchor + (a_i @ b_i) * alpha/r
+  lora/{gate,up,down}/{a,b}  [E-1, in, r] / [E-1, r, out]    lora experts only:
+                             expert i = anchor + (a_i @ b_i) * alpha/r
 
 Dispatch paths ("dense" reference; "dropless" and "expert_parallel" are added beside it) all consume
 `expert_weights(...)`: LoRA experts are materialised as anchor + delta (cheap: E*D*F*r FLOPs), so every path runs
@@ -16,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bar_jax.model.config import ModelConfig
+from bar_jax.model.config import Compute, ModelConfig
 
 Params = dict[str, Any]
 
@@ -87,7 +88,7 @@ def router_losses(logits: jax.Array, weights: jax.Array, idx: jax.Array, n_exper
   # diagnostics (bar_jax/evals/routing.py).
   top1 = jnp.mean(jax.nn.one_hot(jnp.argmax(logits, axis=-1), n_experts, dtype=jnp.float32), axis=0)
   return {"z_loss": jnp.mean(z * z), "lb_loss": n_experts * jnp.sum(f * p), "expert_load": f, "expert_prob": p,
-          "expert_top1": top1}
+          "expert_top1": top1, "expert_weight": jnp.mean(weights.astype(jnp.float32), axis=0)}  # applied weights
 
 
 def dense_dispatch(x: jax.Array, weights: jax.Array, gate, up, down) -> jax.Array:
@@ -98,17 +99,18 @@ def dense_dispatch(x: jax.Array, weights: jax.Array, gate, up, down) -> jax.Arra
   return jnp.einsum("end,ne->nd", y, weights.astype(dt))
 
 
-def moe_ffn(p: Params, x: jax.Array, cfg: ModelConfig, mesh=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def moe_ffn(p: Params, x: jax.Array, cfg: ModelConfig, mesh=None,
+            compute: Compute = Compute()) -> tuple[jax.Array, dict[str, jax.Array]]:
   """x [B, T, D] -> (y [B, T, D], aux {z_loss, lb_loss, expert_load [E], dropped})."""
   B, T, D = x.shape
   xt = x.reshape(B * T, D)
   weights, idx, logits = route(p["router"]["kernel"], xt, cfg)
   gate, up, down = expert_weights(p, cfg)
-  if cfg.dispatch == "dense":
+  if compute.dispatch == "dense":
     y, dropped = dense_dispatch(xt, weights, gate, up, down), jnp.zeros((), jnp.int32)
   else:
     from bar_jax.model import dispatch  # the grouped and expert-parallel paths
-    y, dropped = dispatch.run(cfg.dispatch, xt, weights, idx, gate, up, down, cfg, mesh)
+    y, dropped = dispatch.run(compute.dispatch, xt, weights, idx, gate, up, down, compute.capacity_factor, mesh)
   aux = router_losses(logits, weights, idx, cfg.n_experts)
   aux["dropped"] = dropped
   return y.reshape(B, T, D), aux

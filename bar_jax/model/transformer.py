@@ -1,8 +1,9 @@
-"""Llama-family decoder as pure functions of the DESIGN.md parameter dict, plus a thin Flax NNX wrapper.
+"""Llama-family decoder as pure functions of a nested parameter dict (its layout: `param_shapes`).
 
 RMSNorm, RoPE (half-split or interleaved pairing), grouped-query attention, SwiGLU FFN (or an MoE block in the same
 slot), tied or untied LM head. Layers are stacked on a leading axis and run under `jax.lax.scan`, so a 30-layer model
-compiles like a 1-layer one. Everything here is arrays in, arrays out: no files, no globals.
+compiles like a 1-layer one. Everything here is arrays in, arrays out: no files, no globals. The architecture comes
+from `ModelConfig`; how to compute it (dtype, remat, attention kernel, MoE dispatch) from `Compute`.
 """
 from __future__ import annotations
 
@@ -11,11 +12,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from bar_jax import sharding
 from bar_jax.model import moe
-from bar_jax.model.config import ModelConfig
+from bar_jax.model.config import Compute, ModelConfig
 
 Params = dict[str, Any]
 
@@ -43,7 +43,7 @@ def param_shapes(cfg: ModelConfig) -> Params:
 
 
 def logical_axes(cfg: ModelConfig) -> Params:
-  """Same tree as the parameters; each leaf a tuple of logical axis names (DESIGN.md)."""
+  """Same tree as the parameters; each leaf a tuple of logical axis names (sharding.RULES maps them to mesh axes)."""
   layers: Params = {
       "attn_norm": {"scale": ("layers", "norm")},
       "attn": {"q": {"kernel": ("layers", "embed", "heads")}, "k": {"kernel": ("layers", "embed", "kv")},
@@ -61,11 +61,17 @@ def logical_axes(cfg: ModelConfig) -> Params:
   return tree
 
 
+def param_shardings(cfg: ModelConfig, mesh, params: Params | None = None) -> Params:
+  """NamedSharding per parameter on mesh (shapes from cfg, or from `params` when given)."""
+  return sharding.tree_shardings(logical_axes(cfg), params if params is not None else param_shapes(cfg), mesh)
+
+
 def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
   """Random initialisation (unit tests and speed benchmarks; real runs import a checkpoint)."""
   shapes = param_shapes(cfg)
   leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree.flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+  with_paths, _ = jax.tree.flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
+  paths = [jax.tree_util.keystr(p) for p, _ in with_paths]
   keys = jax.random.split(key, len(leaves))
   out = []
   for path, shape, k in zip(paths, leaves, keys):
@@ -123,12 +129,13 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None, 
   return mask[:, None]
 
 
-def attend(q, k, v, mask, cfg: ModelConfig):
-  impl = "cudnn" if cfg.attention == "cudnn" else None
+def attend(q, k, v, mask, compute: Compute):
+  impl = "cudnn" if compute.attention == "cudnn" else None
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
-def _block(cfg: ModelConfig, mesh, x, lp, positions, segment_ids, cache_kv, cache_index, kv_valid=None):
+def _block(cfg: ModelConfig, compute: Compute, mesh, x, lp, positions, segment_ids, cache_kv, cache_index,
+           kv_valid=None):
   """One decoder layer. cache_kv = (k [B,S,K,hd], v) to read from and write into at cache_index, or None.
 
   kv_valid [B, S] marks cache slots that hold real tokens (left padding False); causality is by slot.
@@ -159,14 +166,14 @@ def _block(cfg: ModelConfig, mesh, x, lp, positions, segment_ids, cache_kv, cach
     mask = attention_mask(q_slots, slots, None, None, k_valid=valid)
     new_cache = (ck, cv)
     keys, values = ck.astype(dt), cv.astype(dt)
-  o = attend(q, keys, values, mask, cfg).reshape(B, T, cfg.n_heads * cfg.head_dim)
+  o = attend(q, keys, values, mask, compute).reshape(B, T, cfg.n_heads * cfg.head_dim)
   x = x + o @ lp["attn"]["o"]["kernel"].astype(dt)
   h = rms_norm(x, lp["mlp_norm"]["scale"], cfg.rms_eps)
   if cfg.ffn == "dense":
     m = lp["mlp"]
     y, aux = swiglu(h, m["gate"]["kernel"], m["up"]["kernel"], m["down"]["kernel"]), {}
   else:
-    y, aux = moe.moe_ffn(lp["moe"], h, cfg, mesh=mesh)
+    y, aux = moe.moe_ffn(lp["moe"], h, cfg, mesh=mesh, compute=compute)
   return x + y, aux, new_cache
 
 
@@ -174,14 +181,15 @@ _REMAT = {"full": jax.checkpoint_policies.nothing_saveable,
           "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positions: jax.Array | None = None,
-            segment_ids: jax.Array | None = None, mesh=None, return_hidden: bool = False):
+def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, compute: Compute = Compute(),
+            positions: jax.Array | None = None, segment_ids: jax.Array | None = None, mesh=None,
+            return_hidden: bool = False):
   """Full-sequence forward. tokens [B, T] -> (logits [B, T, V] float32, aux).
 
   aux holds per-layer MoE statistics stacked on a leading L axis (empty for a dense model). With
   return_hidden=True the final-norm hidden states are returned instead of logits (for chunked losses).
   """
-  dt = jnp.dtype(cfg.dtype)
+  dt = jnp.dtype(compute.dtype)
   B, T = tokens.shape
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
@@ -191,11 +199,11 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positions: j
     # Pinning the residual stream to batch sharding makes XLA all-gather each layer's FSDP-sharded weights (FSDP)
     # instead of all-gathering the activations over the batch (what it picks unconstrained: 8x the activations).
     x = sharding.constrain_batch(x, mesh)
-    y, aux, _ = _block(cfg, mesh, x, lp, positions, segment_ids, None, None)
+    y, aux, _ = _block(cfg, compute, mesh, x, lp, positions, segment_ids, None, None)
     return sharding.constrain_batch(y, mesh), aux
 
-  if cfg.remat != "none":
-    body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
+  if compute.remat != "none":
+    body = jax.checkpoint(body, policy=_REMAT[compute.remat], prevent_cse=False)
   # Kernels cast to the compute dtype once, while still sharded: FSDP then all-gathers bf16, not fp32 (half the bytes).
   layers = jax.tree.map(lambda w: w.astype(dt) if w.ndim >= 3 else w, params["layers"])
   x, aux = jax.lax.scan(body, x, layers)
@@ -213,20 +221,21 @@ def lm_logits(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------------------
 # KV-cache decoding.
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
-  dtype = jnp.dtype(dtype or cfg.dtype)
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype="float32") -> dict[str, jax.Array]:
+  dtype = jnp.dtype(dtype)
   shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
 
 
 def forward_cached(params: Params, tokens: jax.Array, cache: dict[str, jax.Array], cfg: ModelConfig, *,
-                   positions: jax.Array | None = None, kv_valid: jax.Array | None = None, mesh=None):
+                   compute: Compute = Compute(), positions: jax.Array | None = None,
+                   kv_valid: jax.Array | None = None, mesh=None):
   """Runs tokens [B, T] at cache slots index..index+T; returns (logits [B, T, V], new cache).
 
   positions default to the slot index (left-padded prompts pass their own so padding does not shift RoPE);
   kv_valid [B, S] (cache length S) masks padding slots out of attention.
   """
-  dt = jnp.dtype(cfg.dtype)
+  dt = jnp.dtype(compute.dtype)
   B, T = tokens.shape
   index = cache["index"]
   if positions is None:
@@ -235,7 +244,7 @@ def forward_cached(params: Params, tokens: jax.Array, cache: dict[str, jax.Array
 
   def body(x, layer):
     lp, ck, cv = layer
-    y, _, (ck, cv) = _block(cfg, mesh, x, lp, positions, None, (ck, cv), index, kv_valid)
+    y, _, (ck, cv) = _block(cfg, compute, mesh, x, lp, positions, None, (ck, cv), index, kv_valid)
     return y, (ck, cv)
 
   x, (ks, vs) = jax.lax.scan(body, x, (params["layers"], cache["k"], cache["v"]))
@@ -263,33 +272,3 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Model FLOPs per trained token (forward + backward = 3x forward), attention scores included."""
   attn_scores = 2 * 2 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim / 2  # causal: half the square
   return 3 * (2 * active_matmul_params(cfg) + attn_scores)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Flax NNX wrapper: a module whose nnx.to_pure_dict(nnx.state(model)) is exactly the parameter dict above.
-
-class _Node(nnx.Module):
-  def __init__(self, tree: Params, axes: Params):
-    for name, value in tree.items():
-      if isinstance(value, dict):
-        setattr(self, name, _Node(value, axes[name]))
-      else:
-        setattr(self, name, nnx.Param(value, logical_axes=axes[name]))  # metadata only: sharding.py places arrays
-
-
-class Transformer(nnx.Module):
-  """NNX view of the model. Training and the transforms use the pure dict; this is for interactive use."""
-
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, params: Params | None = None):
-    self.cfg = cfg
-    if params is None:
-      params = init_params(cfg, (rngs or nnx.Rngs(0)).params())
-    axes = logical_axes(cfg)
-    for name, value in params.items():
-      setattr(self, name, _Node(value, axes[name]))
-
-  def params(self) -> Params:
-    return nnx.to_pure_dict(nnx.state(self, nnx.Param))
-
-  def __call__(self, tokens: jax.Array, **kw):
-    return forward(self.params(), tokens, self.cfg, **kw)

@@ -1,4 +1,4 @@
-"""Stage branch (Branch + Adapt): upcycle the dense base into a 2-expert branch and adapt it on one capability.
+"""Stage branch (Branch + Adapt): upcycle the dense base into a 2-expert branch and adapt it on one domain.
 
   dense base --upcycle--> [anchor (frozen) | domain expert] + router --midtrain--> --sft--> (--rl-->) branch artifact
 
@@ -6,9 +6,9 @@ Each phase trains the regexes of config.schedule[phase] (the paper's progressive
 anchor's slices (config.frozen_experts) frozen; its data is the domain mixed with general data at
 config.general_ratio (-1: the spec's general.weight). config.capability is a built-in name or a spec file
 (configs/capabilities/template.py). Nothing is shared with other branches but the base artifact, so branches can be
-trained on different machines. The branch's manifest records the base fingerprint, the capability (name as `domain`,
-and its record: spec path, fingerprint of the data files, mapping and metric), every phase (steps, tokens, FLOPs,
-data fingerprint) and the capability's eval metrics before and after.
+trained on different machines. The branch's manifest records the base fingerprint, the capability (its name as
+`domain`, and its record: spec path, fingerprint of the data files, mapping and metric), every phase (steps, tokens,
+FLOPs, data fingerprint) and the capability's eval metrics before and after.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import jax
 import ml_collections
 
 from bar_jax.errors import BarError
-from bar_jax.stages import common
+from bar_jax.io import workdir as workdir_lib
+from bar_jax.stages import common, rollouts
 from bar_jax.transforms import freeze, upcycle
 
 PHASES = ("midtrain", "sft", "rl")
@@ -36,7 +37,10 @@ def phase_configs(config) -> dict[str, ml_collections.ConfigDict]:
     if name not in PHASES:
       raise BarError(f"unknown branch phase {name!r} in phase_order; use some of {list(PHASES)} in that order")
     phase = ml_collections.ConfigDict(config.phases[name].to_dict())
-    if name != "rl" and not phase.data.mix:
+    if name == "rl":  # the RL settings of configs/rl.py, run on this branch's domain and unfreezing schedule
+      phase.update(capability=cap.name, trainable=list(config.schedule.rl),
+                   frozen_experts=list(config.frozen_experts), seed=config.seed)
+    elif not phase.data.mix:
       if not 0.0 <= r < 1.0:
         raise BarError(f"general_ratio={r} must be in [0, 1): the share of general data mixed into the capability's")
       general = capability.get(general_ref).name
@@ -46,7 +50,8 @@ def phase_configs(config) -> dict[str, ml_collections.ConfigDict]:
 
 
 def run(config, workdir: str) -> str:
-  if common.done(workdir):
+  identity = workdir_lib.identity(config)
+  if workdir_lib.resolve(workdir, identity) == workdir_lib.FINISHED:
     return workdir
   from bar_jax.data import capability
   cap = capability.get(config.capability)  # unknown name, bad spec or bad data -> one line, before any work
@@ -55,39 +60,39 @@ def run(config, workdir: str) -> str:
   phases = phase_configs(config)
 
   base = common.load_model(config.base)
-  init = common.load_model(config.expert_init).params if config.get("expert_init") else None
-  # Router init: "zeros" (a fresh branch is the base exactly) or "random" (small; symmetric experts break sooner).
-  key = jax.random.key(config.seed) if config.router_init == "random" else None
+  init = common.load_model(config.expert_init).params if config.expert_init else None
+  # Router init: "random" (OLMo-core's default, the recipe's) or "zeros" (a fresh branch is the base exactly).
   params, cfg = upcycle.upcycle(base.params, base.cfg, expert_kind=config.expert_kind, lora_rank=config.lora_rank,
-                                lora_alpha=config.lora_alpha, expert_init=init, key=key)
-  cfg = common.model_overrides(cfg, config.get("compute", None))
+                                lora_alpha=config.lora_alpha, expert_init=init, key=jax.random.key(config.seed),
+                                router_init=config.router_init)
+  cfg, compute = common.model_overrides(cfg, config.compute)
   # Check every phase's trainable set now, before any data is built or anything is written.
   for name, phase in phases.items():
     freeze.make_partition(params, cfg, list(config.schedule[name]), list(config.frozen_experts))
   mesh = common.mesh_from(config)
+  workdir_lib.start(workdir, identity)
 
-  eval_domains = config.eval.get("domains")
+  eval_domains = config.eval.domains
   if eval_domains == "auto":
     eval_domains = list(dict.fromkeys([cap.name, capability.get(cap.general[1]).name]))
-  metrics_before = common.evaluate(config, cfg, params, base.tokenizer, mesh, eval_domains) \
-      if config.eval.get("before") else {}
+  metrics_before = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute, eval_domains) \
+      if config.eval.before else {}
   stages = []
   for name, phase in phases.items():
     if name == "rl":
-      from bar_jax.stages import rl
-      params, record = rl.run_rl(params, cfg, base.tokenizer, phase, os.path.join(workdir, "phases", name),
-                                 mesh=mesh, capability=cap.name, trainable=list(config.schedule[name]),
-                                 frozen_experts=list(config.frozen_experts), seed=config.seed)
+      params, record = rollouts.run_rl(params, cfg, base.tokenizer, phase, os.path.join(workdir, "phases", name),
+                                       mesh=mesh, identity={"stage": identity, "phase": name}, compute=compute)
     else:
       params, record = common.train_phase(name=name, model=base, cfg=cfg, params=params, phase=phase,
-                                          workdir=workdir, mesh=mesh, seed=config.seed,
+                                          workdir=workdir, mesh=mesh, seed=config.seed, identity=identity,
                                           trainable=list(config.schedule[name]),
-                                          frozen_experts=list(config.frozen_experts))
+                                          frozen_experts=list(config.frozen_experts), compute=compute)
     stages.append(record)
-  metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh, eval_domains)
+  metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute, eval_domains)
   parent = dict(base.manifest, role="base")
   return common.write_artifact(
-      workdir, base, params, cfg, "branch", stages, [parent], domain=cap.name, capability=cap.record(),
-      base_fingerprint=base.manifest["fingerprint"], base_name=base.name, expert_kind=config.expert_kind,
-      metrics=metrics, metrics_before=metrics_before, general_ratio=config.general_ratio,
-      expert_init=config.get("expert_init") or "base")
+      workdir, base, params, cfg, "branch", stages, [parent], identity=identity,
+      keep_checkpoints=config.keep_checkpoints, domain=cap.name, capability=cap.record(),
+      base_fingerprint=base.manifest["fingerprint"],
+      base_name=base.name, expert_kind=config.expert_kind, metrics=metrics, metrics_before=metrics_before,
+      general_ratio=config.general_ratio, expert_init=config.expert_init or "base")

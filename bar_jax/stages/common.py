@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
-from typing import Any
+import shutil
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -15,8 +17,9 @@ import numpy as np
 from bar_jax import sharding
 from bar_jax.errors import BarError
 from bar_jax.io import artifact
+from bar_jax.io import workdir as workdir_lib
 from bar_jax.model import transformer
-from bar_jax.model.config import ModelConfig
+from bar_jax.model.config import Compute, ModelConfig, split_overrides
 from bar_jax.stages import loop
 from bar_jax.transforms import freeze
 
@@ -59,14 +62,13 @@ def load_model(spec: str, *, verify: bool = True) -> Model:
   return Model(art.manifest.get("name", os.path.basename(spec)), art.cfg, art.params, art.tokenizer, art.manifest)
 
 
-def model_overrides(cfg: ModelConfig, overrides: ml_collections.ConfigDict | dict | None) -> ModelConfig:
-  """Compute-side knobs from config.compute (dtype, remat, attention, dispatch, top_k, ...) applied to a loaded model."""
-  if not overrides:
-    return cfg
+def model_overrides(cfg: ModelConfig, overrides: ml_collections.ConfigDict | dict) -> tuple[ModelConfig, Compute]:
+  """config.compute applied to a loaded model: (cfg with its routing overrides such as top_k, the run's Compute:
+  dtype, remat, attention, dispatch, capacity_factor). Only the first is ever written into a manifest."""
   d = dict(overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
-  d = {k: v for k, v in d.items() if v is not None}
+  arch, compute = split_overrides({k: v for k, v in d.items() if v is not None})
   try:
-    return cfg.replace(**d).validate()
+    return cfg.replace(**arch).validate(), Compute(**compute).validate()
   except TypeError as e:
     raise BarError(f"config.compute has a key ModelConfig does not know ({e}); see bar_jax/model/config.py") from None
   except ValueError as e:
@@ -74,29 +76,7 @@ def model_overrides(cfg: ModelConfig, overrides: ml_collections.ConfigDict | dic
 
 
 def mesh_from(config) -> jax.sharding.Mesh:
-  shape = config.get("mesh", None)
-  return sharding.make_mesh(shape.to_dict() if hasattr(shape, "to_dict") else shape)
-
-
-def mesh_config(**sizes) -> ml_collections.ConfigDict:
-  """Every mesh axis spelled out, so `--config.mesh.fsdp=8` works on a locked config; -1 takes the rest."""
-  d = {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1}
-  d.update(sizes)
-  return ml_collections.ConfigDict(d)
-
-
-def compute_config(**kw) -> ml_collections.ConfigDict:
-  """ModelConfig compute knobs a config may override (model_overrides applies them to the loaded model)."""
-  d = {"dtype": "float32", "remat": "none", "attention": "xla"}
-  d.update(kw)
-  return ml_collections.ConfigDict(d)
-
-
-def opt_defaults(**kw) -> ml_collections.ConfigDict:
-  d = dict(lr=1e-4, warmup_steps=10, end_lr_frac=0.1, weight_decay=0.0, b1=0.9, b2=0.95, clip_norm=1.0,
-           schedule="cosine")
-  d.update(kw)
-  return ml_collections.ConfigDict(d)
+  return sharding.make_mesh(config.mesh.to_dict())
 
 
 def data_batches(data: ml_collections.ConfigDict, tokenizer, *, seed: int, batch_size: int):
@@ -112,7 +92,7 @@ def data_batches(data: ml_collections.ConfigDict, tokenizer, *, seed: int, batch
   if data.kind not in ("lm", "sft"):
     raise BarError(f"data.kind={data.kind!r}: use 'lm' (mid-training text) or 'sft' (chat)")
   return fn(weights, tokenizer, seq_len=data.seq_len, batch_size=batch_size // pc, seed=seed,
-            max_examples=data.get("max_examples", 0))
+            max_examples=data.max_examples)
 
 
 def config_hash(d: Any) -> str:
@@ -120,32 +100,30 @@ def config_hash(d: Any) -> str:
 
 
 def train_phase(*, name: str, model: Model, cfg: ModelConfig, params: Any, phase: ml_collections.ConfigDict,
-                workdir: str, mesh, seed: int, trainable=None, frozen_experts=(0,), loss_kw=None,
-                batches=None) -> tuple[Any, dict]:
+                workdir: str, mesh, seed: int, identity: dict, trainable, frozen_experts=(0,),
+                batches=None, compute: Compute = Compute()) -> tuple[Any, dict]:
   """One training phase (mid-training, SFT, dense LM, router): data, partition, loop.train; returns (params, record).
 
-  batches: an already built pipeline.Batches (e.g. the router's stratified sample) instead of phase.data's mix.
+  identity: the stage's identity (bar_jax/io/workdir.py); the phase's checkpoints are claimed for it and the phase
+  name. batches: an already built pipeline.Batches (e.g. the router's stratified sample) instead of phase.data's mix.
   The record goes into the artifact manifest's `stages`: steps, tokens, FLOPs, data fingerprint, config, curve ends.
   """
-  batch_size, accum = phase.batch_size, phase.get("accum", 1)
+  batch_size, accum = phase.batch_size, phase.accum
   per_micro, div = batch_size // max(accum, 1), sharding.batch_divisor(mesh)
   if batch_size % accum or per_micro % div:
     raise BarError(f"{name}: batch_size {batch_size} / accum {accum} must be a whole multiple of the mesh's "
                    f"{div} batch shards (data x fsdp x expert); change batch_size, accum or config.mesh")
   data = batches or data_batches(phase.data, model.tokenizer, seed=seed, batch_size=batch_size)
   it = data.iterator()
-  patterns = list(trainable if trainable is not None else phase.trainable)
+  patterns = list(trainable)
   part = freeze.make_partition(params, cfg, patterns, frozen_experts)
-  lk = dict(z_loss=phase.get("z_loss", 0.0), lb_loss=phase.get("lb_loss", 0.0))
-  lk.update(loss_kw or {})
   phase_dir = os.path.join(workdir, "phases", name)
-  identity = {"phase": name, "input": model.manifest.get("fingerprint"), "model": cfg.to_dict(),
-              "phase_config": phase.to_dict(), "trainable": patterns, "frozen_experts": list(frozen_experts),
-              "seed": seed, "mesh": dict(mesh.shape)}
-  result = loop.train(params=params, cfg=cfg, part=part, loss_fn=loop.lm_loss(cfg, mesh, **lk), batches=it,
-                      opt=phase.opt, steps=phase.steps, workdir=phase_dir, mesh=mesh, identity=identity,
-                      accum=accum, checkpoint_every=phase.get("checkpoint_every", 50),
-                      log_every=phase.get("log_every", 10), desc=name, data_iter=it)
+  result = loop.train(params=params, cfg=cfg, part=part,
+                      loss_fn=loop.lm_loss(cfg, mesh, z_loss=phase.z_loss, lb_loss=phase.lb_loss, compute=compute),
+                      batches=it,
+                      opt=phase.opt, steps=phase.steps, workdir=phase_dir, mesh=mesh,
+                      identity={"stage": identity, "phase": name}, accum=accum,
+                      checkpoint_every=phase.checkpoint_every, log_every=phase.log_every, desc=name, data_iter=it)
   tokens = float(phase.steps * batch_size * phase.data.seq_len)
   trainable_tree, _ = freeze.split(params, part)
   record = {
@@ -156,7 +134,7 @@ def train_phase(*, name: str, model: Model, cfg: ModelConfig, params: Any, phase
       "trainable": patterns, "frozen_experts": list(frozen_experts), "seconds": round(result.seconds, 1),
       "loss_first": result.history[0]["loss"] if result.history else None,
       "loss_last": result.history[-1]["loss"] if result.history else None,
-      "config": phase.to_dict(),
+      "config": workdir_lib.strip_runtime(phase.to_dict()),
   }
   return result.params, record
 
@@ -166,11 +144,18 @@ def to_host(params: Any) -> Any:
 
 
 def write_artifact(workdir: str, model: Model, params: Any, cfg: ModelConfig, kind: str, stages: list[dict],
-                   parents: list[dict], **fields) -> str:
-  """Writes workdir as a complete artifact (manifest last); returns workdir."""
-  manifest = {"kind": kind, "model": cfg.to_dict(), **fields}
+                   parents: list[dict], *, identity: dict, keep_checkpoints: bool = False, **fields) -> str:
+  """Writes workdir as a complete artifact (manifest last, with the stage identity); returns workdir.
+
+  Then, unless keep_checkpoints, the finished run's training checkpoints go (metrics and identity files stay)."""
+  manifest = {"kind": kind, "model": cfg.to_dict(), "identity": identity, **fields}
   manifest.update(artifact.lineage(parents, stages))
   artifact.write(workdir, to_host(params), manifest, model.tokenizer)
+  if not keep_checkpoints and jax.process_index() == 0:
+    for root, dirs, _ in os.walk(workdir):
+      if "checkpoints" in dirs and os.path.isfile(os.path.join(root, workdir_lib.IDENTITY_FILE)):
+        shutil.rmtree(os.path.join(root, "checkpoints"))
+        dirs.remove("checkpoints")
   return workdir
 
 
@@ -178,13 +163,48 @@ def done(workdir: str) -> bool:
   return artifact.is_complete(workdir)
 
 
-def evaluate(config, cfg: ModelConfig, params: Any, tokenizer, mesh, domains=None) -> dict:
+def evaluate(config, cfg: ModelConfig, params: Any, tokenizer, mesh, compute: Compute = Compute(),
+             domains=None) -> dict:
   """The capability metrics of config.eval (empty when eval.domains is empty), for the manifest; `domains` (names or
   spec paths) overrides eval.domains."""
-  ev = config.get("eval", None)
-  domains = domains if domains is not None else (ev.get("domains") if ev else None)
-  if not ev or not domains:
+  ev = config.eval
+  domains = ev.domains if domains is None else domains
+  if not domains:
     return {}
   from bar_jax import evals
   return evals.evaluate_model(params, cfg, tokenizer, domains, n_per_domain=ev.n_per_domain,
-                              max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, mesh=mesh)
+                              max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, mesh=mesh,
+                              compute=compute)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The evaluation table (the evaluate stage's eval.md and the pipeline's results.md).
+
+EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
+
+
+def _cell(res: dict[str, Any] | None) -> str:
+  if not res or not isinstance(res.get("score"), (int, float)) or not math.isfinite(res["score"]):
+    return "–"
+  if res.get("metric") == "nll":
+    return f"{res['score']:.1f} (nll {res['value']:.3f})"
+  if "refusal_rate" in res:
+    return f"{res['score']:.1f} (ref {res['refusal_rate']:.0f} / ans {res['answer_rate']:.0f})"
+  return f"{res['score']:.1f}"
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+  """Markdown table like the paper's: one row per model ({name, domains: {d: result}, overall}), overall last.
+
+  Generative domains show their score (%); NLL domains show 100*exp(-nll) with the NLL beside it; safety shows the
+  mean of the refusal rate (harmful prompts) and answer rate (benign prompts) with both beside it.
+  """
+  domains: list[str] = []
+  for r in rows:
+    domains += [d for d in r["domains"] if d not in domains]
+  lines = ["| model | " + " | ".join(domains) + " | overall |", "|---" * (len(domains) + 2) + "|"]
+  for r in rows:
+    overall = r.get("overall", float("nan"))
+    cells = [_cell(r["domains"].get(d)) for d in domains]
+    lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {overall:.1f} |")
+  return "\n".join(lines) + "\n"

@@ -5,6 +5,7 @@
 A dense model becomes a LlamaForCausalLM directory, an MoE (a merged model, or a 2-expert branch) a
 MixtralForCausalLM one (LoRA experts materialised); see bar_jax/io/hf.py for the top-k mapping. The source artifact is
 verified against its fingerprints first; the HF directory is written atomically and never over an existing one.
+WORKDIR follows the workdir contract (bar_jax/io/workdir.py; bar_jax_export.json records the identity).
 """
 from __future__ import annotations
 
@@ -12,18 +13,20 @@ import os
 
 from bar_jax.errors import BarError
 from bar_jax.io import artifact, hf
+from bar_jax.io import workdir as workdir_lib
 
 
 def run(config, workdir: str) -> str:
-  source = config.get("model", "")
+  identity = workdir_lib.identity(config)
+  if workdir_lib.resolve(workdir, identity, result_file=hf.PROVENANCE_FILE) == workdir_lib.FINISHED:
+    return workdir
+  source = config.model
   if not source:
     raise BarError("no model to export: pass --config.model=<artifact dir>")
-  if os.path.exists(workdir) and os.listdir(workdir):
-    raise BarError(f"{workdir} is not empty; choose a new --workdir for the Hugging Face directory")
-  art = artifact.read(source, verify=config.get("verify", True))
+  art = artifact.read(source, verify=config.verify)
   provenance = {"source": os.path.basename(os.path.normpath(source)), "fingerprint": art.fingerprint,
                 "kind": art.manifest.get("kind"), "experts": art.manifest.get("experts"),
-                "model": art.cfg.to_dict()}
-  max_shard_bytes = int(config.get("max_shard_gb", 5.0) * 2**30)
+                "model": art.cfg.to_dict(), "identity": identity}
+  max_shard_bytes = int(config.max_shard_gb * 2**30)
   return hf.save_dir(workdir, art.cfg, art.params, art.tokenizer, provenance=provenance,
                      max_shard_bytes=max_shard_bytes)

@@ -16,6 +16,7 @@ import numpy as np
 
 from bar_jax.errors import BarError
 from bar_jax.io import artifact, gguf
+from bar_jax.io import workdir as workdir_lib
 
 
 def load_source(source: str):
@@ -38,12 +39,13 @@ def load_source(source: str):
 
 
 def run(config, workdir: str) -> str:
-  if artifact.is_complete(workdir):
-    raise BarError(f"{workdir} already holds an artifact; choose a new --workdir or delete it first")
-  cfg, params, tok, provenance = load_source(config.get("source", "") or "")
+  identity = workdir_lib.identity(config)
+  if workdir_lib.resolve(workdir, identity) == workdir_lib.FINISHED:
+    return workdir
+  cfg, params, tok, provenance = load_source(config.source)
   params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
-  manifest = {"kind": "dense", "model": cfg.to_dict(), "name": config.get("name", "") or os.path.basename(
-      os.path.normpath(workdir)), "source": provenance, "metrics": {}}
+  manifest = {"kind": "dense", "model": cfg.to_dict(), "identity": identity,
+              "name": config.name or os.path.basename(os.path.normpath(workdir)), "source": provenance, "metrics": {}}
   manifest.update(artifact.lineage([], [{"stage": "import_base", "steps": 0, "tokens": 0, "flops": 0,
                                          "config": {"source": provenance}}]))
   fp = artifact.write(workdir, params, manifest, tok)

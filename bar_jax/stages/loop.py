@@ -1,17 +1,20 @@
 """The one training loop: a jitted step over a (trainable, frozen) split, sharded, checkpointed, resumable.
 
-Every stage that trains (dense LM, branch mid-training/SFT, router, RL) calls `train(...)` with its own loss function
-and partition. Frozen leaves are arguments of the step but never reach the optimiser; trainable leaves and the
-optimiser state are donated. A run killed at any point and started again with the same command resumes from the last
-checkpoint (params, optimiser state, step, data iterator) and ends bit-identical to an uninterrupted run.
+Every stage that trains (dense LM, branch mid-training/SFT, router, upgrade, RL) calls `train(...)` with its own loss
+function, partition and batch source (an iterator of batches, or RL's rollouts sampled from the current parameters),
+plus hooks (metrics and TensorBoard, progress, periodic eval). Frozen leaves are arguments of the step but never
+reach the optimiser; trainable leaves and the optimiser state are donated. A run killed at any point and started
+again with the same command resumes from the last checkpoint (params, optimiser state, step, data iterator) and ends
+bit-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +22,10 @@ import numpy as np
 import optax
 
 from bar_jax import optim, pytree, sharding
-from bar_jax.io.checkpoint import Checkpointer, check_run_identity
+from bar_jax.io import workdir as workdir_lib
+from bar_jax.io.checkpoint import Checkpointer
 from bar_jax.model import transformer
-from bar_jax.model.config import ModelConfig
+from bar_jax.model.config import Compute, ModelConfig
 from bar_jax.transforms import freeze
 
 LossFn = Callable[[dict, dict], tuple[jax.Array, dict[str, jax.Array]]]
@@ -30,11 +34,12 @@ LossFn = Callable[[dict, dict], tuple[jax.Array, dict[str, jax.Array]]]
 # ----------------------------------------------------------------------------------------------------------------
 # Losses.
 
-def lm_loss(cfg: ModelConfig, mesh=None, z_loss: float = 0.0, lb_loss: float = 0.0) -> LossFn:
+def lm_loss(cfg: ModelConfig, mesh=None, z_loss: float = 0.0, lb_loss: float = 0.0,
+            compute: Compute = Compute()) -> LossFn:
   """Next-token cross-entropy over batch["mask"] (assistant tokens for SFT), plus the MoE router losses."""
 
   def loss_fn(params, batch):
-    logits, aux = transformer.forward(params, batch["inputs"], cfg, positions=batch["positions"],
+    logits, aux = transformer.forward(params, batch["inputs"], cfg, compute=compute, positions=batch["positions"],
                                       segment_ids=batch["segment_ids"], mesh=mesh)
     mask = batch["mask"].astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
@@ -43,7 +48,9 @@ def lm_loss(cfg: ModelConfig, mesh=None, z_loss: float = 0.0, lb_loss: float = 0
     metrics = {"nll": nll, "tokens": mask.sum()}
     loss = nll
     if aux:
-      metrics["z_loss"] = aux["z_loss"].mean()
+      # Router z-loss as OLMo-core reduces it: each layer's sum of lse^2 over every position / the batch's loss tokens,
+      # summed over layers (aux["z_loss"] is each layer's mean over the B*T positions).
+      metrics["z_loss"] = aux["z_loss"].sum() * (mask.size / n)
       metrics["lb_loss"] = aux["lb_loss"].mean()
       loss = loss + z_loss * metrics["z_loss"] + lb_loss * metrics["lb_loss"]
     return loss, metrics
@@ -100,17 +107,51 @@ def to_micro(local: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarray]:
   return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in local.items()}
 
 
-def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: LossFn, batches: Iterator[dict],
-          opt, steps: int, workdir: str, mesh, identity: dict, accum: int = 1, checkpoint_every: int = 100,
-          log_every: int = 10, desc: str = "train", data_iter=None, on_log: Callable[[dict], None] | None = None
-          ) -> Result:
+class BatchSource(Protocol):
+  """What a training step consumes. updates(step, current) returns the local batches of that step's optimiser
+  updates ([B_local, ...] numpy dicts, one per update) and host stats for its metrics row; `current()` gives the
+  parameters as they are now (RL samples its rollouts from them). data_iter: checkpointed with the state, or None."""
+  data_iter: Any
+
+  def updates(self, step: int, current: Callable[[], dict]) -> tuple[list[dict], dict]: ...
+
+
+class IteratorSource:
+  """One update per step from a batch iterator (the LM and SFT phases)."""
+
+  def __init__(self, batches: Iterator[dict], data_iter=None):
+    self.batches, self.data_iter = batches, data_iter
+
+  def updates(self, step, current):
+    return [next(self.batches)], {}
+
+
+class Hook:
+  """Called by train(): begin(start, steps) once; step(done) after every step; log(row) for each metrics row (host
+  floats, at log points); end() once. A hook with `every` > 0 also gets evaluate(done, params) on those steps, and
+  the dict it returns joins that step's row (periodic eval)."""
+  every = 0
+
+  def begin(self, start: int, steps: int) -> None: ...
+  def step(self, done: int) -> None: ...
+  def log(self, row: dict) -> None: ...
+  def evaluate(self, done: int, params: dict) -> dict: return {}
+  def end(self) -> None: ...
+
+
+def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: LossFn, batches, opt, steps: int,
+          workdir: str, mesh, identity: dict, accum: int = 1, checkpoint_every: int = 100, log_every: int = 10,
+          desc: str = "train", data_iter=None, updates_per_step: int = 1, hooks: Sequence[Hook] = ()) -> Result:
   """Trains `part`'s trainable leaves of `params` for `steps` steps; resumes from workdir/checkpoints if present.
 
-  batches yields this process's share of each global batch as numpy dicts [B_local, ...]; data_iter (if it has
-  get_state/set_state, e.g. a grain iterator) is checkpointed with the state so the data resumes exactly.
+  batches: a BatchSource, or an iterator of this process's share of each global batch ([B_local, ...] numpy dicts);
+  data_iter (if it has get_state/set_state, e.g. a grain iterator) is checkpointed with the state so the data resumes
+  exactly. updates_per_step: optimiser updates per step (RL: epochs x minibatches), for the schedule's length.
+  Built-in hooks: metrics.jsonl + TensorBoard (process 0) and a progress bar; `hooks` come after them.
   """
-  check_run_identity(workdir, identity)
-  tx, sched = optim.adamw(opt, steps)
+  workdir_lib.claim_checkpoints(workdir, identity)
+  source = batches if hasattr(batches, "updates") else IteratorSource(batches, data_iter)
+  tx, sched = optim.adamw(opt, steps * updates_per_step)
   trainable, frozen, opt_state = init_state(params, cfg, part, tx, mesh)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -119,7 +160,7 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
   if start:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             {"trainable": trainable, "opt_state": opt_state, "step": step_array(0, mesh)})
-    state = ckpt.restore(start, abstract, data_iter)
+    state = ckpt.restore(start, abstract, source.data_iter)
     trainable, opt_state = state["trainable"], state["opt_state"]
   history = read_history(history_path, upto=start)
 
@@ -127,45 +168,60 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
   keep = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   step_fn = jax.jit(make_step(loss_fn, tx, part, accum), donate_argnums=(0, 1),
                     out_shardings=(keep(trainable), keep(opt_state), None))
-  writer = MetricsWriter(workdir, history_path, history) if jax.process_index() == 0 else None
+  join_fn = jax.jit(functools.partial(freeze.join, part=part))
+  current = lambda: join_fn(trainable, frozen)  # noqa: E731 (reads the loop's latest trainable)
+  hooks = ([MetricsWriter(workdir, history_path, history)] if jax.process_index() == 0 else []) + \
+      [Progress(desc)] + list(hooks)
+  for h in hooks:
+    h.begin(start, steps)
   tokens_seen = sum(h.get("tokens", 0.0) for h in history)
-  t0, t_last, seconds = time.time(), time.time(), 0.0
-  bar = _progress(desc, steps, start)
-  pending: list[tuple[int, dict]] = []
+  t0, t_last = time.time(), time.time()
+  pending: list[tuple[int, dict, dict]] = []
   for step in range(start, steps):
-    local = next(batches)
-    batch = sharding.global_batch(to_micro(local, accum), mesh, batch_axis=1)
-    trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch)
-    pending.append((step + 1, metrics))
+    local_batches, info = source.updates(step, current)
+    outs = []
+    for local in local_batches:
+      batch = sharding.global_batch(to_micro(local, accum), mesh, batch_axis=1)
+      trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch)
+      outs.append(metrics)
+    pending.append((step + 1, mean_metrics(outs), info))
     done = step + 1
-    if done % log_every == 0 or done == steps or done % checkpoint_every == 0:
+    evals = [h for h in hooks if h.every and done % h.every == 0]
+    if done % log_every == 0 or done == steps or done % checkpoint_every == 0 or evals:
       now = time.time()
-      for s, m in pending:  # one host sync per log interval, not per step
+      rows = []
+      for s, m, stats in pending:  # one host sync per log interval, not per step
         row = {k: float(v) for k, v in m.items()}
-        row.update(step=s, lr=float(sched(s - 1)))
+        row.update(stats)
+        row.update(step=s, lr=float(sched(s * updates_per_step - 1)))
         tokens_seen += row.get("tokens", 0.0)
-        row["tokens_seen"] = tokens_seen
-        history.append(row)
-        if writer:
-          writer.write(row)
-      row = history[-1]
-      row["step_time"] = (now - t_last) / len(pending)
-      seconds += now - t_last
+        row.update(tokens_seen=tokens_seen, step_time=(now - t_last) / len(pending))
+        rows.append(row)
+      for h in evals:
+        rows[-1].update(h.evaluate(done, current()))
       t_last, pending = now, []
-      if on_log:
-        on_log(row)
-      bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-    bar.update(1)
+      for row in rows:
+        history.append(row)
+        for h in hooks:
+          h.log(row)
+    for h in hooks:
+      h.step(done)
     if done % checkpoint_every == 0 or done == steps:
       ckpt.save(done, {"trainable": trainable, "opt_state": opt_state, "step": step_array(done, mesh)},
-                data_iter)
-  bar.close()
+                source.data_iter)
   ckpt.close()
-  if writer:
-    writer.close()
+  for h in hooks:
+    h.end()
   final = freeze.join(trainable, frozen, part)
   return Result(params=final, steps=steps, tokens=tokens_seen, seconds=time.time() - t0, history=history,
                 opt_state=opt_state)
+
+
+def mean_metrics(outs: list[dict]) -> dict:
+  """A step's metrics over its updates: the mean, but `tokens` summed; one update's are passed through as they are."""
+  if len(outs) == 1:
+    return outs[0]
+  return {k: sum(o[k] for o in outs) / (1 if k == "tokens" else len(outs)) for k in outs[0]}
 
 
 def step_array(n: int, mesh) -> jax.Array:
@@ -180,7 +236,7 @@ def init_state(params: dict, cfg: ModelConfig, part: freeze.Partition, tx: optax
   Partially frozen leaves were sliced along the expert axis, so their shardings are re-derived from the slices.
   Trainable leaves are copied: the step donates them, and the caller's arrays must stay alive.
   """
-  full = sharding.param_shardings(cfg, mesh, params)
+  full = transformer.param_shardings(cfg, mesh, params)
   flat_shardings = pytree.flatten(full)
   trainable, frozen = freeze.split(jax.tree.map(jax.device_put, params, full), part)
   trainable = {k: jnp.copy(jax.device_put(v, slice_sharding(flat_shardings[k], v))) for k, v in trainable.items()}
@@ -242,7 +298,7 @@ def read_history(path: str, upto: int) -> list[dict]:
   return rows
 
 
-class MetricsWriter:
+class MetricsWriter(Hook):
   """metrics.jsonl (rewritten on resume to the checkpointed prefix) + TensorBoard events."""
 
   def __init__(self, workdir: str, path: str, history: list[dict]):
@@ -257,21 +313,37 @@ class MetricsWriter:
     except ImportError:
       self.tb = None
 
-  def write(self, row: dict) -> None:
+  def log(self, row: dict) -> None:
     self.f.write(json.dumps(row) + "\n")
     self.f.flush()
     if self.tb:
       for k, v in row.items():
-        if k != "step":
+        if k != "step" and isinstance(v, (int, float)):
           self.tb.add_scalar(k, v, row["step"])
 
-  def close(self) -> None:
+  def end(self) -> None:
     self.f.close()
     if self.tb:
       self.tb.close()
 
 
-def _progress(desc: str, total: int, initial: int):
-  from tqdm import tqdm
-  return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0,
-              mininterval=2.0)
+class Progress(Hook):
+  """A tqdm bar on process 0 with the last logged loss."""
+
+  def __init__(self, desc: str):
+    self.desc, self.bar = desc, None
+
+  def begin(self, start: int, steps: int) -> None:
+    from tqdm import tqdm
+    self.bar = tqdm(total=steps, initial=start, desc=self.desc, dynamic_ncols=True,
+                    disable=jax.process_index() != 0, mininterval=2.0)
+
+  def log(self, row: dict) -> None:
+    if "loss" in row:
+      self.bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+
+  def step(self, done: int) -> None:
+    self.bar.update(1)
+
+  def end(self) -> None:
+    self.bar.close()

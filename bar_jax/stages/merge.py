@@ -1,11 +1,14 @@
 """The merge stage: N branch artifacts -> one `moe` artifact (anchor + N domain experts, shared weights reconciled).
 
-  python -m bar_jax.train --config=configs/merge.py --config.branches=runs/math,runs/code --workdir=runs/moe
+  python -m bar_jax.train --config=configs/merge.py --config.branches=runs/math,runs/code --config.base=runs/base \
+      --workdir=runs/moe
 
 Every branch is checked from its manifest and parameter metadata before any parameter is read: kind 'branch', one
 base_fingerprint for all, one architecture, matching expert settings, no branch twice. Parameters are then streamed
 leaf by leaf (artifact.open_params), each leaf verified against its fingerprint as it is read; any failure raises one
 BarError naming the branch, and nothing is written. The merged model is written atomically with its lineage.
+WORKDIR follows the workdir contract (bar_jax/io/workdir.py): the same config returns the merged model, another one
+is refused.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from bar_jax import sharding
 from bar_jax.data.tokenizer import Tokenizer
 from bar_jax.errors import BarError
 from bar_jax.io import artifact
+from bar_jax.io import workdir as workdir_lib
+from bar_jax.model import transformer
 from bar_jax.model.config import ModelConfig
 from bar_jax.transforms import merge as merge_lib
 
@@ -50,29 +55,21 @@ def check_branches(dirs: list[str]) -> tuple[list[dict[str, Any]], list[ModelCon
   first, base_fp = dirs[0], manifests[0].get("base_fingerprint")
   if not base_fp:
     raise BarError(f"branch {first} has no base_fingerprint in its manifest; re-run its branch stage")
-  arch0 = merge_lib.architecture(cfgs[0])
   for d, m, cfg in zip(dirs, manifests, cfgs):
     if m.get("base_fingerprint") != base_fp:
       raise BarError(f"branch {d} was trained from base {str(m.get('base_fingerprint'))[:12]}, but {first} from "
                      f"{base_fp[:12]}: merge only branches of the same base")
-    arch = merge_lib.architecture(cfg)
-    if arch != arch0:
-      diff = ", ".join(f"{k}={arch.get(k)} vs {arch0.get(k)}" for k in sorted(arch) if arch.get(k) != arch0.get(k))
-      raise BarError(f"branch {d} has a different architecture from {first} ({diff}): merge only branches of one base")
-    for field in ("ffn", "n_experts", "expert_kind") + (("lora_rank", "lora_alpha") if cfg.expert_kind == "lora"
-                                                         else ()):
-      if getattr(cfg, field) != getattr(cfgs[0], field):
-        raise BarError(f"branch {d} has {field}={getattr(cfg, field)} but {first} has {getattr(cfgs[0], field)}: "
-                       "re-train it with the same expert settings")
+    merge_lib.check_stackable(cfg, cfgs[0], what=f"branch {d}", into=first, fix="merge only branches of one base")
   return manifests, cfgs
 
 
 def run(config, workdir: str) -> str:
+  identity = workdir_lib.identity(config)
+  if workdir_lib.resolve(workdir, identity) == workdir_lib.FINISHED:
+    return workdir
   dirs = _split(config.branches)
   if not dirs:
     raise BarError("no branches to merge: pass --config.branches=DIR1,DIR2,...")
-  if os.path.exists(os.path.join(workdir, artifact.MANIFEST)):
-    raise BarError(f"{workdir} already holds an artifact; choose a new --workdir or delete it first")
   manifests, cfgs = check_branches(dirs)
   names = [m.get("domain") or os.path.basename(os.path.normpath(d)) for d, m in zip(dirs, manifests)]
   if len(set(names)) != len(names):
@@ -87,33 +84,31 @@ def run(config, workdir: str) -> str:
     branch_params.append(lazy)
 
   base_params, base_manifest = None, None
-  if config.get("base", ""):
+  if config.base:
     base_manifest = artifact.read_manifest(config.base)
     if base_manifest.get("fingerprint") != manifests[0]["base_fingerprint"]:
       raise BarError(f"config.base {config.base} has fingerprint {str(base_manifest.get('fingerprint'))[:12]}, not "
                      f"the branches' base {manifests[0]['base_fingerprint'][:12]}: pass the base they were made from")
     base_params = artifact.open_params(config.base, verify=True)
-  weights = [float(w) for w in _split(config.get("weights", ""))] or None
-  model = config.get("compute", None)
-  model = model.to_dict() if hasattr(model, "to_dict") else dict(model or {})
-
+  weights = [float(w) for w in _split(config.weights)] or None
+  compute = config.compute
   params, cfg = merge_lib.merge(base_params, branch_params, cfgs, rule=config.rule, weights=weights,
-                                ties_density=config.get("ties_density", 0.2), ties_scale=config.get("ties_scale", 1.0),
-                                top_k=model.get("top_k", 0), norm_topk=model.get("norm_topk", False),
-                                dispatch=model.get("dispatch", "dense"))
-  if config.get("place_on_mesh", False):
-    mesh = sharding.make_mesh(config.mesh.to_dict() if hasattr(config.mesh, "to_dict") else config.mesh)
-    params = jax.device_put(params, sharding.param_shardings(cfg, mesh, params))
+                                ties_density=config.ties_density, ties_scale=config.ties_scale,
+                                top_k=compute.top_k, norm_topk=compute.norm_topk)
+  if config.place_on_mesh:
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    params = jax.device_put(params, transformer.param_shardings(cfg, mesh, params))
 
   parents = [dict(m, role="branch") for m in manifests]
   if base_manifest is not None:
     parents.append(dict(base_manifest, role="base"))
   record = {"stage": "merge", "steps": 0, "tokens": 0, "flops": 0,
-            "config": {"rule": config.rule, "weights": weights, "ties_density": config.get("ties_density", 0.2),
+            "config": {"rule": config.rule, "weights": weights, "ties_density": config.ties_density,
                        "branches": [m.get("fingerprint") for m in manifests]}}
   # Which data made each expert: the branches' capability records (spec, fingerprint, metric), by expert name.
   capabilities = {n: m["capability"] for n, m in zip(names, manifests) if m.get("capability")}
-  manifest = {"kind": "moe", "model": cfg.to_dict(), "experts": ["anchor"] + names, "capabilities": capabilities,
+  manifest = {"kind": "moe", "model": cfg.to_dict(), "identity": identity, "experts": ["anchor"] + names,
+              "capabilities": capabilities,
               "base_fingerprint": manifests[0]["base_fingerprint"], "merge_rule": config.rule,
               **artifact.lineage(parents, [record])}
   artifact.write(workdir, params, manifest, Tokenizer.load(dirs[0]))

@@ -7,9 +7,13 @@
              -> WORKDIR/eval/<model>/eval.json     (stages/evaluate.py: every domain's metric on base, branches, BAR)
              -> WORKDIR/results.md, results.json   (the table: rows = models, columns = domains, overall)
 
-A step whose output is already complete is skipped, so a killed pipeline started again with the same command resumes
-where it stopped; a step killed half-way resumes from its own checkpoints. Every step's config is derived from the
-stage's own configs/<stage>.py get_config plus this config's overrides (nothing is re-implemented here).
+Every step follows the workdir contract (bar_jax/io/workdir.py): its folder records the step's stage identity (its
+config without run-time knobs, its inputs by fingerprint). A step whose folder holds a finished output of the same
+identity is skipped, so a killed pipeline started again with the same command resumes where it stopped, and a step
+killed half-way resumes from its own checkpoints. A step whose identity changed (another config, or an input that
+was redone) is run again after its old folder is moved aside to <step>.stale[N] (kept, never deleted); the steps
+after it then see new inputs and are redone the same way. Every step's config is derived from the stage's own
+configs/<stage>.py get_config plus this config's overrides (nothing is re-implemented here).
 """
 from __future__ import annotations
 
@@ -18,28 +22,37 @@ import importlib.util
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import ml_collections
 
 from bar_jax.errors import BarError
+from bar_jax.io import workdir as workdir_lib
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 RESULTS_MD, RESULTS_JSON = "results.md", "results.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config helpers (also used by experiments/: baselines and sweeps build their configs the same way).
 
+def config_module(name: str):
+  """The module configs/<name>.py, imported as the package `configs` (the repository root on the path: run from it,
+  or install the checkout with pip install -e .)."""
+  try:
+    return importlib.import_module(f"configs.{name}")
+  except ModuleNotFoundError as e:
+    if e.name in ("configs", f"configs.{name}"):
+      raise BarError(f"cannot import configs.{name}: run from the repository root (where configs/ is), or pip "
+                     "install -e . there") from None
+    raise
+
+
 def stage_config(name: str, arg: str | None = None, overrides: Any = None) -> ml_collections.ConfigDict:
   """configs/<name>.py get_config(arg), updated recursively with `overrides` (a dict or ConfigDict)."""
-  path = os.path.join(CONFIGS_DIR, f"{name}.py")
-  if not os.path.isfile(path):
-    raise BarError(f"no config file {path}: the {name} stage's config is missing from configs/")
-  spec = importlib.util.spec_from_file_location(f"bar_jax_configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg is not None else module.get_config()
+  try:
+    config = config_module(name).get_config(arg)
+  except ValueError as e:  # the variant parser's one line
+    raise BarError(f"configs/{name}.py:{arg}: {e}") from None
   return apply_overrides(config, overrides)
 
 
@@ -75,8 +88,11 @@ def _check_keys(config, d: dict, prefix: str) -> None:
 
 
 def stage_available(name: str) -> bool:
-  return (importlib.util.find_spec(f"bar_jax.stages.{name}") is not None
-          and os.path.isfile(os.path.join(CONFIGS_DIR, f"{name}.py")))
+  try:
+    return (importlib.util.find_spec(f"bar_jax.stages.{name}") is not None
+            and importlib.util.find_spec(f"configs.{name}") is not None)
+  except ModuleNotFoundError:
+    return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,11 +102,31 @@ def stage_available(name: str) -> bool:
 class Step:
   name: str                      # also the output's directory under WORKDIR
   kind: str                      # base | branch | merge | router | eval
-  train_steps: int               # for the time estimate
-  tokens_per_step: int
-  run: Callable[[], Any]
-  done: Callable[[], bool]
-  check: Callable[[], None] = lambda: None  # on a finished step: BarError if it was made with another config
+  outdir: str
+  config: Any                    # the stage config (config.stage names the stage; "base" is the pipeline's own)
+  train_steps: int = 0           # for the time estimate
+  tokens_per_step: int = 0
+  result_file: str = workdir_lib.MANIFEST  # what marks the step finished (and records its identity)
+
+  def identity(self) -> dict:
+    """Computed when asked: a step's inputs are the outputs of the steps before it."""
+    return workdir_lib.identity(self.config)
+
+  def done(self) -> bool:
+    state, found = workdir_lib.recorded(self.outdir, self.result_file)
+    return state == workdir_lib.FINISHED and found == self.identity()
+
+  def run(self) -> str:
+    """Runs the step's stage; a folder of another identity (or of none) is moved aside first, never deleted."""
+    _, found = workdir_lib.recorded(self.outdir, self.result_file)
+    if os.path.isdir(self.outdir) and os.listdir(self.outdir) and found != self.identity():
+      stale = workdir_lib.set_aside(self.outdir)
+      print(f"[pipeline] {self.outdir} was made with another config or other inputs; moved it to {stale} and "
+            "running the step again", flush=True)
+    if self.config.stage == "base":
+      return _write_base(self.config, self.outdir)
+    # The stage module directly: bar_jax.train may be __main__ (importing it again redefines its flags).
+    return importlib.import_module(f"bar_jax.stages.{self.config.stage}").run(self.config, self.outdir)
 
 
 def _phase_budget(config) -> tuple[int, int]:
@@ -100,7 +136,7 @@ def _phase_budget(config) -> tuple[int, int]:
     p = config.phases[name]
     if name == "rl":
       steps += p.steps
-      tokens += p.steps * p.prompts_per_step * p.group_size * p.max_new_tokens
+      tokens += p.steps * p.prompts_per_step * p.group_size * p.max_response_len
     else:
       steps += p.steps
       tokens += p.steps * p.batch_size * p.data.seq_len
@@ -108,10 +144,14 @@ def _phase_budget(config) -> tuple[int, int]:
 
 
 def branch_config(config, domain: str, base_dir: str) -> ml_collections.ConfigDict:
-  arg = ",".join([domain] + [f for f in str(config.branch.arg).split(",") if f])
+  from bar_jax.data import capability
+  # A spec file takes the branch config's defaults (the arg names built-ins only) and is then set as the capability.
+  arg = ",".join([domain if domain in capability.BUILTIN else "math"] +
+                 [f for f in str(config.branch.arg).split(",") if f])
   bc = stage_config("branch", arg, config.branch.overrides)
+  bc.capability = domain
   bc.base = base_dir
-  for name, phase_over in (config.branch.get("phases") or {}).items():
+  for name, phase_over in config.branch.phases.items():
     if name in bc.phases:
       bc.phases[name] = apply_overrides(bc.phases[name], phase_over)
   bc.eval = ml_collections.ConfigDict(dict(bc.eval.to_dict(), domains=[], before=False))  # the pipeline evaluates
@@ -119,7 +159,7 @@ def branch_config(config, domain: str, base_dir: str) -> ml_collections.ConfigDi
 
 
 def router_config(config, merged_dir: str) -> ml_collections.ConfigDict:
-  rc = stage_config("router", config.router.get("arg") or None, config.router.overrides)
+  rc = stage_config("router", config.router.arg or None, config.router.overrides)
   rc.model = merged_dir
   rc.eval = ml_collections.ConfigDict(dict(rc.eval.to_dict(), domains="none", before=False))  # the pipeline evaluates
   return rc
@@ -132,7 +172,7 @@ def eval_config(config, model_spec: str) -> ml_collections.ConfigDict:
 def plan(config, workdir: str) -> list[Step]:
   from bar_jax.stages import common
   base_dir = os.path.join(workdir, "base")
-  steps = [Step("base", "base", 0, 0, lambda: _write_base(config.base, base_dir), lambda: common.done(base_dir))]
+  steps = [Step("base", "base", base_dir, ml_collections.ConfigDict({"stage": "base", "base": config.base}))]
   branch_dirs = []
   from bar_jax.data import capability
   for d in config.domains:  # capability names or spec files: each branch's folder is named by the capability
@@ -140,80 +180,35 @@ def plan(config, workdir: str) -> list[Step]:
     branch_dirs.append(bdir)
     bc = branch_config(config, d, base_dir)
     n, tps = _phase_budget(bc)
-    steps.append(Step(f"branch_{d}", "branch", n, tps, _stage_runner("branch", bc, bdir),
-                      lambda bdir=bdir: common.done(bdir), lambda bdir=bdir, bc=bc: _check_branch(bdir, bc)))
+    steps.append(Step(f"branch_{d}", "branch", bdir, bc, n, tps))
   merged = os.path.join(workdir, "merged")
   mc = stage_config("merge", None, config.merge)
   mc.branches = ",".join(branch_dirs)
   mc.base = base_dir
-  steps.append(Step("merged", "merge", 0, 0, _stage_runner("merge", mc, merged), lambda: common.done(merged)))
+  steps.append(Step("merged", "merge", merged, mc))
   final = merged
   if router_enabled(config):
     routed = os.path.join(workdir, "routed")
     rc = router_config(config, merged)
     n, tps = int(rc.router.max_steps), int(rc.router.batch_size * rc.router.seq_len)  # max_steps 0: no estimate
-    steps.append(Step("routed", "router", n, tps, _stage_runner("router", rc, routed), lambda: common.done(routed)))
+    steps.append(Step("routed", "router", routed, rc, n, tps))
     final = routed
-  models = eval_models(config, workdir, branch_dirs, merged, final)
-  for label, spec in models:
-    edir = os.path.join(workdir, "eval", label)
-    ec = eval_config(config, spec)
-    steps.append(Step(f"eval/{label}", "eval", 0, 0, lambda ec=ec, edir=edir: _evaluate_fresh(ec, edir),
-                      lambda edir=edir, spec=spec: _eval_is_current(edir, spec)))
+  for label, spec in eval_models(config, workdir, branch_dirs, merged, final):
+    steps.append(Step(f"eval/{label}", "eval", os.path.join(workdir, "eval", label), eval_config(config, spec),
+                      result_file=common.EVAL_JSON))
   return steps
 
 
 def evaluate_once(config, model_dir: str, edir: str) -> dict:
-  """eval.json's row for model_dir with this run's eval settings (config.eval); evaluates only when EDIR holds no
-  current one. For experiments that add rows to a pipeline run's table (baselines, upgrades, ablations)."""
-  from bar_jax.stages import evaluate
-  if not _eval_is_current(edir, model_dir):
-    _evaluate_fresh(eval_config(config, model_dir), edir)
-  with open(os.path.join(edir, evaluate.EVAL_JSON)) as f:
+  """eval.json's row for model_dir with this run's eval settings (config.eval), evaluated only when EDIR holds no
+  eval of this identity (an old one is moved aside). For experiments that add rows to a pipeline run's table."""
+  from bar_jax.stages import common
+  step = Step(os.path.basename(edir), "eval", edir, eval_config(config, model_dir), result_file=common.EVAL_JSON)
+  if not step.done():
+    step.run()
+  with open(os.path.join(edir, common.EVAL_JSON)) as f:
     (row,) = json.load(f)["models"]
   return row
-
-
-def _eval_is_current(edir: str, model_dir: str) -> bool:
-  """An eval is reused only if it scored the artifact that is there now (e.g. not the merged model once `bar` is
-  the routed one)."""
-  try:
-    with open(os.path.join(edir, "eval.json")) as f:
-      scored = {m.get("fingerprint") for m in json.load(f).get("models", [])}
-  except (OSError, ValueError):
-    return False
-  return _manifest(model_dir).get("fingerprint") in scored
-
-
-def _evaluate_fresh(ec, edir: str) -> str:
-  """The evaluate stage into EDIR, after moving aside whatever EDIR held (it refuses to write over an eval)."""
-  _set_aside(edir)
-  return _stage_runner("evaluate", ec, edir)()
-
-
-def _set_aside(edir: str) -> None:
-  """A stale or half-written eval folder becomes EDIR.stale[N]: kept, never deleted or overwritten."""
-  if not os.path.exists(edir):
-    return
-  stale, n = f"{edir.rstrip(os.sep)}.stale", 1
-  while os.path.exists(stale):
-    n += 1
-    stale = f"{edir.rstrip(os.sep)}.stale{n}"
-  os.replace(edir, stale)
-  print(f"[pipeline] {edir} holds no eval of the current artifact; moved it to {stale}")
-
-
-def _check_branch(bdir: str, bc) -> None:
-  """A finished branch is reused only if its manifest records the phases this config asks for."""
-  from bar_jax.stages import branch
-  recorded = {s["stage"]: s.get("config") for s in _manifest(bdir).get("stages", [])}
-  for name, phase in branch.phase_configs(bc).items():  # as the branch stage records them (data mix filled in)
-    if name != "rl" and recorded.get(name) != json.loads(json.dumps(phase.to_dict(), default=str)):
-      raise BarError(f"{bdir} was trained with another {name} config than this run's; delete it (or use a new "
-                     "--workdir) to retrain it, or restore the config it was made with")
-  if list(recorded) != list(bc.phase_order):
-    raise BarError(f"{bdir} ran phases {list(recorded)}, this config asks for {list(bc.phase_order)}; delete it or "
-                   "use a new --workdir")
 
 
 def check_same_settings(rows) -> None:
@@ -242,28 +237,27 @@ def eval_models(config, workdir: str, branch_dirs: list[str], merged: str, final
   """(row label, artifact dir) of every model in the table, in the paper's order: dense start, specialists, BAR."""
   base_dir = os.path.join(workdir, "base")
   rows = [("base", base_dir)]
-  if config.get("eval_branches", True):  # the specialist rows (:quick leaves them out to stay under 5 minutes)
+  if config.eval_branches:  # the specialist rows (:quick leaves them out to stay under 5 minutes)
     rows += [(os.path.basename(b), b) for b in branch_dirs]
-  if final != merged and config.get("eval_merged_before_router", False):
+  if final != merged and config.eval_merged_before_router:
     rows.append(("bar_merged_unrouted", merged))
   rows.append(("bar", final))
   return rows
 
 
-def _stage_runner(stage: str, config, outdir: str) -> Callable[[], str]:
-  def go():  # the stage module directly: bar_jax.train may be __main__ (importing it again redefines its flags)
-    return importlib.import_module(f"bar_jax.stages.{stage}").run(config, outdir)
-  return go
-
-
-def _write_base(spec: str, outdir: str) -> str:
+def _write_base(config, outdir: str) -> str:
   """The dense base as an artifact in the workdir, so every branch (and the `base`/`ties` merge rules) reads it."""
   from bar_jax.stages import common
-  base = common.load_model(spec)
+  identity = workdir_lib.identity(config)
+  if workdir_lib.resolve(outdir, identity) == workdir_lib.FINISHED:
+    return outdir
+  base = common.load_model(config.base)
   if base.cfg.ffn != "dense":
-    raise BarError(f"config.base {spec!r} is a {base.cfg.ffn} model; BAR branches from a dense post-trained model")
-  return common.write_artifact(outdir, base, base.params, base.cfg, "dense", [], [],
-                               name=base.manifest.get("name", spec), source=base.manifest.get("source", spec),
+    raise BarError(f"config.base {config.base!r} is a {base.cfg.ffn} model; BAR branches from a dense post-trained "
+                   "model")
+  return common.write_artifact(outdir, base, base.params, base.cfg, "dense", [], [], identity=identity,
+                               name=base.manifest.get("name", config.base),
+                               source=base.manifest.get("source", config.base),
                                ledger_note="the base's own pre/post-training is outside this ledger")
 
 
@@ -294,7 +288,7 @@ class Clock:
 
 def _manifest(d: str) -> dict:
   try:
-    with open(os.path.join(d, "manifest.json")) as f:
+    with open(os.path.join(d, workdir_lib.MANIFEST)) as f:
       return json.load(f)
   except (OSError, ValueError):
     return {}
@@ -309,30 +303,31 @@ def _fmt(seconds: float) -> str:
 
 def write_table(config, workdir: str) -> str:
   """WORKDIR/results.md and results.json from the per-model eval.json files (one row per model)."""
-  from bar_jax.stages import evaluate
+  from bar_jax.stages import common
   rows = []
   for step in plan(config, workdir):
     if step.kind != "eval":
       continue
-    with open(os.path.join(workdir, step.name, evaluate.EVAL_JSON)) as f:
+    with open(os.path.join(step.outdir, common.EVAL_JSON)) as f:
       (row,) = json.load(f)["models"]
     row["name"] = step.name.split("/", 1)[1]
     rows.append(row)
   check_same_settings(rows)
-  table = evaluate.format_table(rows)
-  md = (f"# BAR pipeline results: {config.get('title', 'bar_jax')}\n\n"
-        f"Made by: `{config.get('command', 'python -m bar_jax.train --config=configs/bar_smollm2.py')}`\n\n"
-        f"{table}\n{_settings_note(rows)}\n")
-  evaluate._write_atomic(os.path.join(workdir, RESULTS_MD), md)
+  table = common.format_table(rows)
+  md = (f"# BAR pipeline results: {config.title}\n\n"
+        f"Made by: `{config.command}`\n\n"
+        f"{table}\n{settings_note(rows)}\n")
+  workdir_lib.write_text_atomic(os.path.join(workdir, RESULTS_MD), md)
   slim = [{k: v for k, v in r.items() if k != "domains"} | {"domains": {d: {k: x for k, x in res.items()
                                                                           if k != "samples"}
                                                                       for d, res in r["domains"].items()}}
           for r in rows]
-  evaluate._write_atomic(os.path.join(workdir, RESULTS_JSON), json.dumps({"models": slim}, indent=1, default=str))
+  workdir_lib.write_text_atomic(os.path.join(workdir, RESULTS_JSON),
+                                json.dumps({"models": slim}, indent=1, default=str))
   return table
 
 
-def _settings_note(rows) -> str:
+def settings_note(rows) -> str:
   s = rows[0].get("settings", {}) if rows else {}
   return (f"Eval: {s.get('n_per_domain')} held-out items per domain, {s.get('max_new_tokens')} new tokens; "
           "math = exact match %, code/general = 100*exp(-NLL), tool_use = call match %, safety = mean of refusal "
@@ -341,12 +336,12 @@ def _settings_note(rows) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 
-def _compilation_cache(config, workdir: str) -> None:
+def compilation_cache(config, workdir: str) -> None:
   """Branches share shapes, so their train steps lower to the same program: a persistent compilation cache turns
   every compile after the first into a cache hit (minutes each on a busy CPU), also across a kill and resume."""
   import jax
   if not jax.config.jax_compilation_cache_dir:
-    path = os.path.expanduser(config.get("compilation_cache", "") or os.path.join(workdir, "jax_cache"))
+    path = os.path.expanduser(config.compilation_cache or os.path.join(workdir, "jax_cache"))
     jax.config.update("jax_compilation_cache_dir", path)
 
 
@@ -354,25 +349,25 @@ def run(config, workdir: str) -> str:
   if not config.domains:
     raise BarError("config.domains is empty: list the domains to branch, e.g. math,code,tool_use,safety")
   os.makedirs(workdir, exist_ok=True)
-  _compilation_cache(config, workdir)
+  compilation_cache(config, workdir)
   steps = plan(config, workdir)  # every config is built (and checked) before anything runs
   if not router_enabled(config):
     print("[pipeline] router step skipped (config.router.enabled is off or the router stage is not installed): "
           "the merged model keeps the router rows its branches trained", flush=True)
   clock = Clock(config)
   t_start = time.time()
-  hook = config.get("after_step_hook", "")
+  hook = config.after_step_hook
   for i, step in enumerate(steps, 1):
     if step.done():
-      step.check()
       print(f"[pipeline {i}/{len(steps)}] {step.name}: done, skipped", flush=True)
       if step.kind != "eval":  # a resumed run estimates from the rates its finished steps measured
         clock.observe(step, 0.0, workdir)
       continue
-    left = sum(clock.estimate(s) for s in steps[i - 1:] if not s.done())
+    left = sum(clock.estimate(s) for s in steps[i - 1:] if not os.path.exists(os.path.join(s.outdir,
+                                                                                             s.result_file)))
     what = f"{step.train_steps} train steps" if step.train_steps else step.kind
     print(f"[pipeline {i}/{len(steps)}] {step.name}: running ({what}, ~{_fmt(clock.estimate(step))}); "
-          f"~{_fmt(left)} left in the pipeline", flush=True)
+          f"~{_fmt(max(left, clock.estimate(step)))} left in the pipeline", flush=True)
     t0 = time.time()
     step.run()
     dt = time.time() - t0

@@ -9,197 +9,34 @@ capped by router.max_steps when > 0. Only layers/moe/router/kernel trains, every
 and the stage checks before writing that every other leaf is bit-identical to the input's. The new manifest records
 the router's data (domains, sample sizes, fingerprint) and cost (the train_phase record), and lineage (parent = the
 input moe). Routing diagnostics per domain are written next to the artifact; eval before/after when asked.
-
-The upgrade stage reuses `train_router`, `sample_batches` and `finish` from here.
+The router training itself lives in stages/router_training.py (the upgrade stage runs it too); WORKDIR follows the
+workdir contract (bar_jax/io/workdir.py).
 """
 from __future__ import annotations
 
-import math
-import os
-from typing import Any, Mapping, Sequence
-
-import ml_collections
-
-from bar_jax.errors import BarError
-from bar_jax.io import artifact
+from bar_jax.io import workdir as workdir_lib
 from bar_jax.stages import common
-from bar_jax.transforms import freeze
-from bar_jax.transforms import upgrade as upgrade_lib
-
-GENERAL = "general"
-
-
-def expert_domains(manifest: Mapping[str, Any]) -> list[str]:
-  """The MoE's domain experts (the manifest's `experts` without the anchor)."""
-  return [e for e in manifest.get("experts", [])[1:]]
-
-
-def load_capabilities(manifest: Mapping[str, Any], names: Sequence[str], *, skip_missing: bool = False
-                      ) -> tuple[list[str], list[str]]:
-  """(found, missing) capability names: each read from the spec its manifest record names (the branch recorded it;
-  merge and upgrade carry it in `capabilities`), else as a built-in or spec path. Missing ones stop with one line
-  naming them and suggesting the local router update, unless skip_missing."""
-  from bar_jax.data import capability
-  records = dict(manifest.get("capabilities") or {})
-  found, missing = [], []
-  for n in dict.fromkeys(names):
-    try:
-      cap = capability.from_record(records[n], "router training") if n in records else capability.get(n)
-      found.append(cap.name)
-    except BarError as e:
-      if not skip_missing:
-        msg = str(e) if n in records else (f"router training needs capability {n!r}, which is neither a built-in nor "
-                                           f"recorded in the MoE's manifest ({e}); pass its spec with "
-                                           "--config.router.domains=..., or use --config.router_update=local")
-        raise BarError(msg) from None
-      missing.append(n)
-  return found, missing
-
-
-def data_domains(rc: ml_collections.ConfigDict, manifest: Mapping[str, Any]) -> list[str]:
-  """router.domains ("" = every expert's capability plus general), each found through the manifest's capability
-  records (or as a built-in name / spec path)."""
-  names = [d.strip() for d in str(rc.get("domains", "") or "").split(",") if d.strip()]
-  if not names:
-    names = expert_domains(manifest) + ([GENERAL] if rc.get("general", True) else [])
-  return load_capabilities(manifest, names)[0]
-
-
-def sample_batches(tokenizer, fractions: Mapping[str, float], rc: ml_collections.ConfigDict, seed: int):
-  """(pipeline.Batches over a stratified sample: fractions[d] of domain d's SFT conversations, rows in one epoch).
-
-  Domains are mixed in proportion to their sample sizes, so the stream keeps the data's own domain shares.
-  """
-  from bar_jax.data import pipeline
-  sample: dict[str, list] = {}
-  for domain, fraction in fractions.items():
-    got = pipeline.stratified_sample([domain], float(fraction), seed=seed)[domain]
-    cap = int(rc.get("max_examples", 0) or 0)
-    sample[domain] = got[:cap] if cap else got
-  sizes = {d: len(v) for d, v in sample.items()}
-  spec = {"domains": sorted(sample), "fractions": dict(fractions), "examples": sizes, "split": "train",
-          "stratified": True, "max_examples": int(rc.get("max_examples", 0) or 0)}
-  batches = pipeline.build(sample, sizes, tokenizer, kind="sft", seq_len=rc.seq_len, batch_size=rc.batch_size,
-                           seed=seed, overlong=rc.get("overlong", "truncate"), spec=spec)
-  rows = sum(s.rows for s in batches.stats.values())
-  return batches, rows
-
-
-def router_phase(rc: ml_collections.ConfigDict, rows: int) -> ml_collections.ConfigDict:
-  """The train_phase config: steps from epochs over the sample (capped by max_steps), the router's optimiser."""
-  steps = max(1, math.ceil(float(rc.epochs) * rows / rc.batch_size))
-  if rc.get("max_steps", 0):
-    steps = min(steps, int(rc.max_steps))
-  opt = ml_collections.ConfigDict(rc.opt.to_dict())
-  opt.warmup_steps = int(round(float(rc.get("warmup_frac", 0.03)) * steps))
-  return ml_collections.ConfigDict(dict(
-      data=dict(kind="sft", seq_len=rc.seq_len, mix={}), batch_size=rc.batch_size, accum=rc.get("accum", 1),
-      steps=steps, opt=opt, z_loss=rc.z_loss, lb_loss=rc.lb_loss, epochs=rc.epochs,
-      checkpoint_every=rc.get("checkpoint_every", 50), log_every=rc.get("log_every", 10)))
-
-
-def train_router(model: common.Model, cfg, params, rc: ml_collections.ConfigDict, fractions: Mapping[str, float],
-                 workdir: str, mesh, *, seed: int, name: str = "router", frozen_experts: Sequence[int] = ()
-                 ) -> tuple[Any, dict]:
-  """Only the router kernel trains (its frozen_experts columns excepted); returns (params, stage record)."""
-  batches, rows = sample_batches(model.tokenizer, fractions, rc, seed)
-  phase = router_phase(rc, rows)
-  params, record = common.train_phase(name=name, model=model, cfg=cfg, params=params, phase=phase, workdir=workdir,
-                                      mesh=mesh, seed=seed, trainable=list(freeze.SCHEDULE["router"]),
-                                      frozen_experts=list(frozen_experts), batches=batches)
-  # max_steps may cut the configured epochs short: record the passes actually made over the sample.
-  record.update(sample_rows=rows, epochs_configured=float(rc.epochs),
-                epochs=round(phase.steps * rc.batch_size / max(rows, 1), 4))
-  return common.to_host(params), record
-
-
-def check_only_router_changed(before, after, cfg, allowed_experts: Sequence[int] = ()) -> None:
-  """Guard before writing: every leaf but the router kernel is bit-identical; inside expert-stacked leaves only
-  `allowed_experts`' slices may differ (the replaced or added expert)."""
-  fb, fa = artifact.leaf_fingerprints(before), artifact.leaf_fingerprints(after)
-  ef_b, ef_a = upgrade_lib.expert_fingerprints(before, cfg), upgrade_lib.expert_fingerprints(after, cfg)
-  for path in sorted(set(fb) | set(fa)):
-    if path == upgrade_lib.ROUTER or path.startswith((upgrade_lib.EXPERTS, upgrade_lib.LORA)):
-      continue
-    if fb.get(path) != fa.get(path):
-      raise RuntimeError(f"bug: frozen leaf {path} changed during router training; nothing was written")
-  bad = [e for e in upgrade_lib.changed_experts(ef_b, ef_a) if e not in allowed_experts]
-  if bad:
-    raise RuntimeError(f"bug: experts {bad} changed during router training; nothing was written")
-
-
-def eval_domains(config, experts: Sequence[str]) -> list[str]:
-  spec = str(config.eval.get("domains", "auto") or "none")
-  if spec == "none":
-    return []
-  if spec == "auto":
-    return list(dict.fromkeys(list(experts) + [GENERAL]))
-  return [d.strip() for d in spec.split(",") if d.strip()]
-
-
-def evaluate(config, cfg, params, tokenizer, mesh, experts: Sequence[str]) -> dict:
-  domains = eval_domains(config, experts)
-  if not domains:
-    return {}
-  from bar_jax import evals
-  ev = config.eval
-  return evals.evaluate_model(params, cfg, tokenizer, domains, n_per_domain=ev.n_per_domain,
-                              max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, mesh=mesh)
-
-
-def routing(config, cfg, params, tokenizer, mesh, names: Sequence[str], domains: Sequence[str]) -> dict:
-  from bar_jax.evals import routing as routing_lib
-  r = config.routing
-  rows = routing_lib.domain_rows(tokenizer, domains, seq_len=r.seq_len, max_rows=r.max_rows)
-  return routing_lib.routing_stats(params, cfg, rows, batch_size=r.batch_size, mesh=mesh, names=names)
-
-
-def finish(config, workdir: str, model: common.Model, cfg, params, stages: list[dict], parents: list[dict],
-           experts: list[str], mesh, *, metrics_before: dict, **fields) -> str:
-  """Routing diagnostics (routing.json/png), eval after, then the moe artifact (manifest last)."""
-  from bar_jax.evals import routing as routing_lib
-  missing = set(fields.get("capabilities_missing") or ())  # upgrade without a full router update: specs not found
-  domains = list(dict.fromkeys([d for d in experts[1:] if d not in missing] + [GENERAL]))
-  report = routing(config, cfg, params, model.tokenizer, mesh, experts, domains) if config.routing.max_rows else {}
-  if report:
-    routing_lib.write(report, workdir)
-  metrics = evaluate(config, cfg, params, model.tokenizer, mesh, [e for e in experts[1:] if e not in missing])
-  return common.write_artifact(
-      workdir, model, params, cfg, "moe", stages, parents, experts=experts,
-      base_fingerprint=model.manifest.get("base_fingerprint"), metrics=metrics, metrics_before=metrics_before,
-      routing=routing_lib.summary(report) if report else {}, expert_fingerprints=upgrade_lib.expert_fingerprints(
-          params, cfg), **fields)
-
-
-def load_moe(spec: str, what: str = "config.model") -> common.Model:
-  if not spec:
-    raise BarError(f"{what} is empty: pass --{what}=DIR, an moe artifact written by the merge stage")
-  model = common.load_model(spec)
-  if model.manifest.get("kind") != "moe":
-    raise BarError(f"{spec} is a {model.manifest.get('kind')!r} artifact, not an moe: pass the merge stage's output")
-  return model
-
-
-def check_workdir(workdir: str) -> None:
-  if os.path.exists(os.path.join(workdir, artifact.MANIFEST)):
-    raise BarError(f"{workdir} already holds an artifact; choose a new --workdir or delete it first")
+from bar_jax.stages import router_training as rt
 
 
 def run(config, workdir: str) -> str:
-  if common.done(workdir):
+  identity = workdir_lib.identity(config)
+  if workdir_lib.resolve(workdir, identity) == workdir_lib.FINISHED:
     return workdir
-  model = load_moe(config.model)
-  cfg = common.model_overrides(model.cfg, config.get("compute", None))
+  model = rt.load_moe(config.model)
+  cfg, compute = common.model_overrides(model.cfg, config.compute)
   experts = list(model.manifest.get("experts") or [f"expert{e}" for e in range(cfg.n_experts)])
   rc = config.router
-  load_capabilities(model.manifest, expert_domains(model.manifest))  # a missing spec: one line, before any work
-  fractions = {d: float(rc.fraction) for d in data_domains(rc, model.manifest)}
+  rt.load_capabilities(model.manifest, rt.expert_domains(model.manifest))  # a missing spec: one line, before work
+  fractions = {d: float(rc.fraction) for d in rt.data_domains(rc, model.manifest)}
   mesh = common.mesh_from(config)
-  metrics_before = evaluate(config, cfg, model.params, model.tokenizer, mesh, experts[1:]) \
-      if config.eval.get("before", False) else {}
-  params, record = train_router(model, cfg, model.params, rc, fractions, workdir, mesh, seed=config.seed)
-  check_only_router_changed(model.params, params, cfg)
+  workdir_lib.start(workdir, identity)
+  metrics_before = rt.evaluate(config, cfg, model.params, model.tokenizer, mesh, experts[1:], compute) \
+      if config.eval.before else {}
+  params, record = rt.train_router(model, cfg, model.params, rc, fractions, workdir, mesh, seed=config.seed,
+                                   identity=identity, compute=compute)
+  rt.check_only_router_changed(model.params, params, cfg)
   parent = dict(model.manifest, role="moe")
-  return finish(config, workdir, model, cfg, params, [record], [parent], experts, mesh, metrics_before=metrics_before,
-                router_data=record["data"], merge_rule=model.manifest.get("merge_rule"),
-                capabilities=model.manifest.get("capabilities", {}))
+  return rt.finish(config, workdir, model, cfg, params, [record], [parent], experts, mesh, identity=identity,
+                   metrics_before=metrics_before, compute=compute, router_data=record["data"],
+                   merge_rule=model.manifest.get("merge_rule"), capabilities=model.manifest.get("capabilities", {}))

@@ -1,29 +1,34 @@
 """Stage train_lm: continue training a dense model (mid-training on text, or SFT with loss on assistant tokens).
 
-Also the monolithic baselines: one dense model trained on all domains' data mixed.
+Also the monolithic baselines: one dense model trained on all domains' data mixed. WORKDIR follows the workdir
+contract (bar_jax/io/workdir.py): the same config returns the finished artifact or resumes, another is refused.
 """
 from __future__ import annotations
 
+from bar_jax.errors import BarError
+from bar_jax.io import workdir as workdir_lib
 from bar_jax.stages import common
 
 
 def run(config, workdir: str) -> str:
-  if common.done(workdir):
+  identity = workdir_lib.identity(config)
+  if workdir_lib.resolve(workdir, identity) == workdir_lib.FINISHED:
     return workdir
   base = common.load_model(config.base)
-  cfg = common.model_overrides(base.cfg, config.get("compute", None))
+  cfg, compute = common.model_overrides(base.cfg, config.compute)
   if cfg.ffn != "dense":
-    raise common.BarError(f"train_lm trains dense models; {config.base} is {cfg.ffn}: use the branch or router stage")
+    raise BarError(f"train_lm trains dense models; {config.base} is {cfg.ffn}: use the branch or router stage")
   mesh = common.mesh_from(config)
+  workdir_lib.start(workdir, identity)
   params, stages = base.params, []
   for name in config.phase_order:
     phase = config.phases[name]
     params, record = common.train_phase(name=name, model=base, cfg=cfg, params=params, phase=phase,
-                                        workdir=workdir, mesh=mesh, seed=config.seed,
-                                        trainable=phase.get("trainable", [r".*"]), frozen_experts=())
+                                        workdir=workdir, mesh=mesh, seed=config.seed, identity=identity,
+                                        trainable=phase.trainable, frozen_experts=(), compute=compute)
     stages.append(record)
-  metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh)
+  metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute)
   parent = dict(base.manifest, role="base")
-  return common.write_artifact(workdir, base, params, cfg, "dense", stages, [parent], metrics=metrics,
-                               base_fingerprint=base.manifest["fingerprint"],
-                               domain=config.get("domain_label", "mixed"))
+  return common.write_artifact(workdir, base, params, cfg, "dense", stages, [parent], identity=identity,
+                               keep_checkpoints=config.keep_checkpoints, metrics=metrics,
+                               base_fingerprint=base.manifest["fingerprint"], domain=config.domain_label)

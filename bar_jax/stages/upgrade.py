@@ -13,14 +13,17 @@ same architecture and expert settings; replace: the index is in 1..E-1 and the e
 (unless allow_domain_change); add: no expert of that domain exists yet. Afterwards the stage checks that every
 expert not replaced or added, the attention, embeddings and norms are bit-identical to the input; the manifest
 records both parents (the moe and the branch), what was swapped, per-expert fingerprints, and the router's record.
+The router training is stages/router_training.py's (as the router stage's); WORKDIR follows the workdir contract
+(bar_jax/io/workdir.py), checked before anything else.
 """
 from __future__ import annotations
 
 from bar_jax.errors import BarError
 from bar_jax.io import artifact
 from bar_jax.model.config import ModelConfig
+from bar_jax.io import workdir as workdir_lib
 from bar_jax.stages import common
-from bar_jax.stages import router as router_stage
+from bar_jax.stages import router_training as rt
 from bar_jax.transforms import upgrade as upgrade_lib
 
 MODES = ("replace", "add")
@@ -64,14 +67,14 @@ def check(config, moe_manifest: dict, branch_manifest: dict, moe_cfg, branch_cfg
 
 
 def run(config, workdir: str) -> str:
-  if common.done(workdir):
+  identity = workdir_lib.identity(config)
+  if workdir_lib.resolve(workdir, identity) == workdir_lib.FINISHED:
     return workdir
-  router_stage.check_workdir(workdir)
-  if not config.get("branch", ""):
+  if not config.branch:
     raise BarError("config.branch is empty: pass --config.branch=DIR, the branch artifact to upgrade with")
   moe_manifest = artifact.read_manifest(config.model) if config.model else {}
   if not config.model or moe_manifest.get("kind") != "moe":
-    router_stage.load_moe(config.model)  # the one-line error for a missing or wrong artifact
+    rt.load_moe(config.model)  # the one-line error for a missing or wrong artifact
   branch_manifest = artifact.read_manifest(config.branch)
   moe_cfg, branch_cfg = (ModelConfig.from_dict(m["model"]) for m in (moe_manifest, branch_manifest))
   index = check(config, moe_manifest, branch_manifest, moe_cfg, branch_cfg)
@@ -84,11 +87,11 @@ def run(config, workdir: str) -> str:
   if branch_manifest.get("capability"):
     capabilities[domain] = branch_manifest["capability"]
   lookup = dict(moe_manifest, capabilities=capabilities)
-  _, missing = router_stage.load_capabilities(lookup, kept + [domain], skip_missing=config.router_update != "full")
+  _, missing = rt.load_capabilities(lookup, kept + [domain], skip_missing=config.router_update != "full")
   if domain in missing and config.router_update != "none":
-    router_stage.load_capabilities(lookup, [domain])  # the new expert's data is needed: its one-line error
+    rt.load_capabilities(lookup, [domain])  # the new expert's data is needed: its one-line error
 
-  model = router_stage.load_moe(config.model)
+  model = rt.load_moe(config.model)
   branch = common.load_model(config.branch)
   experts = list(model.manifest.get("experts"))
   domain = branch.manifest["domain"]
@@ -100,11 +103,12 @@ def run(config, workdir: str) -> str:
     params, cfg = upgrade_lib.add(model.params, model.cfg, branch.params, branch.cfg)
     replaced = None
     experts.append(domain)
-  cfg = common.model_overrides(cfg, config.get("compute", None))
+  cfg, compute = common.model_overrides(cfg, config.compute)
   mesh = common.mesh_from(config)
-  metrics_before = router_stage.evaluate(config, cfg, params, model.tokenizer, mesh,
-                                         [e for e in experts[1:] if e not in missing]) \
-      if config.eval.get("before", False) else {}
+  workdir_lib.start(workdir, identity)
+  metrics_before = rt.evaluate(config, cfg, params, model.tokenizer, mesh, [e for e in experts[1:] if e not in missing],
+                               compute) \
+      if config.eval.before else {}
 
   swap = {"stage": "upgrade", "steps": 0, "tokens": 0, "flops": 0, "mode": config.mode, "expert": index,
           "domain": domain, "replaced": replaced, "branch": branch.manifest.get("fingerprint")}
@@ -112,22 +116,23 @@ def run(config, workdir: str) -> str:
   rc = config.router
   if config.router_update != "none":
     if config.router_update == "full":
-      fractions = {d: float(rc.fraction) for d in router_stage.data_domains(rc, dict(lookup, experts=experts))}
+      fractions = {d: float(rc.fraction) for d in rt.data_domains(rc, dict(lookup, experts=experts))}
       frozen = []
     else:  # local: the new domain's data plus a replay sample of the others; only column `index` trains
       found = [e for e in experts if e not in missing]
-      others = [d for d in router_stage.data_domains(rc, dict(lookup, experts=found)) if d != domain]
+      others = [d for d in rt.data_domains(rc, dict(lookup, experts=found)) if d != domain]
       fractions = {domain: float(config.local.fraction), **{d: float(config.local.replay_fraction) for d in others}}
       frozen = [e for e in range(cfg.n_experts) if e != index]
-    params, record = router_stage.train_router(model, cfg, params, rc, fractions, workdir, mesh, seed=config.seed,
-                                               name=f"router_{config.router_update}", frozen_experts=frozen)
+    params, record = rt.train_router(model, cfg, params, rc, fractions, workdir, mesh, seed=config.seed,
+                                     identity=identity, name=f"router_{config.router_update}",
+                                     frozen_experts=frozen, compute=compute)
     record["router_update"] = config.router_update
     stages.append(record)
   # Bit-identity guard: against the input MoE, only the new expert (slot `index`) and the router may differ.
-  router_stage.check_only_router_changed(model.params, params, cfg, allowed_experts=[index])
+  rt.check_only_router_changed(model.params, params, cfg, allowed_experts=[index])
   parents = [dict(model.manifest, role="moe"), dict(branch.manifest, role="branch")]
-  return router_stage.finish(config, workdir, model, cfg, params, stages, parents, experts, mesh,
-                             metrics_before=metrics_before, upgrade={k: swap[k] for k in ("mode", "expert", "domain",
-                                                                                           "replaced", "branch")},
-                             router_update=config.router_update, merge_rule=model.manifest.get("merge_rule"),
-                             capabilities=capabilities, capabilities_missing=missing)
+  return rt.finish(config, workdir, model, cfg, params, stages, parents, experts, mesh, identity=identity,
+                   metrics_before=metrics_before, compute=compute,
+                   upgrade={k: swap[k] for k in ("mode", "expert", "domain", "replaced", "branch")},
+                   router_update=config.router_update, merge_rule=model.manifest.get("merge_rule"),
+                   capabilities=capabilities, capabilities_missing=missing)

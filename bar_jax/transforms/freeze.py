@@ -5,7 +5,7 @@ has an expert axis (experts, LoRA adapters, router columns), the slices of `froz
 expert 0) stay frozen: the leaf is split along that axis, so the frozen slice never reaches the optimiser either.
 `split` and `join` are pure and exact: join(split(p)) == p bit for bit, and gradients flow only to the trainable part.
 
-The paper's progressive schedule (bar_paper.md §1) is `SCHEDULE`.
+The BAR paper's progressive schedule (arXiv 2604.18473) is `SCHEDULE`.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from bar_jax.model.config import ModelConfig
 
 EXPERTS = r"layers/moe/(experts|lora)/.*"
 ROUTER = r"layers/moe/router/kernel"
-EMBED_HEAD = r"embed/embedding|lm_head/kernel"
+# OLMo-core's LMHead owns the final norm (lm_head.norm), so the recipe's SFT set `lm_head.*` trains it too.
+EMBED_HEAD = r"embed/embedding|lm_head/kernel|final_norm/scale"
 
 # Stage -> trainable regexes (the anchor's slices are frozen by frozen_experts=(0,) throughout).
 SCHEDULE: dict[str, tuple[str, ...]] = {

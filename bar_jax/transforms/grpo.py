@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bar_jax.model import transformer
-from bar_jax.model.config import ModelConfig
+from bar_jax.model.config import Compute, ModelConfig
 
 
 def group_advantages(rewards, group_size: int, eps: float = 1e-6, scale: bool = True) -> np.ndarray:
@@ -38,9 +38,10 @@ def group_advantages(rewards, group_size: int, eps: float = 1e-6, scale: bool = 
   return adv.reshape(-1).astype(np.float32)
 
 
-def token_logprobs(params, tokens: jax.Array, cfg: ModelConfig, temperature: float = 1.0, mesh=None) -> jax.Array:
+def token_logprobs(params, tokens: jax.Array, cfg: ModelConfig, temperature: float = 1.0, mesh=None,
+                   compute: Compute = Compute()) -> jax.Array:
   """log pi(tokens[:, t+1] | tokens[:, :t+1]) [B, T-1], from logits / temperature (the sampling distribution)."""
-  logits, _ = transformer.forward(params, tokens[:, :-1], cfg, mesh=mesh)
+  logits, _ = transformer.forward(params, tokens[:, :-1], cfg, compute=compute, mesh=mesh)
   logits = logits / temperature
   logp = jax.nn.log_softmax(logits, axis=-1)
   return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
@@ -65,11 +66,11 @@ def kl_k3(logp, ref_logp):
 
 
 def grpo_loss(cfg: ModelConfig, *, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: float = 0.0,
-              temperature: float = 1.0, mesh=None) -> Callable:
+              temperature: float = 1.0, mesh=None, compute: Compute = Compute()) -> Callable:
   """loss_fn(params, batch) -> (loss, metrics) over one rollout micro-batch (see the module docstring)."""
 
   def loss_fn(params, batch):
-    logp = token_logprobs(params, batch["tokens"], cfg, temperature, mesh)
+    logp = token_logprobs(params, batch["tokens"], cfg, temperature, mesh, compute)
     per_token, ratio, was_clipped = clipped_objective(logp, batch["old_logp"], batch["advantages"],
                                                       clip_low, clip_high)
     w, mask = batch["weights"], batch["resp_mask"]

@@ -4,8 +4,11 @@
                  slot i = branch i's expert 1. LoRA branches give a LoRA MoE: the anchor plus N stacked adapters.
   router         column 0 = mean of the branches' anchor columns, column i = branch i's domain column.
   shared leaves  (embeddings, attention, norms, LM head) reconciled by `rule`:
-                   average   uniform mean over the N branches (the paper's);
-                   base      the base model's own leaf;
+                   average            uniform mean over the base and the N branches, i.e. N + 1 trees (the recipe's
+                                      merge script averages every model on its command line: the anchor model and
+                                      the N branches, dividing by N + 1);
+                   average_branches   uniform mean over the N branches only (BTX-style; no base needed);
+                   base               the base model's own leaf;
                    weighted  sum_i w_i * branch_i with `weights` normalised to sum to 1;
                    ties      TIES over the deltas d_i = branch_i - base: keep each d_i's top `ties_density` share
                              of entries by magnitude (per leaf), elect each entry's sign from the summed trimmed
@@ -27,17 +30,35 @@ from bar_jax.errors import BarError
 from bar_jax.pytree import unflatten
 from bar_jax.model.config import ModelConfig
 
-RULES = ("average", "base", "weighted", "ties")
-ROUTING_FIELDS = ("ffn", "n_experts", "expert_kind", "lora_rank", "lora_alpha", "top_k", "norm_topk", "dispatch",
-                  "capacity_factor")
-COMPUTE_FIELDS = ("dtype", "remat", "attention")
+RULES = ("average", "average_branches", "base", "weighted", "ties")
+NEEDS_BASE = ("average", "base", "ties")
+# The FFN slot's expert count and routing: what a merge or an upgrade sets, so never compared between models.
+ROUTING_FIELDS = ("ffn", "n_experts", "top_k", "norm_topk")
 MOE = "layers/moe/"
 
 
 def architecture(cfg: ModelConfig) -> dict[str, Any]:
-  """What must match across merged branches: the model config minus the FFN-slot routing fields and the compute
-  settings (d_ff stays: experts of different widths cannot be stacked)."""
-  return {k: v for k, v in cfg.to_dict().items() if k not in ROUTING_FIELDS + COMPUTE_FIELDS}
+  """What must match between models whose experts are stacked: the architecture minus the FFN slot's routing
+  (d_ff and the expert settings stay: experts of different widths or kinds cannot be stacked)."""
+  return {k: v for k, v in cfg.to_dict().items() if k not in ROUTING_FIELDS}
+
+
+def check_stackable(branch_cfg: ModelConfig, into_cfg: ModelConfig, *, what: str, into: str, fix: str) -> None:
+  """The one compatibility check of merge and upgrade: BarError unless the 2-expert branch `branch_cfg` (named `what`)
+  can have its domain expert stacked with the experts of `into_cfg` (named `into`: another branch or an MoE).
+  fix: what the user should do when the architectures differ."""
+  if branch_cfg.ffn != "moe" or branch_cfg.n_experts != 2:
+    raise BarError(f"{what} is not a 2-expert branch (ffn={branch_cfg.ffn}, n_experts={branch_cfg.n_experts}): "
+                   "pass an artifact written by the branch stage")
+  a, b = architecture(into_cfg), architecture(branch_cfg)
+  expert_fields = ("expert_kind", "lora_rank", "lora_alpha") if into_cfg.expert_kind == "lora" else ("expert_kind",)
+  for f in expert_fields:
+    if a[f] != b[f]:
+      raise BarError(f"{what} has {f}={b[f]} but {into} has {a[f]}: the experts cannot be stacked; re-train it with "
+                     f"{into}'s expert settings")
+  diff = ", ".join(f"{k}={b[k]} vs {a[k]}" for k in sorted(a) if a[k] != b[k] and k not in ("lora_rank", "lora_alpha"))
+  if diff:
+    raise BarError(f"{what} has a different architecture from {into} ({diff}): {fix}")
 
 
 def flat(tree: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -58,10 +79,11 @@ def flat(tree: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def merge(base_params: Mapping[str, Any] | None, branch_params: Sequence[Mapping[str, Any]],
           branch_cfgs: Sequence[ModelConfig], *, rule: str = "average", weights: Sequence[float] | None = None,
-          ties_density: float = 0.2, ties_scale: float = 1.0, top_k: int = 0, norm_topk: bool = False,
-          dispatch: str = "dense") -> tuple[dict[str, Any], ModelConfig]:
-  """Returns (moe_params as a nested dict of numpy arrays, moe_cfg). base_params (the dense base, or None) is only
-  read by the `base` and `ties` rules. top_k / norm_topk / dispatch set the merged model's routing."""
+          ties_density: float = 0.2, ties_scale: float = 1.0, top_k: int = 0,
+          norm_topk: bool = False) -> tuple[dict[str, Any], ModelConfig]:
+  """Returns (moe_params as a nested dict of numpy arrays, moe_cfg). base_params (the dense base the branches were
+  made from) is read by the `average`, `base` and `ties` rules (None is fine for the others). top_k / norm_topk set
+  the merged model's routing; the config is the branches' architecture, nothing of how they were trained or run."""
   n = len(branch_params)
   cfg = _check(base_params, branch_params, branch_cfgs, rule, weights, ties_density)
   branches = [flat(b) for b in branch_params]
@@ -76,7 +98,7 @@ def merge(base_params: Mapping[str, Any] | None, branch_params: Sequence[Mapping
       missing = sorted(set(paths) ^ set(b))[:3]
       raise BarError(f"branch {i} and branch 0 hold different parameters (e.g. {missing}): merge only branches of "
                      "the same base and expert kind")
-  if base is not None and rule in ("base", "ties"):
+  if base is not None and rule in NEEDS_BASE:
     missing = sorted(p for p in paths if not p.startswith(MOE) and p not in base)[:3]
     if missing:
       raise BarError(f"the base model lacks the branches' shared parameters {missing}: pass the branches' base")
@@ -89,6 +111,8 @@ def merge(base_params: Mapping[str, Any] | None, branch_params: Sequence[Mapping
     elif path.startswith(MOE + "lora/"):
       out[path] = np.concatenate([np.asarray(x) for x in leaves()], axis=1)  # [L, N, ...]: adapter i = branch i
     elif rule == "average":
+      out[path] = _mean(_chain(base[path], leaves()))
+    elif rule == "average_branches":
       out[path] = _mean(leaves())
     elif rule == "weighted":
       out[path] = _weighted(leaves(), w)
@@ -96,7 +120,7 @@ def merge(base_params: Mapping[str, Any] | None, branch_params: Sequence[Mapping
       out[path] = np.array(base[path])
     else:
       out[path] = _ties(np.asarray(base[path]), leaves, ties_density, ties_scale)
-  moe_cfg = cfg.replace(n_experts=n + 1, top_k=top_k, norm_topk=norm_topk, dispatch=dispatch).validate()
+  moe_cfg = cfg.replace(n_experts=n + 1, top_k=top_k, norm_topk=norm_topk).validate()
   return unflatten(out), moe_cfg
 
 
@@ -110,30 +134,25 @@ def _check(base, branches, cfgs, rule, weights, ties_density) -> ModelConfig:
                    f"{len(cfgs)} configs)")
   if rule not in RULES:
     raise BarError(f"unknown merge rule {rule!r}: use one of {RULES}")
-  if rule in ("base", "ties") and base is None:
-    raise BarError(f"merge rule {rule!r} needs the base model's params: pass base_params (config.base)")
+  if rule in NEEDS_BASE and base is None:
+    hint = " or use rule 'average_branches' (the N branches only)" if rule == "average" else ""
+    raise BarError(f"merge rule {rule!r} needs the base model's params: pass base_params (config.base){hint}")
   if rule == "weighted" and (weights is None or len(weights) != n or min(weights) < 0 or sum(weights) <= 0):
     raise BarError(f"merge rule 'weighted' needs {n} non-negative weights with a positive sum, got {weights}")
   if rule == "ties" and not 0 < ties_density <= 1:
     raise BarError(f"ties_density={ties_density} must be in (0, 1]")
-  first = cfgs[0]
   for i, c in enumerate(cfgs):
-    if c.ffn != "moe" or c.n_experts != 2:
-      raise BarError(f"branch {i} is not a 2-expert branch (ffn={c.ffn}, n_experts={c.n_experts}): "
-                     "merge branches made by the branch stage")
-    if architecture(c) != architecture(first):
-      diff = sorted(k for k, v in architecture(c).items() if architecture(first).get(k) != v)
-      raise BarError(f"branch {i} has a different architecture from branch 0 ({', '.join(diff)}): "
-                     "merge only branches of the same base")
-    for field in ("expert_kind",) + (("lora_rank", "lora_alpha") if c.expert_kind == "lora" else ()):
-      if getattr(c, field) != getattr(first, field):
-        raise BarError(f"branch {i} has {field}={getattr(c, field)} but branch 0 has {getattr(first, field)}: "
-                       "the experts cannot be stacked; re-train the branch with matching expert settings")
-  return first
+    check_stackable(c, cfgs[0], what=f"branch {i}", into="branch 0", fix="merge only branches of the same base")
+  return cfgs[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Per-leaf rules. Each takes an iterator that loads one branch leaf at a time.
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+  yield first
+  yield from rest
+
 
 def _mean(leaves: Iterator[Any]) -> np.ndarray:
   acc, count, dtype = None, 0, None

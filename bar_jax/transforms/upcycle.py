@@ -1,10 +1,12 @@
 """Dense -> 2-expert branch: every FFN becomes an MoE of the frozen anchor (expert 0) and a domain expert (expert 1).
 
-Router init: zeros by default, so the softmax is exactly 50/50 and a fresh branch (both experts equal to the anchor)
-computes 0.5 f(x) + 0.5 f(x) = f(x), the dense base's output bit for bit in the FFN. With zeros both experts' router
-gradients vanish until expert 1 moves away from the anchor, which happens on the first step (the expert gradient is
-not zero). Pass `key` (and `router_scale`) for a small random router instead; the branch then matches the base only
-up to float rounding of w0 + w1 = 1.
+Router init (`router_init`):
+  random  OLMo-core's router default (the recipe's upcycler keeps it): a normal of std 0.02 truncated at +-3 std.
+  zeros   the softmax is exactly 50/50, so a fresh branch whose experts are equal computes 0.5 f(x) + 0.5 f(x) = f(x),
+          the dense base's output bit for bit in the FFN.
+Either way, while both experts are the same function the routing cannot change the output, so the router's gradient
+from the LM loss is zero (up to float rounding) until expert 1 moves off the anchor; only a domain expert initialised
+from another checkpoint (`expert_init`) gives the router a signal at step 0.
 
 Expert kinds:
   ffn   experts [L, 2, D, F]: the anchor and a full copy (of the base, or of `expert_init`'s FFN: the paper's recipe
@@ -23,17 +25,27 @@ from bar_jax.errors import BarError
 from bar_jax.model.config import ModelConfig
 
 Params = dict[str, Any]
+ROUTER_INITS = ("random", "zeros")
+ROUTER_INIT_STD = 0.02  # OLMo-core MoELinearRouter.reset_parameters: trunc_normal_(std=0.02, a=-3 std, b=3 std)
 
 
 def upcycle(dense_params: Mapping[str, Any], dense_cfg: ModelConfig, *, expert_kind: str = "ffn",
             lora_rank: int = 16, lora_alpha: float = 32.0, expert_init: Mapping[str, Any] | None = None,
-            key: jax.Array | None = None, router_scale: float = 0.02) -> tuple[Params, ModelConfig]:
-  """Returns (branch_params, branch_cfg). dense_params is the DESIGN.md dict of a dense model; nothing is copied
-  except the FFN stack; the shared leaves of the result are the input's own arrays."""
+            key: jax.Array | None = None, router_init: str | None = None, router_scale: float = ROUTER_INIT_STD
+            ) -> tuple[Params, ModelConfig]:
+  """Returns (branch_params, branch_cfg). dense_params is the parameter dict of a dense model; nothing is copied
+  except the FFN stack; the shared leaves of the result are the input's own arrays.
+
+  router_init: "random" (needs `key`) or "zeros"; None = "random" when a key is given, else "zeros"."""
   if dense_cfg.ffn != "dense" or "mlp" not in dense_params.get("layers", {}):
     raise BarError("upcycle needs a dense model (ffn='dense' with layers/mlp): this one is already an MoE")
   if expert_kind not in ("ffn", "lora"):
     raise BarError(f"unknown expert kind {expert_kind!r}: use 'ffn' or 'lora'")
+  router_init = router_init or ("random" if key is not None else "zeros")
+  if router_init not in ROUTER_INITS:
+    raise BarError(f"unknown router init {router_init!r}: use one of {ROUTER_INITS}")
+  if router_init == "random" and key is None:
+    raise BarError("router_init='random' needs a PRNG key (pass key=jax.random.key(seed))")
   if expert_kind == "lora" and expert_init is not None:
     raise BarError("expert_init needs expert_kind='ffn': a LoRA expert starts as the anchor plus a zero delta")
   mlp = dense_params["layers"]["mlp"]
@@ -52,10 +64,10 @@ def upcycle(dense_params: Mapping[str, Any], dense_cfg: ModelConfig, *, expert_k
                        "initialise the expert from a checkpoint of the same architecture")
 
   key_router, key_lora = jax.random.split(key if key is not None else jax.random.key(0))
-  if key is None:
+  if router_init == "zeros":
     router = jnp.zeros((L, D, 2), jnp.float32)
   else:
-    router = jax.random.normal(key_router, (L, D, 2), jnp.float32) * router_scale
+    router = jax.random.truncated_normal(key_router, -3.0, 3.0, (L, D, 2), jnp.float32) * router_scale
 
   if expert_kind == "ffn":
     experts = {w: jnp.stack([anchor[w], domain[w]], axis=1) for w in anchor}

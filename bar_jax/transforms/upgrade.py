@@ -7,7 +7,8 @@ expert E. Pure: nested dicts of arrays in, nested dicts of numpy arrays out.
                                  branch's slot / column 1; n_experts becomes E + 1.
 
 Shared leaves (attention, embeddings, norms, LM head) always stay the MoE's: the new expert runs on the merged shared
-weights, as in the paper's upgrade. `expert_fingerprints` hashes each expert's slice of every expert-stacked leaf, so
+weights (a choice of this library: it keeps every other expert's behaviour; the branch's own shared weights are not
+merged in). `expert_fingerprints` hashes each expert's slice of every expert-stacked leaf, so
 a test or a reader can prove which experts changed from the manifests alone.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from bar_jax.errors import BarError
-from bar_jax.io import artifact
+from bar_jax.fingerprints import leaf_fingerprint
 from bar_jax.pytree import unflatten
 from bar_jax.model.config import ModelConfig
 from bar_jax.transforms import merge as merge_lib
@@ -32,19 +33,8 @@ def check_compatible(moe_cfg: ModelConfig, branch_cfg: ModelConfig, *, what: str
   if moe_cfg.ffn != "moe" or moe_cfg.n_experts < 2:
     raise BarError(f"the model to upgrade is not an MoE (ffn={moe_cfg.ffn}, n_experts={moe_cfg.n_experts}): "
                    "pass an artifact written by the merge, router or upgrade stage")
-  if branch_cfg.ffn != "moe" or branch_cfg.n_experts != 2:
-    raise BarError(f"{what} is not a 2-expert branch (ffn={branch_cfg.ffn}, n_experts={branch_cfg.n_experts}): "
-                   "pass an artifact written by the branch stage")
-  a, b = merge_lib.architecture(moe_cfg), merge_lib.architecture(branch_cfg)
-  if a != b:
-    diff = ", ".join(f"{k}={b.get(k)} vs {a.get(k)}" for k in sorted(a) if a.get(k) != b.get(k))
-    raise BarError(f"{what} has a different architecture from the MoE ({diff}): upgrade only with branches of the "
-                   "MoE's base")
-  fields = ("expert_kind",) + (("lora_rank", "lora_alpha") if moe_cfg.expert_kind == "lora" else ())
-  for f in fields:
-    if getattr(moe_cfg, f) != getattr(branch_cfg, f):
-      raise BarError(f"{what} has {f}={getattr(branch_cfg, f)} but the MoE has {getattr(moe_cfg, f)}: re-train the "
-                     "branch with the MoE's expert settings")
+  merge_lib.check_stackable(branch_cfg, moe_cfg, what=what, into="the MoE",
+                            fix="upgrade only with branches of the MoE's base")
 
 
 def _copy_flat(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -106,7 +96,7 @@ def expert_fingerprints(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str
     else:
       continue
     for e, s in slices.items():
-      out[f"{path}[{e}]"] = artifact.leaf_fingerprint(f"{path}[{e}]", s)
+      out[f"{path}[{e}]"] = leaf_fingerprint(f"{path}[{e}]", s)
   return dict(sorted(out.items()))
 
 

@@ -5,8 +5,8 @@ SFT: the function's signature and docstring -> its canonical body. Eval: the NLL
 model-written code needs a sandbox this project does not ship). RL reward: examples/humaneval/verifier.py, whether the
 reply is valid Python. Every field: configs/capabilities/template.py.
 
-  PYTHONPATH=. python -m bar_jax.train --config=configs/branch.py:examples/humaneval/spec.py \
-      --workdir=runs/branch_humaneval
+  PYTHONPATH=. python -m bar_jax.train --config=configs/branch.py --config.capability=examples/humaneval/spec.py \
+      --config.phases.sft.data.seq_len=512 --workdir=runs/branch_humaneval
 """
 import importlib.util
 import os

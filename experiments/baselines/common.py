@@ -1,12 +1,9 @@
 """Shared by the baseline configs: the pipeline's branch recipe (steps, batch, seq_len, lr, general ratio) turned
 into a dense train_lm phase, so every baseline sees the same data kinds, lengths and learning rate as BAR's branches."""
-import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from bar_jax.stages import pipeline  # noqa: E402
+from bar_jax.stages import pipeline
 
 DOMAINS = ["math", "code", "tool_use", "safety"]
 

@@ -3,7 +3,7 @@
 Not a row of the table by itself: the dense weight-merging and BTX baselines are built from these four models, and
 the sequential baseline's first step is the first of them. arg = "<variant>,<domain>".
 """
-from common import dense_sft, domain_mix
+from experiments.baselines.common import dense_sft, domain_mix
 
 
 def get_config(arg="default,math"):

@@ -4,7 +4,7 @@ get_config returns {order, step: a train_lm config}; the runner chains the bases
 """
 import ml_collections
 
-from common import DOMAINS, dense_sft, domain_mix
+from experiments.baselines.common import DOMAINS, dense_sft, domain_mix
 
 
 def get_config(arg="default"):

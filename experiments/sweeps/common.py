@@ -9,7 +9,6 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
 
 from bar_jax import train  # noqa: E402
 from bar_jax.stages import common, evaluate, pipeline  # noqa: E402
@@ -27,7 +26,7 @@ def args(doc: str, domain: str = "tool_use"):
   a.pipeline_workdir = a.pipeline_workdir or os.path.join("runs", f"bar_smollm2{suffix}")
   a.workdir = a.workdir or os.path.join("runs", f"sweeps{suffix}")
   a.pcfg = pipeline.stage_config("bar_smollm2", None if a.variant == "default" else a.variant)
-  pipeline._compilation_cache(a.pcfg, a.pipeline_workdir)  # same shapes as the pipeline's: reuse its compiles
+  pipeline.compilation_cache(a.pcfg, a.pipeline_workdir)  # same shapes as the pipeline's: reuse its compiles
   a.command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
   return a
 
@@ -60,20 +59,20 @@ def stage(a, name: str, stage_name: str, overrides: dict) -> str:
 
 def evaluate_row(a, label: str, spec: str, domains, model_overrides: dict | None = None) -> dict:
   out = os.path.join(a.workdir, "eval", label)
-  if not os.path.isfile(os.path.join(out, evaluate.EVAL_JSON)):
+  if not os.path.isfile(os.path.join(out, common.EVAL_JSON)):
     cfg = pipeline.eval_config(a.pcfg, spec)
     cfg.domains = ",".join(domains)
     if model_overrides:
       cfg.compute.update(model_overrides)
     evaluate.run(cfg, out)
-  with open(os.path.join(out, evaluate.EVAL_JSON)) as f:
+  with open(os.path.join(out, common.EVAL_JSON)) as f:
     return dict(json.load(f)["models"][0], name=label)
 
 
 def append(a, title: str, rows: list[dict], note: str = "") -> str:
   os.makedirs(a.results, exist_ok=True)
   path = os.path.join(a.results, "ablations_smollm2" + ("" if a.variant == "default" else f"_{a.variant}") + ".md")
-  text = f"\n## {title}\n\nMade by: `{a.command}`\n\n{evaluate.format_table(rows)}\n{note}\n"
+  text = f"\n## {title}\n\nMade by: `{a.command}`\n\n{common.format_table(rows)}\n{note}\n"
   with open(path, "a") as f:
     f.write(text)
   print(text, flush=True)

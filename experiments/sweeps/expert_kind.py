@@ -2,7 +2,7 @@
 
   python experiments/sweeps/expert_kind.py [--variant=quick|tiny] [--domain=tool_use]
 """
-from common import append, args, branch, evaluate_row
+from experiments.sweeps.common import append, args, branch, evaluate_row
 
 a = args(__doc__)
 kinds = {"ffn": {"expert_kind": "ffn"}, "lora": {"expert_kind": "lora", "phases": {"sft": {"opt": {"lr": 1e-3}}}}}

@@ -2,7 +2,7 @@
 
   python experiments/sweeps/general_ratio.py [--variant=quick|tiny] [--domain=tool_use]
 """
-from common import append, args, branch, evaluate_row
+from experiments.sweeps.common import append, args, branch, evaluate_row
 
 a = args(__doc__)
 rows = [evaluate_row(a, f"{a.domain}_general_{r}", branch(a, f"{a.domain}_general_{r}", {"general_ratio": r}),

@@ -4,7 +4,7 @@
 """
 import os
 
-from common import append, args, evaluate_row
+from experiments.sweeps.common import append, args, evaluate_row
 
 a = args(__doc__)
 model = os.path.join(a.pipeline_workdir, "routed")

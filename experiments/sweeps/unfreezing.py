@@ -3,7 +3,7 @@ paper's progressive schedule (SFT also trains embeddings and LM head). Paper: to
 
   python experiments/sweeps/unfreezing.py [--variant=quick|tiny] [--domain=tool_use]
 """
-from common import append, args, branch, evaluate_row
+from experiments.sweeps.common import append, args, branch, evaluate_row
 
 from bar_jax.transforms import freeze
 

@@ -47,7 +47,8 @@ def load() -> tuple[tuple[dict, ...], dict[str, int]]:
       turns = q["question"]
       gt = answers.get(q["id"])
       if gt is None:
-        raise BarError(f"BFCL item {q['id']} has no ground truth in possible_answer: reinstall bfcl-eval (bash setup.sh)")
+        raise BarError(f"BFCL item {q['id']} has no ground truth in possible_answer: "
+                       "reinstall bfcl-eval (bash setup.sh)")
       if len(turns) != 1 or len(gt) != 1:
         skipped["multi_turn_or_parallel"] += 1  # outside this domain's single-call format
         continue

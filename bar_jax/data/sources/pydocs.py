@@ -82,7 +82,8 @@ def passages(text: str, max_chars: int = 1500) -> list[str]:
 def prose(which: str, eval_pct: int) -> tuple[str, ...]:
   """Passages from the files of one split (whole files decide the split: no passage straddles it)."""
   files, _ = doc_files()
-  return tuple(p for path, text in files if not path.startswith(_EXCLUDED) and is_eval(text, eval_pct) == (which == "eval")
+  return tuple(p for path, text in files
+               if not path.startswith(_EXCLUDED) and is_eval(text, eval_pct) == (which == "eval")
                for p in passages(text))
 
 
