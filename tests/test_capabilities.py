@@ -303,7 +303,9 @@ def tiny_moe(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["jsonl_chat", "jsonl_prompt_response", "parquet", "datasets_folder"])
 def test_user_capability_branch_add_evaluate_rl(kind, tmp_path, tiny_moe, verifier_module):
   from configs import branch as branch_config, evaluate as evaluate_config, upgrade as upgrade_config
-  from bar_jax.stages import common, rl
+  from bar_jax import sharding
+  from bar_jax.stages import common, rollouts
+  from configs.rl import rl_config
   name = f"user_{kind}"  # one name per capability in a process: the registry refuses two different "sums_..."
   spec = _write_spec(tmp_path, name, data=dict(_formats(tmp_path)[kind], reference="" if "chat" in kind else "value"),
                      eval=dict(heldout_pct=20), metric=dict(name="exact_match", extractor="last_number"),
@@ -338,9 +340,9 @@ def test_user_capability_branch_add_evaluate_rl(kind, tmp_path, tiny_moe, verifi
   calls = sys.modules[verifier_module].CALLS
   calls.clear()
   model = common.load_model(branch_dir)
-  rc = dict(capability=name, steps=1, prompts_per_step=2, group_size=4, max_prompt_len=64, max_response_len=8,
-            eval_n=0, groups=[])
-  _, record = rl.run_rl(model.params, model.cfg, model.tokenizer, rc, str(tmp_path / "rl"))
+  rc = rl_config(name, steps=1, prompts_per_step=2, group_size=4, max_prompt_len=64, max_response_len=8)
+  _, record = rollouts.run_rl(model.params, model.cfg, model.tokenizer, rc, str(tmp_path / "rl"),
+                              mesh=sharding.make_mesh(), identity={"test": "rl"})
   assert len(calls) == 8 and record["domain"] == name
   expected = np.mean([1.0 if str(ref) in r else sum(c.isdigit() for c in r) / max(len(r), 1) for r, ref in calls])
   assert record["reward_curve"] == [round(float(expected), 4)]
