@@ -47,7 +47,7 @@ def get_config(arg=None):
                   checkpoint_every=5, log_every=1),
   })
   # Merge: configs/merge.py overrides (rule average = base + N branches, as the recipe; top_k 0 = all experts).
-  c.merge = ml_collections.ConfigDict({"rule": "average"})
+  c.merge = ml_collections.ConfigDict({"rule": "average", "compute": {"top_k": 0}})  # the knob the docstring names
   # Router: configs/router.py overrides; "auto" runs it when the router stage is installed.
   c.router = ml_collections.ConfigDict({"enabled": "auto", "arg": "", "overrides": ml_collections.ConfigDict({
       # remat + 2 micro-batches: the 5-expert MoE's router step was OOM-killed at 17 GB without them.

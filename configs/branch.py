@@ -27,7 +27,8 @@ def phase(kind: str, steps: int, batch_size: int, seq_len: int, lr: float, max_e
       data=dict(kind=kind, mix={}, seq_len=seq_len, max_examples=max_examples),
       batch_size=batch_size, accum=1, steps=steps,
       opt=opt_defaults(lr=lr, warmup_steps=max(1, min(10, steps // 10))),
-      checkpoint_every=checkpoint_every, log_every=log_every, z_loss=1e-3, lb_loss=0.0))
+      checkpoint_every=checkpoint_every, log_every=log_every, z_loss=1e-3, lb_loss=0.0,
+      divergence_factor=10.0))  # stop when the loss exceeds 10 x its running level (0 = only NaN/Inf stops)
 
 
 def rl_phase(domain: str, **kw):
@@ -50,6 +51,7 @@ def get_config(arg=None):
   c.seed = 0
   c.mesh = mesh_config()
   c.keep_checkpoints = False  # True: keep phases/*/checkpoints after the artifact is written
+  c.self_contained = False    # False: over a base artifact dir, store only the leaves training changed
   c.distributed = False
   c.compute = compute_config()
   c.expert_kind = "lora" if a.lora else "ffn"
@@ -74,7 +76,8 @@ def get_config(arg=None):
   if a.tiny:
     c.base = "tiny"
     c.phases.midtrain = phase("lm", 6, 8, 64, 1e-3, max_examples=64, checkpoint_every=3, log_every=1)
-    c.phases.sft = phase("sft", 6, 8, 96, 1e-3, max_examples=64, checkpoint_every=3, log_every=1)
+    sft_len = 256 if domain == "tool_use" else 96  # tool-call chats run 148-331 tokens: at 96 every one is dropped
+    c.phases.sft = phase("sft", 6, 8, sft_len, 1e-3, max_examples=64, checkpoint_every=3, log_every=1)
     c.phases.rl = rl_phase(domain, steps=2, checkpoint_every=5)
     c.eval = ml_collections.ConfigDict(dict(domains="", n_per_domain=4, max_new_tokens=8, batch_size=4,
                                             before=False))

@@ -2,12 +2,13 @@
 
   python -m bar_jax.train --config=configs/evaluate.py --config.model=smollm2 --workdir=runs/eval_base
   python -m bar_jax.train --config=configs/evaluate.py --config.model=runs/math,runs/moe --workdir=runs/eval_cmp
-  # larger runs: --config.n_per_domain=200 --config.max_new_tokens=256
+  # a quick look: --config.n_per_domain=16 (intervals ~ +-20 points)
 
-Expected: WORKDIR/eval.json (per model and domain: value, score, counts, a few sample responses) and WORKDIR/eval.md,
-a markdown table (rows = models; columns = math, code, tool_use, safety, general; overall = mean of the domain
-scores, NLL domains as 100*exp(-nll)). The default (16 items per domain, 48 new tokens) is a quick check that takes
-a few minutes for SmolLM2-135M on a 2-core CPU; its numbers carry a +-10 point sampling error.
+Expected: WORKDIR/eval.json (per model and domain: value, 95% interval, counts, budgets, every item's outcome and
+reply) and WORKDIR/eval.md, a markdown table (rows = models; columns = math, code, tool_use, safety, general;
+percentages with 95% intervals; code and general as per-token NLL with the change vs the first row; overall = mean
+of the percentage columns; * = differs from the first row at p < 0.05, paired over the same items). Sizes and
+budgets come from the data (bar_jax/evals/runner.py): up to 200 held-out items per kind, stratified.
 """
 import ml_collections
 
@@ -20,11 +21,11 @@ def get_config(arg=None):
   c.stage = "evaluate"
   c.model = a.model             # comma-separated artifact dirs, or "smollm2" (the packaged base GGUF)
   c.domains = "all"             # or e.g. "math,tool_use"
-  c.n_per_domain = 16           # held-out items per domain (the first n: stratified across sub-sources)
-  c.max_new_tokens = 48         # generation budget (math, tool_use, safety)
+  c.n_per_domain = 200          # held-out items per kind (safety: harmful and benign each), stratified
+  c.max_new_tokens = 256        # upper limit of the answer budget (the 95th percentile of the domain's answers)
   c.batch_size = 16             # prompts per generate call
-  c.max_prompt_tokens = 256     # longer prompts (long BFCL schemas) are passed over and counted
-  c.nll_seq_len = 256           # NLL rows (code bodies, prose passages, packed): longer ones truncated and counted
+  c.max_prompt_tokens = 0       # 0: the 95th percentile of the domain's prompts; longer ones passed over and counted
+  c.nll_seq_len = 512           # NLL rows (code bodies, prose passages, packed): longer ones truncated and counted
   c.nll_batch_rows = 4          # rows per NLL forward
   c.compute = ml_collections.ConfigDict({"dtype": "float32"})  # compute knobs for ModelConfig
   return c

@@ -41,7 +41,7 @@ def get_config(arg=None):
       batch_size=8, accum=1, seq_len=512, overlong="truncate",
       opt=opt_defaults(lr=1e-4, warmup_steps=0, end_lr_frac=0.0),
       warmup_frac=0.03,         # warmup steps = warmup_frac x the steps (opt.warmup_steps is set from it)
-      z_loss=1e-3, lb_loss=0.0,
+      z_loss=1e-3, lb_loss=0.0, divergence_factor=10.0,
       checkpoint_every=50, log_every=10,
   ))
   # Routing diagnostics: per domain, max_rows packed rows of seq_len held-out tokens (0 rows = skip).

@@ -16,7 +16,7 @@ def phase(kind: str, mix: dict, steps: int, batch_size: int, seq_len: int, lr: f
   return ml_collections.ConfigDict(dict(
       data=dict(kind=kind, mix=mix, seq_len=seq_len, max_examples=max_examples),
       batch_size=batch_size, accum=1, steps=steps, opt=opt_defaults(lr=lr, warmup_steps=min(10, steps // 5)),
-      trainable=[r".*"], checkpoint_every=25, log_every=5, z_loss=0.0, lb_loss=0.0))
+      trainable=[r".*"], checkpoint_every=25, log_every=5, z_loss=0.0, lb_loss=0.0, divergence_factor=10.0))
 
 
 def get_config(arg=None):

@@ -2,6 +2,7 @@
 
   python experiments/aot_7b.py                      # every case below, 8 simulated CPU devices, ~5-15 min on 2 cores
   python experiments/aot_7b.py --cases=branch_sft_f4e2 --out=experiments/results/aot_7b.md
+  python experiments/aot_7b.py --cases=olmo2_branch_sft_f8,olmo2_moe5_router_f8 --out=... --append   # OLMo 2 7B
 
 Nothing is allocated: parameters, optimiser state and batch are jax.ShapeDtypeStructs carrying NamedShardings, and
 each step is `jit(...).lower(...).compile()`d on simulated devices. For each case it reports the per-device bytes of
@@ -37,9 +38,15 @@ from bar_jax.transforms import freeze
 
 GB = 1e9
 HBM = 80 * GB
-# Llama-2-7B (OLMo-2-7B differs in vocab 100k and QK-norm; same matmul shapes otherwise).
+# Llama-2-7B, and OLMo-2-1124-7B (the paper's base): same matmul shapes, plus a 100k vocabulary, QK RMSNorm over
+# the whole q/k projections and norms after each sub-layer (its config.json, as bar_jax.io.hf imports it).
 LLAMA2_7B = ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
                         d_ff=11008, tie_embeddings=False, rope_theta=10000.0, max_seq_len=4096)
+OLMO2_7B = LLAMA2_7B.replace(vocab_size=100352, rope_theta=500000.0, rms_eps=1e-6, qk_norm="proj",
+                             norm_position="post")
+MODELS = {"llama2_7b": (LLAMA2_7B, "Llama-2-7B shape (d=4096, 32 layers, 32 heads, F=11008, V=32000, untied)"),
+          "olmo2_7b": (OLMO2_7B, "OLMo-2-7B shape (d=4096, 32 layers, 32 heads, F=11008, V=100352, untied, "
+                                 "QK-norm over the projections, post sub-layer norms)")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +58,7 @@ class Case:
   batch: int = 8        # global sequences per step
   seq: int = 4096
   remat: str = "full"
+  model: str = "llama2_7b"
 
 
 CASES = {c.name: c for c in [
@@ -61,6 +69,12 @@ CASES = {c.name: c for c in [
     Case("moe5_router_f8", 5, "router", (1, 8, 1, 1)),
     Case("moe5_router_f4t2", 5, "router", (1, 4, 1, 2)),
     Case("moe5_sft_f8", 5, "sft", (1, 8, 1, 1)),                    # upgrade-style: experts + router + embeddings
+    # OLMo 2 7B (issue: the paper's own base): the 2-expert branch step and the 5-expert merged router step.
+    Case("olmo2_branch_sft_f8", 2, "sft", (1, 8, 1, 1), model="olmo2_7b"),
+    Case("olmo2_branch_sft_f4e2", 2, "sft", (1, 4, 2, 1), model="olmo2_7b"),
+    Case("olmo2_branch_rl_f8", 2, "rl", (1, 8, 1, 1), model="olmo2_7b"),
+    Case("olmo2_moe5_router_f8", 5, "router", (1, 8, 1, 1), model="olmo2_7b"),
+    Case("olmo2_moe5_router_f4t2", 5, "router", (1, 4, 1, 2), model="olmo2_7b"),
 ]}
 
 
@@ -77,7 +91,7 @@ def _bytes_per_device(tree) -> int:
 
 
 def run_case(case: Case) -> dict:
-  cfg = LLAMA2_7B.replace(ffn="moe", n_experts=case.n_experts)
+  cfg = MODELS[case.model][0].replace(ffn="moe", n_experts=case.n_experts)
   compute = Compute(dtype="bfloat16", remat=case.remat)
   mesh = sharding.make_mesh(case.mesh)
   shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), transformer.param_shapes(cfg),
@@ -155,6 +169,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
   ap.add_argument("--out", default="", help="write the markdown table here")
+  ap.add_argument("--append", action="store_true", help="add a section to --out instead of replacing it")
   args = ap.parse_args()
   rows = []
   for name in args.cases.split(","):
@@ -162,18 +177,21 @@ def main():
     rows.append(r)
     print(table([r]).splitlines()[-1], flush=True)
   c = rows[0]["case"]
-  text = (f"# 7B-class AOT compile check\n\nCommand: `python experiments/aot_7b.py --cases={args.cases}`  \n"
+  models = sorted({r["case"].model for r in rows})
+  title = "# 7B-class AOT compile check" if not args.append else f"## {', '.join(models)}"
+  text = (f"{title}\n\nCommand: `python experiments/aot_7b.py --cases={args.cases}"
+          f"{' --append' if args.append else ''}`  \n"
           f"jax {jax.__version__}, {len(jax.devices())} simulated {jax.devices()[0].platform.upper()} devices; "
-          f"model: Llama-2-7B shape (d=4096, 32 layers, 32 heads, F=11008, V=32000, untied) as a BAR MoE, "
+          f"model: {'; '.join(MODELS[m][1] for m in models)} as a BAR MoE, "
           f"bf16 compute, fp32 master weights, AdamW (mu, nu fp32), remat={c.remat}, "
           f"global batch {c.batch} x {c.seq} tokens (one sequence per device).\n\n" + table(rows) + "\n\n"
           "peak/dev = XLA arguments + outputs - donated aliases + temporaries, from `compiled.memory_analysis()` "
-          "of the SPMD-partitioned step (per device). params/dev and optimiser/dev are from the shard shapes.\n"
-          + NOTES)
+          "of the SPMD-partitioned step (per device). params/dev and optimiser/dev are from the shard shapes.\n" +
+          ("" if args.append else NOTES))
   print(text)
   if args.out:
-    with open(args.out, "w") as f:
-      f.write(text)
+    with open(args.out, "a" if args.append else "w") as f:
+      f.write(("\n" if args.append else "") + text)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """MoE dispatch and merge benchmark at SmolLM2 shapes (D=576, F=1536), E=5 experts, ~4096 tokens.
 
-  python experiments/bench_moe.py            # ~5 min on 2 CPU cores; writes experiments/results/bench_moe.md
+  python experiments/bench_moe.py            # ~5 min on 2 idle CPU cores; writes experiments/results/bench_moe.md
+  BENCH_MOE_TOKENS=400 python experiments/bench_moe.py --no_merge --out=experiments/results/bench_moe_small.md
 
 Dispatch: step time (forward + backward w.r.t. tokens, router and experts) of one MoE layer per dispatch path at
 top_k = 1, 2, 5, against a dense SwiGLU FFN of width k*F (the same active FLOPs), on 1 and on 8 simulated CPU
@@ -17,31 +18,53 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
 
-D, F, E, N_TOKENS, TOP_KS = 576, 1536, 5, 4080, (1, 2, 5)  # 4080 ~ 4096, divisible by 8 and by 5 batch shards
-REPEATS = 3
+D, F, E, TOP_KS, RANK = 576, 1536, 5, (1, 2, 5), 16
+N_TOKENS = int(os.environ.get("BENCH_MOE_TOKENS", 4080))  # 4080 ~ 4096, divisible by 8 and by 5 batch shards
+ROUNDS = int(os.environ.get("BENCH_MOE_ROUNDS", 3))
 
 
-def _time(f, *args) -> float:
+def _runner(f, *args):
+  """run() -> seconds of one call of the jitted f (compiled and warmed up here)."""
   import jax
-  jax.block_until_ready(f(*args))  # compile + warm up
-  best = float("inf")
-  for _ in range(REPEATS):
+  jax.block_until_ready(f(*args))
+
+  def run():
     t = time.perf_counter()
     jax.block_until_ready(f(*args))
-    best = min(best, time.perf_counter() - t)
-  return best
+    return time.perf_counter() - t
+  return run
+
+
+def _interleaved(runs: dict, rounds: int) -> dict:
+  """Each variant once per round, alternating the order; per-round ratios to `base` (load drifts between rounds)."""
+  names = list(runs)
+  times = {n: [] for n in names}
+  for r in range(rounds):
+    for n in (names if r % 2 == 0 else names[::-1]):
+      times[n].append(runs[n]())
+  return times
+
+
+def _stats(times: dict, base: str) -> dict:
+  import numpy as np
+  out = {}
+  for n, ts in times.items():
+    r = sorted(t / b for t, b in zip(ts, times[base]))
+    out[n] = {"s": float(np.median(ts)), "ratio": float(np.median(r)), "lo": r[0], "hi": r[-1]}
+  return out
 
 
 def matmul_peak() -> float:
   import jax
   import jax.numpy as jnp
   a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  return 2 * 2048 ** 3 / _time(f, a) / 1e9
+  run = _runner(jax.jit(lambda a: a @ a), a)
+  return 2 * 2048 ** 3 / min(run() for _ in range(3)) / 1e9
 
 
 def dispatch_worker(n_devices: int) -> dict:
@@ -54,12 +77,16 @@ def dispatch_worker(n_devices: int) -> dict:
   from bar_jax.sharding import make_mesh, BATCH_AXES
 
   assert jax.device_count() == n_devices
-  ks = jax.random.split(jax.random.key(0), 6)
+  ks = jax.random.split(jax.random.key(0), 8)
   x = jax.random.normal(ks[0], (N_TOKENS, D), jnp.float32)
   p = {"router": {"kernel": jax.random.normal(ks[1], (D, E)) * 0.05},
        "experts": {"gate": jax.random.normal(ks[2], (E, D, F)) / D ** .5,
                    "up": jax.random.normal(ks[3], (E, D, F)) / D ** .5,
                    "down": jax.random.normal(ks[4], (E, F, D)) / F ** .5}}
+  lora_p = {"router": p["router"], "experts": {w: v[:1] for w, v in p["experts"].items()},
+            "lora": {w: {"a": jax.random.normal(ks[6], (E - 1, i, RANK)) / i ** .5,
+                         "b": jax.random.normal(ks[7], (E - 1, RANK, o)) * 0.01}
+                     for w, (i, o) in {"gate": (D, F), "up": (D, F), "down": (F, D)}.items()}}
   probe = jax.random.normal(ks[5], (N_TOKENS, D))
   data_mesh = make_mesh({"data": n_devices}) if n_devices > 1 else None
   ep_mesh = make_mesh({"expert": E}, devices=jax.devices()[:E]) if n_devices >= E else None
@@ -69,13 +96,21 @@ def dispatch_worker(n_devices: int) -> dict:
       return tree
     return jax.device_put(tree, NamedSharding(mesh, P(BATCH_AXES) if batch else P()))
 
-  def moe_step(cfg, compute, mesh):
+  def moe_step(cfg, compute, mesh, params=p, ffn=moe.moe_ffn):
     def loss(p, x):
-      y, aux = moe.moe_ffn(p, x[None], cfg, mesh=mesh, compute=compute)
+      y, aux = ffn(p, x[None], cfg, mesh=mesh, compute=compute)
       return jnp.sum(y[0] * probe_s) + 1e-3 * aux["z_loss"]
     probe_s = place(probe, mesh, True)
-    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    return lambda: f(place(p, mesh, False), place(x, mesh, True))
+    return _runner(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), place(params, mesh, False), place(x, mesh, True))
+
+  def materialised_lora(p, x, cfg, mesh=None, compute=None):
+    """The previous LoRA layer: experts materialised (anchor + a b) and run one by one on every token."""
+    xt = x.reshape(-1, D)
+    weights, idx, logits = moe.route(p["router"]["kernel"], xt, cfg)
+    g, u, d = moe.expert_weights(p, cfg)
+    h = jax.nn.silu(jnp.einsum("nd,edf->enf", xt, g)) * jnp.einsum("nd,edf->enf", xt, u)
+    y = jnp.einsum("end,ne->nd", jnp.einsum("enf,efd->end", h, d), weights)
+    return y.reshape(x.shape), moe.router_losses(logits, weights, idx, E)
 
   def dense_ffn_step(k, mesh):
     w = {"gate": jnp.concatenate([p["experts"]["gate"][i % E] for i in range(k)], 1),
@@ -86,21 +121,27 @@ def dispatch_worker(n_devices: int) -> dict:
       y = (jax.nn.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]
       return jnp.sum(y * probe_s)
     probe_s = place(probe, mesh, True)
-    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    return lambda: f(place(w, mesh, False), place(x, mesh, True))
+    return _runner(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), place(w, mesh, False), place(x, mesh, True))
 
   out = {"devices": n_devices, "peak_gflops": matmul_peak(), "rows": []}
   for k in TOP_KS:
     cfg = ModelConfig(d_model=D, d_ff=F, n_layers=1, ffn="moe", n_experts=E, top_k=k)
-    row = {"k": k, "flops": 3 * 2 * N_TOKENS * 3 * D * F * k}
-    row["dense_ffn"] = _time(dense_ffn_step(k, data_mesh))
+    runs = {"dense_ffn": dense_ffn_step(k, data_mesh)}
     for kind in ("dense", "dropless", "expert_parallel"):
       mesh = ep_mesh if kind == "expert_parallel" else data_mesh
       if kind == "expert_parallel" and mesh is None:
         continue  # no expert axis on one device: it is the dropless path
-      row[kind] = _time(moe_step(cfg, Compute(dispatch=kind), mesh))
+      runs[kind] = moe_step(cfg, Compute(dispatch=kind), mesh)
+    row = {"k": k, "flops": 3 * 2 * N_TOKENS * 3 * D * F * k, **_stats(_interleaved(runs, ROUNDS), "dense_ffn")}
     out["rows"].append(row)
     print(json.dumps(row), file=sys.stderr, flush=True)
+  # LoRA experts (E-1 adapters of rank RANK over one anchor), all active: the side path against the materialised
+  # layout it replaces and against one dense FFN of width F (the anchor's FLOPs; the adapters add ~3% at rank 16).
+  cfg = ModelConfig(d_model=D, d_ff=F, n_layers=1, ffn="moe", n_experts=E, expert_kind="lora", lora_rank=RANK)
+  runs = {"dense_ffn": dense_ffn_step(1, data_mesh), "lora": moe_step(cfg, Compute(), data_mesh, lora_p),
+          "lora_materialised": moe_step(cfg, Compute(), data_mesh, lora_p, materialised_lora)}
+  out["lora"] = _stats(_interleaved(runs, ROUNDS), "dense_ffn")
+  print(json.dumps(out["lora"]), file=sys.stderr, flush=True)
   return out
 
 
@@ -166,31 +207,51 @@ def _subprocess(args: list[str], env_extra: dict) -> dict:
   return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def report(results: list[dict], merge: dict) -> str:
+def _host_line() -> str:
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return f"CPU {model}, {os.cpu_count()} cores, load average (1, 5, 15 min) " + \
+      ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def report(results: list[dict], merge: dict | None, command: str, hosts: tuple[str, str]) -> str:
   gb = lambda b: f"{b / 2 ** 30:.2f} GiB"  # noqa: E731
+  cell = lambda st: f"{st['s'] * 1e3:.0f} ms ({st['ratio']:.2f}x, {st['lo']:.2f}-{st['hi']:.2f})"  # noqa: E731
   lines = ["# bench_moe: MoE dispatch paths and the merge transform", "",
-           "Command: `python experiments/bench_moe.py` (CPU; 1 and 8 simulated devices via XLA_FLAGS).", "",
+           f"Command: `{command}` (CPU; 1 and 8 simulated devices via XLA_FLAGS).  ",
+           f"Start: {hosts[0]}  ", f"End: {hosts[1]}", "",
            f"One MoE layer, D={D}, F={F}, E={E}, {N_TOKENS} tokens, float32; step = forward + backward w.r.t. "
            "tokens, router and experts. `dense FFN` is one SwiGLU of width k*F: the active FLOPs of top-k. "
-           "Overhead = path time / dense-FFN time - 1. expert_parallel on 8 devices runs on 5 of them (expert=5, "
-           "since 5 experts cannot split over 8); on 1 device it is the dropless path.", ""]
+           f"The variants of a row run interleaved ({ROUNDS} rounds, alternating order); each cell is the median "
+           "time and the median (range) over the rounds of its ratio to the dense FFN of the same round. "
+           "At top_k = E the dense and dropless settings both run the wide FFN (one FFN of width E*F, hidden units "
+           "scaled by the router). expert_parallel on 8 devices runs on 5 of them (expert=5, since 5 experts cannot "
+           "split over 8); on 1 device it is the dropless path.", ""]
   for r in results:
     lines += [f"## {r['devices']} device(s): fp32 matmul peak {r['peak_gflops']:.0f} GFLOP/s", "",
               "| top_k | dense FFN (k*F) | GFLOP/s | dense (all E) | dropless | expert_parallel |",
               "|---|---|---|---|---|---|"]
     for row in r["rows"]:
-      base = row["dense_ffn"]
-      cell = lambda kind: (f"{row[kind] * 1e3:.0f} ms ({row[kind] / base - 1:+.0%})"  # noqa: E731
-                           if kind in row else "= dropless")
-      lines.append(f"| {row['k']} | {base * 1e3:.0f} ms | {row['flops'] / base / 1e9:.0f} | {cell('dense')} | "
-                   f"{cell('dropless')} | {cell('expert_parallel')} |")
-    lines.append("")
-  m = merge
-  lines += [f"## Merge: {m['branches']} SmolLM2-shaped ffn branches -> {m['n_experts']} experts (rule average)", "",
-            "| run time | of which producing the leaves (est.) | peak memory | output | peak / output | read |",
-            "|---|---|---|---|---|---|",
-            f"| {m['seconds']:.1f} s | {m['read_seconds_est']:.1f} s | {gb(m['peak_bytes'])} | {gb(m['out_bytes'])} | "
-            f"{m['peak_bytes'] / m['out_bytes']:.2f}x | {gb(m['read_bytes'])} |", ""]
+      base = row["dense_ffn"]["s"]
+      get = lambda kind: cell(row[kind]) if kind in row else "= dropless"  # noqa: E731
+      lines.append(f"| {row['k']} | {base * 1e3:.0f} ms | {row['flops'] / base / 1e9:.0f} | {get('dense')} | "
+                   f"{get('dropless')} | {get('expert_parallel')} |")
+    lo = r["lora"]
+    lines += ["", f"LoRA experts (E={E}: anchor + {E - 1} rank-{RANK} adapters, all active), against one dense FFN "
+              "of width F:", "", "| dense FFN (F) | lora side path | lora materialised (previous layout) |",
+              "|---|---|---|", f"| {lo['dense_ffn']['s'] * 1e3:.0f} ms | {cell(lo['lora'])} | "
+              f"{cell(lo['lora_materialised'])} |", ""]
+  if merge is not None:
+    m = merge
+    lines += [f"## Merge: {m['branches']} SmolLM2-shaped ffn branches -> {m['n_experts']} experts (rule average)", "",
+              "| run time | of which producing the leaves (est.) | peak memory | output | peak / output | read |",
+              "|---|---|---|---|---|---|",
+              f"| {m['seconds']:.1f} s | {m['read_seconds_est']:.1f} s | {gb(m['peak_bytes'])} | {gb(m['out_bytes'])} "
+              f"| {m['peak_bytes'] / m['out_bytes']:.2f}x | {gb(m['read_bytes'])} |", ""]
   return "\n".join(lines)
 
 
@@ -201,12 +262,17 @@ def main():
   if len(sys.argv) > 1 and sys.argv[1] == "--merge":
     print(json.dumps(merge_worker()))
     return
+  skip_merge = "--no_merge" in sys.argv
+  command = " ".join(f"{k}={os.environ[k]}" for k in ("BENCH_MOE_TOKENS", "BENCH_MOE_ROUNDS") if k in os.environ)
+  command = (command + " " if command else "") + " ".join(["python experiments/bench_moe.py"] + sys.argv[1:])
+  start = _host_line()
   results = [_subprocess(["--dispatch", str(n)], {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
              for n in (1, 8)]
-  merge = _subprocess(["--merge"], {})
-  text = report(results, merge)
+  merge = None if skip_merge else _subprocess(["--merge"], {})
+  text = report(results, merge, command, (start, _host_line()))
   print(text)
-  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_moe.md")
+  out = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--out=")),
+             os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_moe.md"))
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
     f.write(text)

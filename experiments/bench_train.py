@@ -10,8 +10,13 @@ Sections (comma-separated, or "all"):
             array copy and sum). Every MFU below divides by the best matmul figure of this same run.
   smollm2   the SmolLM2-135M train step (random weights, the real shapes; AdamW over every leaf) at several batch x seq
             shapes, on 1 device and on a data-parallel mesh of all devices, full vs chunked LM-head loss.
-  branch    dense vs 2-expert branch (midtrain partition: anchor frozen) train step at a ~1B shape (OLMo-1B-like).
+  branch    dense vs 2-expert branch (midtrain partition: anchor frozen) train step at a ~1B shape (OLMo-1B-like),
+            interleaved with a matmul: MFU per round against the matmul of that round.
+  flops     compiled FLOPs (XLA cost analysis) of the lora/ffn branch, branch/dense and MoE/dense steps: no timing.
+  lora      the 2-expert branch step with a LoRA vs an ffn domain expert at SmolLM2's shape (--lora_stage).
   moe       an E=5 MoE train step at top_k 1, 2, E vs a dense model of equal active FLOPs (d_ff x k).
+The compared steps of branch, lora and moe run interleaved (A B, B A, ... for --rounds rounds, after a warm-up step
+each) and report the median ratio with its range: on a shared host the load drifts between separate measurements.
   decode    greedy decode tokens/s (KV cache, bar_jax.model.generate) against the memory-bandwidth bound
             B x bandwidth / (parameter bytes + KV-cache bytes read per step).
 
@@ -42,6 +47,10 @@ def _args():
                   "multiple of the devices)")
   ap.add_argument("--big_layers", type=int, default=16, help="layers of the ~1B shape (fewer fit a small host's RAM)")
   ap.add_argument("--moe_shape", default="16x256", help="batch x seq of the MoE vs dense step")
+  ap.add_argument("--lora_shape", default="4x256", help="batch x seq of the SmolLM2 lora vs ffn branch step")
+  ap.add_argument("--lora_layers", type=int, default=30, help="layers of the lora vs ffn branch (SmolLM2: 30)")
+  ap.add_argument("--lora_stage", default="sft", help="partition of the lora vs ffn branch step (midtrain | sft)")
+  ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the compared steps (branch, lora, moe)")
   ap.add_argument("--decode_batches", default="1,8")
   ap.add_argument("--out", default="", help="markdown results file")
   return ap.parse_args()
@@ -154,48 +163,82 @@ def matmul_now(mesh) -> float:
   return 2 * nd * n ** 3 / best_time(jax.jit(lambda x, b: x @ b), x, b, repeats=3)
 
 
+class StepRunner:
+  """One model's jitted train step with its state; `run()` times one step (the state carries on)."""
+
+  def __init__(self, cfg: ModelConfig, batch: int, seq: int, *, mesh, stage: str = "dense", loss: str = "full",
+               compute: Compute = Compute()):
+    params = transformer.init_params(cfg, jax.random.key(0))
+    part = freeze.make_partition(params, cfg, freeze.SCHEDULE[stage])
+    pshard = transformer.param_shardings(cfg, mesh, params)
+    params = jax.device_put(params, pshard)
+    flat = pytree.flatten(pshard)
+    trainable, frozen = freeze.split(params, part)
+    del params
+    self.trainable = {k: jax.device_put(v, loop.slice_sharding(flat[k], v)) for k, v in trainable.items()}
+    self.frozen = {k: jax.device_put(v, loop.slice_sharding(flat[k], v)) for k, v in frozen.items()}
+    tx, _ = optim.adamw(opt_defaults(warmup_steps=0, weight_decay=0.01), 1000)
+    self.opt_state = jax.jit(tx.init, out_shardings=loop.opt_state_shardings(tx, self.trainable, mesh))(
+        self.trainable)
+    loss_fn = loop.lm_loss(cfg, mesh, compute=compute) if loss == "full" else \
+        chunked_lm_loss(cfg, mesh, int(loss.split("=")[1]), compute)
+    keep = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    self.step = jax.jit(loop.make_step(loss_fn, tx, part, 1), donate_argnums=(0, 1),
+                        out_shardings=(keep(self.trainable), keep(self.opt_state), None))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (1, batch, seq + 1), dtype=np.int32)
+    host = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:], "mask": np.ones((1, batch, seq), np.float32),
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, batch, seq)).copy(),
+            "segment_ids": np.ones((1, batch, seq), np.int32)}
+    self.data = sharding.global_batch(host, mesh, batch_axis=1)
+    self.tokens = batch * seq
+    self.first_s = self.run()  # compile + the first step
+
+  def run(self) -> float:
+    t = time.perf_counter()
+    self.trainable, self.opt_state, self.metrics = self.step(self.trainable, self.opt_state, self.frozen, self.data)
+    jax.block_until_ready(self.metrics)
+    return time.perf_counter() - t
+
+  def close(self):
+    del self.trainable, self.opt_state, self.frozen, self.data
+    gc.collect()
+
+
+def interleaved(runs: dict, rounds: int) -> dict[str, list[float]]:
+  """Times each callable once per round, in alternating order (A B, B A, ...): load on a shared host drifts, and a
+  ratio of neighbouring runs is far steadier than a ratio of two separate best-ofs."""
+  names = list(runs)
+  times = {n: [] for n in names}
+  for r in range(rounds):
+    for n in (names if r % 2 == 0 else names[::-1]):
+      times[n].append(runs[n]())
+  return times
+
+
+def ratio_stats(num: list[float], den: list[float]) -> dict:
+  """Median and range of the per-round ratios num/den, and each side's median seconds."""
+  r = sorted(a / b for a, b in zip(num, den))
+  return {"ratio": float(np.median(r)), "lo": r[0], "hi": r[-1], "num_s": float(np.median(num)),
+          "den_s": float(np.median(den)), "rounds": len(r)}
+
+
+def fmt_ratio(st: dict) -> str:
+  return f"{st['ratio']:.3f} ({st['lo']:.3f}-{st['hi']:.3f}, {st['rounds']} rounds)"
+
+
 def bench_step(cfg: ModelConfig, batch: int, seq: int, *, mesh, stage: str = "dense", loss: str = "full",
                steps: int = 3, peak: float = 1.0, trainable_active: int | None = None,
                compute: Compute = Compute()) -> dict:
   gc.collect()
   peak_before = matmul_now(mesh)
-  params = transformer.init_params(cfg, jax.random.key(0))
-  part = freeze.make_partition(params, cfg, freeze.SCHEDULE[stage])
-  pshard = transformer.param_shardings(cfg, mesh, params)
-  params = jax.device_put(params, pshard)
-  flat = pytree.flatten(pshard)
-  trainable, frozen = freeze.split(params, part)
-  trainable = {k: jax.device_put(v, loop.slice_sharding(flat[k], v)) for k, v in trainable.items()}
-  frozen = {k: jax.device_put(v, loop.slice_sharding(flat[k], v)) for k, v in frozen.items()}
-  opt = opt_defaults(warmup_steps=0, weight_decay=0.01)
-  tx, _ = optim.adamw(opt, 1000)
-  opt_state = jax.jit(tx.init, out_shardings=loop.opt_state_shardings(tx, trainable, mesh))(trainable)
-  loss_fn = loop.lm_loss(cfg, mesh, compute=compute) if loss == "full" else \
-      chunked_lm_loss(cfg, mesh, int(loss.split("=")[1]), compute)
-  keep = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-  step = jax.jit(loop.make_step(loss_fn, tx, part, 1), donate_argnums=(0, 1),
-                 out_shardings=(keep(trainable), keep(opt_state), None))
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, cfg.vocab_size, (1, batch, seq + 1), dtype=np.int32)
-  host = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:], "mask": np.ones((1, batch, seq), np.float32),
-          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, batch, seq)).copy(),
-          "segment_ids": np.ones((1, batch, seq), np.int32)}
-  data = sharding.global_batch(host, mesh, batch_axis=1)
-  t0 = time.perf_counter()
-  trainable, opt_state, m = step(trainable, opt_state, frozen, data)
-  jax.block_until_ready(m)
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    trainable, opt_state, m = step(trainable, opt_state, frozen, data)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  dt = min(times)
+  runner = StepRunner(cfg, batch, seq, mesh=mesh, stage=stage, loss=loss, compute=compute)
+  dt = min(runner.run() for _ in range(steps))
   tps = batch * seq / dt
   flops = train_flops_per_token(cfg, seq, trainable_active) * tps
-  loss_value = float(m["loss"])
-  del trainable, opt_state, frozen, params, data
+  loss_value = float(runner.metrics["loss"])
+  first = runner.first_s
+  runner.close()
   local_peak = max(peak_before, matmul_now(mesh))
   return {"step_s": dt, "first_s": first, "tokens_s": tps, "flops": flops, "mfu": flops / peak,
           "local_peak": local_peak, "mfu_local": flops / local_peak, "loss": loss_value}
@@ -256,6 +299,24 @@ def section_smollm2(args, peak):
   say(f"\nBest: {best[0]} at {100 * best[1]['mfu']:.1f}% MFU ({best[1]['tokens_s']:.0f} tokens/s).\n")
 
 
+def matmul_runner(mesh):
+  """(run() -> seconds, FLOPs per run): a 2048^3 fp32/--dtype matmul per device of the mesh, timed between the steps
+  it is compared with, so an MFU is a ratio of neighbouring measurements (the shared CPU's speed drifts)."""
+  n = 2048 if jax.default_backend() == "cpu" else 8192
+  nd = mesh.size
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(ARGS.dtype if ARGS else jnp.float32)
+  x = jax.device_put(jnp.tile(a, (nd, 1)), sharding.batch_sharding(mesh))
+  b = jax.device_put(a, sharding.replicated(mesh))
+  f = jax.jit(lambda x, b: x @ b)
+  jax.block_until_ready(f(x, b))
+
+  def run():
+    t = time.perf_counter()
+    jax.block_until_ready(f(x, b))
+    return time.perf_counter() - t
+  return run, 2 * nd * n ** 3
+
+
 def section_branch(args, peak):
   cfg, compute = OLMO_1B.replace(n_layers=args.big_layers), compute_from(args)
   b, t = _shape(args.big_shape)
@@ -265,16 +326,50 @@ def section_branch(args, peak):
                      f"devices; pass e.g. --big_shape={len(jax.devices())}x{t} or --devices=1")
   say(f"## Dense vs branch train step at a ~1B shape (d={cfg.d_model}, L={cfg.n_layers}, F={cfg.d_ff}, "
       f"V={cfg.vocab_size}), batch {b} x {t}\n")
-  say("| model | stage | params (B) | step s | tokens/s | model GFLOP/s | MFU | MFU vs matmul at the time |")
+  models = {"dense": (cfg, "dense"), "branch E=2": (cfg.replace(ffn="moe", n_experts=2), "midtrain")}
+  runners, flops = {}, {}
+  for name, (c, stage) in models.items():
+    runners[name] = StepRunner(c, b, t, mesh=mesh, stage=stage, compute=compute)
+    flops[name] = train_flops_per_token(c, t, trainable_active_params(c, stage)) * b * t
+  mm, mm_flops = matmul_runner(mesh)
+  times = interleaved({"matmul": mm, **{n: r.run for n, r in runners.items()}}, args.rounds)
+  say("Each round times a 2048^3 matmul per device and one step of each model, in alternating order; MFU = the "
+      "step's model FLOP/s over that round's matmul FLOP/s (median and range over the rounds).\n")
+  say("| model | stage | params (B) | step s (median) | tokens/s | model GFLOP/s | MFU vs matmul of the round "
+      "| MFU vs the run's peak |")
   say("|---|---|---|---|---|---|---|---|")
-  for name, c, stage in (("dense", cfg, "dense"), ("branch E=2", cfg.replace(ffn="moe", n_experts=2), "midtrain")):
+  for name, (c, stage) in models.items():
     n_params = sum(math.prod(s) for s in jax.tree.leaves(transformer.param_shapes(c),
                                                         is_leaf=lambda x: isinstance(x, tuple)))
-    r = bench_step(c, b, t, mesh=mesh, stage=stage, steps=max(1, args.steps - 1), peak=peak,
-                   trainable_active=trainable_active_params(c, stage), compute=compute)
-    say(f"| {name} | {stage} | {n_params / 1e9:.2f} | {r['step_s']:.2f} | {r['tokens_s']:.0f} | "
-        f"{r['flops'] / 1e9:.1f} | {100 * r['mfu']:.1f}% | {100 * r['mfu_local']:.1f}% |")
+    mfu = sorted(flops[name] / ts / (mm_flops / tm) for ts, tm in zip(times[name], times["matmul"]))
+    step_s = float(np.median(times[name]))
+    say(f"| {name} | {stage} | {n_params / 1e9:.2f} | {step_s:.2f} | {b * t / step_s:.0f} | "
+        f"{flops[name] / step_s / 1e9:.1f} | {100 * np.median(mfu):.1f}% ({100 * mfu[0]:.1f}-{100 * mfu[-1]:.1f}%) | "
+        f"{100 * flops[name] / step_s / peak:.1f}% |")
+    runners[name].close()
+  st = ratio_stats(times["branch E=2"], times["dense"])
+  say(f"\nbranch / dense step time: {fmt_ratio(st)}; matmul of the rounds "
+      f"{mm_flops / np.median(times['matmul']) / 1e9:.1f} GFLOP/s (median).\n")
+
+
+def section_lora(args, peak):
+  """LoRA vs ffn experts in the 2-expert branch at SmolLM2's shape, same stage, interleaved."""
+  cfg, compute = SMOLLM2.replace(ffn="moe", n_experts=2, n_layers=args.lora_layers), compute_from(args)
+  b, t = _shape(args.lora_shape)
+  mesh = _mesh_for(len(jax.devices()))
+  stage = args.lora_stage
+  say(f"## Branch step: LoRA (rank {cfg.lora_rank}) vs ffn domain expert, SmolLM2-135M shape ({cfg.n_layers} "
+      f"layers), stage {stage}, batch {b} x {t}\n")
+  runners = {"ffn": StepRunner(cfg, b, t, mesh=mesh, stage=stage, compute=compute),
+             "lora": StepRunner(cfg.replace(expert_kind="lora"), b, t, mesh=mesh, stage=stage, compute=compute)}
+  times = interleaved({n: r.run for n, r in runners.items()}, args.rounds)
+  st = ratio_stats(times["lora"], times["ffn"])
+  say("| ffn branch step s | lora branch step s | lora / ffn (median, range) | goal |")
+  say("|---|---|---|---|")
+  say(f"| {st['den_s']:.3f} | {st['num_s']:.3f} | {fmt_ratio(st)} | <= 0.75 |")
   say("")
+  for r in runners.values():
+    r.close()
 
 
 def section_moe(args, peak):
@@ -283,18 +378,66 @@ def section_moe(args, peak):
   b, t = _shape(args.moe_shape)
   mesh = _mesh_for(len(jax.devices()))
   say(f"## MoE (E={E}) vs dense with equal active FLOPs, SmolLM2 widths, {base.n_layers} layers, batch {b} x {t}, "
-      "all parameters trained\n")
-  say("| top_k | MoE dispatch | MoE step s | dense (d_ff x k) step s | overhead | MoE MFU |")
+      f"all parameters trained, {len(jax.devices())} device(s)\n")
+  say("| top_k | MoE dispatch | MoE step s | dense (d_ff x k) step s | MoE / dense (median, range) | goal |")
   say("|---|---|---|---|---|---|")
   for k in (1, 2, E):
     moe_cfg = base.replace(ffn="moe", n_experts=E, top_k=k)
     moe_compute = compute_from(args, dispatch="dense" if k == E else "dropless")
-    dense_cfg = base.replace(d_ff=base.d_ff * k)
-    rm = bench_step(moe_cfg, b, t, mesh=mesh, stage="rl", steps=args.steps, peak=peak, compute=moe_compute)
-    rd = bench_step(dense_cfg, b, t, mesh=mesh, steps=args.steps, peak=peak, compute=compute_from(args))
-    say(f"| {k} | {moe_compute.dispatch} | {rm['step_s']:.3f} | {rd['step_s']:.3f} | "
-        f"{100 * (rm['step_s'] / rd['step_s'] - 1):+.1f}% | {100 * rm['mfu']:.1f}% |")
+    runners = {"moe": StepRunner(moe_cfg, b, t, mesh=mesh, stage="rl", compute=moe_compute),
+               "dense": StepRunner(base.replace(d_ff=base.d_ff * k), b, t, mesh=mesh, compute=compute_from(args))}
+    times = interleaved({n: r.run for n, r in runners.items()}, args.rounds)
+    st = ratio_stats(times["moe"], times["dense"])
+    goal = "<= 1.05" if k == E else "<= 1.25 (1 device)"
+    say(f"| {k} | {moe_compute.dispatch} | {st['num_s']:.3f} | {st['den_s']:.3f} | {fmt_ratio(st)} | {goal} |")
+    for r in runners.values():
+      r.close()
   say("\n(\"rl\" is the partition that trains every leaf, experts included; the anchor is not frozen here.)\n")
+
+
+def compiled_flops(cfg: ModelConfig, batch: int, seq: int, stage: str, compute: Compute) -> float:
+  """FLOPs of the compiled train step by XLA's cost analysis (no run: independent of the host's load). The analysis
+  counts the layer scan's body once, so the step is compiled at 1 and 2 layers and extrapolated to cfg.n_layers."""
+  def at(n_layers):
+    c = cfg.replace(n_layers=n_layers)
+    params = jax.eval_shape(lambda: transformer.init_params(c, jax.random.key(0)))
+    part = freeze.make_partition(params, c, freeze.SCHEDULE[stage])
+    trainable, frozen = jax.eval_shape(lambda p: freeze.split(p, part), params)
+    tx, _ = optim.adamw(opt_defaults(warmup_steps=0, weight_decay=0.01), 1000)
+    opt_state = jax.eval_shape(tx.init, trainable)
+    data = {"inputs": jax.ShapeDtypeStruct((1, batch, seq), jnp.int32),
+            "targets": jax.ShapeDtypeStruct((1, batch, seq), jnp.int32),
+            "mask": jax.ShapeDtypeStruct((1, batch, seq), jnp.float32),
+            "positions": jax.ShapeDtypeStruct((1, batch, seq), jnp.int32),
+            "segment_ids": jax.ShapeDtypeStruct((1, batch, seq), jnp.int32)}
+    step = jax.jit(loop.make_step(loop.lm_loss(c, None, compute=compute), tx, part, 1))
+    cost = step.lower(trainable, opt_state, frozen, data).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+  one, two = at(1), at(2)
+  return one + (cfg.n_layers - 1) * (two - one)
+
+
+def section_flops(args, peak):
+  """Compiled FLOPs of the compared steps against each other and against the model FLOPs the MFU counts."""
+  b, t = 2, 128
+  base = compute_from(args)
+  say(f"## Compiled step FLOPs (XLA cost analysis, batch {b} x {t}, one device; no timing, so no load noise)\n")
+  say("| comparison | step A | step B | A / B compiled FLOPs | A compiled / model FLOPs |")
+  say("|---|---|---|---|---|")
+  smol = SMOLLM2.replace(ffn="moe", n_experts=2)
+  big = OLMO_1B.replace(n_layers=args.big_layers)
+  moe5 = SMOLLM2.replace(n_layers=8, ffn="moe", n_experts=5)
+  rows = [("SmolLM2 branch, sft: lora vs ffn expert", (smol.replace(expert_kind="lora"), "sft", base), (smol, "sft", base)),
+          (f"~1B ({big.n_layers} layers): branch (midtrain) vs dense", (big.replace(ffn="moe", n_experts=2), "midtrain", base),
+           (big, "dense", base)),
+          ("SmolLM2 widths, 8 layers: MoE E=5 top_k=5 (rl) vs dense d_ff x 5", (moe5, "rl", base),
+           (SMOLLM2.replace(n_layers=8, d_ff=5 * SMOLLM2.d_ff), "dense", base))]
+  for name, (ca, sa, pa), (cb, sb, pb) in rows:
+    fa, fb = compiled_flops(ca, b, t, sa, pa), compiled_flops(cb, b, t, sb, pb)
+    model = train_flops_per_token(ca, t, trainable_active_params(ca, sa) if sa != "rl" else None) * b * t
+    model_cell = f"{fa / model:.3f}" if ca.expert_kind == "ffn" else "n/a (lora)"
+    say(f"| {name} | {fa / 1e9:.1f} GFLOP | {fb / 1e9:.1f} GFLOP | {fa / fb:.3f} | {model_cell} |")
+  say("")
 
 
 def section_decode(args, bandwidth):
@@ -397,10 +540,22 @@ def section_fastpaths(args):
   say("")
 
 
+def host_line() -> str:
+  """CPU model and load average (the host may be shared: the load says how much of it this run had)."""
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+  return f"CPU {model}, {os.cpu_count()} cores, load average (1, 5, 15 min) {load}"
+
+
 def main(args):
   import flax
   sections = set(args.sections.split(",")) if args.sections != "all" else {"peak", "fastpaths", "smollm2",
-                                                                            "branch", "moe", "decode"}
+                                                                            "flops", "branch", "lora", "moe", "decode"}
   dev = jax.devices()[0]
   say("# bar_jax benchmarks\n")
   say(f"Command: `python experiments/bench_train.py {' '.join(sys.argv[1:])}`  ")
@@ -408,7 +563,7 @@ def main(args):
       f"host {platform.processor() or platform.machine()} with {os.cpu_count()} cores; "
       f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, Python {platform.python_version()}; "
       f"compute dtype {args.dtype}, attention {args.attention}, remat {args.remat}.  ")
-  say(f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+  say(f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {host_line()}\n")
   p = measure_peak(args.dtype)
   peak = p[args.dtype]["best"]
   say("## Limits measured in this run\n")
@@ -424,10 +579,15 @@ def main(args):
     section_smollm2(args, peak)
   if "branch" in sections:
     section_branch(args, peak)
+  if "flops" in sections:
+    section_flops(args, peak)
+  if "lora" in sections:
+    section_lora(args, peak)
   if "moe" in sections:
     section_moe(args, peak)
   if "decode" in sections:
     section_decode(args, p["bandwidth"])
+  say(f"End: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {host_line()}")
   if args.out:
     with open(args.out, "w") as f:
       f.write("\n".join(LINES) + "\n")

@@ -95,10 +95,10 @@ def main(argv=None):
   if unknown:
     raise BarError(f"unknown arms {unknown}: use zeros, random, random_lr, pretrained, embed")
   os.makedirs(a.workdir, exist_ok=True)
-  pipeline._compilation_cache(pcfg, a.workdir)
+  pipeline.compilation_cache(pcfg, a.workdir)
   base_dir = os.path.join(a.workdir, "base")
   if not common.done(base_dir):
-    pipeline._write_base(pcfg.base, base_dir)
+    pipeline.plan(pcfg, a.workdir)[0].run()  # the pipeline's base step: writes WORKDIR/base
 
   branch_arms = {"zeros": {"router_init": "zeros"}, "random": {"router_init": "random"},
                  "random_lr": {"router_init": "random", "router_lr_mult": a.router_lr_mult},
@@ -165,10 +165,11 @@ def embed_merged(a, merged_dir: str, domains: list[str]) -> str:
   flat = dict(pytree.flatten(m.params))
   emb = np.asarray(flat["embed/embedding"])
   flat["layers/moe/router/kernel"] = domain_embedding_router(emb, tokens, m.cfg.n_layers, a.embed_scale)
-  record = {"stage": "router_from_domain_embeddings", "steps": 0, "tokens": 0, "flops": 0,
-            "config": {"scale": a.embed_scale, "rows": 8, "seq_len": 128, "split": "train"}}
+  settings = {"scale": a.embed_scale, "rows": 8, "seq_len": 128, "split": "train"}
+  record = {"stage": "router_from_domain_embeddings", "steps": 0, "tokens": 0, "flops": 0, "config": settings}
+  identity = dict(settings, stage="router_from_domain_embeddings", input=m.manifest.get("fingerprint"))
   return common.write_artifact(out, m, pytree.unflatten(flat), m.cfg, "moe", [record],
-                               [dict(m.manifest, role="input")], experts=experts,
+                               [dict(m.manifest, role="input")], identity=identity, experts=experts,
                                base_fingerprint=m.manifest.get("base_fingerprint"),
                                merge_rule=m.manifest.get("merge_rule"), note="beyond the paper: router columns from "
                                "domain embeddings (FlexOlmo/Nexus style)")

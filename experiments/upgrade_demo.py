@@ -8,18 +8,18 @@ trains WORKDIR/branch_<domain>_v2 from the same base with more SFT steps (--sft_
 swaps its expert into WORKDIR/routed with configs/upgrade.py (router_update=full: the paper's router retraining on
 the stratified sample of all domains; local: only the new expert's router column, on the new domain plus replay),
 evaluates everything with the run's eval settings, and writes experiments/results/upgrade_<domain>_<run>.md/.json:
-the table (bar before, bar after each upgrade, the old and new branch), each domain's change with its sampling
-noise (the binomial standard error of the old score on that many items; NLL domains are deterministic), and which
-experts are bit-identical to the input's (every expert but the replaced one must be).
+the table (bar before, bar after each upgrade, the old and new branch), each domain's change with the 95% interval
+of the change and the p of a paired test over the same items (exact McNemar for rates, paired bootstrap for NLL;
+bar_jax.evals.report.compare), and which experts are bit-identical to the input's (every expert but the replaced
+one must be).
 
-Expected: the upgraded domain rises about as much as branch v2 beats branch v1; every other domain moves by less
-than ~2 standard errors (only the router changed for them); experts 0..E-1 except the replaced one: identical.
+Expected: the upgraded domain rises about as much as branch v2 beats branch v1; no other domain changes
+significantly (only the router changed for them); experts 0..E-1 except the replaced one: identical.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -27,14 +27,6 @@ import sys
 
 def _eval_row(pipeline, config, model_dir: str, edir: str, label: str) -> dict:
   return dict(pipeline.evaluate_once(config, model_dir, edir), name=label)
-
-
-def _noise(result: dict) -> float | None:
-  """One binomial standard error (score points) of a % metric on n items; None for deterministic NLL metrics."""
-  if result.get("metric") == "nll" or not result.get("n"):
-    return None
-  p = result["score"] / 100.0
-  return 100.0 * math.sqrt(max(p * (1 - p), 1.0 / result["n"]) / result["n"])  # >= 1 item's worth when p is 0 or 1
 
 
 def main(argv=None):
@@ -49,6 +41,7 @@ def main(argv=None):
 
   from bar_jax import train
   from bar_jax.errors import BarError
+  from bar_jax.evals import report
   from bar_jax.io import artifact
   from bar_jax.stages import common, pipeline
   from bar_jax.transforms import upgrade as upgrade_lib
@@ -92,18 +85,20 @@ def main(argv=None):
   lines = [f"# Upgrading the {args.domain} expert of `{args.workdir}`\n",
            f"Made by: `python experiments/upgrade_demo.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n",
            common.format_table(rows), pipeline.settings_note(rows), "",
-           "| upgrade | " + " | ".join(f"{d} change (noise)" for d in before) + " | experts bit-identical |",
+           "| upgrade | " + " | ".join(f"{d} change [95% CI] (p)" for d in before) + " | experts bit-identical |",
            "|---" * (len(before) + 2) + "|"]
   for u, d in upgraded.items():
     after = next(r for r in rows if r["name"] == f"bar upgraded ({u} router)")["domains"]
-    changes[u] = {dom: {"before": before[dom]["score"], "after": after[dom]["score"],
-                        "change": after[dom]["score"] - before[dom]["score"], "noise_se": _noise(before[dom])}
-                  for dom in before}
+    tests = report.compare(rows[0], next(r for r in rows if r["name"] == f"bar upgraded ({u} router)"))
+    changes[u] = {dom: {"before": before[dom]["value"], "after": after[dom]["value"],
+                        "change": after[dom]["value"] - before[dom]["value"],
+                        "change_ci": tests.get(dom, {}).get("ci"), "p": tests.get(dom, {}).get("p"),
+                        "test": tests.get(dom, {}).get("test")} for dom in before}
     fp_in, fp_out = m_in.get("expert_fingerprints", {}), artifact.read_manifest(d).get("expert_fingerprints", {})
     changed = upgrade_lib.changed_experts(fp_in, fp_out) if fp_in and fp_out else list(range(len(experts)))
     identity[u] = [name for i, name in enumerate(experts) if i not in changed]
-    cells = [f"{c['change']:+.1f}" + (f" (±{c['noise_se']:.1f})" if c["noise_se"] is not None else " (nll)")
-             for c in changes[u].values()]
+    cells = [f"{c['change']:+.3g}" + (f" [{c['change_ci'][0]:+.3g}, {c['change_ci'][1]:+.3g}] (p={c['p']:.2g})"
+                                      if c["change_ci"] else " (no per-item outcomes)") for c in changes[u].values()]
     lines.append(f"| {u} router | " + " | ".join(cells) + f" | {', '.join(identity[u]) or 'none'} |")
   text = "\n".join(lines) + "\n"
   os.makedirs(args.out, exist_ok=True)

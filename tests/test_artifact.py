@@ -142,3 +142,59 @@ def test_lineage_counts_a_shared_ancestor_once(model, byte_tokenizer, tmp_path):
   assert merged["ledger"]["flops"] == 1e6 + 5 + 5 + 1
   assert [(p["name"], p["role"]) for p in merged["parents"]] == [("math", "branch"), ("code", "branch")]
   assert branches[0]["parents"] == [{"name": "base", "fingerprint": base_fp, "role": "base"}]
+
+
+def _dir_bytes(d):
+  return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
+
+
+@pytest.mark.parametrize("kind", ["ffn", "lora"])
+def test_branch_stored_over_its_base(model, byte_tokenizer, tmp_path, kind):
+  """A branch stores only what training changed (expert 1, router, the embedding here), names its base by
+  fingerprint, and every reader puts the base's leaves and the anchor slices back, bit for bit."""
+  from bar_jax.transforms import upcycle
+  from bar_jax import pytree
+  cfg, dense = model
+  dense = jax.tree.map(np.asarray, dense)
+  base_dir = str(tmp_path / "work" / "base")
+  artifact.write(base_dir, dense, _manifest(cfg), byte_tokenizer)
+  params, bcfg = upcycle.upcycle(dense, cfg, expert_kind=kind, lora_rank=4, key=jax.random.key(1))
+  flat = {p: np.array(x) for p, x in pytree.flatten(params).items()}
+  rng = np.random.default_rng(0)
+  trained = [p for p in flat if p.startswith("layers/moe/") and "experts" not in p] + ["embed/embedding"]
+  if kind == "ffn":
+    flat["layers/moe/experts/up"][:, 1] += rng.standard_normal(flat["layers/moe/experts/up"][:, 1].shape)
+  for p in trained:
+    flat[p] = flat[p] + rng.standard_normal(flat[p].shape).astype(np.float32)
+  params = pytree.unflatten(flat)
+  full_dir, delta_dir = str(tmp_path / "work" / "full"), str(tmp_path / "work" / "branch")
+  fp = artifact.write(full_dir, params, _manifest(bcfg, kind="branch"), byte_tokenizer)
+  assert artifact.write(delta_dir, params, _manifest(bcfg, kind="branch"), byte_tokenizer, over_base=base_dir,
+                        from_base=upcycle.ANCHOR_FROM_BASE) == fp
+  ref = artifact.read_manifest(delta_dir)["over_base"]
+  assert ref["fingerprint"] == artifact.read_manifest(base_dir)["fingerprint"] and ref["path"] == "../base"
+  assert "layers/attn/q/kernel" in ref["leaves"] and "embed/embedding" not in ref["leaves"]
+  assert set(ref["slices"]) == set(upcycle.ANCHOR_FROM_BASE)
+  assert _dir_bytes(os.path.join(delta_dir, "params")) < 0.8 * _dir_bytes(os.path.join(full_dir, "params"))
+  got = pytree.flatten(artifact.read(delta_dir).params)  # verified against the complete fingerprints
+  assert sorted(got) == sorted(flat)
+  for p, x in flat.items():
+    np.testing.assert_array_equal(np.asarray(got[p]), x, err_msg=p)
+  lazy = artifact.open_params(delta_dir)
+  assert sorted(lazy) == sorted(flat)
+  for p, x in flat.items():
+    assert lazy.shape(p).shape == x.shape, p
+    np.testing.assert_array_equal(np.asarray(lazy[p]), x, err_msg=p)
+  copy = str(tmp_path / "alone")
+  assert artifact.self_contained(delta_dir, copy) == fp
+
+  os.rename(base_dir, base_dir + ".moved")  # the base gone: one line naming it and the fix
+  for reader in (artifact.read, artifact.open_params):
+    with pytest.raises(BarError, match="holds no artifact; put the base artifact back") as e:
+      reader(delta_dir)
+    assert "\n" not in str(e.value)
+  assert artifact.read(copy).fingerprint == fp  # the self-contained copy needs no base
+  other = jax.tree.map(lambda x: np.asarray(x) + 1, dense)
+  artifact.write(base_dir, other, _manifest(cfg), byte_tokenizer)  # another model where the base was
+  with pytest.raises(BarError, match=f"over base {ref['fingerprint'][:12]}, but .* holds"):
+    artifact.read(delta_dir)

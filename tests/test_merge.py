@@ -29,6 +29,7 @@ expert_out = jax.jit(lambda p, w, x, cfg: moe.dense_dispatch(x, w, *moe.expert_w
 def trained_branch(base, kind, seed, shared=True):
   """A branch as if trained: domain expert (or adapter), router and (optionally) attention moved off the base."""
   branch, cfg = upcycle(base, CFG, expert_kind=kind, lora_rank=4, key=jax.random.key(seed))
+  branch = jax.tree.map(lambda x: x, branch)  # new containers: upcycle shares base's dicts, which must not change
   rng = np.random.default_rng(seed)
   noise = lambda x, s=0.1: np.asarray(x) + s * rng.standard_normal(np.shape(x)).astype(np.float32)  # noqa: E731
   m = branch["layers"]["moe"]

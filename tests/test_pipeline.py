@@ -13,6 +13,7 @@ from bar_jax.errors import BarError
 from bar_jax.io import workdir
 from bar_jax.model.config import COMPUTE_KEYS
 from bar_jax.stages import pipeline
+from tests.run_helpers import walk_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CMD = [sys.executable, "-m", "bar_jax.train", "--config=configs/bar_smollm2.py:tiny"]
@@ -26,6 +27,10 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu",
 def _manifest(d):
   with open(os.path.join(d, "manifest.json")) as f:
     return json.load(f)
+
+
+def _params_bytes(d):
+  return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(os.path.join(d, "params")) for f in fs)
 
 
 def test_killed_pipeline_resumes_and_chains(tmp_path):
@@ -56,6 +61,12 @@ def test_killed_pipeline_resumes_and_chains(tmp_path):
     assert m["kind"] == "branch" and m["domain"] == d
     assert m["base_fingerprint"] == base["fingerprint"]
     assert [(p["fingerprint"], p["role"]) for p in m["parents"]] == [(base["fingerprint"], "base")]
+    # Stored over the base: only what training changed (the anchor and the frozen leaves are the base's).
+    assert m["over_base"]["fingerprint"] == base["fingerprint"] and m["over_base"]["path"] == "../base"
+    assert "layers/attn/q/kernel" in m["over_base"]["leaves"]
+    sizes = {n: _params_bytes(os.path.join(work, n)) for n in ("base", f"branch_{d}")}
+    print(f"params bytes: {sizes}")
+    assert sizes[f"branch_{d}"] < sizes["base"]
   merged_dir = os.path.join(work, "merged")
   merged = _manifest(merged_dir)
   assert merged["kind"] == "moe" and merged["experts"] == ["anchor"] + domains
@@ -93,7 +104,7 @@ def test_killed_pipeline_resumes_and_chains(tmp_path):
         assert not set(entry.get("model", {})) & set(COMPUTE_KEYS), (root, sorted(entry.get("model", {})))
   # No manifest carries a run-time knob outside `model` (ModelConfig's own fields).
   for d in dirs + [merged_dir]:
-    keys = set(_walk_keys({k: v for k, v in _manifest(d).items() if k != "model"}))
+    keys = set(walk_keys({k: v for k, v in _manifest(d).items() if k != "model"}))
     assert not keys & workdir.RUNTIME_KEYS, (d, keys & workdir.RUNTIME_KEYS)
 
   # Changed settings: the branches' remat (run-time) is reused, the merge rule is not: merged is redone after its
@@ -119,16 +130,6 @@ def test_overrides_reject_unknown_keys():
     pipeline.stage_config("branch", "math,tiny", {"phases": {"sft": {"stepz": 3}}})
   c = pipeline.stage_config("branch", "math,tiny", {"phases.sft.steps": 3, "general_ratio": 0.5})
   assert (c.phases.sft.steps, c.general_ratio) == (3, 0.5)
-
-
-def _walk_keys(d):
-  if isinstance(d, dict):
-    for k, v in d.items():
-      yield k
-      yield from _walk_keys(v)
-  elif isinstance(d, list):
-    for v in d:
-      yield from _walk_keys(v)
 
 
 def test_an_eval_of_another_model_is_redone_not_reused(tmp_path, monkeypatch):

@@ -2,7 +2,6 @@
 anchor stays bit-identical; bad verifier output scores 0 and is counted; a killed run resumes bit-identically."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from bar_jax import pytree
 from bar_jax.transforms import grpo
 from bar_jax.transforms.upcycle import upcycle
 from configs.rl import rl_config
+from tests.run_helpers import kill_at_first_checkpoint
 
 DENSE = tiny(vocab_size=259)
 TARGET = "a"  # the byte the fixed-token verifier rewards
@@ -153,14 +153,15 @@ def test_bad_verifier_output_scores_zero_and_is_counted(branch, byte_tokenizer, 
     if kind == 1:
       return "not a number"
     if kind == 2:
-      time.sleep(5)  # interrupted by the timeout
+      time.sleep(60)  # interrupted by the timeout
     return float("nan") if len(calls) % 8 == 3 else 1.0
 
-  rewards, failures = verifiers.score_all(flaky, ["x"] * 8, [None] * 8, timeout_s=0.05)
+  # 1 s: far above a returning call's microseconds even on a loaded machine, far below the sleeping one's 60 s.
+  rewards, failures = verifiers.score_all(flaky, ["x"] * 8, [None] * 8, timeout_s=1.0)
   assert failures == {"error": 2, "timeout": 2, "invalid": 3}
   assert rewards == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
   calls.clear()
-  c = _config(steps=1, verifier_timeout_s=0.05)
+  c = _config(steps=1, verifier_timeout_s=1.0)
   _, record = run_rl(branch[0], branch[1], byte_tokenizer, c, str(tmp_path / "flaky"),
                         task=_task(byte_tokenizer, flaky))
   assert record["verifier_failures"] == {"error": 8, "timeout": 8, "invalid": 12}
@@ -168,11 +169,6 @@ def test_bad_verifier_output_scores_zero_and_is_counted(branch, byte_tokenizer, 
 
 
 KILL_STEPS = 6
-
-
-def _latest_step(ckpts: str) -> int:
-  names = os.listdir(ckpts) if os.path.isdir(ckpts) else []
-  return max([int(n) for n in names if n.isdigit()], default=0)
 
 
 def test_kill_9_and_restart_resumes_bit_identical(tmp_path):
@@ -183,13 +179,7 @@ def test_kill_9_and_restart_resumes_bit_identical(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   subprocess.run(cmd("full"), cwd=root, env=env, check=True, capture_output=True)
   proc = subprocess.Popen(cmd("killed"), cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpts = str(tmp_path / "killed" / "checkpoints")
-  deadline = time.time() + 300
-  while time.time() < deadline and not _latest_step(ckpts) and proc.poll() is None:
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = _latest_step(ckpts)
+  killed_at = kill_at_first_checkpoint(proc, str(tmp_path / "killed" / "checkpoints"))
   assert 0 < killed_at < KILL_STEPS, f"kill landed at checkpoint {killed_at} of {KILL_STEPS}"
   assert not (tmp_path / "killed.npz").exists()
   subprocess.run(cmd("killed"), cwd=root, env=env, check=True, capture_output=True)

@@ -1,10 +1,8 @@
 """The trainer: same loss curve on 1 and 8 devices, exact resume after kill -9, one-line errors for bad input."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import ml_collections
@@ -18,6 +16,7 @@ from bar_jax.model import config as config_lib, transformer
 from bar_jax.stages import loop
 from bar_jax.transforms import freeze
 from configs.common import opt_defaults
+from tests.run_helpers import kill_at_first_checkpoint, walk_keys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,20 +98,6 @@ def _cli(workdir, *overrides):
   return cmd, env
 
 
-def _latest_step(ckpts) -> int:
-  return max([int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else [0], default=0)
-
-
-def _walk_keys(d):
-  if isinstance(d, dict):
-    for k, v in d.items():
-      yield k
-      yield from _walk_keys(v)
-  elif isinstance(d, list):
-    for v in d:
-      yield from _walk_keys(v)
-
-
 def test_kill_9_and_restart_resumes_bit_identical(tmp_path):
   n = 24
   steps = [f"--config.phases.midtrain.steps={n}", "--config.phases.midtrain.checkpoint_every=2"]
@@ -122,12 +107,7 @@ def test_kill_9_and_restart_resumes_bit_identical(tmp_path):
   cmd, env = _cli(tmp_path / "killed", *steps)
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpts = tmp_path / "killed" / "phases" / "midtrain" / "checkpoints"
-  deadline = time.time() + 300
-  while time.time() < deadline and not _latest_step(ckpts) and proc.poll() is None:
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = _latest_step(ckpts)
+  killed_at = kill_at_first_checkpoint(proc, ckpts)
   # The kill landed between the first checkpoint and the last: the restart has to resume, not start or skip.
   assert 0 < killed_at < n, f"kill landed at checkpoint {killed_at} of {n}"
   assert not artifact.is_complete(str(tmp_path / "killed"))
@@ -141,7 +121,7 @@ def test_kill_9_and_restart_resumes_bit_identical(tmp_path):
   # outside `model` (ModelConfig's own fields).
   assert not ckpts.exists()
   from bar_jax.io import workdir
-  manifest_keys = set(_walk_keys({k: v for k, v in resumed.items() if k != "model"}))
+  manifest_keys = set(walk_keys({k: v for k, v in resumed.items() if k != "model"}))
   assert not manifest_keys & workdir.RUNTIME_KEYS, manifest_keys & workdir.RUNTIME_KEYS
 
   # The workdir contract through the CLI: a run-time knob reuses the artifact, anything else is one error line.

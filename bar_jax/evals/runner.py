@@ -1,14 +1,21 @@
-"""evaluate_model: every capability's metric on one model (dense, branch or MoE: all run transformer.forward).
+"""evaluate_model: every domain's headline metric on one model (dense, branch or MoE: all run transformer.forward),
+with a 95% interval and the per-item outcomes that paired tests between models need.
 
-The metric comes from the capability's spec (evals/menu.py) and its mode decides how: "generate" metrics (math,
-tool_use, safety, user verifiers) decode greedily with bar_jax.model.generate, a few prompts per call at a fixed batch
-size, and score each reply; "nll" metrics (code, general) and "choice" (multiple choice by log-likelihood) run one
-jitted forward of fixed shape [batch_size, nll_seq_len], so a whole evaluation compiles a handful of programs. Scores: percentages for generative metrics; per-token NLL as is for
-code and general, mapped to 100 * exp(-nll) only for the table's overall mean (metrics.nll_to_score).
+Each domain evaluates its held-out items (interleaved over sub-sources, so any prefix is stratified) up to a cap
+per kind (n_per_domain; safety: that many harmful and that many benign prompts). Budgets come from the data:
+  prompt budget   the 95th percentile of the domain's held-out prompt lengths (rounded up to 32 tokens): at least
+                  95% of items fit; longer ones are passed over and counted (skipped_prompt_too_long)
+  answer budget   the 95th percentile of the domain's reference answers (its training conversations' assistant
+                  turns), at most max_new_tokens; generation stops at the end of turn
+Generative domains decode greedily with bar_jax.model.generate (prompts sorted by length into batches of
+batch_size); NLL domains pack their texts into [nll_batch_rows, nll_seq_len] rows of one jitted forward and keep
+each item's NLL sum and token count. Scores: percentages (with Wilson or bootstrap intervals) for generative
+metrics; per-token NLL (bootstrap interval over items) for code and general, which stay out of "overall".
 """
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import Any, Sequence
 
@@ -18,116 +25,73 @@ import numpy as np
 
 from bar_jax.data import capability as capability_lib
 from bar_jax.data import pipeline
-from bar_jax.evals import metrics, verifiers
+from bar_jax.evals import menu, metrics, verifiers
 from bar_jax.model import transformer
 from bar_jax.model.config import Compute, ModelConfig
 
-N_SAMPLES = 3  # responses kept per domain in the report, for reading
+N_SAMPLES = 3       # responses kept per domain in the report, for reading
+PERCENTILE = 95     # budgets cover this percentile of the data
+BUDGET_ROUND = 32   # prompt budgets rounded up to a multiple of this (fewer compiled shapes)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "compute", "mesh"))
-def _nll_rows(params, inputs, targets, mask, positions, segment_ids, *, cfg: ModelConfig, compute: Compute = Compute(),
-              mesh=None):
-  """Per-row (sum of target NLL under mask, count of masked tokens)."""
+def _nll_tokens(params, inputs, targets, mask, positions, segment_ids, *, cfg: ModelConfig,
+                compute: Compute = Compute(), mesh=None):
+  """Per-token target NLL under the mask, [batch, seq]."""
   logits, _ = transformer.forward(params, inputs, cfg, compute=compute, positions=positions, segment_ids=segment_ids,
                                   mesh=mesh)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return ((logz - picked) * mask).sum(-1), mask.sum(-1)
+  logz = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(logits.astype(jnp.float32), targets[..., None], axis=-1)[..., 0]
+  return (logz - picked) * mask
 
 
 def _rows_nll(params, cfg, rows: list[dict], batch_size: int, seq_len: int, pad_id: int, mesh,
-              compute: Compute = Compute()) -> tuple[float, float]:
-  """Rows first-fit packed (grain) into [batch_size, seq_len] batches of one fixed shape."""
+              compute: Compute = Compute()) -> tuple[np.ndarray, np.ndarray]:
+  """(NLL sum, token count) per row of `rows`, after first-fit packing (grain) into [batch_size, seq_len] batches
+  of one fixed shape; each token carries its row's index through the packing."""
   import grain
+  tagged = [dict(r, item=np.full(len(r["inputs"]), i + 1, np.int32)) for i, r in enumerate(rows)]
   packed = grain.experimental.FirstFitPackIterDataset(
-      grain.MapDataset.source(rows).to_iter_dataset(),
-      length_struct={"inputs": seq_len, "targets": seq_len, "mask": seq_len}, num_packing_bins=batch_size,
-      shuffle_bins=False)
-  packed = [pipeline.from_packed(r, pad_id) for r in packed]
-  total, count = 0.0, 0.0
+      grain.MapDataset.source(tagged).to_iter_dataset(),
+      length_struct={"inputs": seq_len, "targets": seq_len, "mask": seq_len, "item": seq_len},
+      num_packing_bins=batch_size, shuffle_bins=False)
+  packed = [dict(pipeline.from_packed(r, pad_id), item=np.where(r["inputs_segment_ids"] > 0, r["item"], 0))
+            for r in packed]
+  sums, counts = np.zeros(len(rows) + 1), np.zeros(len(rows) + 1)
   for i in range(0, len(packed), batch_size):
     chunk = packed[i:i + batch_size]
     while len(chunk) < batch_size:  # fixed shape: empty rows count nothing
       chunk.append({k: np.zeros_like(v) for k, v in chunk[0].items()})
-    b = {k: jnp.asarray(np.stack([c[k] for c in chunk])) for k in chunk[0]}
-    s, n = _nll_rows(params, b["inputs"], b["targets"], b["mask"], b["positions"], b["segment_ids"], cfg=cfg,
-                     compute=compute, mesh=mesh)
-    total += float(np.asarray(s).sum())
-    count += float(np.asarray(n).sum())
-  return total, count
+    b = {k: jnp.asarray(np.stack([c[k] for c in chunk])) for k in chunk[0] if k != "item"}
+    nll = np.asarray(_nll_tokens(params, b["inputs"], b["targets"], b["mask"], b["positions"], b["segment_ids"],
+                                 cfg=cfg, compute=compute, mesh=mesh), np.float64)
+    item = np.stack([c["item"] for c in chunk]).ravel()
+    mask = np.stack([c["mask"] for c in chunk]).ravel()
+    sums += np.bincount(item, nll.ravel(), minlength=len(rows) + 1)
+    counts += np.bincount(item, mask, minlength=len(rows) + 1)
+  return sums[1:], counts[1:]
 
 
 def _nll_domain(params, cfg, tokenizer, items, *, batch_size, seq_len, mesh, compute) -> dict[str, Any]:
-  stats = pipeline.DomainStats()
-  texts = [it["text"] for it in items if it["kind"] == "nll_text"]
-  chats = [it["messages"] for it in items if it["kind"] == "nll_chat"]
-  rows = []
-  if texts:  # score the first seq_len + 1 tokens of each passage (later windows would lack their context)
-    rows += [r for r in _first_windows(texts, tokenizer, seq_len, stats)]
-  if chats:
-    rows += pipeline.sft_elements(chats, tokenizer, seq_len, stats, overlong="truncate")
-  total, count = _rows_nll(params, cfg, rows, batch_size, seq_len, tokenizer.pad_id, mesh, compute)
-  nll = total / max(count, 1.0)
-  return {"value": nll, "score": metrics.nll_to_score(nll), "n": len(items), "tokens": int(count),
-          "truncated": stats.truncated + stats.split_into_windows, "empty": stats.empty}
-
-
-def _first_windows(texts, tokenizer, seq_len, stats):
-  for text in texts:
-    els = pipeline.lm_elements([text], tokenizer, seq_len, stats)
+  """Per-token NLL over the items (a token-weighted mean), its bootstrap interval, and each item's (sum, tokens)."""
+  from bar_jax.evals import stats
+  dstats = pipeline.DomainStats()
+  rows, kept = [], []
+  for it in items:  # the first seq_len + 1 tokens of each text or conversation (later windows would lack context)
+    if it["kind"] == "nll_text":
+      els = pipeline.lm_elements([it["text"]], tokenizer, seq_len, dstats)[:1]
+    else:
+      els = pipeline.sft_elements([it["messages"]], tokenizer, seq_len, dstats, overlong="truncate")
     if els:
-      yield els[0]
-
-
-def _generate_domain(params, cfg, tokenizer, items, *, n, batch_size, max_new_tokens, max_prompt_tokens,
-                     mesh, compute) -> tuple[list[dict], int]:
-  """Greedy replies to the first n items whose prompt fits max_prompt_tokens; the longer ones passed over are
-  counted (BFCL items with long schemas: a short prompt budget favours items with few, small functions)."""
-  from bar_jax.model import generate as gen
-  kept, prompts, skipped = [], [], 0
-  for it in items:
-    if len(kept) == n:
-      break
-    ids, _ = tokenizer.render_chat(it["messages"], add_generation_prompt=True)
-    if len(ids) > max_prompt_tokens:
-      skipped += 1
-      continue
-    kept.append(it)
-    prompts.append(ids)
-  replies = []
-  for i in range(0, len(prompts), batch_size):
-    outs = gen.generate(params, cfg, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
-                        eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
-                        max_len=max_prompt_tokens + max_new_tokens, compute=compute)
-    replies += [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
-  return [dict(it, response=r) for it, r in zip(kept, replies)], skipped
-
-
-def _score_generated(metric, done: list[dict]) -> dict[str, Any]:
-  """The metric's per-item scores (a verifier that fails on an item scores 0 there and is counted)."""
-  out: dict[str, Any] = {}
-  scores, failures = verifiers.score_all(lambda response, item: metric.score(item, response),
-                                         [d["response"] for d in done], done)
-  if any(failures.values()):
-    out["verifier_failures"] = failures
-  if metric.name == "refusal":
-    harmful = [s for d, s in zip(done, scores) if d["kind"] == "harmful"]
-    benign = [s for d, s in zip(done, scores) if d["kind"] == "benign"]
-    refusal = 100.0 * float(np.mean(harmful)) if harmful else float("nan")
-    answer = 100.0 * float(np.mean(benign)) if benign else float("nan")
-    out.update(refusal_rate=refusal, answer_rate=answer, n_harmful=len(harmful), n_benign=len(benign))
-    value = float(np.nanmean([refusal, answer])) if (harmful or benign) else float("nan")
-  else:
-    for d, s in zip(done, scores):
-      d["correct"] = s
-    value = 100.0 * float(np.mean(scores)) if scores else float("nan")
-    groups: dict[str, list[float]] = {}
-    for d, s in zip(done, scores):
-      groups.setdefault(d.get("group", ""), []).append(s)
-    out["by_group"] = {g: 100.0 * float(np.mean(v)) for g, v in sorted(groups.items())}
-  out.update(value=value, score=value, n=len(done))
-  return out
+      rows.append(els[0])
+      kept.append(it)
+  sums, counts = _rows_nll(params, cfg, rows, batch_size, seq_len, tokenizer.pad_id, mesh, compute)
+  nll = float(sums.sum() / max(counts.sum(), 1.0))
+  per_token = sums / np.maximum(counts, 1.0)
+  lo, hi = stats.bootstrap(per_token, counts)
+  return {"value": nll, "ci": [lo, hi], "score": metrics.nll_to_score(nll), "n": len(kept), "tokens": int(counts.sum()),
+          "truncated": dstats.truncated + dstats.split_into_windows, "empty": dstats.empty,
+          "items": [{"id": it["id"], "nll_sum": float(s), "tokens": int(c)} for it, s, c in zip(kept, sums, counts)]}
 
 
 def _choice_domain(params, cfg, tokenizer, items, *, batch_size, seq_len, mesh,
@@ -139,22 +103,129 @@ def _choice_domain(params, cfg, tokenizer, items, *, batch_size, seq_len, mesh,
   for it in items:
     convs = [it["messages"] + [{"role": "assistant", "content": c}] for c in it["choices"]]
     rows = pipeline.sft_elements(convs, tokenizer, seq_len, stats, overlong="truncate")
-    nll = [_rows_nll(params, cfg, [r], batch_size, seq_len, tokenizer.pad_id, mesh, compute)[0] for r in rows]
-    picks.append(int(np.argmin(nll)) if len(nll) == len(convs) else -1)
-  hits = [p == it["reference"] for p, it in zip(picks, items)]
-  value = 100.0 * float(np.mean(hits)) if hits else float("nan")
-  return {"value": value, "score": value, "n": len(items), "truncated": stats.truncated,
-          "dropped_too_long": stats.dropped_too_long}
+    sums, _ = _rows_nll(params, cfg, rows, batch_size, seq_len, tokenizer.pad_id, mesh, compute)
+    picks.append(int(np.argmin(sums)) if len(rows) == len(convs) else -1)
+  hits = [float(p == it["reference"]) for p, it in zip(picks, items)]
+  value, ci = _rate(hits)
+  return {"value": value, "score": value, "ci": ci, "n": len(items), "truncated": stats.truncated,
+          "dropped_too_long": stats.dropped_too_long,
+          "items": [{"id": it["id"], "kind": it["kind"], "ok": bool(h)} for it, h in zip(items, hits)]}
+
+
+def _percentile(xs: Sequence[int]) -> int:
+  return int(math.ceil(np.percentile(np.asarray(xs, np.float64), PERCENTILE))) if len(xs) else 0
+
+
+def budgets(domain, tokenizer, items: list[dict], max_new_tokens: int) -> dict[str, Any]:
+  """The domain's prompt and answer budgets from its data (see the module docstring)."""
+  prompts = [len(tokenizer.render_chat(it["messages"], add_generation_prompt=True)[0]) for it in items]
+  answers = [len(tokenizer.encode(m[-1]["content"])) + 1 for m in domain.chat_examples("train")
+             if m and m[-1]["role"] == "assistant"]  # + 1: the end-of-turn token
+  p_prompt, p_answer = _percentile(prompts), _percentile(answers)
+  prompt_budget = -(-p_prompt // BUDGET_ROUND) * BUDGET_ROUND
+  answer_budget = max(1, min(p_answer, max_new_tokens))
+  return {"prompt_tokens": prompt_budget, "answer_tokens": answer_budget,
+          f"prompt_p{PERCENTILE}": p_prompt, f"answer_p{PERCENTILE}": p_answer,
+          "answers_covered_pct": round(100.0 * float(np.mean(np.asarray(answers) <= answer_budget)), 1)
+          if answers else None}
+
+
+def _take(items: list[dict], n: int, prompt_budget: int, tokenizer) -> tuple[list[tuple[dict, list[int]]], int]:
+  """The first n items of each kind whose prompt fits the budget (the order is stratified), and how many were
+  passed over for length."""
+  kept, per_kind, skipped = [], {}, 0
+  for it in items:
+    if per_kind.get(it["kind"], 0) >= n:
+      continue
+    ids, _ = tokenizer.render_chat(it["messages"], add_generation_prompt=True)
+    if len(ids) > prompt_budget:
+      skipped += 1
+      continue
+    per_kind[it["kind"]] = per_kind.get(it["kind"], 0) + 1
+    kept.append((it, ids))
+  return kept, skipped
+
+
+def _generate_domain(params, cfg, tokenizer, kept, *, batch_size, max_new_tokens, max_prompt_tokens,
+                     mesh, compute) -> list[dict]:
+  """Greedy replies, batched by prompt length (less padding), returned in the items' order."""
+  from bar_jax.model import generate as gen
+  order = sorted(range(len(kept)), key=lambda i: len(kept[i][1]))
+  replies: list[str] = [""] * len(kept)
+  for start in range(0, len(order), batch_size):
+    chunk = order[start:start + batch_size]
+    outs = gen.generate(params, cfg, [kept[i][1] for i in chunk], max_new_tokens=max_new_tokens,
+                        eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
+                        max_len=max_prompt_tokens + max_new_tokens, compute=compute)
+    for i, o in zip(chunk, outs):
+      replies[i] = tokenizer.decode(o, skip_special_tokens=True)
+  return [dict(it, response=r) for (it, _), r in zip(kept, replies)]
+
+
+def _rate(hits: Sequence[float]) -> tuple[float, list[float]]:
+  """Mean score in percent and its Wilson interval; partial credit (a user verifier) enters the interval rounded to
+  whole successes, an approximation (the interval is exact for 0/1 outcomes)."""
+  from bar_jax.evals import stats
+  n = len(hits)
+  total = float(np.sum(hits))
+  return (100.0 * total / n if n else float("nan")), list(stats.wilson(int(round(total)), n))
+
+
+def score_generated(metric: menu.Metric | str, done: list[dict]) -> dict[str, Any]:
+  """Scores of generated replies by the capability's metric (evals/menu.py), with intervals and per-item outcomes
+  ("ok"). A verifier that raises or returns something outside [0, 1] scores 0 on that item and is counted."""
+  metric = menu.build("refusal" if metric == "safety" else metric) if isinstance(metric, str) else metric
+  out: dict[str, Any] = {}
+  scores, failures = verifiers.score_all(lambda response, item: metric.score(item, response),
+                                         [d["response"] for d in done], done)
+  if any(failures.values()):
+    out["verifier_failures"] = failures
+  for d, s in zip(done, scores):
+    d["ok"] = s  # 0/1 for every menu metric but a user verifier, which may give partial credit
+  if metric.name == "refusal":
+    harmful = [d["ok"] for d in done if d["kind"] == "harmful"]
+    benign = [d["ok"] for d in done if d["kind"] == "benign"]
+    refusal, refusal_ci = _rate(harmful)
+    answer, answer_ci = _rate(benign)
+    value = float(np.nanmean([refusal, answer])) if (harmful or benign) else float("nan")
+    # The mean of two rates on independent item sets: its interval from the two (normal approximation of each
+    # Wilson half-width, combined in quadrature).
+    half = 0.5 * math.hypot((refusal_ci[1] - refusal_ci[0]) / 2, (answer_ci[1] - answer_ci[0]) / 2)
+    out.update(refusal_rate=refusal, refusal_ci=refusal_ci, answer_rate=answer, answer_ci=answer_ci,
+               n_harmful=len(harmful), n_benign=len(benign), ci=[max(0.0, value - half), min(100.0, value + half)])
+  else:
+    value, ci = _rate([d["ok"] for d in done])
+    out["ci"] = ci
+  groups: dict[str, list[bool]] = {}
+  for d in done:
+    groups.setdefault(d.get("group", ""), []).append(d["ok"])
+  out["by_group"] = {g: {"value": _rate(v)[0], "n": len(v)} for g, v in sorted(groups.items())}
+  out.update(value=value, score=value, n=len(done),
+             items=[{"id": d["id"], "kind": d["kind"], "ok": bool(d["ok"])} for d in done])
+  return out
+
+
+def overall(domain_results: dict[str, dict]) -> tuple[float, list[float]]:
+  """The mean of the percentage scores (NLL domains left out) and its 95% interval, each domain's half-width taken
+  as 1.96 standard errors and combined in quadrature (the domains' items are independent)."""
+  pct = [r for r in domain_results.values()
+         if r.get("metric") != "nll" and r.get("score") is not None and np.isfinite(r["score"])]
+  if not pct:
+    return float("nan"), [float("nan"), float("nan")]
+  mean = float(np.mean([r["score"] for r in pct]))
+  half = math.sqrt(sum(((r["ci"][1] - r["ci"][0]) / 2) ** 2 for r in pct)) / len(pct)
+  return mean, [max(0.0, mean - half), min(100.0, mean + half)]
 
 
 def evaluate_model(params, cfg: ModelConfig, tokenizer, domains: Sequence[str] | str = "all", *,
-                   n_per_domain: int = 16, max_new_tokens: int = 48, batch_size: int = 16,
-                   max_prompt_tokens: int = 256, nll_seq_len: int = 256, nll_batch_rows: int = 4,
+                   n_per_domain: int = 200, max_new_tokens: int = 256, batch_size: int = 16,
+                   max_prompt_tokens: int | None = None, nll_seq_len: int = 512, nll_batch_rows: int = 4,
                    mesh=None, compute: Compute = Compute()) -> dict[str, Any]:
-  """{domain: {metric, value, score, n, ..., seconds, samples}, "overall": mean score, "seconds": total}.
+  """{domains: {domain: {metric, value, ci, score, n, items, budgets, ..., seconds, samples}}, overall,
+  overall_ci, settings, seconds}.
 
-  domains: capability names or spec paths (a list or comma-separated; "all" = the built-ins). Generative domains
-  answer their first n_per_domain held-out prompts of at most max_prompt_tokens (batch_size per generate call); NLL domains score n_per_domain held-out texts packed into [nll_batch_rows, nll_seq_len] rows.
+  n_per_domain caps the items per kind; max_new_tokens caps the data's answer budget; max_prompt_tokens, when
+  given, replaces the data's prompt budget (None: the 95th percentile, see the module docstring).
   """
   t_start = time.time()
   report: dict[str, Any] = {"domains": {}}
@@ -162,31 +233,40 @@ def evaluate_model(params, cfg: ModelConfig, tokenizer, domains: Sequence[str] |
     t0 = time.time()
     items = domain.eval_items()
     if domain.metric.mode == "nll":
-      res = _nll_domain(params, cfg, tokenizer, items[:n_per_domain], batch_size=nll_batch_rows, seq_len=nll_seq_len,
-                        mesh=mesh, compute=compute)
+      res = _nll_domain(params, cfg, tokenizer, items[:n_per_domain], batch_size=nll_batch_rows,
+                        seq_len=nll_seq_len, mesh=mesh, compute=compute)
       samples = []
     elif domain.metric.mode == "choice":
       res = _choice_domain(params, cfg, tokenizer, items[:n_per_domain], batch_size=nll_batch_rows,
                            seq_len=nll_seq_len, mesh=mesh, compute=compute)
       samples = []
     else:
-      done, skipped = _generate_domain(params, cfg, tokenizer, items, n=n_per_domain, batch_size=batch_size,
-                                       max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, mesh=mesh,
-                                       compute=compute)
-      res = _score_generated(domain.metric, done)
-      res["skipped_prompt_too_long"] = skipped
-      samples = [{k: d[k] for k in ("messages", "response", "reference", "correct", "kind") if k in d}
+      budget = budgets(domain, tokenizer, items, max_new_tokens)
+      if max_prompt_tokens:
+        budget["prompt_tokens"] = max_prompt_tokens
+      prompt_budget = min(budget["prompt_tokens"], cfg.max_seq_len - budget["answer_tokens"])
+      kept, skipped = _take(items, n_per_domain, prompt_budget, tokenizer)
+      done = _generate_domain(params, cfg, tokenizer, kept, batch_size=batch_size,
+                              max_new_tokens=budget["answer_tokens"], max_prompt_tokens=prompt_budget, mesh=mesh,
+                              compute=compute)
+      res = score_generated(domain.metric, done)
+      res.update(skipped_prompt_too_long=skipped, budgets=budget)
+      for d, rec in zip(done, res["items"]):
+        rec["response"] = d["response"]
+      samples = [{k: d[k] for k in ("messages", "response", "reference", "ok", "kind") if k in d}
                  for d in done[:N_SAMPLES]]
-      for s in samples:
-        s["prompt"] = s.pop("messages")[-1]["content"][:300]
-    res.update(metric=domain.metric.name, higher_is_better=domain.higher_is_better,
-               seconds=round(time.time() - t0, 2), samples=samples, capability=domain.fingerprint[:16])
+      for smp in samples:
+        smp["prompt"] = smp.pop("messages")[-1]["content"][:300]
+    res.update(metric=domain.metric.name, capability=domain.fingerprint[:16], higher_is_better=domain.higher_is_better,
+               seconds=round(time.time() - t0, 2), samples=samples)
     report["domains"][domain.name] = res
-  scores = [r["score"] for r in report["domains"].values() if np.isfinite(r["score"])]
-  report["overall"] = float(np.mean(scores)) if scores else float("nan")
+    if jax.process_index() == 0:  # progress: a model's evaluation takes minutes on a CPU
+      print(f"[eval] {domain.name}: score {res['score']:.1f} (n={res.get('n')}) in {res['seconds']:.0f} s", flush=True)
+  report["overall"], report["overall_ci"] = overall(report["domains"])
   report["settings"] = dict(n_per_domain=n_per_domain, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             max_prompt_tokens=max_prompt_tokens, nll_seq_len=nll_seq_len,
                             nll_batch_rows=nll_batch_rows,
-                            overall="mean of domain scores; NLL domains scored as 100*exp(-nll)")
+                            overall="mean of the percentage scores; NLL domains reported beside it as change vs "
+                                    "the base")
   report["seconds"] = round(time.time() - t_start, 2)
   return report

@@ -1,23 +1,29 @@
-"""Hugging Face import and export: Llama (dense) and Mixtral (the merged MoE) directories <-> the parameter dict.
+"""Hugging Face import and export: Llama 3.x, Qwen 2/2.5, Qwen 3 and OLMo 2 (dense) and their MoE classes <-> the
+parameter dict.
 
 Import (`load_dir`) reads config.json + *.safetensors (one file or a sharded index) with safetensors and builds each
 parameter leaf straight into a (optionally sharded) jax array: with a sharding, every device's block is read from
 disk by itself (`jax.make_array_from_callback` + safetensors slices), so a big model never sits whole on one host
 device. HF Linear weights are [out, in]; ours are [in, out], with layers (and experts) stacked on leading axes.
 
-Export (`save_dir`) writes the layout transformers loads natively: LlamaForCausalLM for a dense model,
-MixtralForCausalLM for a merged MoE (block_sparse_moe.gate = router, experts.{i}.w1/w3/w2 = gate/up/down).
-LoRA experts are materialised (anchor + delta) first, since no HF MoE architecture has per-expert adapters.
+Families are data (`FAMILIES`): each HF architecture fixes the ModelConfig attention/norm fields it implies, and each
+dense family has one MoE class with the same attention and norms, which export writes for a branch or a merged MoE:
 
-Top-k mapping (why Mixtral matches bar_jax exactly, and when it cannot):
-  bar_jax routes with softmax over all E experts, keeps the top_k, and renormalises the kept probabilities only when
-  norm_topk=True. Mixtral always renormalises its top-k softmax. So the two agree exactly when norm_topk=True, or when
-  top_k = E (the paper's released setting: all experts, and the full softmax already sums to one, so unnormalised =
-  normalised). With norm_topk=False and top_k < E the kept weights sum to less than one and Mixtral would rescale
-  them: export refuses. transformers' MoE architectures that have a `norm_topk_prob` switch all add modules a
-  Llama-style MoE lacks (Qwen2-MoE: a gated shared expert and qkv biases; Qwen3-MoE, OLMoE, FlexOlmo: QK-norm;
-  DeepSeek/GLM/Dots: MLA, sigmoid routing or shared experts), so none of them reproduces these logits.
-Import maps Mixtral back the same way: num_experts_per_tok = k gives top_k = k and norm_topk = (k < E).
+  dense class        what differs from Llama                                   MoE export class
+  LlamaForCausalLM   (rope_type "default" or "llama3")                         MixtralForCausalLM
+  Qwen2ForCausalLM   q/k/v biases                                              Qwen2MoeForCausalLM (+ zero shared exp.)
+  Qwen3ForCausalLM   RMSNorm on each q/k head                                  Qwen3MoeForCausalLM
+  Olmo2ForCausalLM   RMSNorm on the whole q/k projection, norms after sub-layers  FlexOlmoForCausalLM
+
+Top-k mapping: bar_jax routes with softmax over all E experts, keeps the top_k, and renormalises the kept
+probabilities only when norm_topk=True. FlexOlmo and the Qwen MoE classes do exactly that (their `norm_topk_prob`
+switch), so every routing setting exports. Mixtral always renormalises its top-k softmax, so it agrees when
+norm_topk=True or top_k = E (the paper's setting: all experts, whose softmax already sums to one); a Llama-base MoE
+with norm_topk=False and top_k < E has no HF class (every MoE class with that switch adds QK-norm, biases or a
+shared expert a Llama MoE lacks) and export refuses. Qwen2-MoE always adds a sigmoid-gated shared expert: export
+writes one of width 1 with all-zero weights, whose output is exactly zero; import accepts a Qwen2-MoE directory only
+when its shared expert is zero that way. LoRA experts are materialised (anchor + delta) first, since no HF MoE class
+has per-expert adapters. Import maps Mixtral back with top_k = k and norm_topk = (k < E).
 """
 from __future__ import annotations
 
@@ -65,8 +71,9 @@ class _Source:
     return self.lead + tuple(self.region[a] for a in self.perm)
 
 
-def _sources(cfg: ModelConfig, moe_layout: str = "legacy") -> Params:
-  """The parameter tree with a `_Source` at every leaf (moe_layout: 'legacy' experts.{e}.w1 or 'fused')."""
+def _sources(cfg: ModelConfig, moe_layout: str = "mixtral") -> Params:
+  """The parameter tree with a `_Source` at every leaf. moe_layout: 'mixtral' (block_sparse_moe.experts.{e}.w1),
+  'per_expert' (mlp.experts.{e}.gate_proj: Qwen MoE, FlexOlmo) or 'fused' (transformers 5's in-memory gate_up_proj)."""
   L, D, F, V, E = cfg.n_layers, cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_experts
   qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
   T, I = (1, 0), (0,)  # transpose a Linear weight; keep a vector
@@ -74,25 +81,37 @@ def _sources(cfg: ModelConfig, moe_layout: str = "legacy") -> Params:
   def layer(suffix: str, hf_shape, perm) -> _Source:
     return _Source(lambda l: f"model.layers.{l}.{suffix}", (L,), hf_shape, perm)
 
+  # The same two norm leaves sit before the sub-layers (Llama, Qwen) or after them (OLMo 2), under other HF names.
+  attn_norm, mlp_norm = (("input_layernorm", "post_attention_layernorm") if cfg.norm_position == "pre" else
+                         ("post_attention_layernorm", "post_feedforward_layernorm"))
   layers: Params = {
-      "attn_norm": {"scale": layer("input_layernorm.weight", (D,), I)},
+      "attn_norm": {"scale": layer(f"{attn_norm}.weight", (D,), I)},
       "attn": {"q": {"kernel": layer("self_attn.q_proj.weight", (qd, D), T)},
                "k": {"kernel": layer("self_attn.k_proj.weight", (kvd, D), T)},
                "v": {"kernel": layer("self_attn.v_proj.weight", (kvd, D), T)},
                "o": {"kernel": layer("self_attn.o_proj.weight", (D, qd), T)}},
-      "mlp_norm": {"scale": layer("post_attention_layernorm.weight", (D,), I)},
+      "mlp_norm": {"scale": layer(f"{mlp_norm}.weight", (D,), I)},
   }
+  if cfg.qkv_bias:
+    for name, width in (("q", qd), ("k", kvd), ("v", kvd)):
+      layers["attn"][name]["bias"] = layer(f"self_attn.{name}_proj.bias", (width,), I)
+  if cfg.qk_norm != "none":
+    per_head = cfg.qk_norm == "head"
+    layers["attn"]["q_norm"] = {"scale": layer("self_attn.q_norm.weight", (cfg.head_dim if per_head else qd,), I)}
+    layers["attn"]["k_norm"] = {"scale": layer("self_attn.k_norm.weight", (cfg.head_dim if per_head else kvd,), I)}
   if cfg.ffn == "dense":
     layers["mlp"] = {"gate": {"kernel": layer("mlp.gate_proj.weight", (F, D), T)},
                      "up": {"kernel": layer("mlp.up_proj.weight", (F, D), T)},
                      "down": {"kernel": layer("mlp.down_proj.weight", (D, F), T)}}
-  elif moe_layout == "legacy":  # what Mixtral checkpoints ship and what save_dir writes
+  elif moe_layout in ("mixtral", "per_expert"):  # what checkpoints ship and what save_dir writes
+    block, (w1, w3, w2) = (("block_sparse_moe", ("w1", "w3", "w2")) if moe_layout == "mixtral" else
+                           ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
     def expert(w: str, hf_shape) -> _Source:
-      return _Source(lambda l, e: f"model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight", (L, E), hf_shape, T)
-    layers["moe"] = {"router": {"kernel": layer("block_sparse_moe.gate.weight", (E, D), T)},
-                     "experts": {"gate": expert("w1", (F, D)), "up": expert("w3", (F, D)),
-                                 "down": expert("w2", (D, F))}}
-  else:  # transformers 5's in-memory Mixtral: gate_up_proj [E, 2F, D], down_proj [E, D, F]
+      return _Source(lambda l, e: f"model.layers.{l}.{block}.experts.{e}.{w}.weight", (L, E), hf_shape, T)
+    layers["moe"] = {"router": {"kernel": layer(f"{block}.gate.weight", (E, D), T)},
+                     "experts": {"gate": expert(w1, (F, D)), "up": expert(w3, (F, D)), "down": expert(w2, (D, F))}}
+  else:  # transformers 5's in-memory MoE classes: gate_up_proj [E, 2F, D], down_proj [E, D, F]
     gate_up = lambda off: _Source(lambda l: f"model.layers.{l}.mlp.experts.gate_up_proj", (L,), (E, 2 * F, D),
                                   (0, 2, 1), (0, off, 0), (E, F, D))
     layers["moe"] = {"router": {"kernel": layer("mlp.gate.weight", (E, D), T)},
@@ -124,38 +143,94 @@ def _read_json(path: str) -> dict[str, Any]:
     raise BarError(f"{path} is unreadable ({e}); re-download or re-export the model directory") from None
 
 
-def config_from_hf(hf: dict[str, Any], path: str = CONFIG_FILE) -> ModelConfig:
-  """A Llama or Mixtral config.json dict -> ModelConfig (BarError for anything these weights cannot express)."""
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One Hugging Face causal-LM class: the ModelConfig attention/norm fields it implies, and its MoE class."""
+  model_type: str
+  arch: dict[str, Any]              # qkv_bias / qk_norm / norm_position (the rest at their defaults)
+  moe: bool = False
+  moe_class: str = ""               # dense families: the class a branch or a merged MoE exports to
+
+
+FAMILIES: dict[str, Family] = {
+    "LlamaForCausalLM": Family("llama", {}, moe_class="MixtralForCausalLM"),
+    "Qwen2ForCausalLM": Family("qwen2", {"qkv_bias": True}, moe_class="Qwen2MoeForCausalLM"),
+    "Qwen3ForCausalLM": Family("qwen3", {"qk_norm": "head"}, moe_class="Qwen3MoeForCausalLM"),
+    "Olmo2ForCausalLM": Family("olmo2", {"qk_norm": "proj", "norm_position": "post"},
+                               moe_class="FlexOlmoForCausalLM"),
+    "MixtralForCausalLM": Family("mixtral", {}, moe=True),
+    "Qwen2MoeForCausalLM": Family("qwen2_moe", {"qkv_bias": True}, moe=True),
+    "Qwen3MoeForCausalLM": Family("qwen3_moe", {"qk_norm": "head"}, moe=True),
+    "FlexOlmoForCausalLM": Family("flex_olmo", {"qk_norm": "proj", "norm_position": "post"}, moe=True),
+}
+_ARCH_FIELDS = ("qkv_bias", "qk_norm", "norm_position")
+_ARCH_DEFAULTS = {"qkv_bias": False, "qk_norm": "none", "norm_position": "pre"}
+SUPPORTED = ", ".join(FAMILIES)
+
+
+def _family_of(hf: dict[str, Any]) -> tuple[str | None, Family | None]:
   arch = (hf.get("architectures") or [None])[0]
-  kind = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral"}.get(arch) or (
-      hf.get("model_type") if arch is None else None)
-  if kind not in ("llama", "mixtral"):
-    raise BarError(f"{path}: architecture {arch or hf.get('model_type')!r} is not supported; "
-                   "import a LlamaForCausalLM or MixtralForCausalLM directory")
+  if arch is None:  # a config.json without architectures: go by model_type
+    arch = next((a for a, f in FAMILIES.items() if f.model_type == hf.get("model_type")), None)
+  return arch, FAMILIES.get(arch)
+
+
+def _rope_fields(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+  """rope_parameters (transformers 5) or rope_scaling + rope_theta (older configs) -> ModelConfig RoPE fields."""
   rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+  rope_type = rope.get("rope_type", rope.get("type")) or "default"
+  out: dict[str, Any] = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+  if rope_type == "llama3":
+    out.update(rope_type="llama3", rope_factor=float(rope["factor"]),
+               rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+               rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+               rope_original_max_len=int(rope.get("original_max_position_embeddings", 8192)))
+  elif rope_type != "default":
+    problems.append(f"rope_type={rope_type!r} (supported: 'default', 'llama3')")
+  return out
+
+
+def config_from_hf(hf: dict[str, Any], path: str = CONFIG_FILE) -> ModelConfig:
+  """A config.json dict of a supported family -> ModelConfig (BarError for anything these weights cannot express)."""
+  arch, fam = _family_of(hf)
+  if fam is None:
+    raise BarError(f"{path}: architecture {arch or hf.get('model_type')!r} is not supported; "
+                   f"import one of {SUPPORTED}")
   problems = []
-  if rope_type not in ("default", None):
-    problems.append(f"rope_type={rope_type!r} (only plain RoPE)")
+  kw = _rope_fields(hf, problems)
   if hf.get("hidden_act", "silu") != "silu":
     problems.append(f"hidden_act={hf['hidden_act']!r} (only silu)")
-  if hf.get("attention_bias") or hf.get("mlp_bias"):
-    problems.append("attention_bias/mlp_bias (no biases)")
-  if hf.get("sliding_window") not in (None, 0) and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
-    problems.append(f"sliding_window={hf['sliding_window']} (full attention only)")
+  if hf.get("mlp_bias"):
+    problems.append("mlp_bias (no FFN biases)")
+  if fam.model_type not in ("qwen2", "qwen2_moe") and hf.get("attention_bias"):
+    problems.append("attention_bias (q/k/v/o biases: only Qwen 2's q/k/v biases)")
+  window = hf.get("sliding_window")
+  sliding = hf.get("use_sliding_window", window not in (None, 0))
+  if (sliding and window not in (None, 0) and window < hf.get("max_position_embeddings", 0)) or (
+      "sliding_attention" in (hf.get("layer_types") or [])):
+    problems.append(f"sliding_window={window} (full attention only)")
+  if fam.model_type in ("qwen2_moe", "qwen3_moe") and (hf.get("decoder_sparse_step", 1) != 1 or
+                                                        hf.get("mlp_only_layers")):
+    problems.append("dense layers among the MoE layers (decoder_sparse_step/mlp_only_layers: every layer an MoE)")
   if problems:
     raise BarError(f"{path}: unsupported {', '.join(problems)}; export the model without them")
   heads = hf["num_attention_heads"]
-  kw = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
+  moe_width = hf.get("moe_intermediate_size") if fam.model_type in ("qwen2_moe", "qwen3_moe") else None
+  kw.update(fam.arch)
+  if fam.model_type == "qwen2_moe":  # the one MoE class whose q/k/v biases are a switch
+    kw["qkv_bias"] = bool(hf.get("qkv_bias", True))
+  kw.update(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
             n_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, d_ff=hf["intermediate_size"],
-            rms_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_style="half",
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, d_ff=moe_width or hf["intermediate_size"],
+            rms_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_style="half",
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_seq_len=int(hf.get("max_position_embeddings", 8192)))
-  if kind == "mixtral":
-    E, k = hf["num_local_experts"], hf.get("num_experts_per_tok", 2)
-    kw.update(ffn="moe", n_experts=E, expert_kind="ffn", top_k=k, norm_topk=k < E)  # see the module docstring
+  if fam.moe:
+    E = hf.get("num_local_experts") or hf.get("num_experts")
+    k = hf.get("num_experts_per_tok", 2)
+    # Mixtral always renormalises the top-k (see the module docstring); the others say so in norm_topk_prob.
+    norm = k < E if fam.model_type == "mixtral" else bool(hf.get("norm_topk_prob", False))
+    kw.update(ffn="moe", n_experts=E, expert_kind="ffn", top_k=k, norm_topk=norm)
   try:
     return ModelConfig(**kw).validate()
   except ValueError as e:
@@ -238,7 +313,7 @@ def _read_block(ckpt: _Checkpoint, src: _Source, index: tuple[slice, ...] | None
 
 
 def load_dir(path: str, *, shardings=None, dtype=np.float32):
-  """A Hugging Face Llama/Mixtral directory -> (ModelConfig, params, Tokenizer or None).
+  """A Hugging Face directory of a supported family (FAMILIES) -> (ModelConfig, params, Tokenizer or None).
 
   shardings: None (default device), one `jax.sharding.Sharding` for every leaf, a tree of shardings shaped like the
   params, or a function ModelConfig -> either of those (the config is only known once config.json is read).
@@ -254,8 +329,10 @@ def load_dir(path: str, *, shardings=None, dtype=np.float32):
   ckpt = _Checkpoint(path)
   if "lm_head.weight" not in ckpt.file_of and not cfg.tie_embeddings:
     cfg = cfg.replace(tie_embeddings=True)  # no separate head stored: the embeddings are the head
-  layout = "fused" if cfg.ffn == "moe" and "model.layers.0.mlp.gate.weight" in ckpt.file_of else "legacy"
+  layout = ("fused" if "model.layers.0.mlp.experts.gate_up_proj" in ckpt.file_of else
+            "mixtral" if "model.layers.0.block_sparse_moe.gate.weight" in ckpt.file_of else "per_expert")
   sources = _sources(cfg, layout)
+  allowed_zero = _check_zero_shared_expert(ckpt, hf, path)
 
   used = set()
   for src in jax.tree.leaves(sources, is_leaf=_is_source):
@@ -267,7 +344,7 @@ def load_dir(path: str, *, shardings=None, dtype=np.float32):
         raise BarError(f"{os.path.join(path, ckpt.file_of[name])}: {name} has shape {list(ckpt.shape(name))}, "
                        f"{CONFIG_FILE} implies {list(src.hf_shape)}; re-export the directory")
       used.add(name)
-  unused = sorted(n for n in set(ckpt.file_of) - used
+  unused = sorted(n for n in set(ckpt.file_of) - used - allowed_zero
                   if not n.endswith(_IGNORED_SUFFIXES) and not (n == "lm_head.weight" and cfg.tie_embeddings))
   if unused:
     raise BarError(f"{path}: tensor {unused[0]} (and {len(unused) - 1} more) has no place in a plain "
@@ -287,6 +364,21 @@ def load_dir(path: str, *, shardings=None, dtype=np.float32):
   return cfg, params, _load_tokenizer(path)
 
 
+def _check_zero_shared_expert(ckpt: _Checkpoint, hf: dict[str, Any], path: str) -> set[str]:
+  """A Qwen2-MoE's shared-expert tensors, after checking they contribute exactly zero (what save_dir writes)."""
+  names = {n for n in ckpt.file_of if ".mlp.shared_expert" in n}
+  if not names:
+    return names
+  # The shared expert's output is sigmoid(gate) * down(...): zero for every input iff its down projection is zero.
+  for n in sorted(names):
+    if n.endswith("shared_expert.down_proj.weight"):
+      w = ckpt.read(n, (slice(None),) * len(ckpt.shape(n)))
+      if np.any(w != 0):
+        raise BarError(f"{path}: {n} is not zero: this Qwen2-MoE has a shared expert, which bar_jax's MoE lacks; "
+                       f"import one of {SUPPORTED} without a shared expert")
+  return names
+
+
 def _load_tokenizer(path: str):
   """bar_jax's Tokenizer from tokenizer.json (+ tokenizer_chat.json, or the chat template of tokenizer_config.json)."""
   if not os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
@@ -299,18 +391,20 @@ def _load_tokenizer(path: str):
   tc_path = os.path.join(path, TOKENIZER_CONFIG_FILE)
   tc = _read_json(tc_path) if os.path.isfile(tc_path) else {}
   template = tc.get("chat_template") or ""
-  match = tokenizer_lib._DEFAULT_SYSTEM.search(template)
+  if isinstance(template, list):  # several named templates: the default one is the chat template
+    template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
 
-  def token_id(key):
+  def token(key):
     t = tc.get(key)
-    t = t.get("content") if isinstance(t, dict) else t
-    return None if t is None else tok.token_to_id(t)
+    return t.get("content") if isinstance(t, dict) else t
 
-  eos = token_id("eos_token")
-  pad = token_id("pad_token")
-  chat = {"format": "chatml", "default_system": match.group(1) if match else None, "chat_template": template,
-          "eos_token_id": eos, "pad_token_id": eos if pad is None else pad}
   try:
+    if template:  # the model's own template (Llama 3, Qwen, OLMo 2, SmolLM2's ChatML alike)
+      return tokenizer_lib.Tokenizer.from_hf_template(tok, template, token("bos_token"), token("eos_token"),
+                                                      token("pad_token"))
+    eos, pad = (None if token(k) is None else tok.token_to_id(token(k)) for k in ("eos_token", "pad_token"))
+    chat = {"format": "chatml", "default_system": None, "chat_template": "", "eos_token_id": eos,
+            "pad_token_id": eos if pad is None else pad}
     return tokenizer_lib.Tokenizer(tok, chat)
   except BarError as e:
     raise BarError(f"{os.path.join(path, TOKENIZER_FILE)}: {e}") from None
@@ -319,30 +413,78 @@ def _load_tokenizer(path: str):
 # ----------------------------------------------------------------------------------------------------------------
 # Export.
 
+def export_class(cfg: ModelConfig) -> str:
+  """The transformers class whose forward reproduces this config's logits (BarError where none does)."""
+  arch = {f: getattr(cfg, f) for f in _ARCH_FIELDS}
+  dense = next((a for a, f in FAMILIES.items() if not f.moe and {**_ARCH_DEFAULTS, **f.arch} == arch), None)
+  if dense is None:
+    have = ", ".join(f"{k}={v!r}" for k, v in arch.items())
+    raise BarError(f"no Hugging Face class has {have}; exportable: Llama (defaults), Qwen2 (qkv_bias=True), "
+                   "Qwen3 (qk_norm='head'), OLMo 2 (qk_norm='proj', norm_position='post')")
+  if cfg.ffn == "dense":
+    return dense
+  moe_class = FAMILIES[dense].moe_class
+  k, E = cfg.k, cfg.n_experts
+  if moe_class == "MixtralForCausalLM" and k < E and not cfg.norm_topk:
+    raise BarError(f"top_k={k} of {E} experts with norm_topk=False has no Hugging Face equivalent for a Llama base "
+                   "(Mixtral renormalises the top-k weights); export with norm_topk=True or top_k=0 (all experts)")
+  return moe_class
+
+
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-  """ModelConfig -> a LlamaForCausalLM or MixtralForCausalLM config.json dict (BarError where HF cannot match)."""
+  """ModelConfig -> the config.json dict of `export_class(cfg)` (BarError where HF cannot match)."""
   if cfg.rope_style != "half":
-    raise BarError(f"rope_style={cfg.rope_style!r}: Hugging Face Llama uses half-split RoPE; "
+    raise BarError(f"rope_style={cfg.rope_style!r}: Hugging Face models use half-split RoPE; "
                    "re-import the base model with rope_style='half' before exporting")
+  cls = export_class(cfg)
+  rope: dict[str, Any] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+  if cfg.rope_type == "llama3":
+    rope.update(factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                high_freq_factor=cfg.rope_high_freq_factor, original_max_position_embeddings=cfg.rope_original_max_len)
   hf: dict[str, Any] = {
+      "architectures": [cls], "model_type": FAMILIES[cls].model_type,
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
       "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
       "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
-      "rms_norm_eps": cfg.rms_eps, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      "rms_norm_eps": cfg.rms_eps, "rope_parameters": rope,
       "rope_theta": cfg.rope_theta,  # for readers older than transformers 5
       "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,
       "initializer_range": 0.02, "use_cache": True, "dtype": "float32", "torch_dtype": "float32",
+      # Some classes default these to their released tokenizer's ids; the tokenizer (if any) sets them below.
+      "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
   }
+  if cfg.rope_type == "llama3":
+    hf["rope_scaling"] = dict(rope)  # for readers older than transformers 5
+  if cls in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+    hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+  if cls == "LlamaForCausalLM":
+    hf.update(mlp_bias=False)
   if cfg.ffn == "dense":
-    hf.update(architectures=["LlamaForCausalLM"], model_type="llama", mlp_bias=False)
     return hf
   k, E = cfg.k, cfg.n_experts
-  if k < E and not cfg.norm_topk:
-    raise BarError(f"top_k={k} of {E} experts with norm_topk=False has no Hugging Face equivalent (Mixtral "
-                   "renormalises the top-k weights); export with norm_topk=True or top_k=0 (all experts)")
-  hf.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=E, num_experts_per_tok=k,
-            sliding_window=None, router_jitter_noise=0.0, output_router_logits=False, router_aux_loss_coef=0.0)
+  if cls == "MixtralForCausalLM":
+    hf.update(num_local_experts=E, num_experts_per_tok=k, sliding_window=None, router_jitter_noise=0.0,
+              output_router_logits=False, router_aux_loss_coef=0.0)
+    return hf
+  hf.update(num_experts=E, num_experts_per_tok=k, norm_topk_prob=cfg.norm_topk, output_router_logits=False,
+            router_aux_loss_coef=0.0)
+  if cls in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+    hf.update(moe_intermediate_size=cfg.d_ff, decoder_sparse_step=1, mlp_only_layers=[])
+  if cls == "Qwen2MoeForCausalLM":  # qkv biases on; the shared expert is written as zeros (module docstring)
+    hf.update(qkv_bias=cfg.qkv_bias, shared_expert_intermediate_size=1)
   return hf
+
+
+def _zero_shared_expert(cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """A width-1 Qwen2-MoE shared expert with all-zero weights (its output, sigmoid(0) * 0, is exactly zero)."""
+  D, out = cfg.d_model, {}
+  for l in range(cfg.n_layers):
+    p = f"model.layers.{l}.mlp.shared_expert"
+    out.update({f"{p}.gate_proj.weight": np.zeros((1, D), np.float32),
+                f"{p}.up_proj.weight": np.zeros((1, D), np.float32),
+                f"{p}.down_proj.weight": np.zeros((D, 1), np.float32),
+                f"{p}_gate.weight": np.zeros((1, D), np.float32)})
+  return out
 
 
 def _host_tree(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
@@ -383,12 +525,16 @@ def save_dir(path: str, cfg: ModelConfig, params: Params, tokenizer=None, *, pro
   cfg, params = _host_tree(cfg, params)
 
   # Plan: one (HF name, leaf, lead index, perm) per tensor; shard by size before any array leaves the devices.
-  sources = _sources(cfg)
+  cls = hf_config["architectures"][0]
+  sources = _sources(cfg, "mixtral" if cls == "MixtralForCausalLM" else "per_expert")
   plan = []
   for src, leaf in zip(jax.tree.leaves(sources, is_leaf=_is_source),
                        jax.tree.leaves(jax.tree.map(lambda s, x: x, sources, params, is_leaf=_is_source))):
     for idx in (np.ndindex(*src.lead) if src.lead else [()]):
       plan.append((src.name(*idx), leaf, idx, src))
+  if cls == "Qwen2MoeForCausalLM":
+    for name, zeros in _zero_shared_expert(cfg).items():
+      plan.append((name, zeros, (), _Source(lambda: name, (), zeros.shape, tuple(range(zeros.ndim)))))
   plan.sort(key=lambda t: t[0])
   shards, size = [[]], 0
   for item in plan:
@@ -444,6 +590,7 @@ def _save_tokenizer(directory: str, tokenizer, hf_config: dict[str, Any]) -> Non
   eos = chat.get("eos_token_id")
   pad = chat.get("pad_token_id")
   tc = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": chat.get("chat_template") or None,
+        "bos_token": chat.get("bos_token"),
         "eos_token": None if eos is None else tok.id_to_token(eos),
         "pad_token": None if pad is None else tok.id_to_token(pad),
         "model_max_length": hf_config["max_position_embeddings"], "clean_up_tokenization_spaces": False}

@@ -35,9 +35,9 @@ IDENTITY_FILE = "identity.json"
 MANIFEST = "manifest.json"
 FINISHED, RESUME, FRESH = "finished", "resume", "fresh"
 
-# Keys that change how a result is computed, never which result: dropped from the identity at any depth.
+# Keys that change how a result is computed or stored, never which result: dropped from the identity at any depth.
 RUNTIME_KEYS = frozenset({"dtype", "remat", "attention", "dispatch", "mesh", "distributed", "compilation_cache",
-                          "place_on_mesh", "checkpoint_every", "log_every", "keep_checkpoints"})
+                          "place_on_mesh", "checkpoint_every", "log_every", "keep_checkpoints", "self_contained"})
 # Per stage: the config keys that name input artifacts (directories, comma lists, or packaged names).
 INPUTS = {"train_lm": ("base",), "branch": ("base", "expert_init"), "rl": ("model",), "router": ("model",),
           "upgrade": ("model", "branch"), "merge": ("branches", "base"), "evaluate": ("model",),

@@ -27,6 +27,17 @@ class ModelConfig:
   rms_eps: float = 1e-5
   rope_theta: float = 100000.0
   rope_style: str = "half"          # "half" (Hugging Face) | "interleaved" (GGUF / Meta)
+  # RoPE frequency scaling: "default" (none) | "llama3" (Llama 3.1+: long wavelengths divided by rope_factor, a
+  # smooth ramp between the two wavelength bounds set by the low/high frequency factors).
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  qkv_bias: bool = False            # biases on the q/k/v projections (Qwen 2 / 2.5)
+  qk_norm: str = "none"             # RMSNorm on q and k before RoPE: "none" | "head" (over each head: Qwen 3) |
+                                    # "proj" (over the whole q or k projection: OLMo 2)
+  norm_position: str = "pre"        # "pre": x + f(norm(x)) (Llama, Qwen) | "post": x + norm(f(x)) (OLMo 2)
   tie_embeddings: bool = True
   max_seq_len: int = 8192
   # FFN slot.
@@ -72,6 +83,16 @@ class ModelConfig:
         problems.append(f"top_k={self.top_k} is outside 0..n_experts={self.n_experts}")
     if self.rope_style not in ("half", "interleaved"):
       problems.append(f"rope_style={self.rope_style!r} (use 'half' or 'interleaved')")
+    if self.rope_type not in ("default", "llama3"):
+      problems.append(f"rope_type={self.rope_type!r} (use 'default' or 'llama3')")
+    if self.rope_type == "llama3" and not (self.rope_factor >= 1 and
+                                            0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+      problems.append(f"llama3 RoPE needs rope_factor >= 1 and 0 < rope_low_freq_factor < rope_high_freq_factor "
+                      f"(got {self.rope_factor}, {self.rope_low_freq_factor}, {self.rope_high_freq_factor})")
+    if self.qk_norm not in ("none", "head", "proj"):
+      problems.append(f"qk_norm={self.qk_norm!r} (use 'none', 'head' or 'proj')")
+    if self.norm_position not in ("pre", "post"):
+      problems.append(f"norm_position={self.norm_position!r} (use 'pre' or 'post')")
     if problems:
       raise ValueError("invalid model config: " + "; ".join(problems))
     return self

@@ -6,9 +6,16 @@ Per-layer parameters (the scan slices off the leading L axis):
   lora/{gate,up,down}/{a,b}  [E-1, in, r] / [E-1, r, out]    lora experts only:
                              expert i = anchor + (a_i @ b_i) * alpha/r
 
-Dispatch paths ("dense" reference; "dropless" and "expert_parallel" are added beside it) all consume
-`expert_weights(...)`: LoRA experts are materialised as anchor + delta (cheap: E*D*F*r FLOPs), so every path runs
-one stacked (E, D, F) expert layout.
+How each layer runs (the output is always sum_e w_e * expert_e(x), w the top-k-masked router weights):
+  lora experts   `lora_ffn`, whatever the dispatch: the anchor's gate/up run once for every token, each adapter adds
+                 its low-rank term (x a) b, and the down projection runs once on the router-weighted hidden units
+                 (plus each adapter's low-rank down term). The experts are never materialised.
+  dense dispatch `dense_dispatch`: all experts as ONE wide FFN of width E*F whose hidden units are scaled by their
+                 expert's router weight before the down projection (one matmul, no [E, N, D] intermediate).
+  top_k = E      the same wide FFN for dropless too (nothing to skip), and for expert_parallel unless the experts
+                 are split over an expert mesh axis (then the all_to_all path keeps them where they live).
+  otherwise      `dispatch.run` (dropless grouped matmul, expert_parallel all_to_all).
+`expert_weights` materialises the stacked (E, D, F) layout for export and as the tests' reference.
 """
 from __future__ import annotations
 
@@ -92,25 +99,92 @@ def router_losses(logits: jax.Array, weights: jax.Array, idx: jax.Array, n_exper
 
 
 def dense_dispatch(x: jax.Array, weights: jax.Array, gate, up, down) -> jax.Array:
-  """Every expert on every token, combined by the (top-k masked) router weights. x [N, D]."""
+  """Every expert on every token, combined by the (top-k masked) router weights. x [N, D], weights [N, E].
+
+  One wide FFN of width E*F: each expert's hidden units are scaled by its router weight, and the down projection
+  contracts (expert, hidden) at once, as a sum of E blocks (no [E, N, D] expert outputs). gate/up/down are stacked
+  [E, ...] arrays or sequences of per-expert [D, F] / [F, D] arrays (`unstack_experts`): with separate arrays, the
+  weight gradient of each expert is its own matmul, so XLA drops a frozen expert's (the branch anchor's) entirely.
+  """
   dt = x.dtype
-  h = jax.nn.silu(jnp.einsum("nd,edf->enf", x, gate.astype(dt))) * jnp.einsum("nd,edf->enf", x, up.astype(dt))
-  y = jnp.einsum("enf,efd->end", h, down.astype(dt))
-  return jnp.einsum("end,ne->nd", y, weights.astype(dt))
+  w = weights.astype(dt)
+  y = None
+  for e in range(len(gate)):
+    h = jax.nn.silu(x @ gate[e].astype(dt)) * (x @ up[e].astype(dt)) * w[:, e:e + 1]
+    part = h @ down[e].astype(dt)
+    y = part if y is None else y + part
+  return y
+
+
+def uses_wide_ffn(cfg: ModelConfig, compute: Compute = Compute(), mesh=None) -> bool:
+  """Whether ffn experts run as the wide FFN (`dense_dispatch`) rather than through `dispatch.run`."""
+  dispatch_kind = compute.dispatch
+  if cfg.expert_kind != "ffn":
+    return False
+  expert_sharded = dispatch_kind == "expert_parallel" and mesh is not None and mesh.shape.get("expert", 1) > 1
+  return dispatch_kind == "dense" or (cfg.k == cfg.n_experts and not expert_sharded)
+
+
+def unstack_experts(moe_layers: Params, cfg: ModelConfig, compute: Compute = Compute(), mesh=None) -> Params:
+  """The scanned MoE leaves with ffn experts [L, E, ...] as E separate [L, ...] arrays (taken before the layer scan).
+
+  A partially frozen expert leaf is joined from its frozen and trainable slices (freeze.join); split here, outside the
+  scan, each expert's gradient is a separate output of the scan, and the frozen one is dead code that XLA removes
+  (the stacked layout would compute it inside the scan and throw it away after).
+  """
+  if not uses_wide_ffn(cfg, compute, mesh):
+    return moe_layers
+  # lax.split, not indexing: its transpose concatenates the per-expert gradients (indexing's pads and adds them),
+  # and XLA folds slice(concatenate) where freeze.split takes the trainable experts back out.
+  experts = {name: [jnp.squeeze(piece, 1) for piece in jax.lax.split(w, (1,) * w.shape[1], axis=1)]
+             for name, w in moe_layers["experts"].items()}
+  return dict(moe_layers, experts=experts)
+
+
+def lora_ffn(x: jax.Array, weights: jax.Array, anchor: Params, lora: Params, scale: float) -> jax.Array:
+  """LoRA experts as a side path. x [N, D], weights [N, E]; anchor {gate,up,down} [1, ...]; lora {gate,up,down}
+  {a [E-1, in, r], b [E-1, r, out]}. Expert i > 0 is the anchor plus scale * a_i @ b_i on each projection, so
+
+    gate_i(x) = x Wg + scale (x a_i) b_i            (x Wg computed once for all experts)
+    y = (sum_e w_e h_e) Wd + scale sum_{i>0} ((w_i h_i) a_i) b_i
+
+  costs one anchor FFN plus rank-r terms, instead of E full experts.
+  """
+  dt = x.dtype
+  cast = lambda w: w.astype(dt)  # noqa: E731
+
+  def low_rank(h, name, spec_in):  # scale * (h a) b, batched over the adapters
+    ab = lora[name]
+    t = jnp.einsum(spec_in + ",air->nar", h, cast(ab["a"])) * scale
+    return jnp.einsum("nar,aro->nao", t, cast(ab["b"]))
+
+  g0 = x @ cast(anchor["gate"][0])
+  u0 = x @ cast(anchor["up"][0])
+  g = g0[:, None] + low_rank(x, "gate", "ni")               # [N, E-1, F]
+  u = u0[:, None] + low_rank(x, "up", "ni")
+  w = weights.astype(dt)
+  h_adapters = jax.nn.silu(g) * u * w[:, 1:, None]           # router-weighted hidden units of the adapters
+  h = jax.nn.silu(g0) * u0 * w[:, :1] + jnp.sum(h_adapters, axis=1)
+  return h @ cast(anchor["down"][0]) + jnp.sum(low_rank(h_adapters, "down", "nai"), axis=1)
 
 
 def moe_ffn(p: Params, x: jax.Array, cfg: ModelConfig, mesh=None,
             compute: Compute = Compute()) -> tuple[jax.Array, dict[str, jax.Array]]:
   """x [B, T, D] -> (y [B, T, D], aux {z_loss, lb_loss, expert_load [E], dropped})."""
+  dispatch_kind = compute.dispatch
   B, T, D = x.shape
   xt = x.reshape(B * T, D)
   weights, idx, logits = route(p["router"]["kernel"], xt, cfg)
-  gate, up, down = expert_weights(p, cfg)
-  if compute.dispatch == "dense":
-    y, dropped = dense_dispatch(xt, weights, gate, up, down), jnp.zeros((), jnp.int32)
+  dropped = jnp.zeros((), jnp.int32)
+  if cfg.expert_kind == "lora":
+    y = lora_ffn(xt, weights, p["experts"], p["lora"], cfg.lora_alpha / cfg.lora_rank)
+  elif uses_wide_ffn(cfg, compute, mesh):
+    e = p["experts"]
+    y = dense_dispatch(xt, weights, e["gate"], e["up"], e["down"])
   else:
     from bar_jax.model import dispatch  # the grouped and expert-parallel paths
-    y, dropped = dispatch.run(compute.dispatch, xt, weights, idx, gate, up, down, compute.capacity_factor, mesh)
+    gate, up, down = (p["experts"][name] for name in ("gate", "up", "down"))
+    y, dropped = dispatch.run(dispatch_kind, xt, weights, idx, gate, up, down, compute.capacity_factor, mesh)
   aux = router_losses(logits, weights, idx, cfg.n_experts)
   aux["dropped"] = dropped
   return y.reshape(B, T, D), aux

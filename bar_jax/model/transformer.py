@@ -1,9 +1,15 @@
 """Llama-family decoder as pure functions of a nested parameter dict (its layout: `param_shapes`).
 
-RMSNorm, RoPE (half-split or interleaved pairing), grouped-query attention, SwiGLU FFN (or an MoE block in the same
-slot), tied or untied LM head. Layers are stacked on a leading axis and run under `jax.lax.scan`, so a 30-layer model
-compiles like a 1-layer one. Everything here is arrays in, arrays out: no files, no globals. The architecture comes
-from `ModelConfig`; how to compute it (dtype, remat, attention kernel, MoE dispatch) from `Compute`.
+RMSNorm, RoPE (half-split or interleaved pairing; plain or Llama 3 scaled frequencies), grouped-query attention with
+optional q/k/v biases (Qwen 2) and QK RMSNorm per head (Qwen 3) or over the whole projection (OLMo 2), SwiGLU FFN (or
+an MoE block in the same slot), sub-layer norms before (Llama, Qwen) or after (OLMo 2) each sub-layer, tied or untied
+LM head. The family is data: every variation is a ModelConfig field, so one code path serves all of them. Layers are
+stacked on a leading axis and run under `jax.lax.scan`, so a 30-layer model compiles like a 1-layer one. Everything
+here is arrays in, arrays out: no files, no globals. The architecture comes from `ModelConfig`; how to compute it
+(dtype, remat, attention kernel, MoE dispatch) from `Compute`.
+
+Norm leaves keep one name whatever their position: `attn_norm` is the attention sub-layer's norm (on its input when
+norm_position="pre", on its output when "post"), `mlp_norm` the FFN sub-layer's.
 """
 from __future__ import annotations
 
@@ -32,6 +38,14 @@ def param_shapes(cfg: ModelConfig) -> Params:
                "o": {"kernel": (L, qd, D)}},
       "mlp_norm": {"scale": (L, D)},
   }
+  attn = layers["attn"]
+  if cfg.qkv_bias:
+    for name, width in (("q", qd), ("k", kvd), ("v", kvd)):
+      attn[name]["bias"] = (L, width)
+  if cfg.qk_norm != "none":
+    per_head = cfg.qk_norm == "head"
+    attn["q_norm"] = {"scale": (L, cfg.head_dim if per_head else qd)}
+    attn["k_norm"] = {"scale": (L, cfg.head_dim if per_head else kvd)}
   if cfg.ffn == "dense":
     layers["mlp"] = {"gate": {"kernel": (L, D, F)}, "up": {"kernel": (L, D, F)}, "down": {"kernel": (L, F, D)}}
   else:
@@ -50,6 +64,13 @@ def logical_axes(cfg: ModelConfig) -> Params:
                "v": {"kernel": ("layers", "embed", "kv")}, "o": {"kernel": ("layers", "heads", "embed")}},
       "mlp_norm": {"scale": ("layers", "norm")},
   }
+  attn = layers["attn"]
+  if cfg.qkv_bias:
+    for name, axis in (("q", "heads"), ("k", "kv"), ("v", "kv")):
+      attn[name]["bias"] = ("layers", axis)
+  if cfg.qk_norm != "none":  # a norm scale is tiny: replicated, like the other norms
+    attn["q_norm"] = {"scale": ("layers", "norm")}
+    attn["k_norm"] = {"scale": ("layers", "norm")}
   if cfg.ffn == "dense":
     layers["mlp"] = {"gate": {"kernel": ("layers", "embed", "mlp")}, "up": {"kernel": ("layers", "embed", "mlp")},
                      "down": {"kernel": ("layers", "mlp", "embed")}}
@@ -77,6 +98,8 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
   for path, shape, k in zip(paths, leaves, keys):
     if "scale" in path:
       out.append(jnp.ones(shape, jnp.float32))
+    elif path.endswith("['bias']"):
+      out.append(jnp.zeros(shape, jnp.float32))
     elif "lora" in path and path.endswith("['b']"):
       out.append(jnp.zeros(shape, jnp.float32))  # B = 0: a fresh adapter is the identity
     else:
@@ -96,10 +119,28 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   return (y * scale).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float, style: str) -> jax.Array:
-  """x [B, T, H, hd]; positions [B, T]. 'half' rotates (i, i + hd/2) pairs, 'interleaved' rotates (2i, 2i+1)."""
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+  """The hd/2 RoPE inverse frequencies (float32, as Hugging Face computes them), with Llama 3's scaling when
+  cfg.rope_type == "llama3".
+
+  Llama 3 keeps short wavelengths (< original_len / high_freq_factor), divides long ones (> original_len /
+  low_freq_factor) by the factor, and interpolates linearly in original_len / wavelength between the two.
+  """
+  hd = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  if cfg.rope_type == "llama3":
+    wavelen = 2 * math.pi / inv_freq
+    ramp = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    ramp = jnp.clip(ramp, 0.0, 1.0)  # 0 on long wavelengths (fully scaled), 1 on short ones (untouched)
+    inv_freq = (1 - ramp) * inv_freq / cfg.rope_factor + ramp * inv_freq
+  return inv_freq
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, style: str) -> jax.Array:
+  """x [B, T, H, hd]; positions [B, T]; inv_freq [hd/2]. 'half' rotates (i, i + hd/2) pairs, 'interleaved'
+  rotates (2i, 2i+1)."""
   hd = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
   cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
   xf = x.astype(jnp.float32)
@@ -142,12 +183,26 @@ def _block(cfg: ModelConfig, compute: Compute, mesh, x, lp, positions, segment_i
   """
   B, T, _ = x.shape
   dt = x.dtype
-  h = rms_norm(x, lp["attn_norm"]["scale"], cfg.rms_eps)
-  q = (h @ lp["attn"]["q"]["kernel"].astype(dt)).reshape(B, T, cfg.n_heads, cfg.head_dim)
-  k = (h @ lp["attn"]["k"]["kernel"].astype(dt)).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
-  v = (h @ lp["attn"]["v"]["kernel"].astype(dt)).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
-  q = rope(q, positions, cfg.rope_theta, cfg.rope_style)
-  k = rope(k, positions, cfg.rope_theta, cfg.rope_style)
+  pre = cfg.norm_position == "pre"
+  h = rms_norm(x, lp["attn_norm"]["scale"], cfg.rms_eps) if pre else x
+  a = lp["attn"]
+
+  def project(name: str, n_heads: int) -> jax.Array:
+    y = h @ a[name]["kernel"].astype(dt)
+    if cfg.qkv_bias:
+      y = y + a[name]["bias"].astype(dt)
+    norm = a.get(f"{name}_norm")
+    if norm is not None and cfg.qk_norm == "proj":  # OLMo 2: over all heads at once, before the head split
+      y = rms_norm(y, norm["scale"], cfg.rms_eps)
+    y = y.reshape(B, T, n_heads, cfg.head_dim)
+    if norm is not None and cfg.qk_norm == "head":  # Qwen 3: each head separately, one shared scale [hd]
+      y = rms_norm(y, norm["scale"], cfg.rms_eps)
+    return y
+
+  q, k, v = project("q", cfg.n_heads), project("k", cfg.n_kv_heads), project("v", cfg.n_kv_heads)
+  inv_freq = rope_frequencies(cfg)
+  q = rope(q, positions, inv_freq, cfg.rope_style)
+  k = rope(k, positions, inv_freq, cfg.rope_style)
   if cache_kv is None:
     mask = attention_mask(positions, positions, segment_ids, segment_ids)
     new_cache = None
@@ -167,13 +222,16 @@ def _block(cfg: ModelConfig, compute: Compute, mesh, x, lp, positions, segment_i
     new_cache = (ck, cv)
     keys, values = ck.astype(dt), cv.astype(dt)
   o = attend(q, keys, values, mask, compute).reshape(B, T, cfg.n_heads * cfg.head_dim)
-  x = x + o @ lp["attn"]["o"]["kernel"].astype(dt)
-  h = rms_norm(x, lp["mlp_norm"]["scale"], cfg.rms_eps)
+  o = o @ a["o"]["kernel"].astype(dt)
+  x = x + (o if pre else rms_norm(o, lp["attn_norm"]["scale"], cfg.rms_eps))
+  h = rms_norm(x, lp["mlp_norm"]["scale"], cfg.rms_eps) if pre else x
   if cfg.ffn == "dense":
     m = lp["mlp"]
     y, aux = swiglu(h, m["gate"]["kernel"], m["up"]["kernel"], m["down"]["kernel"]), {}
   else:
     y, aux = moe.moe_ffn(lp["moe"], h, cfg, mesh=mesh, compute=compute)
+  if not pre:
+    y = rms_norm(y, lp["mlp_norm"]["scale"], cfg.rms_eps)
   return x + y, aux, new_cache
 
 
@@ -206,6 +264,8 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, compute: Com
     body = jax.checkpoint(body, policy=_REMAT[compute.remat], prevent_cse=False)
   # Kernels cast to the compute dtype once, while still sharded: FSDP then all-gathers bf16, not fp32 (half the bytes).
   layers = jax.tree.map(lambda w: w.astype(dt) if w.ndim >= 3 else w, params["layers"])
+  if cfg.ffn == "moe":
+    layers = dict(layers, moe=moe.unstack_experts(layers["moe"], cfg, compute, mesh))
   x, aux = jax.lax.scan(body, x, layers)
   x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_eps)
   if return_hidden:

@@ -9,6 +9,8 @@ config.general_ratio (-1: the spec's general.weight). config.capability is a bui
 trained on different machines. The branch's manifest records the base fingerprint, the capability (its name as
 `domain`, and its record: spec path, fingerprint of the data files, mapping and metric), every phase (steps, tokens,
 FLOPs, data fingerprint) and the capability's eval metrics before and after.
+Written over a base artifact directory, the branch stores only the leaves its training changed; the anchor slices and
+the frozen leaves are read back from the base (io/artifact.py `over_base`).
 """
 from __future__ import annotations
 
@@ -90,9 +92,12 @@ def run(config, workdir: str) -> str:
     stages.append(record)
   metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute, eval_domains)
   parent = dict(base.manifest, role="base")
+  # Over a base artifact directory, the branch stores only what its training changed (the anchor and every leaf its
+  # schedule kept frozen are the base's); self_contained stores everything.
+  over_base = config.base if os.path.isdir(config.base) and not config.self_contained else None
   return common.write_artifact(
       workdir, base, params, cfg, "branch", stages, [parent], identity=identity,
-      keep_checkpoints=config.keep_checkpoints, domain=cap.name, capability=cap.record(),
-      base_fingerprint=base.manifest["fingerprint"],
+      keep_checkpoints=config.keep_checkpoints, over_base=over_base, from_base=upcycle.ANCHOR_FROM_BASE,
+      domain=cap.name, capability=cap.record(), base_fingerprint=base.manifest["fingerprint"],
       base_name=base.name, expert_kind=config.expert_kind, metrics=metrics, metrics_before=metrics_before,
       general_ratio=config.general_ratio, expert_init=config.expert_init or "base")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 from typing import Any, Sequence
@@ -123,7 +122,8 @@ def train_phase(*, name: str, model: Model, cfg: ModelConfig, params: Any, phase
                       batches=it,
                       opt=phase.opt, steps=phase.steps, workdir=phase_dir, mesh=mesh,
                       identity={"stage": identity, "phase": name}, accum=accum,
-                      checkpoint_every=phase.checkpoint_every, log_every=phase.log_every, desc=name, data_iter=it)
+                      checkpoint_every=phase.checkpoint_every, log_every=phase.log_every, desc=name, data_iter=it,
+                      divergence_factor=phase.divergence_factor)
   tokens = float(phase.steps * batch_size * phase.data.seq_len)
   trainable_tree, _ = freeze.split(params, part)
   record = {
@@ -144,13 +144,15 @@ def to_host(params: Any) -> Any:
 
 
 def write_artifact(workdir: str, model: Model, params: Any, cfg: ModelConfig, kind: str, stages: list[dict],
-                   parents: list[dict], *, identity: dict, keep_checkpoints: bool = False, **fields) -> str:
+                   parents: list[dict], *, identity: dict, keep_checkpoints: bool = False, over_base: str | None = None,
+                   from_base: dict | None = None, **fields) -> str:
   """Writes workdir as a complete artifact (manifest last, with the stage identity); returns workdir.
 
-  Then, unless keep_checkpoints, the finished run's training checkpoints go (metrics and identity files stay)."""
+  over_base: store only what differs from this base artifact (artifact.write). Then, unless keep_checkpoints, the
+  finished run's training checkpoints go (metrics and identity files stay)."""
   manifest = {"kind": kind, "model": cfg.to_dict(), "identity": identity, **fields}
   manifest.update(artifact.lineage(parents, stages))
-  artifact.write(workdir, to_host(params), manifest, model.tokenizer)
+  artifact.write(workdir, to_host(params), manifest, model.tokenizer, over_base=over_base, from_base=from_base)
   if not keep_checkpoints and jax.process_index() == 0:
     for root, dirs, _ in os.walk(workdir):
       if "checkpoints" in dirs and os.path.isfile(os.path.join(root, workdir_lib.IDENTITY_FILE)):
@@ -183,28 +185,8 @@ def evaluate(config, cfg: ModelConfig, params: Any, tokenizer, mesh, compute: Co
 EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
 
 
-def _cell(res: dict[str, Any] | None) -> str:
-  if not res or not isinstance(res.get("score"), (int, float)) or not math.isfinite(res["score"]):
-    return "–"
-  if res.get("metric") == "nll":
-    return f"{res['score']:.1f} (nll {res['value']:.3f})"
-  if "refusal_rate" in res:
-    return f"{res['score']:.1f} (ref {res['refusal_rate']:.0f} / ans {res['answer_rate']:.0f})"
-  return f"{res['score']:.1f}"
-
-
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-  """Markdown table like the paper's: one row per model ({name, domains: {d: result}, overall}), overall last.
-
-  Generative domains show their score (%); NLL domains show 100*exp(-nll) with the NLL beside it; safety shows the
-  mean of the refusal rate (harmful prompts) and answer rate (benign prompts) with both beside it.
-  """
-  domains: list[str] = []
-  for r in rows:
-    domains += [d for d in r["domains"] if d not in domains]
-  lines = ["| model | " + " | ".join(domains) + " | overall |", "|---" * (len(domains) + 2) + "|"]
-  for r in rows:
-    overall = r.get("overall", float("nan"))
-    cells = [_cell(r["domains"].get(d)) for d in domains]
-    lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {overall:.1f} |")
-  return "\n".join(lines) + "\n"
+  """The comparison table (95% intervals; every row tested against the first on the same items, * at p < 0.05;
+  NLL as the change vs the first row; overall = mean of the percentage columns): bar_jax.evals.report."""
+  from bar_jax.evals import report
+  return report.format_table(rows)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bar_jax import optim, pytree, sharding
+from bar_jax import guards, optim, pytree, sharding
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.io.checkpoint import Checkpointer
 from bar_jax.model import transformer
@@ -136,12 +136,14 @@ class Hook:
   def step(self, done: int) -> None: ...
   def log(self, row: dict) -> None: ...
   def evaluate(self, done: int, params: dict) -> dict: return {}
+  def flush(self) -> None: ...  # after each checkpoint: what is logged is on disk with it
   def end(self) -> None: ...
 
 
 def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: LossFn, batches, opt, steps: int,
           workdir: str, mesh, identity: dict, accum: int = 1, checkpoint_every: int = 100, log_every: int = 10,
-          desc: str = "train", data_iter=None, updates_per_step: int = 1, hooks: Sequence[Hook] = ()) -> Result:
+          desc: str = "train", data_iter=None, updates_per_step: int = 1, hooks: Sequence[Hook] = (),
+          divergence_factor: float = 10.0) -> Result:
   """Trains `part`'s trainable leaves of `params` for `steps` steps; resumes from workdir/checkpoints if present.
 
   batches: a BatchSource, or an iterator of this process's share of each global batch ([B_local, ...] numpy dicts);
@@ -176,6 +178,10 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
     h.begin(start, steps)
   tokens_seen = sum(h.get("tokens", 0.0) for h in history)
   t0, t_last = time.time(), time.time()
+  prior_seconds = history[-1].get("elapsed", 0.0) if history else 0.0  # a resumed run adds up every process's time
+  guard = guards.LossGuard(divergence_factor)  # 0: only non-finite numbers stop it (losses without a scale, RL)
+  for row in history:
+    guard.check(row, desc)
   pending: list[tuple[int, dict, dict]] = []
   for step in range(start, steps):
     local_batches, info = source.updates(step, current)
@@ -195,7 +201,8 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
         row.update(stats)
         row.update(step=s, lr=float(sched(s * updates_per_step - 1)))
         tokens_seen += row.get("tokens", 0.0)
-        row.update(tokens_seen=tokens_seen, step_time=(now - t_last) / len(pending))
+        row.update(tokens_seen=tokens_seen, step_time=(now - t_last) / len(pending),
+                   elapsed=prior_seconds + now - t0)
         rows.append(row)
       for h in evals:
         rows[-1].update(h.evaluate(done, current()))
@@ -204,16 +211,20 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
         history.append(row)
         for h in hooks:
           h.log(row)
+        guard.check(row, desc)  # before any save: a bad step never reaches a checkpoint
     for h in hooks:
       h.step(done)
     if done % checkpoint_every == 0 or done == steps:
       ckpt.save(done, {"trainable": trainable, "opt_state": opt_state, "step": step_array(done, mesh)},
                 source.data_iter)
+      for h in hooks:
+        h.flush()
   ckpt.close()
   for h in hooks:
     h.end()
   final = freeze.join(trainable, frozen, part)
-  return Result(params=final, steps=steps, tokens=tokens_seen, seconds=time.time() - t0, history=history,
+  return Result(params=final, steps=steps, tokens=tokens_seen, seconds=prior_seconds + time.time() - t0,
+                history=history,
                 opt_state=opt_state)
 
 
@@ -314,12 +325,18 @@ class MetricsWriter(Hook):
       self.tb = None
 
   def log(self, row: dict) -> None:
+    row = guards.json_safe(row)  # NaN -> null: every line stays valid JSON
     self.f.write(json.dumps(row) + "\n")
     self.f.flush()
     if self.tb:
       for k, v in row.items():
         if k != "step" and isinstance(v, (int, float)):
           self.tb.add_scalar(k, v, row["step"])
+
+  def flush(self) -> None:
+    self.f.flush()
+    if self.tb:
+      self.tb.flush()
 
   def end(self) -> None:
     self.f.close()

@@ -315,23 +315,30 @@ def write_table(config, workdir: str) -> str:
   check_same_settings(rows)
   table = common.format_table(rows)
   md = (f"# BAR pipeline results: {config.title}\n\n"
-        f"Made by: `{config.command}`\n\n"
+        f"Made by: `{made_by(config)}`\n\n"
         f"{table}\n{settings_note(rows)}\n")
   workdir_lib.write_text_atomic(os.path.join(workdir, RESULTS_MD), md)
   slim = [{k: v for k, v in r.items() if k != "domains"} | {"domains": {d: {k: x for k, x in res.items()
-                                                                          if k != "samples"}
+                                                                          if k != "samples"} | {
+      "items": [{k: x for k, x in it.items() if k != "response"} for it in res.get("items", [])]}
                                                                       for d, res in r["domains"].items()}}
-          for r in rows]
+          for r in rows]  # per-item outcomes stay (paired tests can be re-run from results.json), replies go
   workdir_lib.write_text_atomic(os.path.join(workdir, RESULTS_JSON),
-                                json.dumps({"models": slim}, indent=1, default=str))
+                                json.dumps({"command": made_by(config), "models": slim}, indent=1, default=str))
   return table
+
+
+def made_by(config) -> str:
+  """The command that ran (recorded by the CLI, overrides included), else the config's own example command."""
+  from bar_jax import invocation
+  return invocation.command() or config.command
 
 
 def settings_note(rows) -> str:
   s = rows[0].get("settings", {}) if rows else {}
   return (f"Eval: {s.get('n_per_domain')} held-out items per domain, {s.get('max_new_tokens')} new tokens; "
-          "math = exact match %, code/general = 100*exp(-NLL), tool_use = call match %, safety = mean of refusal "
-          "(harmful) and answer (benign) rates.")
+          "math = exact match %, code/general = per-token NLL (change vs the first row), tool_use = call match %, "
+          "safety = mean of refusal (harmful) and answer (benign) rates; overall = mean of the percentage columns.")
 
 
 # ----------------------------------------------------------------------------------------------------------------

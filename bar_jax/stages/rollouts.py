@@ -208,7 +208,7 @@ def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, mesh, i
                                                                                       n_prompts=len(task.prompts)),
                       accum=config.accum, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
                       desc="rl", updates_per_step=config.ppo_epochs * config.minibatches,
-                      hooks=[Console(source, config.steps)])
+                      hooks=[Console(source, config.steps)], divergence_factor=0.0)
   return result.params, _record(config, cfg, task, n_trainable, result.history, time.time() - t0)
 
 

@@ -89,7 +89,7 @@ def router_phase(rc: ml_collections.ConfigDict, rows: int) -> ml_collections.Con
   return ml_collections.ConfigDict(dict(
       data=dict(kind="sft", seq_len=rc.seq_len, mix={}), batch_size=rc.batch_size, accum=rc.accum,
       steps=steps, opt=opt, z_loss=rc.z_loss, lb_loss=rc.lb_loss, epochs=rc.epochs,
-      checkpoint_every=rc.checkpoint_every, log_every=rc.log_every))
+      checkpoint_every=rc.checkpoint_every, log_every=rc.log_every, divergence_factor=rc.divergence_factor))
 
 
 def train_router(model: common.Model, cfg, params, rc: ml_collections.ConfigDict, fractions: Mapping[str, float],

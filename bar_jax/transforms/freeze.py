@@ -121,7 +121,9 @@ def join(trainable: dict, frozen: dict, part: Partition) -> dict:
       axis, tpos, fpos = rule
       both = jnp.concatenate([frozen[path], trainable[path]], axis=axis)
       order = np.argsort(np.asarray(fpos + tpos))  # position -> index into the concatenation
-      flat[path] = jnp.take(both, order, axis=axis)
+      # Frozen slices first (the anchor) is the common case: no gather, so XLA sees a plain concatenation and can
+      # drop the frozen slice's gradient (moe.unstack_experts).
+      flat[path] = both if np.array_equal(order, np.arange(len(order))) else jnp.take(both, order, axis=axis)
   return unflatten(flat)
 
 

@@ -29,6 +29,11 @@ ROUTER_INITS = ("random", "zeros")
 ROUTER_INIT_STD = 0.02  # OLMo-core MoELinearRouter.reset_parameters: trunc_normal_(std=0.02, a=-3 std, b=3 std)
 
 
+# Where the anchor of a branch comes from in its dense base: {branch leaf: (base leaf, expert axis, anchor index)}.
+# Artifacts store a branch over its base without these slices (io.artifact.write's from_base).
+ANCHOR_FROM_BASE = {f"layers/moe/experts/{w}": (f"layers/mlp/{w}/kernel", 1, 0) for w in ("gate", "up", "down")}
+
+
 def upcycle(dense_params: Mapping[str, Any], dense_cfg: ModelConfig, *, expert_kind: str = "ffn",
             lora_rank: int = 16, lora_alpha: float = 32.0, expert_init: Mapping[str, Any] | None = None,
             key: jax.Array | None = None, router_init: str | None = None, router_scale: float = ROUTER_INIT_STD

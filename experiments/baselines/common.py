@@ -21,9 +21,10 @@ def dense_sft(variant: str, mix: dict, steps_scale: int = 1) -> ml_collections.C
   c.phase_order = ["sft"]
   c.phases = ml_collections.ConfigDict({"sft": dict(
       data=dict(kind="sft", mix=mix, seq_len=sft.data.seq_len, max_examples=sft.data.max_examples),
-      batch_size=sft.batch_size, accum=sft.get("accum", 1), steps=sft.steps * steps_scale, opt=sft.opt.to_dict(),
+      batch_size=sft.batch_size, accum=sft.accum, steps=sft.steps * steps_scale, opt=sft.opt.to_dict(),
       trainable=[r".*"],
-      checkpoint_every=sft.checkpoint_every, log_every=sft.log_every, z_loss=0.0, lb_loss=0.0)})
+      checkpoint_every=sft.checkpoint_every, log_every=sft.log_every, z_loss=0.0, lb_loss=0.0,
+      divergence_factor=sft.divergence_factor)})
   c.compute = ml_collections.ConfigDict(branch.compute.to_dict())
   c.eval.domains = []  # the runner evaluates every model with the pipeline's eval settings
   return c

@@ -6,9 +6,10 @@ the BAR pipeline's merged model (run the pipeline first). The paper trains its r
 
 Each lr trains WORKDIR/router_lr_<lr> from PIPELINE_WORKDIR/merged (resumable; skipped when complete), evaluates it
 with the pipeline's eval settings and appends the table to experiments/results/ablations_smollm2[_<variant>].md.
-Choosing the default: the largest overall score whose interval does not overlap a lower lr's is not required; take
-the best overall, and say in the results that it was chosen on the evaluation items (a held-out choice needs a second
-item split). Cost on 2 CPU cores: one full-budget router run per lr (see experiments/results/paper_table_plan.md).
+Choosing the default: the lr with the best overall score; where its interval overlaps others', prefer the paper's
+1e-4 among the overlapping ones. The choice is made on the evaluation items, so say so beside any table row that uses
+it (a clean choice needs a second, held-out item split). Cost on 2 CPU cores: one full-budget router run per lr,
+~3.1 h each (experiments/results/paper_table_plan.md).
 """
 import os
 import sys

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import os
+import re
 
 from bar_jax.errors import BarError
 
@@ -86,3 +87,14 @@ def content_bucket(text: str) -> int:
 
 def is_eval(text: str, eval_pct: int) -> bool:
   return content_bucket(text) < eval_pct
+
+
+def normalised(text: str) -> str:
+  """The text a split key is made of: lower case, punctuation and runs of spaces one space; operators (+ - * / = < >
+  % ^) are kept, so "2 - 6" and "2 + 6" stay different. Two prompts that differ only in case, spacing or
+  punctuation land on the same side of every split."""
+  return " ".join(re.sub(r"[^0-9a-z+\-*/=<>%^]+", " ", text.lower()).split())
+
+
+def is_eval_normalised(text: str, eval_pct: int) -> bool:
+  return is_eval(normalised(text), eval_pct)

@@ -11,7 +11,7 @@ import functools
 import json
 
 from bar_jax.errors import BarError
-from bar_jax.data.sources import data_file, is_eval
+from bar_jax.data.sources import data_file, is_eval, normalised
 
 LICENSE = "BFCL (bfcl-eval): Apache-2.0"
 CATEGORIES = ("simple_python", "multiple", "live_simple", "live_multiple")
@@ -28,6 +28,18 @@ def _unsatisfiable(allowed_args: dict) -> bool:
   """An argument with an empty list of accepted values: no call can match it (a few live_* items)."""
   return any(isinstance(a, list) and (not a or any(isinstance(v, dict) and _unsatisfiable(v) for v in a))
              for a in allowed_args.values())
+
+
+def _misses_required(ground_truth: dict, functions: list[dict]) -> bool:
+  """The schema and the ground truth disagree so that BFCL's checker rejects every call: the schema requires an
+  argument the ground truth does not list, or the ground truth requires one the schema does not know."""
+  (name, args), = ground_truth.items()
+  schema = next((f for f in functions if f.get("name") == name), None)
+  if schema is None:
+    return True
+  params = schema.get("parameters", {})
+  return (any(p not in args for p in params.get("required", []))
+          or any(a not in params.get("properties", {}) and "" not in accepted for a, accepted in args.items()))
 
 
 def items() -> tuple[dict, ...]:
@@ -52,7 +64,7 @@ def load() -> tuple[tuple[dict, ...], dict[str, int]]:
       if len(turns) != 1 or len(gt) != 1:
         skipped["multi_turn_or_parallel"] += 1  # outside this domain's single-call format
         continue
-      if _unsatisfiable(next(iter(gt[0].values()))):
+      if _unsatisfiable(next(iter(gt[0].values()))) or _misses_required(gt[0], q["function"]):
         skipped["unsatisfiable_ground_truth"] += 1
         continue
       user = "\n".join(m["content"] for m in turns[0] if m["role"] == "user")
@@ -62,11 +74,25 @@ def load() -> tuple[tuple[dict, ...], dict[str, int]]:
 
 
 def split_key(item: dict) -> str:
-  return item["question"] + "\n" + json.dumps(sorted(f["name"] for f in item["functions"]))
+  """The normalised question alone: BFCL repeats a question (with the same accepted call) across categories, so
+  a key that also named the functions put twins on both sides of the split."""
+  return normalised(item["question"])
 
 
 def split(which: str, eval_pct: int) -> list[dict]:
-  return [it for it in items() if is_eval(split_key(it), eval_pct) == (which == "eval")]
+  """One side of the split. The eval side keeps one item per normalised question (the first, in CATEGORIES order),
+  so a question is scored once; the train side keeps every category's copy (they are the same side)."""
+  out, seen = [], set()
+  for it in items():
+    key = split_key(it)
+    if is_eval(key, eval_pct) != (which == "eval"):
+      continue
+    if which == "eval":
+      if key in seen:
+        continue
+      seen.add(key)
+    out.append(it)
+  return out
 
 
 def _value(v):
@@ -80,14 +106,17 @@ def _value(v):
   return v
 
 
-def canonical_call(ground_truth: dict) -> str:
-  """The shortest accepted call, e.g. "[area(base=10, height=5)]": optional arguments left out."""
+def canonical_call(ground_truth: dict, functions: list[dict] | None = None) -> str:
+  """The shortest accepted call, e.g. "[area(base=10, height=5)]": optional arguments left out, except those the
+  schema (functions) lists as required, which BFCL's checker demands whatever the possible answers say."""
   (name, args), = ground_truth.items()
+  schema = next((f for f in functions or [] if f.get("name") == name), {})
+  required = set(schema.get("parameters", {}).get("required", []))
   parts = []
   for arg, allowed in args.items():
-    if "" in allowed:
+    if "" in allowed and arg not in required:
       continue  # BFCL: may be omitted
-    parts.append(f"{arg}={_value(allowed[0])!r}")
+    parts.append(f"{arg}={_value(next((a for a in allowed if a != ''), ''))!r}")
   return f"[{name}({', '.join(parts)})]"
 
 

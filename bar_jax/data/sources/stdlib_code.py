@@ -11,7 +11,7 @@ import functools
 import os
 import sysconfig
 
-from bar_jax.data.sources import ScanReport, is_eval, read_text_files
+from bar_jax.data.sources import ScanReport, is_eval, normalised, read_text_files
 
 LICENSE = "Python standard library source: PSF License Agreement"
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3", "ensurepip"}
@@ -81,7 +81,9 @@ def functions(which: str, eval_pct: int, max_files: int = 0) -> tuple[dict, ...]
   """Functions of one split's files. Held-out ones whose source also occurs in a training file (the stdlib has a
   few copied functions) are left out, so no held-out body is ever trained on."""
   found = [f for path, src in split_files(which, eval_pct, max_files) for f in functions_in(path, src)]
-  if which == "eval":
+  if which == "eval":  # also no held-out function equal to a training one after normalisation (spacing, comments' case)
     train_text = "\n".join(t for _, t in split_files("train", eval_pct, max_files))
-    found = [f for f in found if f["source"] not in train_text]
+    train_functions = {normalised(f["header"] + "\n" + f["body"]) for f in functions("train", eval_pct, max_files)}
+    found = [f for f in found if f["source"] not in train_text
+             and normalised(f["header"] + "\n" + f["body"]) not in train_functions]
   return tuple(found)
