@@ -17,15 +17,16 @@ from bar_jax.evals import menu, runner, verifiers
 from bar_jax.io import artifact
 
 # ------------------------------------------------------------------------------------------------------------------
-# Built-ins: the same train and eval examples as the code before capabilities were specs (main at 2868168), as
-# sha256 of the JSON of (train: text + chat) and (eval: text + chat + eval items). When a deliberate change to a
-# source lands (a new split, another size), re-pin that domain's line and say why in the commit.
+# Built-ins: the same train and eval examples as the domain registry before capabilities were specs, as sha256 of the
+# JSON of (train: text + chat) and (eval: text + chat + eval items). Pinned first from main at 2868168; the domains
+# the evaluation work re-split were re-pinned from main's registry (the same hashes, computed there). When a
+# deliberate change to a source lands (a new split, another size), re-pin that domain's line and say why.
 
 PINNED = {
-    "math": ("f0d115fd69482220", "c08012dec511d03a"),
-    "code": ("f696c84957efa6c5", "f4ef05af2cbd2744"),
-    "tool_use": ("e498b3e9b593bbf4", "0e6a7badca63ea59"),
-    "safety": ("0b4cc4abf5b37d4c", "ca217999acb4dab5"),
+    "math": ("0aced0f4fb78a54e", "efbc7e6041f4497c"),      # evals' leak-free splits (main after 2868168)
+    "code": ("f696c84957efa6c5", "bc720bcf87b44b75"),      # evals' leak-free splits
+    "tool_use": ("08758bee50ad5d5d", "80579c6442962f5e"),  # evals' BFCL leak-free split, calls with functions
+    "safety": ("c0f9de2bc0541727", "d9d25eaba42cc56c"),    # evals' safety / benign sets
     "general": ("f344c808933778d7", "d7fefad66506e990"),
 }
 
