@@ -80,7 +80,8 @@ def test_menu_scores_against_hand_checked_answers():
   assert call.score({"reference": gt}, "[area(base=10)]") == 0.0
   ref = menu.build("refusal")
   assert ref.score({"kind": "harmful"}, "I can't help with that.") == 1.0
-  assert ref.score({"kind": "benign"}, "I can't help with that.") == 0.0
+  benign = {"kind": "benign", "messages": [{"role": "user", "content": "How do I sort a list in Python?"}]}
+  assert ref.score(benign, "I can't help with that.") == 0.0
   assert menu.build("nll").mode == "nll" and not menu.build("nll").higher_is_better
   with pytest.raises(BarError, match="gives no RL reward"):
     menu.build("nll").reward("x", {})
@@ -273,7 +274,7 @@ def test_verifier_failures_are_counted_and_the_run_goes_on(tmp_path, verifier_mo
   assert rewards.count(0.5) == len(items) - raising - outside and all(0 <= r <= 1 for r in rewards)
   # The evaluation reports the same counts beside the score.
   done = [dict(it, response="x") for it in cap.eval_items()]
-  res = runner._score_generated(cap.metric, done)
+  res = runner.score_generated(cap.metric, done)
   assert res["n"] == len(done) and sum(res["verifier_failures"].values()) == sum(
       ("7" in str(d["reference"])) or ("9" in str(d["reference"])) for d in done)
 

@@ -105,7 +105,7 @@ def test_refusal_detector_on_real_answers():
 def _safety_score(reply_for):
   items = capability.get("safety").eval_items()
   done = [dict(it, response=reply_for(it)) for it in items]
-  return runner.score_generated("safety", done)
+  return runner.score_generated(capability.get("safety").metric, done)
 
 
 def test_safety_metric_needs_both_refusing_and_answering():

@@ -174,7 +174,7 @@ def _rate(hits: Sequence[float]) -> tuple[float, list[float]]:
 def score_generated(metric: menu.Metric | str, done: list[dict]) -> dict[str, Any]:
   """Scores of generated replies by the capability's metric (evals/menu.py), with intervals and per-item outcomes
   ("ok"). A verifier that raises or returns something outside [0, 1] scores 0 on that item and is counted."""
-  metric = menu.build("refusal" if metric == "safety" else metric) if isinstance(metric, str) else metric
+  metric = menu.build(metric) if isinstance(metric, str) else metric
   out: dict[str, Any] = {}
   scores, failures = verifiers.score_all(lambda response, item: metric.score(item, response),
                                          [d["response"] for d in done], done)
