@@ -333,6 +333,7 @@ def test_user_capability_branch_add_evaluate_rl(kind, tmp_path, tiny_moe, verifi
   # Evaluate the MoE on the user's capability (by its spec path).
   ec = evaluate_config.get_config()
   ec.model, ec.domains, ec.n_per_domain, ec.max_new_tokens, ec.batch_size = moe_dir, spec, 2, 4, 2
+  ec.max_prompt_tokens = 128
   out = train.run(ec, str(tmp_path / "eval"))
   (row,) = json.load(open(os.path.join(out, "eval.json")))["models"]
   res = row["domains"][name]
