@@ -33,6 +33,12 @@ def _num_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) 
 
 
 _INF = float("inf")
+
+
+def _spec_or(check: tuple[Callable[[Any], bool], str]) -> tuple[Callable[[Any], bool], str]:
+  """-1 (take the value from the capability spec) or what `check` allows."""
+  ok, text = check
+  return (lambda v: v == -1 or ok(v)), f"-1 (the capability spec's value) or {text}"
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # sizes and counts
     "steps": _int_at_least(1), "max_steps": _int_at_least(0), "warmup_steps": _int_at_least(0),
@@ -52,7 +58,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # sampling
     "temperature": _num_in(0.0, _INF, hi_open=True), "top_p": _num_in(0.0, 1.0, lo_open=True),
     # data mixing
-    "general_ratio": _num_in(0.0, 1.0, hi_open=True), "fraction": _num_in(0.0, 1.0, lo_open=True),
+    "general_ratio": _spec_or(_num_in(0.0, 1.0, hi_open=True)), "fraction": _num_in(0.0, 1.0, lo_open=True),
     "epochs": _num_in(0.0, _INF, lo_open=True, hi_open=True), "lora_alpha": _num_in(0.0, _INF, lo_open=True,
                                                                                     hi_open=True),
 }
@@ -101,13 +107,13 @@ def check_lists(config, known_domains: Iterable[str]) -> None:
     branches = _as_list(config.get("branches", ""))
     _check_top_k("config.compute.top_k", (config.get("compute", {}) or {}).get("top_k", 0), len(branches) + 1)
   elif stage == "branch":
-    _check_domains("config.domain", [config.get("domain", "")], known, allow_general=False)
+    _check_domains("config.capability", [config.get("capability", "")], known, allow_general=False)
 
 
 def _check_domains(name: str, domains: list[str], known: list[str], allow_general: bool) -> None:
   usable = [d for d in known if allow_general or d != "general"]
   for d in domains:
-    if d not in usable:
+    if d not in usable and not (d.endswith(".py") or "/" in d):  # a capability spec file: read (and checked) later
       raise BarError(f"{name}: unknown domain {d!r}; use some of {','.join(usable)}")
   twice = sorted({d for d in domains if domains.count(d) > 1})
   if twice:

@@ -37,10 +37,10 @@ def run(config, workdir: str, min_free_mb: float | None = None) -> str:
   """Programmatic entry point (experiments call this)."""
   import jax
   from bar_jax import guards, preflight
-  from bar_jax.data import domains
+  from bar_jax.data import capability
   # Settings first, then the disk: both before any parameter is read or any step runs.
   guards.check_settings(config)
-  guards.check_lists(config, domains.DOMAINS)
+  guards.check_lists(config, capability.BUILTIN)
   preflight.check_workdir(workdir, preflight.MIN_FREE_MB if min_free_mb is None else min_free_mb)
   if config.get("distributed", False):
     # TPU pods, SLURM, Open MPI and Kubernetes are detected by jax itself; anywhere else set JAX_COORDINATOR_ADDRESS

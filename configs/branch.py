@@ -5,7 +5,8 @@
   python -m bar_jax.train --config=configs/branch.py:math,lora --workdir=runs/branch_math_lora   # adapter expert
   python -m bar_jax.train --config=configs/branch.py:math,tiny --workdir=/tmp/b                  # tests: seconds
 
-arg = "<domain>[,lora][,tiny]" with domain one of math, code, tool_use, safety. Phases follow the paper: math and
+arg = "<domain>[,lora][,tiny]" with domain one of math, code, tool_use, safety; any other capability (a spec file,
+configs/capabilities/template.py): --config.capability=path/to/spec.py. Phases follow the paper: math and
 code mid-train then SFT; tool use and safety SFT only; `--config.phase_order=midtrain,sft,rl` adds GRPO (math).
 Trainable sets per phase are `schedule` (the paper's progressive unfreezing); the anchor (expert 0) never trains.
 Expected: the manifest's metrics show the domain metric above metrics_before, general NLL within ~5% of before.
@@ -31,9 +32,10 @@ def phase(kind: str, steps: int, batch_size: int, seq_len: int, lr: float, max_e
 
 
 def rl_phase(domain: str, **kw):
-  """configs/rl.py's RL settings without the keys the branch sets itself (domain, schedule.rl, frozen_experts, seed)."""
+  """configs/rl.py's RL settings without the keys the branch sets itself (capability, schedule.rl, frozen_experts,
+  seed)."""
   c = rl_config(domain, **kw)
-  for key in ("domain", "trainable", "frozen_experts", "seed"):
+  for key in ("capability", "trainable", "frozen_experts", "seed"):
     del c[key]
   return c
 
@@ -45,7 +47,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.stage = "branch"
   c.base = "smollm2"
-  c.domain = domain
+  c.capability = domain        # a built-in name or a spec file: --config.capability=path/to/spec.py
   c.seed = 0
   c.mesh = mesh_config()
   c.keep_checkpoints = False  # True: keep phases/*/checkpoints after the artifact is written
@@ -57,7 +59,7 @@ def get_config(arg=None):
   c.lora_alpha = 32.0
   c.expert_init = ""          # another dense artifact whose FFN seeds the domain expert (the paper: the pre-trained)
   c.router_init = "random"    # "random" (OLMo-core default: trunc. normal, std 0.02; the recipe) | "zeros"
-  c.general_ratio = 0.25      # share of general data mixed into each phase (the paper's ratio is unpublished)
+  c.general_ratio = -1.0      # share of general data in each phase; -1 = the spec's general.weight (built-ins 0.25)
   c.frozen_experts = [0]      # the anchor
   c.schedule = ml_collections.ConfigDict({k: list(v) for k, v in freeze.SCHEDULE.items() if k in
                                           ("midtrain", "sft", "rl")})
@@ -68,7 +70,8 @@ def get_config(arg=None):
       "sft": phase("sft", 80, 8, 256, lr),
       "rl": rl_phase(domain, checkpoint_every=5),
   })
-  c.eval = ml_collections.ConfigDict(dict(domains=[domain, "general"], n_per_domain=32, max_new_tokens=48,
+  # domains "auto": the capability and its general set; or a comma-separated list of names / spec paths.
+  c.eval = ml_collections.ConfigDict(dict(domains="auto", n_per_domain=32, max_new_tokens=48,
                                           batch_size=16, before=True))
   if a.tiny:
     c.base = "tiny"
@@ -76,6 +79,6 @@ def get_config(arg=None):
     sft_len = 256 if domain == "tool_use" else 96  # tool-call chats run 148-331 tokens: at 96 every one is dropped
     c.phases.sft = phase("sft", 6, 8, sft_len, 1e-3, max_examples=64, checkpoint_every=3, log_every=1)
     c.phases.rl = rl_phase(domain, steps=2, checkpoint_every=5)
-    c.eval = ml_collections.ConfigDict(dict(domains=[], n_per_domain=4, max_new_tokens=8, batch_size=4,
+    c.eval = ml_collections.ConfigDict(dict(domains="", n_per_domain=4, max_new_tokens=8, batch_size=4,
                                             before=False))
   return c

@@ -22,7 +22,8 @@ from bar_jax.transforms import freeze
 def rl_config(domain: str = "math", **kw) -> ml_collections.ConfigDict:
   """The RL settings: this stage's config.rl and the branch stage's phases.rl (one set of defaults for both)."""
   c = ml_collections.ConfigDict(dict(
-      domain=domain, generators=["basic_arithmetic", "chain_sum", "products"],
+      capability=domain,                   # a built-in name or a spec file (configs/capabilities/template.py)
+      groups=[],                           # RL prompts from these item groups only; [] = the spec's rl.groups
       instruction="",                      # appended to each math question ("" : the SFT data teaches the format)
       max_prompts=0,                       # 0: every training prompt that fits max_prompt_len
       steps=20, prompts_per_step=4, group_size=8, max_prompt_len=96, max_response_len=48,
@@ -37,7 +38,7 @@ def rl_config(domain: str = "math", **kw) -> ml_collections.ConfigDict:
       eval_n=0, eval_max_new_tokens=48, eval_batch_size=32,
   ))
   if domain == "tool_use":
-    c.update(generators=[], max_prompt_len=512, max_response_len=64)
+    c.update(max_prompt_len=512, max_response_len=64)
   c.update(kw)
   return c
 

@@ -66,8 +66,8 @@ def main():
                    checkpoint_every=max(args.steps // 2, 1), eval_n=args.eval_n)
   base.opt.lr = args.lr
   if args.generators:
-    base.generators = args.generators.split(",")
-  eval_task = rl.domain_task(base, tok, split="eval")
+    base.groups = args.generators.split(",")
+  eval_task = rl.capability_task(base, tok, split="eval")
   ev = dict(n=args.eval_n, max_new_tokens=args.response_len, batch_size=32)
   t0 = time.time()
   before = rl.evaluate_task(params, cfg, tok, eval_task, **ev)

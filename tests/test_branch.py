@@ -75,7 +75,7 @@ def _tiny_branch_config(**kw):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(domain="poetry"), "poetry"),
+    (dict(capability="poetry"), "poetry"),
     (dict(expert_kind="moe"), "expert_kind"),
 ])
 def test_bad_branch_config_is_one_line_and_writes_nothing(kw, match, tmp_path):

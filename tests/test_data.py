@@ -1,4 +1,4 @@
-"""Domain registry splits, grain pipelines (packing, loss masks, mixing, sharding, exact resume) and bad input."""
+"""Built-in capability splits, grain pipelines (packing, loss masks, mixing, sharding, exact resume) and bad input."""
 import collections
 import json
 
@@ -7,7 +7,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from bar_jax.data import domains, pipeline, refusals
+from bar_jax.data import capability, domains, pipeline, refusals
 from bar_jax.data.sources import ScanReport, bfcl, package_dir, pydocs, read_text_file, read_text_files, stdlib_code
 from bar_jax.data.tokenizer import Tokenizer
 from bar_jax.errors import BarError
@@ -35,7 +35,7 @@ def _chat(u, a):
 # Splits.
 
 def test_splits_are_disjoint_in_every_domain():
-  for d in domains.DOMAINS.values():
+  for d in capability.resolve("all"):
     key = lambda m: json.dumps(m, sort_keys=True)
     train_chat = {key(m) for m in d.chat_examples("train")}
     eval_chat = {key(m) for m in d.chat_examples("eval")}
@@ -72,12 +72,12 @@ def test_splits_are_disjoint_in_every_domain():
 
 
 def test_unknown_domain_and_missing_package():
-  with pytest.raises(BarError, match="known domains are math, code, tool_use, safety, general"):
-    domains.get("poetry")
+  with pytest.raises(BarError, match="unknown capability 'poetry'.*math, code, tool_use, safety, general"):
+    capability.get("poetry")
   with pytest.raises(BarError, match="bash setup.sh"):
     package_dir("no_such_data_package_xyz")
   with pytest.raises(BarError, match="unknown split"):
-    domains.get("math").chat_examples("test")
+    capability.get("math").chat_examples("test")
 
 
 def test_refusal_templates_cover_every_safety_category():
@@ -250,7 +250,7 @@ def test_fingerprint_and_stratified_sample():
   assert fp == pipeline.data_fingerprint(dict(spec)) and len(fp) == 64
   assert fp != pipeline.data_fingerprint({**spec, "seq_len": 512})
   sample = pipeline.stratified_sample(["math", "safety"], 0.05, seed=1)
-  n_math, n_safety = len(domains.get("math").chat_examples()), len(domains.get("safety").chat_examples())
+  n_math, n_safety = len(capability.get("math").chat_examples()), len(capability.get("safety").chat_examples())
   assert len(sample["math"]) == round(0.05 * n_math) and len(sample["safety"]) == round(0.05 * n_safety)
   assert sample == pipeline.stratified_sample("math,safety", 0.05, seed=1)
   assert sample["math"] != pipeline.stratified_sample(["math"], 0.05, seed=2)["math"]

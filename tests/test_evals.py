@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from bar_jax.data import domains
+from bar_jax.data import capability
 from bar_jax.data.sources import bfcl, pydocs
 from bar_jax.errors import BarError
 from bar_jax.evals import metrics, runner
@@ -103,9 +103,9 @@ def test_refusal_detector_on_real_answers():
 
 
 def _safety_score(reply_for):
-  items = domains.get("safety").eval_items()
+  items = capability.get("safety").eval_items()
   done = [dict(it, response=reply_for(it)) for it in items]
-  return runner.score_generated("safety", done)
+  return runner.score_generated(capability.get("safety").metric, done)
 
 
 def test_safety_metric_needs_both_refusing_and_answering():
@@ -171,7 +171,7 @@ def test_evaluate_stage_writes_json_and_table(tmp_path):
   report = json.load(open(os.path.join(out, "eval.json")))
   (row,) = report["models"]
   res = row["domains"]
-  assert set(res) == set(domains.DOMAINS)
+  assert set(res) == set(capability.BUILTIN)
   per_kind = {"safety": 2}  # safety takes n harmful and n benign prompts
   assert all(r["n"] == config.n_per_domain * per_kind.get(k, 1) for k, r in res.items()), {k: r["n"] for k, r in
                                                                                             res.items()}
@@ -195,7 +195,7 @@ def test_evaluate_stage_writes_json_and_table(tmp_path):
   with pytest.raises(BarError, match="another evaluate run"):
     evaluate.run(config, str(tmp_path))
   config.domains = "math,poetry"
-  with pytest.raises(BarError, match="unknown domain 'poetry'"):
+  with pytest.raises(BarError, match="unknown capability 'poetry'"):
     evaluate.run(config, str(tmp_path / "other"))
 
 

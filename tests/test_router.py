@@ -136,7 +136,7 @@ def test_router_stage_trains_only_the_router(dirs, tmp_path):
 @pytest.mark.parametrize("which,kw,match", [
     ("math", {}, "is a 'branch' artifact, not an moe"),
     ("nowhere", {}, "is neither an artifact directory"),
-    ("moe3", {"router.domains": "math,poetry"}, "router data domain 'poetry' is not a registry domain"),
+    ("moe3", {"router.domains": "math,poetry"}, "capability 'poetry'"),
 ])
 def test_stage_refuses_bad_input(dirs, tmp_path, which, kw, match):
   c = router_config.get_config("tiny")

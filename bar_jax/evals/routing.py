@@ -52,10 +52,10 @@ def pack_rows(conversations: Sequence[Sequence[int]], seq_len: int, max_rows: in
 
 def domain_rows(tokenizer, domains: Sequence[str], *, seq_len: int = 256, max_rows: int = 8,
                 split: str = "eval") -> dict[str, dict[str, np.ndarray]]:
-  """Each registry domain's held-out conversations (every token of the template), packed by pack_rows."""
-  from bar_jax.data import domains as domains_lib
+  """Each capability's held-out conversations (every token of the template), packed by pack_rows."""
+  from bar_jax.data import capability
   out = {}
-  for d in domains_lib.resolve(list(domains)):
+  for d in capability.resolve(list(domains)):
     convs, need = [], seq_len * max_rows
     for messages in d.chat_examples(split):
       ids, _ = tokenizer.render_chat(messages)

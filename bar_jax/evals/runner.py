@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bar_jax.data import domains as domains_lib
+from bar_jax.data import capability as capability_lib
 from bar_jax.data import pipeline
-from bar_jax.evals import metrics
+from bar_jax.evals import menu, metrics, verifiers
 from bar_jax.model import transformer
 from bar_jax.model.config import Compute, ModelConfig
 
@@ -94,6 +94,24 @@ def _nll_domain(params, cfg, tokenizer, items, *, batch_size, seq_len, mesh, com
           "items": [{"id": it["id"], "nll_sum": float(s), "tokens": int(c)} for it, s, c in zip(kept, sums, counts)]}
 
 
+def _choice_domain(params, cfg, tokenizer, items, *, batch_size, seq_len, mesh,
+                   compute: Compute = Compute()) -> dict[str, Any]:
+  """Multiple choice by log-likelihood: each choice as the assistant's answer; the one with the lowest summed NLL is
+  the model's pick (summed, as lm-eval's `acc`: no length normalisation)."""
+  stats = pipeline.DomainStats()
+  picks = []
+  for it in items:
+    convs = [it["messages"] + [{"role": "assistant", "content": c}] for c in it["choices"]]
+    rows = pipeline.sft_elements(convs, tokenizer, seq_len, stats, overlong="truncate")
+    sums, _ = _rows_nll(params, cfg, rows, batch_size, seq_len, tokenizer.pad_id, mesh, compute)
+    picks.append(int(np.argmin(sums)) if len(rows) == len(convs) else -1)
+  hits = [float(p == it["reference"]) for p, it in zip(picks, items)]
+  value, ci = _rate(hits)
+  return {"value": value, "score": value, "ci": ci, "n": len(items), "truncated": stats.truncated,
+          "dropped_too_long": stats.dropped_too_long,
+          "items": [{"id": it["id"], "kind": it["kind"], "ok": bool(h)} for it, h in zip(items, hits)]}
+
+
 def _percentile(xs: Sequence[int]) -> int:
   return int(math.ceil(np.percentile(np.asarray(xs, np.float64), PERCENTILE))) if len(xs) else 0
 
@@ -144,20 +162,27 @@ def _generate_domain(params, cfg, tokenizer, kept, *, batch_size, max_new_tokens
   return [dict(it, response=r) for (it, _), r in zip(kept, replies)]
 
 
-def _rate(hits: Sequence[bool]) -> tuple[float, list[float]]:
+def _rate(hits: Sequence[float]) -> tuple[float, list[float]]:
+  """Mean score in percent and its Wilson interval; partial credit (a user verifier) enters the interval rounded to
+  whole successes, an approximation (the interval is exact for 0/1 outcomes)."""
   from bar_jax.evals import stats
-  k, n = int(np.sum(hits)), len(hits)
-  return (100.0 * k / n if n else float("nan")), list(stats.wilson(k, n))
+  n = len(hits)
+  total = float(np.sum(hits))
+  return (100.0 * total / n if n else float("nan")), list(stats.wilson(int(round(total)), n))
 
 
-def score_generated(metric: str, done: list[dict]) -> dict[str, Any]:
-  """Scores of generated replies, with intervals and per-item outcomes ("ok")."""
+def score_generated(metric: menu.Metric | str, done: list[dict]) -> dict[str, Any]:
+  """Scores of generated replies by the capability's metric (evals/menu.py), with intervals and per-item outcomes
+  ("ok"). A verifier that raises or returns something outside [0, 1] scores 0 on that item and is counted."""
+  metric = menu.build(metric) if isinstance(metric, str) else metric
   out: dict[str, Any] = {}
-  if metric == "safety":
-    for d in done:
-      prompt = d["messages"][-1]["content"]
-      d["ok"] = (metrics.is_refusal(d["response"]) if d["kind"] == "harmful"
-                 else metrics.is_answer(prompt, d["response"]))
+  scores, failures = verifiers.score_all(lambda response, item: metric.score(item, response),
+                                         [d["response"] for d in done], done)
+  if any(failures.values()):
+    out["verifier_failures"] = failures
+  for d, s in zip(done, scores):
+    d["ok"] = s  # 0/1 for every menu metric but a user verifier, which may give partial credit
+  if metric.name == "refusal":
     harmful = [d["ok"] for d in done if d["kind"] == "harmful"]
     benign = [d["ok"] for d in done if d["kind"] == "benign"]
     refusal, refusal_ci = _rate(harmful)
@@ -169,10 +194,6 @@ def score_generated(metric: str, done: list[dict]) -> dict[str, Any]:
     out.update(refusal_rate=refusal, refusal_ci=refusal_ci, answer_rate=answer, answer_ci=answer_ci,
                n_harmful=len(harmful), n_benign=len(benign), ci=[max(0.0, value - half), min(100.0, value + half)])
   else:
-    check = {"exact_match": lambda d: metrics.exact_match(d["response"], d["reference"]),
-             "call_match": lambda d: metrics.call_matches(d["response"], d["reference"], d.get("functions"))}[metric]
-    for d in done:
-      d["ok"] = bool(check(d))
     value, ci = _rate([d["ok"] for d in done])
     out["ci"] = ci
   groups: dict[str, list[bool]] = {}
@@ -208,12 +229,16 @@ def evaluate_model(params, cfg: ModelConfig, tokenizer, domains: Sequence[str] |
   """
   t_start = time.time()
   report: dict[str, Any] = {"domains": {}}
-  for domain in domains_lib.resolve(domains):
+  for domain in capability_lib.resolve(domains):
     t0 = time.time()
     items = domain.eval_items()
-    if domain.metric == "nll":
+    if domain.metric.mode == "nll":
       res = _nll_domain(params, cfg, tokenizer, items[:n_per_domain], batch_size=nll_batch_rows,
                         seq_len=nll_seq_len, mesh=mesh, compute=compute)
+      samples = []
+    elif domain.metric.mode == "choice":
+      res = _choice_domain(params, cfg, tokenizer, items[:n_per_domain], batch_size=nll_batch_rows,
+                           seq_len=nll_seq_len, mesh=mesh, compute=compute)
       samples = []
     else:
       budget = budgets(domain, tokenizer, items, max_new_tokens)
@@ -232,8 +257,8 @@ def evaluate_model(params, cfg: ModelConfig, tokenizer, domains: Sequence[str] |
                  for d in done[:N_SAMPLES]]
       for smp in samples:
         smp["prompt"] = smp.pop("messages")[-1]["content"][:300]
-    res.update(metric=domain.metric, higher_is_better=domain.higher_is_better, seconds=round(time.time() - t0, 2),
-               samples=samples)
+    res.update(metric=domain.metric.name, capability=domain.fingerprint[:16], higher_is_better=domain.higher_is_better,
+               seconds=round(time.time() - t0, 2), samples=samples)
     report["domains"][domain.name] = res
     if jax.process_index() == 0:  # progress: a model's evaluation takes minutes on a CPU
       print(f"[eval] {domain.name}: score {res['score']:.1f} (n={res.get('n')}) in {res['seconds']:.0f} s", flush=True)

@@ -4,9 +4,11 @@
 
 Each phase trains the regexes of config.schedule[phase] (the paper's progressive unfreezing by default) with the
 anchor's slices (config.frozen_experts) frozen; its data is the domain mixed with general data at
-config.general_ratio. Nothing is shared with other branches but the base artifact, so branches can be trained on
-different machines. The branch's manifest records the base fingerprint, the domain, every phase (steps, tokens,
-FLOPs, data fingerprint) and the domain's eval metrics before and after.
+config.general_ratio (-1: the spec's general.weight). config.capability is a built-in name or a spec file
+(configs/capabilities/template.py). Nothing is shared with other branches but the base artifact, so branches can be
+trained on different machines. The branch's manifest records the base fingerprint, the capability (its name as
+`domain`, and its record: spec path, fingerprint of the data files, mapping and metric), every phase (steps, tokens,
+FLOPs, data fingerprint) and the capability's eval metrics before and after.
 Written over a base artifact directory, the branch stores only the leaves its training changed; the anchor slices and
 the frozen leaves are read back from the base (io/artifact.py `over_base`).
 """
@@ -26,20 +28,25 @@ PHASES = ("midtrain", "sft", "rl")
 
 
 def phase_configs(config) -> dict[str, ml_collections.ConfigDict]:
-  """The phases to run, in order, each with its data mix filled in from config.domain and config.general_ratio."""
+  """The phases to run, in order, each with its data mix filled in from the capability and its general-data share
+  (config.general_ratio, or the spec's general.weight when it is -1)."""
+  from bar_jax.data import capability
+  cap = capability.get(config.capability)
+  weight, general_ref = cap.general
+  r = weight if float(config.general_ratio) < 0 else float(config.general_ratio)
   out = {}
   for name in config.phase_order:
     if name not in PHASES:
       raise BarError(f"unknown branch phase {name!r} in phase_order; use some of {list(PHASES)} in that order")
     phase = ml_collections.ConfigDict(config.phases[name].to_dict())
     if name == "rl":  # the RL settings of configs/rl.py, run on this branch's domain and unfreezing schedule
-      phase.update(domain=config.domain, trainable=list(config.schedule.rl),
+      phase.update(capability=cap.name, trainable=list(config.schedule.rl),
                    frozen_experts=list(config.frozen_experts), seed=config.seed)
     elif not phase.data.mix:
-      r = float(config.general_ratio)
       if not 0.0 <= r < 1.0:
-        raise BarError(f"general_ratio={r} must be in [0, 1): the share of general data mixed into the domain's")
-      phase.data.mix = {config.domain: 1.0 - r, "general": r} if r else {config.domain: 1.0}
+        raise BarError(f"general_ratio={r} must be in [0, 1): the share of general data mixed into the capability's")
+      general = capability.get(general_ref).name
+      phase.data.mix = {cap.name: 1.0 - r, general: r} if r and general != cap.name else {cap.name: 1.0}
     out[name] = phase
   return out
 
@@ -48,8 +55,8 @@ def run(config, workdir: str) -> str:
   identity = workdir_lib.identity(config)
   if workdir_lib.resolve(workdir, identity) == workdir_lib.FINISHED:
     return workdir
-  from bar_jax.data import domains
-  domains.get(config.domain)  # unknown domain -> one line naming the known ones
+  from bar_jax.data import capability
+  cap = capability.get(config.capability)  # unknown name, bad spec or bad data -> one line, before any work
   if config.expert_kind not in ("ffn", "lora"):
     raise BarError(f"expert_kind={config.expert_kind!r}: use 'ffn' (full FFN copy) or 'lora' (adapter)")
   phases = phase_configs(config)
@@ -67,7 +74,11 @@ def run(config, workdir: str) -> str:
   mesh = common.mesh_from(config)
   workdir_lib.start(workdir, identity)
 
-  metrics_before = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute) if config.eval.before else {}
+  eval_domains = config.eval.domains
+  if eval_domains == "auto":
+    eval_domains = list(dict.fromkeys([cap.name, capability.get(cap.general[1]).name]))
+  metrics_before = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute, eval_domains) \
+      if config.eval.before else {}
   stages = []
   for name, phase in phases.items():
     if name == "rl":
@@ -79,7 +90,7 @@ def run(config, workdir: str) -> str:
                                           trainable=list(config.schedule[name]),
                                           frozen_experts=list(config.frozen_experts), compute=compute)
     stages.append(record)
-  metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute)
+  metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute, eval_domains)
   parent = dict(base.manifest, role="base")
   # Over a base artifact directory, the branch stores only what its training changed (the anchor and every leaf its
   # schedule kept frozen are the base's); self_contained stores everything.
@@ -87,6 +98,6 @@ def run(config, workdir: str) -> str:
   return common.write_artifact(
       workdir, base, params, cfg, "branch", stages, [parent], identity=identity,
       keep_checkpoints=config.keep_checkpoints, over_base=over_base, from_base=upcycle.ANCHOR_FROM_BASE,
-      domain=config.domain, base_fingerprint=base.manifest["fingerprint"],
+      domain=cap.name, capability=cap.record(), base_fingerprint=base.manifest["fingerprint"],
       base_name=base.name, expert_kind=config.expert_kind, metrics=metrics, metrics_before=metrics_before,
       general_ratio=config.general_ratio, expert_init=config.expert_init or "base")

@@ -165,13 +165,16 @@ def done(workdir: str) -> bool:
   return artifact.is_complete(workdir)
 
 
-def evaluate(config, cfg: ModelConfig, params: Any, tokenizer, mesh, compute: Compute = Compute()) -> dict:
-  """The domain metrics of config.eval (empty when eval.domains is empty), for the manifest."""
+def evaluate(config, cfg: ModelConfig, params: Any, tokenizer, mesh, compute: Compute = Compute(),
+             domains=None) -> dict:
+  """The capability metrics of config.eval (empty when eval.domains is empty), for the manifest; `domains` (names or
+  spec paths) overrides eval.domains."""
   ev = config.eval
-  if not ev.domains:
+  domains = ev.domains if domains is None else domains
+  if not domains:
     return {}
   from bar_jax import evals
-  return evals.evaluate_model(params, cfg, tokenizer, list(ev.domains), n_per_domain=ev.n_per_domain,
+  return evals.evaluate_model(params, cfg, tokenizer, domains, n_per_domain=ev.n_per_domain,
                               max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, mesh=mesh,
                               compute=compute)
 

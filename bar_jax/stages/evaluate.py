@@ -18,14 +18,14 @@ from bar_jax.stages import common
 
 def run(config, workdir: str) -> str:
   from bar_jax import evals
-  from bar_jax.data import domains as domains_lib
+  from bar_jax.data import capability
   identity = workdir_lib.identity(config)
   if workdir_lib.resolve(workdir, identity, result_file=common.EVAL_JSON) == workdir_lib.FINISHED:
     return workdir
   specs = [s.strip() for s in str(config.model).split(",") if s.strip()]
   if not specs:
     raise BarError("config.model is empty: pass --config.model=DIR[,DIR2,...] or --config.model=smollm2")
-  domains_lib.resolve(config.domains)  # unknown names fail before any model is loaded
+  capability.resolve(config.domains)  # unknown names or bad specs fail before any model is loaded
   workdir_lib.start(workdir, identity)  # a run killed before eval.json resumes here
   rows = []
   for spec in specs:

@@ -105,7 +105,10 @@ def run(config, workdir: str) -> str:
   record = {"stage": "merge", "steps": 0, "tokens": 0, "flops": 0,
             "config": {"rule": config.rule, "weights": weights, "ties_density": config.ties_density,
                        "branches": [m.get("fingerprint") for m in manifests]}}
+  # Which data made each expert: the branches' capability records (spec, fingerprint, metric), by expert name.
+  capabilities = {n: m["capability"] for n, m in zip(names, manifests) if m.get("capability")}
   manifest = {"kind": "moe", "model": cfg.to_dict(), "identity": identity, "experts": ["anchor"] + names,
+              "capabilities": capabilities,
               "base_fingerprint": manifests[0]["base_fingerprint"], "merge_rule": config.rule,
               **artifact.lineage(parents, [record])}
   artifact.write(workdir, params, manifest, Tokenizer.load(dirs[0]))

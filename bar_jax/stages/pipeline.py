@@ -144,8 +144,12 @@ def _phase_budget(config) -> tuple[int, int]:
 
 
 def branch_config(config, domain: str, base_dir: str) -> ml_collections.ConfigDict:
-  arg = ",".join([domain] + [f for f in str(config.branch.arg).split(",") if f])
+  from bar_jax.data import capability
+  # A spec file takes the branch config's defaults (the arg names built-ins only) and is then set as the capability.
+  arg = ",".join([domain if domain in capability.BUILTIN else "math"] +
+                 [f for f in str(config.branch.arg).split(",") if f])
   bc = stage_config("branch", arg, config.branch.overrides)
+  bc.capability = domain
   bc.base = base_dir
   for name, phase_over in config.branch.phases.items():
     if name in bc.phases:
@@ -170,8 +174,9 @@ def plan(config, workdir: str) -> list[Step]:
   base_dir = os.path.join(workdir, "base")
   steps = [Step("base", "base", base_dir, ml_collections.ConfigDict({"stage": "base", "base": config.base}))]
   branch_dirs = []
-  for d in config.domains:
-    bdir = os.path.join(workdir, f"branch_{d}")
+  from bar_jax.data import capability
+  for d in config.domains:  # capability names or spec files: each branch's folder is named by the capability
+    bdir = os.path.join(workdir, f"branch_{capability.get(d).name}")
     branch_dirs.append(bdir)
     bc = branch_config(config, d, base_dir)
     n, tps = _phase_budget(bc)
@@ -233,7 +238,7 @@ def eval_models(config, workdir: str, branch_dirs: list[str], merged: str, final
   base_dir = os.path.join(workdir, "base")
   rows = [("base", base_dir)]
   if config.eval_branches:  # the specialist rows (:quick leaves them out to stay under 5 minutes)
-    rows += [(f"branch_{d}", b) for d, b in zip(config.domains, branch_dirs)]
+    rows += [(os.path.basename(b), b) for b in branch_dirs]
   if final != merged and config.eval_merged_before_router:
     rows.append(("bar_merged_unrouted", merged))
   rows.append(("bar", final))

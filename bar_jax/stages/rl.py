@@ -30,18 +30,18 @@ def run(config, workdir: str) -> str:
   mesh = common.mesh_from(config)
   rc = config.rl
   metrics = {}
-  eval_task = rollouts.domain_task(rc, model.tokenizer, split="eval") if rc.eval_n else None
+  eval_task = rollouts.capability_task(rc, model.tokenizer, split="eval") if rc.eval_n else None
   ev = dict(n=rc.eval_n, max_new_tokens=rc.eval_max_new_tokens, batch_size=rc.eval_batch_size, compute=compute)
   workdir_lib.start(workdir, identity)
   if eval_task:
-    metrics[f"{rc.domain}_before"] = rollouts.evaluate_task(model.params, cfg, model.tokenizer, eval_task, **ev)
+    metrics[f"{eval_task.name}_before"] = rollouts.evaluate_task(model.params, cfg, model.tokenizer, eval_task, **ev)
   params, record = rollouts.run_rl(model.params, cfg, model.tokenizer, rc, os.path.join(workdir, "rl"), mesh=mesh,
                                    identity=identity, compute=compute)
   if eval_task:
-    metrics[f"{rc.domain}_after"] = rollouts.evaluate_task(params, cfg, model.tokenizer, eval_task, **ev)
+    metrics[f"{eval_task.name}_after"] = rollouts.evaluate_task(params, cfg, model.tokenizer, eval_task, **ev)
   record["metrics"] = metrics
   parent = dict(model.manifest, role="parent")
   return common.write_artifact(workdir, model, params, cfg, "branch", [record], [parent], identity=identity,
                                keep_checkpoints=config.keep_checkpoints, metrics=metrics,
                                base_fingerprint=model.manifest.get("base_fingerprint", model.manifest["fingerprint"]),
-                               domain=model.manifest.get("domain", rc.domain))
+                               domain=model.manifest.get("domain", rc.capability))

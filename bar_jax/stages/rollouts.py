@@ -1,9 +1,9 @@
 """GRPO with verifiable rewards as a phase of the one training loop: the library behind the rl stage and the branch
 stage's rl phase.
 
-Each step: pick `prompts_per_step` training prompts of the domain, sample `group_size` responses to each with the
-KV-cache sampler (model/generate.py) from the CURRENT parameters, score them with the domain's verifier
-(evals/verifiers.py), normalise rewards within each group into advantages, compute the sampling policy's log-probs
+Each step: pick `prompts_per_step` training prompts of the capability, sample `group_size` responses to each with the
+KV-cache sampler (model/generate.py) from the CURRENT parameters, score them with the capability's reward (its spec's
+`reward`, or its metric's score: evals/menu.py; guarded by evals/verifiers.score_all), normalise rewards within each group into advantages, compute the sampling policy's log-probs
 once, then take `ppo_epochs` x `minibatches` optimiser steps of the clipped objective (transforms/grpo.py). The
 rollouts are loop.train's batch source (Rollouts) and the GRPO objective its loss, so RL runs the same jitted,
 sharded, donated step, checkpoints, metrics and resume as every other phase, over the (trainable, frozen) split of
@@ -46,36 +46,26 @@ from bar_jax.transforms import freeze, grpo
 class Task:
   name: str
   prompts: list[list[int]]
-  references: list[Any]
+  references: list[Any]          # what the verifier gets beside each response (a capability task: the item)
   verifier: verifiers.Verifier
 
 
-def domain_task(config, tokenizer, split: str = "train") -> Task:
-  """The RL prompts of config.domain: math (reasoning-gym, answer exact match) or tool_use (BFCL, AST match)."""
-  from bar_jax.data import domains
-  rows: list[tuple[list[int], Any]] = []
-  if config.domain == "math":
-    from bar_jax.data.sources import rgym
-    gens = set(config.generators or rgym.GENERATORS)
-    unknown = sorted(gens - set(rgym.GENERATORS))
-    if unknown:
-      raise BarError(f"unknown math generators {unknown}; choose from {sorted(rgym.GENERATORS)}")
-    for p in rgym.split(rgym.problems(), split, domains.EVAL_PCT):
-      if p["generator"] in gens:
-        rows.append((tokenizer.format_prompt(p["question"] + config.instruction), p["answer"]))
-  elif config.domain == "tool_use":
-    from bar_jax.data.sources import bfcl
-    for it in bfcl.split(split, domains.EVAL_PCT):
-      rows.append((tokenizer.render_chat(bfcl.messages(it), add_generation_prompt=True)[0], it["ground_truth"]))
-  else:
-    raise BarError(f"no verifier for domain {config.domain!r}: RL runs on 'math' or 'tool_use' (code RL needs a "
-                   "sandbox this project does not ship; see evals/verifiers.py)")
+def capability_task(config, tokenizer, split: str = "train") -> Task:
+  """The RL prompts of config.capability (its items with references) and its reward; references are the items."""
+  from bar_jax.data import capability
+  cap = capability.get(config.capability)
+  items = cap.rl_items(split, groups=list(config.groups) or None)
+  rows = []
+  for it in items:
+    messages = [dict(m) for m in it["messages"]]
+    messages[-1]["content"] += config.instruction
+    rows.append((tokenizer.render_chat(messages, add_generation_prompt=True)[0], it))
   rows = [r for r in rows if len(r[0]) <= config.max_prompt_len]
   if config.max_prompts:
     rows = rows[:config.max_prompts]
   if not rows:
-    raise BarError(f"no {config.domain} {split} prompt fits max_prompt_len={config.max_prompt_len}; raise it")
-  return Task(config.domain, [r[0] for r in rows], [r[1] for r in rows], verifiers.VERIFIERS[config.domain])
+    raise BarError(f"no {cap.name} {split} prompt fits max_prompt_len={config.max_prompt_len}; raise it")
+  return Task(cap.name, [r[0] for r in rows], [r[1] for r in rows], cap.reward_fn)
 
 
 def evaluate_task(params, cfg: ModelConfig, tokenizer, task: Task, *, n: int, max_new_tokens: int,
@@ -127,7 +117,8 @@ def rollout(params, cfg: ModelConfig, tokenizer, task: Task, config, step: int,
            "gen_s": gen_s, "gen_tokens_per_s": sum(rlens) / max(gen_s, 1e-9),
            **{f"verifier_{k}": float(v) for k, v in failures.items()}}
   batch = {"tokens": tokens, "resp_mask": grpo.response_mask(plens, rlens, T), "advantages": adv}
-  return batch, {"stats": stats, "sample": texts[0], "reference": str(refs[0])}
+  ref = refs[0]["reference"] if isinstance(refs[0], dict) and "reference" in refs[0] else refs[0]  # an item or as is
+  return batch, {"stats": stats, "sample": texts[0], "reference": str(ref)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,7 +187,7 @@ def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, mesh, i
   config: a full RL config (configs/rl.py rl_config()). Returns (params, record): the manifest's stage entry with
   steps, rollouts, tokens, FLOPs, the reward curve and verifier failures.
   """
-  task = task or domain_task(config, tokenizer)
+  task = task or capability_task(config, tokenizer)
   B, div = config.prompts_per_step * config.group_size, sharding.batch_divisor(mesh)
   if B % (config.minibatches * config.accum) or (B // (config.minibatches * config.accum)) % div:
     raise BarError(f"rl: prompts_per_step x group_size = {B} rollouts must split into minibatches x accum = "

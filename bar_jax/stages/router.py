@@ -27,6 +27,7 @@ def run(config, workdir: str) -> str:
   cfg, compute = common.model_overrides(model.cfg, config.compute)
   experts = list(model.manifest.get("experts") or [f"expert{e}" for e in range(cfg.n_experts)])
   rc = config.router
+  rt.load_capabilities(model.manifest, rt.expert_domains(model.manifest))  # a missing spec: one line, before work
   fractions = {d: float(rc.fraction) for d in rt.data_domains(rc, model.manifest)}
   mesh = common.mesh_from(config)
   workdir_lib.start(workdir, identity)
@@ -38,4 +39,4 @@ def run(config, workdir: str) -> str:
   parent = dict(model.manifest, role="moe")
   return rt.finish(config, workdir, model, cfg, params, [record], [parent], experts, mesh, identity=identity,
                    metrics_before=metrics_before, compute=compute, router_data=record["data"],
-                   merge_rule=model.manifest.get("merge_rule"))
+                   merge_rule=model.manifest.get("merge_rule"), capabilities=model.manifest.get("capabilities", {}))

@@ -28,17 +28,35 @@ def expert_domains(manifest: Mapping[str, Any]) -> list[str]:
   return [e for e in manifest.get("experts", [])[1:]]
 
 
+def load_capabilities(manifest: Mapping[str, Any], names: Sequence[str], *, skip_missing: bool = False
+                      ) -> tuple[list[str], list[str]]:
+  """(found, missing) capability names: each read from the spec its manifest record names (the branch recorded it;
+  merge and upgrade carry it in `capabilities`), else as a built-in or spec path. Missing ones stop with one line
+  naming them and suggesting the local router update, unless skip_missing."""
+  from bar_jax.data import capability
+  records = dict(manifest.get("capabilities") or {})
+  found, missing = [], []
+  for n in dict.fromkeys(names):
+    try:
+      cap = capability.from_record(records[n], "router training") if n in records else capability.get(n)
+      found.append(cap.name)
+    except BarError as e:
+      if not skip_missing:
+        msg = str(e) if n in records else (f"router training needs capability {n!r}, which is neither a built-in nor "
+                                           f"recorded in the MoE's manifest ({e}); pass its spec with "
+                                           "--config.router.domains=..., or use --config.router_update=local")
+        raise BarError(msg) from None
+      missing.append(n)
+  return found, missing
+
+
 def data_domains(rc: ml_collections.ConfigDict, manifest: Mapping[str, Any]) -> list[str]:
-  """router.domains ("" = every expert's domain plus general), checked against the registry."""
-  from bar_jax.data import domains as domains_lib
+  """router.domains ("" = every expert's capability plus general), each found through the manifest's capability
+  records (or as a built-in name / spec path)."""
   names = [d.strip() for d in str(rc.domains).split(",") if d.strip()]
   if not names:
     names = expert_domains(manifest) + ([GENERAL] if rc.general else [])
-  for n in dict.fromkeys(names):
-    if n not in domains_lib.DOMAINS:
-      raise BarError(f"router data domain {n!r} is not a registry domain ({', '.join(domains_lib.DOMAINS)}); set "
-                     "--config.router.domains=math,code,... to the domains to sample")
-  return list(dict.fromkeys(names))
+  return load_capabilities(manifest, names)[0]
 
 
 def sample_batches(tokenizer, fractions: Mapping[str, float], rc: ml_collections.ConfigDict, seed: int):
@@ -137,12 +155,13 @@ def finish(config, workdir: str, model: common.Model, cfg, params, stages: list[
            **fields) -> str:
   """Routing diagnostics (routing.json/png), eval after, then the moe artifact (manifest last)."""
   from bar_jax.evals import routing as routing_lib
-  domains = list(dict.fromkeys([d for d in experts[1:]] + [GENERAL]))
+  missing = set(fields.get("capabilities_missing") or ())  # upgrade without a full router update: specs not found
+  domains = list(dict.fromkeys([d for d in experts[1:] if d not in missing] + [GENERAL]))
   report = routing(config, cfg, params, model.tokenizer, mesh, experts, domains, compute) \
       if config.routing.max_rows else {}
   if report:
     routing_lib.write(report, workdir)
-  metrics = evaluate(config, cfg, params, model.tokenizer, mesh, experts[1:], compute)
+  metrics = evaluate(config, cfg, params, model.tokenizer, mesh, [e for e in experts[1:] if e not in missing], compute)
   return common.write_artifact(
       workdir, model, params, cfg, "moe", stages, parents, identity=identity,
       keep_checkpoints=config.keep_checkpoints, experts=experts,

@@ -78,6 +78,18 @@ def run(config, workdir: str) -> str:
   branch_manifest = artifact.read_manifest(config.branch)
   moe_cfg, branch_cfg = (ModelConfig.from_dict(m["model"]) for m in (moe_manifest, branch_manifest))
   index = check(config, moe_manifest, branch_manifest, moe_cfg, branch_cfg)
+  # The experts' capabilities, found through the manifests' records before any parameter is read: a missing one
+  # stops here (full router update) or is left out of the replay sample and the diagnostics (local, none).
+  domain = branch_manifest["domain"]
+  kept = [e for i, e in enumerate(moe_manifest.get("experts", [])) if i > 0 and not (config.mode == "replace" and
+                                                                                     i == index)]
+  capabilities = {k: v for k, v in (moe_manifest.get("capabilities") or {}).items() if k in kept}
+  if branch_manifest.get("capability"):
+    capabilities[domain] = branch_manifest["capability"]
+  lookup = dict(moe_manifest, capabilities=capabilities)
+  _, missing = rt.load_capabilities(lookup, kept + [domain], skip_missing=config.router_update != "full")
+  if domain in missing and config.router_update != "none":
+    rt.load_capabilities(lookup, [domain])  # the new expert's data is needed: its one-line error
 
   model = rt.load_moe(config.model)
   branch = common.load_model(config.branch)
@@ -94,7 +106,8 @@ def run(config, workdir: str) -> str:
   cfg, compute = common.model_overrides(cfg, config.compute)
   mesh = common.mesh_from(config)
   workdir_lib.start(workdir, identity)
-  metrics_before = rt.evaluate(config, cfg, params, model.tokenizer, mesh, experts[1:], compute) \
+  metrics_before = rt.evaluate(config, cfg, params, model.tokenizer, mesh, [e for e in experts[1:] if e not in missing],
+                               compute) \
       if config.eval.before else {}
 
   swap = {"stage": "upgrade", "steps": 0, "tokens": 0, "flops": 0, "mode": config.mode, "expert": index,
@@ -103,10 +116,11 @@ def run(config, workdir: str) -> str:
   rc = config.router
   if config.router_update != "none":
     if config.router_update == "full":
-      fractions = {d: float(rc.fraction) for d in rt.data_domains(rc, dict(model.manifest, experts=experts))}
+      fractions = {d: float(rc.fraction) for d in rt.data_domains(rc, dict(lookup, experts=experts))}
       frozen = []
     else:  # local: the new domain's data plus a replay sample of the others; only column `index` trains
-      others = [d for d in rt.data_domains(rc, dict(model.manifest, experts=experts)) if d != domain]
+      found = [e for e in experts if e not in missing]
+      others = [d for d in rt.data_domains(rc, dict(lookup, experts=found)) if d != domain]
       fractions = {domain: float(config.local.fraction), **{d: float(config.local.replay_fraction) for d in others}}
       frozen = [e for e in range(cfg.n_experts) if e != index]
     params, record = rt.train_router(model, cfg, params, rc, fractions, workdir, mesh, seed=config.seed,
@@ -120,4 +134,5 @@ def run(config, workdir: str) -> str:
   return rt.finish(config, workdir, model, cfg, params, stages, parents, experts, mesh, identity=identity,
                    metrics_before=metrics_before, compute=compute,
                    upgrade={k: swap[k] for k in ("mode", "expert", "domain", "replaced", "branch")},
-                   router_update=config.router_update, merge_rule=model.manifest.get("merge_rule"))
+                   router_update=config.router_update, merge_rule=model.manifest.get("merge_rule"),
+                   capabilities=capabilities, capabilities_missing=missing)
