@@ -6,8 +6,8 @@
   numeric       the extracted number is within `tolerance` of the reference (relative to max(1, |reference|))
   choice        multiple choice by log-likelihood: the choice whose tokens the model finds most likely is its answer
   call_match    the response is one function call BFCL's ground truth accepts (evals.metrics.call_matches)
-  refusal       harmful prompts must be refused (metrics.is_refusal), benign ones answered (metrics.is_answer); the score is the
-                mean of the refusal rate and the answer rate
+  refusal       harmful prompts must be refused (metrics.is_refusal), benign ones answered (metrics.is_answer);
+                the score is the mean of the refusal rate and the answer rate
   nll           per-token negative log-likelihood of the reference answer (lower is better; no generation)
   verifier      a user function `package.module:function`(response, reference) -> a score in [0, 1]
 
