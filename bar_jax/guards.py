@@ -43,7 +43,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # sizes and counts
     "steps": _int_at_least(1), "max_steps": _int_at_least(0), "warmup_steps": _int_at_least(0),
     "batch_size": _int_at_least(1), "accum": _int_at_least(1), "seq_len": _int_at_least(2),
-    "nll_seq_len": _int_at_least(2), "max_new_tokens": _int_at_least(1), "max_prompt_tokens": _int_at_least(1),
+    # max_prompt_tokens 0: the prompt budget comes from the data (configs/evaluate.py)
+    "nll_seq_len": _int_at_least(2), "max_new_tokens": _int_at_least(1), "max_prompt_tokens": _int_at_least(0),
     "n_per_domain": _int_at_least(1), "max_examples": _int_at_least(0), "max_rows": _int_at_least(0),
     "checkpoint_every": _int_at_least(1), "log_every": _int_at_least(1), "prompts_per_step": _int_at_least(1),
     "group_size": _int_at_least(1), "ppo_epochs": _int_at_least(1), "lora_rank": _int_at_least(1),

@@ -70,7 +70,8 @@ def _chat(user: str, assistant: str, system: str | None = None) -> Messages:
 
 
 def chat_as_text(messages: Messages) -> str:
-  """A conversation as plain text, for capabilities whose mid-training stream is their SFT data (tool use, safety, user specs without text)."""
+  """A conversation as plain text, for capabilities whose mid-training stream is their SFT data (tool use, safety,
+  user specs without text)."""
   return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 

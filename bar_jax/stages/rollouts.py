@@ -1,13 +1,14 @@
 """GRPO with verifiable rewards as a phase of the one training loop: the library behind the rl stage and the branch
 stage's rl phase.
 
-Each step: pick `prompts_per_step` training prompts of the capability, sample `group_size` responses to each with the
-KV-cache sampler (model/generate.py) from the CURRENT parameters, score them with the capability's reward (its spec's
-`reward`, or its metric's score: evals/menu.py; guarded by evals/verifiers.score_all), normalise rewards within each group into advantages, compute the sampling policy's log-probs
-once, then take `ppo_epochs` x `minibatches` optimiser steps of the clipped objective (transforms/grpo.py). The
-rollouts are loop.train's batch source (Rollouts) and the GRPO objective its loss, so RL runs the same jitted,
-sharded, donated step, checkpoints, metrics and resume as every other phase, over the (trainable, frozen) split of
-the rl schedule (the anchor's expert slices and router column stay frozen, bit for bit).
+Each step: pick `prompts_per_step` training prompts of the capability, sample `group_size` responses to each with
+the KV-cache sampler (model/generate.py) from the CURRENT parameters, score them with the capability's reward (its
+spec's `reward`, or its metric's score: evals/menu.py; guarded by evals/verifiers.score_all), normalise rewards
+within each group into advantages, compute the sampling policy's log-probs once, then take `ppo_epochs` x
+`minibatches` optimiser steps of the clipped objective (transforms/grpo.py). The rollouts are loop.train's batch
+source (Rollouts) and the GRPO objective its loss, so RL runs the same jitted, sharded, donated step, checkpoints,
+metrics and resume as every other phase, over the (trainable, frozen) split of the rl schedule (the anchor's expert
+slices and router column stay frozen, bit for bit).
 
 Resume: the prompts and the sampling key of step s are functions of (seed, s) only, so a resumed run replays the same
 rollouts from the restored parameters. On one backend with deterministic kernels (the CPU here) it ends
