@@ -41,3 +41,16 @@ def os_failure(e: BaseException) -> str | None:
         return f"{os.strerror(code)} ({type(e).__name__} while writing); {_OS_FIXES[code]}"
     e = e.__cause__ or e.__context__
   return None
+
+
+def run_main(main) -> None:
+  """Runs a script's main(): a BarError (or an operating-system failure) prints one line and exits 2, as the CLI."""
+  try:
+    main()
+  except BarError as e:
+    raise SystemExit(f"error: {e}") from None
+  except OSError as e:
+    line = os_failure(e)
+    if line is None:
+      raise
+    raise SystemExit(f"error: {line}") from None

@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+from bar_jax.errors import run_main  # light: no jax import before the device flags are set
 import sys
 
 import numpy as np
@@ -236,10 +238,4 @@ def write(a, domains: list[str], results: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except Exception as e:  # one line for bad input, like bar_jax.train
-    from bar_jax.errors import BarError
-    if isinstance(e, BarError):
-      raise SystemExit(f"error: {e}")
-    raise
+  run_main(main)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from bar_jax.errors import run_main  # light: no jax import before the device flags are set
+
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,10 +50,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except Exception as e:  # one line for bad input, like bar_jax.train
-    from bar_jax.errors import BarError
-    if isinstance(e, BarError):
-      raise SystemExit(f"error: {e}")
-    raise
+  run_main(main)

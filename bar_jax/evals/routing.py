@@ -24,7 +24,7 @@ from bar_jax.model import transformer
 from bar_jax.model.config import Compute, ModelConfig
 
 ROUTING_JSON, ROUTING_PNG = "routing.json", "routing.png"
-STATS = ("top_k_share", "top1_share", "mean_prob")
+STATS = ("top_k_share", "top1_share", "mean_prob", "mean_weight")
 
 
 def pack_rows(conversations: Sequence[Sequence[int]], seq_len: int, max_rows: int) -> dict[str, np.ndarray]:
@@ -71,7 +71,7 @@ def domain_rows(tokenizer, domains: Sequence[str], *, seq_len: int = 256, max_ro
 def _router_means(params, inputs, positions, segment_ids, *, cfg: ModelConfig, compute: Compute, mesh=None):
   _, aux = transformer.forward(params, inputs, cfg, compute=compute, positions=positions, segment_ids=segment_ids,
                                mesh=mesh, return_hidden=True)
-  return aux["expert_load"], aux["expert_top1"], aux["expert_prob"]
+  return aux["expert_load"], aux["expert_top1"], aux["expert_prob"], aux["expert_weight"]
 
 
 def routing_stats(params, cfg: ModelConfig, rows: Mapping[str, Mapping[str, np.ndarray]], *, batch_size: int = 8,
@@ -92,16 +92,9 @@ def routing_stats(params, cfg: ModelConfig, rows: Mapping[str, Mapping[str, np.n
                             cfg=cfg, compute=compute, mesh=mesh)
       for s, v in zip(sums, stats):
         s += np.asarray(v, np.float64) * b
-    out["domains"][domain] = {name: (s / n).round(5).tolist() for name, s in zip(STATS, sums)}
+    out["domains"][domain] = {name: (s / n).round(6).tolist() for name, s in zip(STATS, sums)}
     out["domains"][domain]["tokens"] = int(n * r["inputs"].shape[1])
   return out
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "compute", "mesh"))
-def _mean_weights(params, inputs, positions, segment_ids, *, cfg: ModelConfig, compute: Compute, mesh=None):
-  _, aux = transformer.forward(params, inputs, cfg, compute=compute, positions=positions, segment_ids=segment_ids,
-                               mesh=mesh, return_hidden=True)
-  return aux["expert_weight"]
 
 
 def weight_table(params, cfg: ModelConfig, rows: Mapping[str, Mapping[str, np.ndarray]], *, batch_size: int = 8,
@@ -110,22 +103,9 @@ def weight_table(params, cfg: ModelConfig, rows: Mapping[str, Mapping[str, np.nd
   top-k and any renormalisation; the router probability when every expert runs), per layer, averaged over every
   token of the domain's packed rows. Same schema as routing_stats with the stat "mean_weight", so format_table and
   write(stat="mean_weight") give its table and heatmap; weight_summary gives the domains x experts table."""
-  if cfg.ffn != "moe":
-    raise ValueError("routing diagnostics need an MoE model")
-  out: dict[str, Any] = {"experts": list(names) if names else [f"expert{e}" for e in range(cfg.n_experts)],
-                         "top_k": cfg.k, "n_experts": cfg.n_experts, "n_layers": cfg.n_layers, "domains": {}}
-  for domain, r in rows.items():
-    b = min(batch_size, len(r["inputs"]))
-    n = len(r["inputs"]) // b * b if b else 0  # whole batches only: equal-size batch means average exactly
-    if n == 0:
-      continue
-    total = np.zeros((cfg.n_layers, cfg.n_experts))
-    for i in range(0, n, b):
-      total += np.asarray(_mean_weights(params, r["inputs"][i:i + b], r["positions"][i:i + b],
-                                        r["segment_ids"][i:i + b], cfg=cfg, compute=compute, mesh=mesh),
-                            np.float64) * b
-    out["domains"][domain] = {"mean_weight": (total / n).round(6).tolist(), "tokens": int(n * r["inputs"].shape[1])}
-  return out
+  stats = routing_stats(params, cfg, rows, batch_size=batch_size, mesh=mesh, names=names, compute=compute)
+  stats["domains"] = {d: {"mean_weight": v["mean_weight"], "tokens": v["tokens"]} for d, v in stats["domains"].items()}
+  return stats
 
 
 def weight_summary(report: Mapping[str, Any]) -> dict[str, Any]:
