@@ -1,4 +1,9 @@
-"""8 simulated CPU devices, set before jax is imported; a persistent compilation cache for warm re-runs."""
+"""8 simulated CPU devices, set before jax is imported.
+
+No persistent compilation cache: on XLA:CPU (jax 0.10.2) a train step with cross-device all-reduces, compiled in one
+test and loaded back from the on-disk cache in a later one, deadlocked in its collectives' rendezvous and aborted
+the whole run (tests/test_capabilities.py's second end-to-end chain, every time; fine with the cache off).
+"""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -8,8 +13,6 @@ if "xla_force_host_platform_device_count" not in flags:
 
 import jax  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
