@@ -101,10 +101,11 @@ def test_list_settings_take_comma_lists_on_the_command_line(tmp_path):
 
 
 def test_every_documented_branch_variant_has_sft_examples_that_fit(smollm2_tokenizer):
-  from bar_jax.data import domains
+  from bar_jax.data import capability
   from configs import branch
   c = branch.get_config("tool_use,tiny")
-  lengths = [len(smollm2_tokenizer.render_chat(m)[0]) for m in domains.get("tool_use").chat_examples("train")[:64]]
+  chats = capability.get("tool_use").chat_examples("train")[:64]
+  lengths = [len(smollm2_tokenizer.render_chat(m)[0]) for m in chats]
   assert sum(n <= c.phases.sft.data.seq_len for n in lengths) >= len(lengths) // 2
 
 
