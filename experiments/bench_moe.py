@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
+
+from experiments.host import host_line
 
 D, F, E, TOP_KS, RANK = 576, 1536, 5, (1, 2, 5), 16
 N_TOKENS = int(os.environ.get("BENCH_MOE_TOKENS", 4080))  # 4080 ~ 4096, divisible by 8 and by 5 batch shards
@@ -207,17 +208,6 @@ def _subprocess(args: list[str], env_extra: dict) -> dict:
   return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def _host_line() -> str:
-  model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return f"CPU {model}, {os.cpu_count()} cores, load average (1, 5, 15 min) " + \
-      ", ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
 def report(results: list[dict], merge: dict | None, command: str, hosts: tuple[str, str]) -> str:
   gb = lambda b: f"{b / 2 ** 30:.2f} GiB"  # noqa: E731
   cell = lambda st: f"{st['s'] * 1e3:.0f} ms ({st['ratio']:.2f}x, {st['lo']:.2f}-{st['hi']:.2f})"  # noqa: E731
@@ -265,11 +255,11 @@ def main():
   skip_merge = "--no_merge" in sys.argv
   command = " ".join(f"{k}={os.environ[k]}" for k in ("BENCH_MOE_TOKENS", "BENCH_MOE_ROUNDS") if k in os.environ)
   command = (command + " " if command else "") + " ".join(["python experiments/bench_moe.py"] + sys.argv[1:])
-  start = _host_line()
+  start = host_line()
   results = [_subprocess(["--dispatch", str(n)], {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
              for n in (1, 8)]
   merge = None if skip_merge else _subprocess(["--merge"], {})
-  text = report(results, merge, command, (start, _host_line()))
+  text = report(results, merge, command, (start, host_line()))
   print(text)
   out = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--out=")),
              os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_moe.md"))

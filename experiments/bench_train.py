@@ -29,6 +29,8 @@ import gc
 import math
 import os
 import platform
+
+from experiments.host import host_line  # noqa: E402
 import sys
 import time
 
@@ -492,18 +494,6 @@ def section_fastpaths(args):
     say(f"| attention implementation=cudnn | not available on {jax.default_backend()}: {type(e).__name__}: "
         f"{str(e).splitlines()[0][:160]} |")
   say("")
-
-
-def host_line() -> str:
-  """CPU model and load average (the host may be shared: the load says how much of it this run had)."""
-  model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-  return f"CPU {model}, {os.cpu_count()} cores, load average (1, 5, 15 min) {load}"
 
 
 def main(args):
