@@ -27,7 +27,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
 
   from bar_jax import evals
-  from bar_jax.data import domains as domains_lib
+  from bar_jax.data import capability
   from bar_jax.evals import report
   from bar_jax.stages import common
   from configs.evaluate import get_config
@@ -35,7 +35,7 @@ def main(argv=None):
   for k in ("n_per_domain", "max_new_tokens", "batch_size"):
     if getattr(args, k) is not None:
       c[k] = getattr(args, k)
-  names = [d.name for d in domains_lib.resolve(args.domains)]
+  names = [d.name for d in capability.resolve(args.domains)]
   rows = []
   for spec in [s.strip() for s in args.models.split(",") if s.strip()]:
     mdir = os.path.join(args.out, re.sub(r"[^\w.-]+", "_", spec.strip("/")))

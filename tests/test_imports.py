@@ -130,3 +130,96 @@ def test_functional_core_does_no_io():
     problems += [f"{name} calls open()" for n in ast.walk(tree)
                  if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "open"]
   assert not problems, "; ".join(problems)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names: a script that imports a renamed function inside its main() fails only when someone runs it.
+
+REPO = os.path.dirname(ROOT)
+OWN = ("bar_jax", "configs", "experiments")
+
+
+def _scopes(tree):
+  """(scope node, the nodes of its own body, nested functions excluded) for the module and every function."""
+  def own(node):
+    out, todo = [], list(ast.iter_child_nodes(node))
+    while todo:
+      n = todo.pop()
+      out.append(n)
+      if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        todo.extend(ast.iter_child_nodes(n))
+    return out
+  return [(n, own(n)) for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def missing_names(source: str, where: str) -> list[str]:
+  """`from <own module> import name` where name is neither an attribute nor a submodule, and `alias.attr` on a
+  module imported in the same scope (or at module level) that has no such attribute."""
+  import importlib
+  import importlib.util
+
+  def has(mod, attr):  # an attribute, or a submodule not imported yet
+    return hasattr(mod, attr) or (hasattr(mod, "__path__") and importlib.util.find_spec(f"{mod.__name__}.{attr}"))
+
+  def module(name):
+    try:
+      return importlib.import_module(name)
+    except ImportError:
+      return None
+
+  problems, tree = [], ast.parse(source, where)
+  top_aliases: dict = {}
+  for scope, nodes in _scopes(tree):
+    aliases = dict(top_aliases) if not isinstance(scope, ast.Module) else {}
+    for n in nodes:
+      if isinstance(n, ast.ImportFrom) and not n.level and (n.module or "").split(".")[0] in OWN:
+        mod = module(n.module)
+        if mod is None:
+          problems.append(f"{where}:{n.lineno} no module {n.module}")
+          continue
+        for a in n.names:
+          sub = f"{n.module}.{a.name}"
+          if not hasattr(mod, a.name) and hasattr(mod, "__path__") and importlib.util.find_spec(sub):
+            aliases[a.asname or a.name] = module(sub)
+          elif not hasattr(mod, a.name):
+            problems.append(f"{where}:{n.lineno} {n.module} has no {a.name}")
+          elif isinstance(getattr(mod, a.name), type(mod)):
+            aliases[a.asname or a.name] = getattr(mod, a.name)
+      elif isinstance(n, ast.Import):
+        for a in n.names:
+          if a.name.split(".")[0] in OWN and a.asname:
+            aliases[a.asname] = module(a.name)
+    stored = {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    stored |= {a.arg for n in [scope] if not isinstance(n, ast.Module) for a in n.args.args + n.args.kwonlyargs}
+    for name in stored:
+      aliases.pop(name, None)
+    for n in nodes:
+      if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and aliases.get(n.value.id) is not None:
+        mod = aliases[n.value.id]
+        if not has(mod, n.attr):
+          problems.append(f"{where}:{n.lineno} {mod.__name__} has no {n.attr}")
+    if isinstance(scope, ast.Module):
+      top_aliases = aliases
+  return problems
+
+
+def test_the_name_check_can_fail():
+  assert missing_names("from bar_jax.data import domains\ndef f():\n  return domains.resolve('all')\n", "x") == \
+      ["x:3 bar_jax.data.domains has no resolve"]
+  assert missing_names("def f():\n  from bar_jax.data import capability\n  return capability.resolve('all')\n",
+                       "x") == []
+  assert missing_names("def f():\n  from bar_jax.evals import no_such_name\n", "x") == \
+      ["x:2 bar_jax.evals has no no_such_name"]
+
+
+def test_every_name_taken_from_the_package_exists():
+  """Every `from bar_jax|configs|experiments ... import name` and `module.attr` in bar_jax/, configs/ and
+  experiments/ resolves (lazy imports inside functions included)."""
+  problems = []
+  for top in OWN:
+    for dirpath, _, files in os.walk(os.path.join(REPO, top)):
+      for f in sorted(files):
+        if f.endswith(".py"):
+          path = os.path.join(dirpath, f)
+          problems += missing_names(open(path).read(), os.path.relpath(path, REPO))
+  assert not problems, "\n".join(problems)
