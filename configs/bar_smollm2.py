@@ -2,6 +2,7 @@
 
   python -m bar_jax.train --config=configs/bar_smollm2.py --workdir=runs/bar_smollm2   # ~1 h on a 2-core CPU
   python -m bar_jax.train --config=configs/bar_smollm2.py:quick --workdir=runs/bar_quick  # plumbing demo, < 5 min
+  python -m bar_jax.train --config=configs/bar_smollm2.py:table --workdir=runs/table  # issue 16's budgets, ~20 CPU-h
   python -m bar_jax.train --config=configs/bar_smollm2.py:tiny --workdir=/tmp/bar_tiny        # tests: random model
 
 Expected: WORKDIR/{base, branch_math, branch_code, branch_tool_use, branch_safety, merged, routed} artifacts, one
@@ -22,7 +23,7 @@ from configs.common import parse_arg
 
 
 def get_config(arg=None):
-  variant = parse_arg(arg, positional=["variant"], choices={"variant": ("default", "quick", "tiny")},
+  variant = parse_arg(arg, positional=["variant"], choices={"variant": ("default", "quick", "table", "tiny")},
                       variant="default").variant
   c = ml_collections.ConfigDict()
   c.stage = "pipeline"
@@ -75,6 +76,13 @@ def get_config(arg=None):
     c.branch.overrides.compute.remat = "none"  # 2 x 256 tokens fit without it
     c.router.overrides.compute.remat = "none"
     c.estimate.eval_seconds_per_model = 20.0
+  if variant == "table":  # the budgets of experiments/results/paper_table_plan.md (the paper's-table rows)
+    del c.branch.overrides["phase_order"]  # each domain's own phases (configs/branch.py): math, code mid-train first
+    c.branch.phases.midtrain.update(dict(steps=100, checkpoint_every=10, log_every=5))
+    c.branch.phases.sft.update(dict(steps=200, checkpoint_every=10, log_every=5))
+    c.router.overrides.router.update(dict(max_steps=0, checkpoint_every=10, log_every=5))  # 0: 2 epochs of the sample
+    c.eval.update(dict(n_per_domain=64, max_new_tokens=256))  # answer budget: the data's 95th percentile, capped
+    c.eval_merged_before_router = True
   if variant == "tiny":
     c.base = "tiny"
     c.branch.arg = "tiny"

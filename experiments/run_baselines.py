@@ -201,7 +201,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--variant", default="default", choices=["default", "quick", "tiny"])
+  ap.add_argument("--variant", default="default", choices=["default", "quick", "table", "tiny"])
   ap.add_argument("--workdir", default=None, help="baselines' artifacts (default runs/baselines_<variant>)")
   ap.add_argument("--pipeline_workdir", default=None, help="the BAR run (default runs/bar_smollm2[_<variant>])")
   ap.add_argument("--results", default=os.path.join("experiments", "results"))

@@ -16,7 +16,7 @@ from bar_jax.stages import common, evaluate, pipeline  # noqa: E402
 
 def args(doc: str, domain: str = "tool_use"):
   ap = argparse.ArgumentParser(description=doc.split("\n")[0])
-  ap.add_argument("--variant", default="default", choices=["default", "quick", "tiny"])
+  ap.add_argument("--variant", default="default", choices=["default", "quick", "table", "tiny"])
   ap.add_argument("--domain", default=domain, help="the branch domain the ablation trains")
   ap.add_argument("--pipeline_workdir", default=None, help="the BAR run whose base/branches are reused")
   ap.add_argument("--workdir", default=None, help="the sweep's artifacts (default runs/sweeps[_<variant>])")
