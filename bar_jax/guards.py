@@ -62,6 +62,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "general_ratio": _spec_or(_num_in(0.0, 1.0, hi_open=True)), "fraction": _num_in(0.0, 1.0, lo_open=True),
     "epochs": _num_in(0.0, _INF, lo_open=True, hi_open=True), "lora_alpha": _num_in(0.0, _INF, lo_open=True,
                                                                                     hi_open=True),
+    # the pipeline's progress estimate
+    "fraction_of_peak": _num_in(0.0, 1.0, lo_open=True), "reference_gflops": _num_in(0.0, _INF, lo_open=True),
+    "eval_seconds_per_model": _num_in(0.0, _INF, hi_open=True), "other_seconds": _num_in(0.0, _INF, hi_open=True),
 }
 
 

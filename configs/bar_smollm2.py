@@ -62,9 +62,11 @@ def get_config(arg=None):
   # Evaluation: configs/evaluate.py overrides.
   c.eval = ml_collections.ConfigDict(dict(domains="all", n_per_domain=16, max_new_tokens=40, batch_size=16,
                                           nll_seq_len=256))
-  # Prior rates for the progress estimate until this run has measured its own (2-core CPU, fp32).
-  c.estimate = ml_collections.ConfigDict(dict(train_seconds_per_token=4.0 / 2048, eval_seconds_per_model=120.0,
-                                              other_seconds=20.0))
+  # The progress estimate until this run has timed its own steps (bar_jax/stages/pipeline.py Clock): training at this
+  # fraction of the matmul rate measured at the start (a 2-core CPU's SmolLM2 step reaches ~0.4-0.5); one model's
+  # evaluation as timed on a 2-core CPU of ~170 GFLOP/s, scaled by the measured rate.
+  c.estimate = ml_collections.ConfigDict(dict(fraction_of_peak=0.4, eval_seconds_per_model=120.0,
+                                              reference_gflops=170.0, other_seconds=20.0))
   c.compilation_cache = ""           # "" = WORKDIR/jax_cache; runs of the same shapes can share one
   c.after_step_hook = ""             # tests: a step name after which the pipeline raises (a simulated crash)
 
@@ -95,5 +97,5 @@ def get_config(arg=None):
     c.branch.phases.sft.update(dict(steps=2, batch_size=8, accum=1, data=dict(seq_len=256), checkpoint_every=1,
                                     log_every=1))
     c.eval.update(dict(n_per_domain=2, max_new_tokens=4, batch_size=8, nll_seq_len=256, max_prompt_tokens=448))
-    c.estimate.update(dict(train_seconds_per_token=1e-5, eval_seconds_per_model=5.0, other_seconds=2.0))
+    c.estimate.update(dict(eval_seconds_per_model=5.0, other_seconds=2.0))
   return c

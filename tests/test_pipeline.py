@@ -189,3 +189,41 @@ def test_dense_average_and_btx_moe():
     for i, src in enumerate([base, a, b]):  # anchor = base FFN, expert i = fine-tune i's FFN, bit for bit
       np.testing.assert_array_equal(ex[:, i], src["layers"]["mlp"][w]["kernel"])
   np.testing.assert_array_equal(moe["embed"]["embedding"], avg["embed"]["embedding"])
+
+
+def test_first_estimate_comes_from_this_machines_measured_rate(tmp_path, monkeypatch):
+  """Before any step has timed itself, a branch's estimate is its model FLOPs over the measured matmul rate (twice
+  the rate: half the time); afterwards the rate the finished branch measured replaces it."""
+  from bar_jax.model import transformer
+  from bar_jax.model.config import tiny
+  config = pipeline.stage_config("bar_smollm2", "tiny")
+  base_cfg = tiny(vocab_size=259)
+  base_dir = tmp_path / "base"
+  base_dir.mkdir()
+  (base_dir / "manifest.json").write_text(json.dumps({"model": base_cfg.to_dict()}))
+  steps = {s.kind: s for s in pipeline.plan(config, str(tmp_path))}
+  branch = steps["branch"]
+  assert branch.train_steps and branch.tokens_per_step
+
+  estimates = {}
+  for rate in (1e10, 2e10):
+    monkeypatch.setattr(pipeline, "matmul_flops_per_second", lambda rate=rate: rate)
+    clock = pipeline.Clock(config)
+    assert not clock.known()
+    clock.observe(steps["base"], 0.0, str(tmp_path))
+    assert clock.known()
+    estimates[rate] = clock.estimate(branch) - config.estimate.other_seconds
+  flops = transformer.train_flops_per_token(base_cfg.replace(ffn="moe", n_experts=2, top_k=0),
+                                            branch.tokens_per_step)
+  expected = branch.train_steps * branch.tokens_per_step * flops / (1e10 * config.estimate.fraction_of_peak)
+  assert estimates[1e10] == pytest.approx(expected, rel=1e-9)
+  assert estimates[2e10] == pytest.approx(expected / 2, rel=1e-9)
+  # A finished branch's own rate wins.
+  os.makedirs(branch.outdir)
+  with open(os.path.join(branch.outdir, "manifest.json"), "w") as f:
+    json.dump({"stages": [{"seconds": 30.0, "tokens": 3000}]}, f)
+  clock.observe(branch, 0.0, str(tmp_path))
+  assert clock.estimate(branch) == pytest.approx(
+      branch.train_steps * branch.tokens_per_step * 0.01 + config.estimate.other_seconds)
+  monkeypatch.undo()
+  assert 1e6 < pipeline.matmul_flops_per_second(n=256, repeats=2) < 1e16  # the real measurement: a finite rate

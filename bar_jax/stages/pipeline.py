@@ -28,6 +28,7 @@ import ml_collections
 
 from bar_jax.errors import BarError
 from bar_jax.io import workdir as workdir_lib
+from bar_jax.model.config import ModelConfig
 
 RESULTS_MD, RESULTS_JSON = "results.md", "results.json"
 
@@ -264,14 +265,54 @@ def _write_base(config, outdir: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Progress: what runs, how far, how long to go (from step budgets and the rates measured so far).
 
+def matmul_flops_per_second(n: int = 1024, repeats: int = 5) -> float:
+  """This machine's fp32 matmul rate on one device: the best of a few n x n products after a warm-up (~1 s)."""
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(f(a))
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(f(a))
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
 class Clock:
+  """How long each step should take, from this machine and this run.
+
+  Until a training step has finished, its seconds per token are the model FLOPs per token of the step's model (the
+  base with 2 experts for a branch, N + 1 for the router) over this machine's measured matmul rate times
+  config.estimate.fraction_of_peak; afterwards, the rate the finished steps measured. An evaluation is first
+  config.estimate.eval_seconds_per_model (timed on a machine of config.estimate.reference_gflops) scaled by this
+  machine's rate, afterwards the time the last evaluation took.
+  """
+
   def __init__(self, config):
-    self.sec_per_token = float(config.estimate.train_seconds_per_token)
-    self.eval_seconds = float(config.estimate.eval_seconds_per_model)
+    self.estimate_config = config.estimate
+    self.n_experts = len(config.domains) + 1
+    self.flops = None              # matmul FLOP/s, measured when the base's shape is known
+    self.base_cfg = None
+    self.sec_per_token = None      # measured by a finished training step
+    self.eval_seconds = None       # measured by a finished evaluation
     self.other_seconds = float(config.estimate.other_seconds)
 
+  def calibrate(self, base_dir: str) -> None:
+    """Reads the base's shape from its manifest and measures the matmul rate (once)."""
+    m = _manifest(base_dir)
+    if self.flops is None and m.get("model"):
+      self.base_cfg = ModelConfig.from_dict(m["model"])
+      self.flops = matmul_flops_per_second()
+      print(f"[pipeline] this machine: {self.flops / 1e9:.0f} GFLOP/s fp32 matmul on one device; first estimates "
+            f"assume {float(self.estimate_config.fraction_of_peak):.0%} of it until a step measures its own rate",
+            flush=True)
+
   def observe(self, step: Step, seconds: float, workdir: str) -> None:
-    if step.kind in ("branch", "router") and step.train_steps:
+    if step.kind == "base":
+      self.calibrate(step.outdir)
+    elif step.kind in ("branch", "router") and step.train_steps:
       m = _manifest(os.path.join(workdir, step.name))
       train_s = sum(s.get("seconds", 0) or 0 for s in m.get("stages", []))
       tokens = sum(s.get("tokens", 0) or 0 for s in m.get("stages", []))
@@ -280,10 +321,28 @@ class Clock:
     elif step.kind == "eval":
       self.eval_seconds = seconds
 
+  def known(self) -> bool:
+    return self.flops is not None or self.sec_per_token is not None
+
+  def _flops_per_token(self, step: Step) -> float:
+    from bar_jax.model import transformer
+    e = 2 if step.kind == "branch" else self.n_experts
+    seq = int(step.tokens_per_step or 256)
+    return transformer.train_flops_per_token(self.base_cfg.replace(ffn="moe", n_experts=e, top_k=0), seq)
+
   def estimate(self, step: Step) -> float:
+    e = self.estimate_config
     if step.kind == "eval":
-      return self.eval_seconds
-    return step.train_steps * step.tokens_per_step * self.sec_per_token + self.other_seconds
+      if self.eval_seconds is not None:
+        return self.eval_seconds
+      return float(e.eval_seconds_per_model) * float(e.reference_gflops) * 1e9 / self.flops
+    if not step.train_steps:
+      return self.other_seconds
+    if self.sec_per_token is not None:
+      rate = self.sec_per_token
+    else:
+      rate = self._flops_per_token(step) / (self.flops * float(e.fraction_of_peak))
+    return step.train_steps * step.tokens_per_step * rate + self.other_seconds
 
 
 def _manifest(d: str) -> dict:
@@ -370,11 +429,14 @@ def run(config, workdir: str) -> str:
       if step.kind != "eval":  # a resumed run estimates from the rates its finished steps measured
         clock.observe(step, 0.0, workdir)
       continue
-    left = sum(clock.estimate(s) for s in steps[i - 1:] if not os.path.exists(os.path.join(s.outdir,
-                                                                                             s.result_file)))
     what = f"{step.train_steps} train steps" if step.train_steps else step.kind
-    print(f"[pipeline {i}/{len(steps)}] {step.name}: running ({what}, ~{_fmt(clock.estimate(step))}); "
-          f"~{_fmt(max(left, clock.estimate(step)))} left in the pipeline", flush=True)
+    if clock.known():
+      left = sum(clock.estimate(s) for s in steps[i - 1:] if not os.path.exists(os.path.join(s.outdir,
+                                                                                               s.result_file)))
+      print(f"[pipeline {i}/{len(steps)}] {step.name}: running ({what}, ~{_fmt(clock.estimate(step))}); "
+            f"~{_fmt(max(left, clock.estimate(step)))} left in the pipeline", flush=True)
+    else:  # the base: the estimate follows from its shape and this machine's measured rate, once it is written
+      print(f"[pipeline {i}/{len(steps)}] {step.name}: running ({what})", flush=True)
     t0 = time.time()
     step.run()
     dt = time.time() - t0
