@@ -5,6 +5,19 @@ import subprocess
 import time
 
 
+def one_device_env(cache_dir=None) -> dict:
+  """The environment of a stage run in a subprocess on one CPU device. With cache_dir, the runs of one test share a
+  persistent compilation cache: the second and later runs load the program the first compiled (the same program on
+  the same device, so bit-identity claims hold). One device only: on XLA:CPU, a cached multi-device program with
+  cross-device collectives deadlocked when it was loaded back (tests/conftest.py)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=" ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count")))
+  if cache_dir is not None:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  return env
+
+
 def latest_step(ckpts) -> int:
   """The newest finished orbax checkpoint step under CKPTS (0 when there is none yet)."""
   names = os.listdir(ckpts) if os.path.isdir(ckpts) else []

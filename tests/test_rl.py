@@ -19,7 +19,7 @@ from bar_jax import pytree
 from bar_jax.transforms import grpo
 from bar_jax.transforms.upcycle import upcycle
 from configs.rl import rl_config
-from tests.run_helpers import kill_at_first_checkpoint
+from tests.run_helpers import kill_at_first_checkpoint, one_device_env
 
 DENSE = tiny(vocab_size=259)
 TARGET = "a"  # the byte the fixed-token verifier rewards
@@ -176,7 +176,9 @@ def test_kill_9_and_restart_resumes_bit_identical(tmp_path):
   the same parameters and reward curve as an uninterrupted run (same program, same devices)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   cmd = lambda name: [sys.executable, "-m", "tests.test_rl", str(tmp_path / name), str(tmp_path / f"{name}.npz")]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  # One CPU device and one compilation for the three runs: the claim is about the loop's checkpoints (sharded
+  # resume on 8 devices: tests/test_train.py's kill -9 test, tests/test_multihost.py).
+  env = one_device_env(cache_dir=tmp_path / "jax_cache")
   subprocess.run(cmd("full"), cwd=root, env=env, check=True, capture_output=True)
   proc = subprocess.Popen(cmd("killed"), cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   killed_at = kill_at_first_checkpoint(proc, str(tmp_path / "killed" / "checkpoints"))
