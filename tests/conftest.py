@@ -9,7 +9,13 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
-  os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+  flags = (flags + " --xla_force_host_platform_device_count=8").strip()
+# The tests' programs are small, so compiling them costs more than running them: LLVM's optimisations off cut the
+# suite's CPU time by about a quarter (a branch and four family tests: 113 s -> 83 s of CPU). Results stay IEEE
+# float32 (XLA:CPU's fast-math is off at every level), so the float32-rounding tolerances apply unchanged.
+if "xla_backend_optimization_level" not in flags:
+  flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = flags
 
 
 

@@ -16,7 +16,7 @@ from bar_jax.model import config as config_lib, transformer
 from bar_jax.stages import loop
 from bar_jax.transforms import freeze
 from configs.common import opt_defaults
-from tests.run_helpers import kill_at_first_checkpoint, walk_keys
+from tests.run_helpers import kill_at_first_checkpoint, one_device_env, walk_keys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,16 +91,22 @@ def test_one_and_eight_devices_give_the_same_loss_curve(tmp_path):
   np.testing.assert_allclose(a, b, rtol=2e-5)
 
 
+def _cli_command(workdir, *overrides):
+  return [sys.executable, "-m", "bar_jax.train", "--config=configs/train_lm.py:tiny", f"--workdir={workdir}",
+          *overrides]
+
+
 def _cli(workdir, *overrides):
-  cmd = [sys.executable, "-m", "bar_jax.train", "--config=configs/train_lm.py:tiny", f"--workdir={workdir}",
-         *overrides]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  return cmd, env
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # conftest's XLA_FLAGS: 8 simulated devices
+  return _cli_command(workdir, *overrides), env
 
 
 def test_kill_9_and_restart_resumes_bit_identical(tmp_path):
+  """On one device, the five runs sharing one compilation (sharded checkpoints restored across layouts:
+  tests/test_multihost.py)."""
   n = 8  # killed at the first checkpoint (step 2), so 6 steps remain to resume
   steps = [f"--config.phases.midtrain.steps={n}", "--config.phases.midtrain.checkpoint_every=2"]
+  _cli = lambda workdir, *o: (_cli_command(workdir, *o), one_device_env(tmp_path / "jax_cache"))  # noqa: E731
   cmd, env = _cli(tmp_path / "full", *steps)
   subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
 
