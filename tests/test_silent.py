@@ -3,6 +3,7 @@ writes recover by re-running, and every run records what it did. One test (or mo
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -160,10 +161,17 @@ def _train(workdir, lr, steps, checkpoint_every=2, nan_at=0):
                     log_every=1, data_iter=it)
 
 
-def test_a_nan_loss_stops_the_run_keeps_the_last_good_checkpoint_and_writes_valid_json(tmp_path):
+def test_a_nan_loss_stops_the_run_keeps_the_last_good_checkpoint_and_writes_valid_json(tmp_path, capsys):
   wd = str(tmp_path / "w")
-  with pytest.raises(BarError, match=r"train: loss is nan at step 5; nothing from this step was saved"):
+  try:
     _train(wd, lr=1e-3, steps=6, nan_at=5)
+    raise AssertionError("the NaN loss did not stop the run")
+  except BarError as e:
+    assert re.search(r"train: loss is nan at step 5; nothing from this step was saved", str(e)), str(e)
+    # Read while the error is still propagating (where the CLI prints it): the progress bar has already ended its
+    # line, so the error starts a line of its own.
+    err = capsys.readouterr().err
+  assert "train:" in err and err.endswith("\n"), repr(err[-200:])
   rows = [strict_json(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["loss"] is None
   assert sorted(int(n) for n in os.listdir(os.path.join(wd, "checkpoints")) if n.isdigit()) == [2, 4]

@@ -138,6 +138,7 @@ class Hook:
   def evaluate(self, done: int, params: dict) -> dict: return {}
   def flush(self) -> None: ...  # after each checkpoint: what is logged is on disk with it
   def end(self) -> None: ...
+  def abort(self) -> None: ...  # the run stops with an exception: leave the terminal and the files tidy
 
 
 def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: LossFn, batches, opt, steps: int,
@@ -183,42 +184,47 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
   for row in history:
     guard.check(row, desc)
   pending: list[tuple[int, dict, dict]] = []
-  for step in range(start, steps):
-    local_batches, info = source.updates(step, current)
-    outs = []
-    for local in local_batches:
-      batch = sharding.global_batch(to_micro(local, accum), mesh, batch_axis=1)
-      trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch)
-      outs.append(metrics)
-    pending.append((step + 1, mean_metrics(outs), info))
-    done = step + 1
-    evals = [h for h in hooks if h.every and done % h.every == 0]
-    if done % log_every == 0 or done == steps or done % checkpoint_every == 0 or evals:
-      now = time.time()
-      rows = []
-      for s, m, stats in pending:  # one host sync per log interval, not per step
-        row = {k: float(v) for k, v in m.items()}
-        row.update(stats)
-        row.update(step=s, lr=float(sched(s * updates_per_step - 1)))
-        tokens_seen += row.get("tokens", 0.0)
-        row.update(tokens_seen=tokens_seen, step_time=(now - t_last) / len(pending),
-                   elapsed=prior_seconds + now - t0)
-        rows.append(row)
-      for h in evals:
-        rows[-1].update(h.evaluate(done, current()))
-      t_last, pending = now, []
-      for row in rows:
-        history.append(row)
-        for h in hooks:
-          h.log(row)
-        guard.check(row, desc)  # before any save: a bad step never reaches a checkpoint
-    for h in hooks:
-      h.step(done)
-    if done % checkpoint_every == 0 or done == steps:
-      ckpt.save(done, {"trainable": trainable, "opt_state": opt_state, "step": step_array(done, mesh)},
-                source.data_iter)
+  try:
+    for step in range(start, steps):
+      local_batches, info = source.updates(step, current)
+      outs = []
+      for local in local_batches:
+        batch = sharding.global_batch(to_micro(local, accum), mesh, batch_axis=1)
+        trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch)
+        outs.append(metrics)
+      pending.append((step + 1, mean_metrics(outs), info))
+      done = step + 1
+      evals = [h for h in hooks if h.every and done % h.every == 0]
+      if done % log_every == 0 or done == steps or done % checkpoint_every == 0 or evals:
+        now = time.time()
+        rows = []
+        for s, m, stats in pending:  # one host sync per log interval, not per step
+          row = {k: float(v) for k, v in m.items()}
+          row.update(stats)
+          row.update(step=s, lr=float(sched(s * updates_per_step - 1)))
+          tokens_seen += row.get("tokens", 0.0)
+          row.update(tokens_seen=tokens_seen, step_time=(now - t_last) / len(pending),
+                     elapsed=prior_seconds + now - t0)
+          rows.append(row)
+        for h in evals:
+          rows[-1].update(h.evaluate(done, current()))
+        t_last, pending = now, []
+        for row in rows:
+          history.append(row)
+          for h in hooks:
+            h.log(row)
+          guard.check(row, desc)  # before any save: a bad step never reaches a checkpoint
       for h in hooks:
-        h.flush()
+        h.step(done)
+      if done % checkpoint_every == 0 or done == steps:
+        ckpt.save(done, {"trainable": trainable, "opt_state": opt_state, "step": step_array(done, mesh)},
+                  source.data_iter)
+        for h in hooks:
+          h.flush()
+  except BaseException:  # a stopped run: the bar ends its line before the error is printed
+    for h in hooks:
+      h.abort()
+    raise
   ckpt.close()
   for h in hooks:
     h.end()
@@ -343,6 +349,8 @@ class MetricsWriter(Hook):
     if self.tb:
       self.tb.close()
 
+  abort = end  # what was logged stays on disk
+
 
 class Progress(Hook):
   """A tqdm bar on process 0 with the last logged loss."""
@@ -364,3 +372,5 @@ class Progress(Hook):
 
   def end(self) -> None:
     self.bar.close()
+
+  abort = end
