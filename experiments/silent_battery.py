@@ -93,6 +93,8 @@ def main() -> None:
 
   # A finished run, then: its artifact write killed half-way, and a checkpoint damaged on disk.
   lm_dir = f"{w}/lm"
+  # The finished run keeps its checkpoints (a finished stage deletes them by default) for the damage rows below.
+  lm = lm + ["--config.keep_checkpoints=True"]
   row("run: a stage's summary", TRAIN + lm + [f"--workdir={lm_dir}"], lm_dir)
 
   def kill_artifact_write():  # what a kill between write()'s final moves and before its rename leaves
