@@ -13,7 +13,7 @@ from bar_jax.errors import BarError
 from bar_jax.io import workdir
 from bar_jax.model.config import COMPUTE_KEYS
 from bar_jax.stages import pipeline
-from tests.run_helpers import walk_keys
+from tests.run_helpers import one_device_env, walk_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two branches and two eval domains (one generated, one NLL) keep it short: the chain, not the table's width, is
@@ -24,9 +24,7 @@ CMD = [sys.executable, "-m", "bar_jax.train", "--config=configs/bar_smollm2.py:t
        "--config.domains=" + ",".join(DOMAINS), "--config.eval.domains=" + ",".join(EVAL_DOMAINS)]
 # The pipeline subprocesses run on one CPU device: 8 simulated devices add cross-thread collectives that XLA aborts
 # when a busy machine starves a device thread (seen at load 20 on 2 cores); sharding is covered by other tests.
-ENV = dict(os.environ, JAX_PLATFORMS="cpu",
-           XLA_FLAGS=" ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                              if not f.startswith("--xla_force_host_platform_device_count")))
+ENV = one_device_env()
 
 
 def _manifest(d):

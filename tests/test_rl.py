@@ -177,7 +177,7 @@ def test_kill_9_and_restart_resumes_bit_identical(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   cmd = lambda name: [sys.executable, "-m", "tests.test_rl", str(tmp_path / name), str(tmp_path / f"{name}.npz")]
   # One CPU device and one compilation for the three runs: the claim is about the loop's checkpoints (sharded
-  # resume on 8 devices: tests/test_train.py's kill -9 test, tests/test_multihost.py).
+  # checkpoints restored across layouts: tests/test_multihost.py).
   env = one_device_env(cache_dir=tmp_path / "jax_cache")
   subprocess.run(cmd("full"), cwd=root, env=env, check=True, capture_output=True)
   proc = subprocess.Popen(cmd("killed"), cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -96,9 +96,9 @@ def _cli_command(workdir, *overrides):
           *overrides]
 
 
-def _cli(workdir, *overrides):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")  # conftest's XLA_FLAGS: 8 simulated devices
-  return _cli_command(workdir, *overrides), env
+def _cli(workdir, *overrides, env=None):
+  """(command, environment); by default conftest's XLA_FLAGS: 8 simulated devices."""
+  return _cli_command(workdir, *overrides), env or dict(os.environ, JAX_PLATFORMS="cpu")
 
 
 def test_kill_9_and_restart_resumes_bit_identical(tmp_path):
@@ -106,11 +106,11 @@ def test_kill_9_and_restart_resumes_bit_identical(tmp_path):
   tests/test_multihost.py)."""
   n = 8  # killed at the first checkpoint (step 2), so 6 steps remain to resume
   steps = [f"--config.phases.midtrain.steps={n}", "--config.phases.midtrain.checkpoint_every=2"]
-  _cli = lambda workdir, *o: (_cli_command(workdir, *o), one_device_env(tmp_path / "jax_cache"))  # noqa: E731
-  cmd, env = _cli(tmp_path / "full", *steps)
+  one = one_device_env(tmp_path / "jax_cache")
+  cmd, env = _cli(tmp_path / "full", *steps, env=one)
   subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
 
-  cmd, env = _cli(tmp_path / "killed", *steps)
+  cmd, env = _cli(tmp_path / "killed", *steps, env=one)
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpts = tmp_path / "killed" / "phases" / "midtrain" / "checkpoints"
   killed_at = kill_at_first_checkpoint(proc, ckpts)
@@ -131,10 +131,10 @@ def test_kill_9_and_restart_resumes_bit_identical(tmp_path):
   assert not manifest_keys & workdir.RUNTIME_KEYS, manifest_keys & workdir.RUNTIME_KEYS
 
   # The workdir contract through the CLI: a run-time knob reuses the artifact, anything else is one error line.
-  cmd, env = _cli(tmp_path / "killed", *steps, "--config.compute.remat=full")
+  cmd, env = _cli(tmp_path / "killed", *steps, "--config.compute.remat=full", env=one)
   subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
   assert artifact.read_manifest(str(tmp_path / "killed"))["created"] == resumed["created"]
-  cmd, env = _cli(tmp_path / "killed", *steps, "--config.phases.midtrain.opt.lr=0.5")
+  cmd, env = _cli(tmp_path / "killed", *steps, "--config.phases.midtrain.opt.lr=0.5", env=one)
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
   assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
   assert "phases.midtrain.opt.lr" in out.stderr and "another train_lm run" in out.stderr
