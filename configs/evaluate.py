@@ -5,7 +5,8 @@
   # a quick look: --config.n_per_domain=16 (intervals ~ +-20 points)
 
 Expected: WORKDIR/eval.json (per model and domain: value, 95% interval, counts, budgets, every item's outcome and
-reply) and WORKDIR/eval.md, a markdown table (rows = models; columns = math, code, tool_use, safety, general;
+reply) and WORKDIR/eval.md, a markdown table (rows = models; columns = math, code, tool_use, safety, general,
+instruction_following;
 percentages with 95% intervals; code and general as per-token NLL with the change vs the first row; overall = mean
 of the percentage columns; * = differs from the first row at p < 0.05, paired over the same items). Sizes and
 budgets come from the data (bar_jax/evals/runner.py): up to 200 held-out items per kind, stratified.
@@ -23,7 +24,9 @@ def get_config(arg=None):
   c.domains = "all"             # or e.g. "math,tool_use"
   c.n_per_domain = 200          # held-out items per kind (safety: harmful and benign each), stratified
   c.max_new_tokens = 256        # upper limit of the answer budget (the 95th percentile of the domain's answers)
-  c.batch_size = 16             # prompts per generate call
+  # prompts per generate call: decoding multiplies [batch, d] by every weight each step, and the CPU's matmul rate
+  # grows with the batch (experiments/bench_decode.py: SmolLM2 decodes 1.7x the tokens/s at 64 as at 16)
+  c.batch_size = 64
   c.max_prompt_tokens = 0       # 0: the 95th percentile of the domain's prompts; longer ones passed over and counted
   c.nll_seq_len = 512           # NLL rows (code bodies, prose passages, packed): longer ones truncated and counted
   c.nll_batch_rows = 4          # rows per NLL forward

@@ -19,7 +19,7 @@ import time
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--models", default="smollm2", help="comma-separated: smollm2, tiny or artifact dirs")
-  ap.add_argument("--domains", default="safety,tool_use,math,code,general")
+  ap.add_argument("--domains", default="safety,tool_use,math,code,general,instruction_following")
   ap.add_argument("--out", default="runs/eval_recheck")
   ap.add_argument("--n_per_domain", type=int, default=None)
   ap.add_argument("--max_new_tokens", type=int, default=None)

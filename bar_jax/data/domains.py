@@ -24,7 +24,7 @@ from typing import Callable
 
 from bar_jax.errors import BarError
 from bar_jax.data import refusals
-from bar_jax.data.sources import bfcl, garak_data, pydocs, rgym, safety_prompts, stdlib_code
+from bar_jax.data.sources import bfcl, garak_data, ifbench, pydocs, rgym, safety_prompts, stdlib_code
 
 EVAL_PCT = 5  # percent of each corpus held out (by content hash); changing it changes every eval set
 SPLITS = ("train", "eval")
@@ -41,6 +41,7 @@ class Source:
   _chat: Callable[[str], list[Messages]]
   _eval: Callable[[], list[dict]]
   _rl: Callable[[str], list[dict]] | None = None
+  eval_only: bool = False            # held-out items only: no training split (chat/text("train") refuse)
 
   def text(self, split: str) -> list[str]:
     return self._text(check_split(split))
@@ -210,7 +211,36 @@ GENERAL = Source(
     _eval=lambda: [{"kind": "nll_text", "id": p[:80], "text": p} for p in pydocs.prose("eval", EVAL_PCT)])
 
 
-SOURCES: dict[str, Source] = {s.name: s for s in (MATH, CODE, TOOL_USE, SAFETY, GENERAL)}
+# -- instruction following (an evaluation set only) ------------------------------------------------------------------
+
+def _eval_only(what: str):
+  def split_data(split):
+    if split == "train":
+      raise BarError(f"source 'ifbench' is an evaluation set ({what}): it has no training data; evaluate with it, "
+                     "and give a branch a capability with data.files")
+    return [[{"role": "user", "content": p["prompt"]}] for p in ifbench.prompts()]  # held-out prompts, no answers
+  return split_data
+
+
+def _instructions_eval():
+  by_kind: dict[str, list[dict]] = {}  # stratified over the first instruction's family (count:, format:, words:...)
+  for p in ifbench.prompts():
+    by_kind.setdefault(p["instruction_id_list"][0].split(":")[0], []).append(
+        {"kind": "generate", "id": p["key"], "messages": [{"role": "user", "content": p["prompt"]}],
+         "reference": {"prompt": p["prompt"], "instruction_id_list": p["instruction_id_list"],
+                       "kwargs": [{k: v for k, v in kw.items() if v is not None} for kw in p["kwargs"]]},
+         "group": p["instruction_id_list"][0].split(":")[0]})
+  return _interleave([by_kind[k] for k in sorted(by_kind)])
+
+
+INSTRUCTIONS = Source(
+    "ifbench", ("ifbench",), ifbench.LICENSE,
+    _text=lambda s: [m[0]["content"] for m in _eval_only("IFBench test prompts")(s)],
+    _chat=_eval_only("IFBench test prompts"),
+    _eval=_instructions_eval, eval_only=True)
+
+
+SOURCES: dict[str, Source] = {s.name: s for s in (MATH, CODE, TOOL_USE, SAFETY, GENERAL, INSTRUCTIONS)}
 
 
 def source(name: str) -> Source:

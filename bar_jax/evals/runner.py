@@ -119,11 +119,12 @@ def _percentile(xs: Sequence[int]) -> int:
 def budgets(domain, tokenizer, items: list[dict], max_new_tokens: int) -> dict[str, Any]:
   """The domain's prompt and answer budgets from its data (see the module docstring)."""
   prompts = [len(tokenizer.render_chat(it["messages"], add_generation_prompt=True)[0]) for it in items]
-  answers = [len(tokenizer.encode(m[-1]["content"])) + 1 for m in domain.chat_examples("train")
-             if m and m[-1]["role"] == "assistant"]  # + 1: the end-of-turn token
+  # + 1: the end-of-turn token. An evaluation set without training answers gets max_new_tokens.
+  answers = [] if domain.eval_only else [len(tokenizer.encode(m[-1]["content"])) + 1
+                                         for m in domain.chat_examples("train") if m and m[-1]["role"] == "assistant"]
   p_prompt, p_answer = _percentile(prompts), _percentile(answers)
   prompt_budget = -(-p_prompt // BUDGET_ROUND) * BUDGET_ROUND
-  answer_budget = max(1, min(p_answer, max_new_tokens))
+  answer_budget = max(1, min(p_answer, max_new_tokens)) if answers else max_new_tokens
   return {"prompt_tokens": prompt_budget, "answer_tokens": answer_budget,
           f"prompt_p{PERCENTILE}": p_prompt, f"answer_p{PERCENTILE}": p_answer,
           "answers_covered_pct": round(100.0 * float(np.mean(np.asarray(answers) <= answer_budget)), 1)

@@ -177,7 +177,8 @@ def attend(q, k, v, mask, compute: Compute):
 
 def _block(cfg: ModelConfig, compute: Compute, mesh, x, lp, positions, segment_ids, cache_kv, cache_index,
            kv_valid=None):
-  """One decoder layer. cache_kv = (k [B,S,K,hd], v) to read from and write into at cache_index, or None.
+  """One decoder layer. cache_kv = (k [L,B,S,K,hd], v, layer): every layer's cache, of which this layer's slots
+  cache_index.. are written and read; or None.
 
   kv_valid [B, S] marks cache slots that hold real tokens (left padding False); causality is by slot.
   """
@@ -208,9 +209,14 @@ def _block(cfg: ModelConfig, compute: Compute, mesh, x, lp, positions, segment_i
     new_cache = None
     keys, values = k, v
   else:
-    ck, cv = cache_kv
-    ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-    cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+    # The new keys go into the whole stacked cache in place (the scan carries it): scanning over the cache as a
+    # per-layer input and output instead copied every layer's slice in and out each decode step (3x the step).
+    ks, vs, layer = cache_kv
+    at = (layer, 0, cache_index, 0, 0)
+    ks = jax.lax.dynamic_update_slice(ks, k[None].astype(ks.dtype), at)
+    vs = jax.lax.dynamic_update_slice(vs, v[None].astype(vs.dtype), at)
+    ck = jax.lax.dynamic_index_in_dim(ks, layer, keepdims=False)
+    cv = jax.lax.dynamic_index_in_dim(vs, layer, keepdims=False)
     S = ck.shape[1]
     slots = jnp.broadcast_to(jnp.arange(S)[None], (B, S))
     # Causal by slot (a left-padded row's RoPE positions lag its slots); unwritten and padding slots masked out.
@@ -219,7 +225,7 @@ def _block(cfg: ModelConfig, compute: Compute, mesh, x, lp, positions, segment_i
     if kv_valid is not None:
       valid &= kv_valid
     mask = attention_mask(q_slots, slots, None, None, k_valid=valid)
-    new_cache = (ck, cv)
+    new_cache = (ks, vs)
     keys, values = ck.astype(dt), cv.astype(dt)
   o = attend(q, keys, values, mask, compute).reshape(B, T, cfg.n_heads * cfg.head_dim)
   o = o @ a["o"]["kernel"].astype(dt)
@@ -302,12 +308,12 @@ def forward_cached(params: Params, tokens: jax.Array, cache: dict[str, jax.Array
     positions = jnp.broadcast_to(index + jnp.arange(T)[None], (B, T))
   x = params["embed"]["embedding"].astype(dt)[tokens]
 
-  def body(x, layer):
-    lp, ck, cv = layer
-    y, _, (ck, cv) = _block(cfg, compute, mesh, x, lp, positions, None, (ck, cv), index, kv_valid)
-    return y, (ck, cv)
+  def body(carry, lp):
+    x, ks, vs, layer = carry
+    y, _, (ks, vs) = _block(cfg, compute, mesh, x, lp, positions, None, (ks, vs, layer), index, kv_valid)
+    return (y, ks, vs, layer + 1), None
 
-  x, (ks, vs) = jax.lax.scan(body, x, (params["layers"], cache["k"], cache["v"]))
+  (x, ks, vs, _), _ = jax.lax.scan(body, (x, cache["k"], cache["v"], jnp.int32(0)), params["layers"])
   x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_eps)
   return lm_logits(params, x, cfg), {"k": ks, "v": vs, "index": index + T}
 

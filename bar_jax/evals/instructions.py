@@ -1,0 +1,63 @@
+"""Instruction following with verifiable constraints, scored by the maintained IFBench checkers of `if-verifiable`.
+
+  follows_all(response, reference) -> 1.0 when the response meets every instruction of its prompt (IFBench's
+  "prompt-level strict" accuracy), else 0.0. reference = {"prompt", "instruction_id_list", "kwargs"}.
+
+This is a verifier of the metric menu (`verifier: bar_jax.evals.instructions:follows_all`), so the instruction-
+following capability is a spec like any other (configs/capabilities/instruction_following.py). The checkers, the
+handling of their arguments (None-valued ones dropped, the prompt passed to the kinds that quote it) and the
+strict/loose variants are the library's own (if_verifiable.common.evaluate_instructions); bar_jax only picks the
+strict prompt-level score and refuses an instruction kind the library does not know (the library would skip it).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Mapping
+
+from bar_jax.errors import BarError
+
+
+@contextlib.contextmanager
+def _no_downloads():
+  """if_verifiable.ifbench downloads NLTK data when imported; offline that only prints errors and waits on the
+  network. The kinds that need the data are left out of the prompts (data.sources.ifbench.NEEDS_NLTK_DATA)."""
+  import nltk
+  download = nltk.download
+  nltk.download = lambda *args, **kwargs: False
+  try:
+    yield
+  finally:
+    nltk.download = download
+
+
+@functools.lru_cache(maxsize=1)
+def _library():
+  try:
+    with _no_downloads():
+      from if_verifiable.common import evaluate_instructions
+      from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT
+  except ImportError as e:
+    raise BarError(f"the instruction-following checkers cannot be imported ({e}): run `bash setup.sh` "
+                   "(requirements.txt pins if-verifiable)") from None
+  return evaluate_instructions, INSTRUCTION_DICT
+
+
+def known_kinds() -> frozenset[str]:
+  return frozenset(_library()[1])
+
+
+def check(response: str, reference: Mapping[str, Any]) -> list[bool]:
+  """Strict pass of each instruction, in the prompt's order."""
+  evaluate, registry = _library()
+  ids = list(reference["instruction_id_list"])
+  unknown = sorted(set(ids) - set(registry))
+  if unknown:
+    raise BarError(f"instruction kinds {unknown} are not in if-verifiable's IFBench registry: check the data or "
+                   "the pinned if-verifiable version")
+  results, _ = evaluate(response, ids, list(reference["kwargs"]), reference["prompt"], registry)
+  return [r.strict_pass for r in results] if results else [False] * len(ids)  # empty response: none met
+
+
+def follows_all(response: str, reference: Mapping[str, Any]) -> float:
+  return float(all(check(response, reference)))
