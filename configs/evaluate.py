@@ -25,7 +25,7 @@ def get_config(arg=None):
   c.n_per_domain = 200          # held-out items per kind (safety: harmful and benign each), stratified
   c.max_new_tokens = 256        # upper limit of the answer budget (the 95th percentile of the domain's answers)
   # prompts per generate call: decoding multiplies [batch, d] by every weight each step, and the CPU's matmul rate
-  # grows with the batch (experiments/bench_decode.py: SmolLM2 decodes 1.7x the tokens/s at 64 as at 16)
+  # grows with the batch (experiments/results/bench_decode.md)
   c.batch_size = 64
   c.max_prompt_tokens = 0       # 0: the 95th percentile of the domain's prompts; longer ones passed over and counted
   c.nll_seq_len = 512           # NLL rows (code bodies, prose passages, packed): longer ones truncated and counted

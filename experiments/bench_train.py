@@ -54,6 +54,7 @@ def _args():
   ap.add_argument("--lora_stage", default="sft", help="partition of the lora vs ffn branch step (midtrain | sft)")
   ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the compared steps (branch, lora, moe)")
   ap.add_argument("--decode_batches", default="1,8")
+  ap.add_argument("--decode_experts", default="1", help="decode rows for the dense model (1) and MoEs of E experts")
   ap.add_argument("--out", default="", help="markdown results file")
   return ap.parse_args()
 
@@ -401,7 +402,12 @@ def section_moe(args, peak):
 
 
 def section_decode(args, bandwidth):
-  cfg, compute = SMOLLM2, Compute(dtype=args.dtype, attention=args.attention)
+  for E in (int(x) for x in args.decode_experts.split(",")):
+    _decode_rows(args, bandwidth, SMOLLM2 if E == 1 else SMOLLM2.replace(ffn="moe", n_experts=E))
+
+
+def _decode_rows(args, bandwidth, cfg):
+  compute = Compute(dtype=args.dtype, attention=args.attention)
   params = transformer.init_params(cfg, jax.random.key(0))
   if args.dtype != "float32":  # serve compute-dtype weights: half the bytes per step
     params = jax.tree.map(lambda w: w.astype(args.dtype), params)
@@ -410,10 +416,15 @@ def section_decode(args, bandwidth):
   prompt, new = 64, 128
   n_params = transformer.count_params(params)
   itemsize = jnp.dtype(args.dtype).itemsize
-  say(f"## Decode (SmolLM2-135M shapes, greedy, one device, prompt {prompt} + {new} new tokens, "
+  what = "dense" if cfg.ffn == "dense" else f"MoE of {cfg.n_experts} experts, all active (top_k = E)"
+  say(f"## Decode (SmolLM2-135M shapes, {what}, greedy, one device, prompt {prompt} + {new} new tokens, "
       f"{args.dtype} weights and KV cache)\n")
-  say("| batch | decode ms/step | tokens/s | bytes/step (MB) | bandwidth bound tokens/s | of bound |")
-  say("|---|---|---|---|---|---|")
+  say("The matmul rate is one [batch, d_model] x [d_model, n_layers * d_ff] product timed here: what a step's "
+      "matmuls could reach at this batch with these kernels.\n")
+  say("| batch | decode ms/step | tokens/s | model GFLOP/s | matmul GFLOP/s at this batch | of matmul | "
+      "bytes/step (MB) | bandwidth bound tokens/s | of bound |")
+  say("|---|---|---|---|---|---|---|---|---|")
+  flops_per_token = 2 * transformer.active_matmul_params(cfg)
   for B in (int(x) for x in args.decode_batches.split(",")):
     tokens = jax.device_put(jnp.ones((B, prompt), jnp.int32), dev)
     lens = jnp.full((B,), prompt, jnp.int32)
@@ -426,8 +437,11 @@ def section_decode(args, bandwidth):
     kv = 2 * cfg.n_layers * B * cache_len * cfg.n_kv_heads * cfg.head_dim * itemsize
     step_bytes = n_params * itemsize + kv  # tied embedding: the LM head reads the whole table each step
     bound = B * bandwidth / step_bytes
-    say(f"| {B} | {1e3 * per_step:.2f} | {B / per_step:.0f} | {step_bytes / 1e6:.0f} | {bound:.0f} | "
-        f"{100 * B / per_step / bound:.0f}% |")
+    x, w = jnp.ones((B, cfg.d_model), args.dtype), jnp.ones((cfg.d_model, cfg.n_layers * cfg.d_ff), args.dtype)
+    matmul = 2 * B * cfg.d_model * cfg.n_layers * cfg.d_ff / best_time(jax.jit(jnp.matmul), x, w, repeats=5)
+    model_rate = B / per_step * flops_per_token
+    say(f"| {B} | {1e3 * per_step:.2f} | {B / per_step:.0f} | {model_rate / 1e9:.1f} | {matmul / 1e9:.1f} | "
+        f"{model_rate / matmul:.2f} | {step_bytes / 1e6:.0f} | {bound:.0f} | {100 * B / per_step / bound:.0f}% |")
   say("")
 
 
