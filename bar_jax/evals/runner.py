@@ -32,6 +32,7 @@ from bar_jax.model.config import Compute, ModelConfig
 N_SAMPLES = 3       # responses kept per domain in the report, for reading
 PERCENTILE = 95     # budgets cover this percentile of the data
 BUDGET_ROUND = 32   # prompt budgets rounded up to a multiple of this (fewer compiled shapes)
+PREFILL_BYTES = 2 ** 31  # a generate call's prefill attention scores (fp32, batch x heads x prompt x cache) fit this
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "compute", "mesh"))
@@ -153,8 +154,19 @@ def _generate_domain(params, cfg, tokenizer, kept, *, batch_size, max_new_tokens
   from bar_jax.model import generate as gen
   order = sorted(range(len(kept)), key=lambda i: len(kept[i][1]))
   replies: list[str] = [""] * len(kept)
-  for start in range(0, len(order), batch_size):
-    chunk = order[start:start + batch_size]
+
+  def fits(n: int, longest: int) -> bool:  # with generate's power-of-two buckets of batch, prompt and answer
+    prompt, cache = gen._bucket(longest, 8), gen._bucket(longest, 8) + gen._bucket(max_new_tokens, 8)
+    return gen._bucket(n) * cfg.n_heads * prompt * cache * 4 <= PREFILL_BYTES
+
+  chunks: list[list[int]] = [[]]
+  for i in order:  # ascending length: the newest prompt is the chunk's longest
+    if chunks[-1] and (len(chunks[-1]) == batch_size or not fits(len(chunks[-1]) + 1, len(kept[i][1]))):
+      chunks.append([])
+    chunks[-1].append(i)
+  for chunk in chunks:
+    if not chunk:
+      continue
     outs = gen.generate(params, cfg, [kept[i][1] for i in chunk], max_new_tokens=max_new_tokens,
                         eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
                         max_len=max_prompt_tokens + max_new_tokens, compute=compute)

@@ -52,7 +52,7 @@ def _generate(params, tokens, lengths, eos_ids, pad_id, max_new, temperature, to
     return sample_logits(logits, key, temperature, top_p).astype(jnp.int32)
 
   logits, cache = transformer.forward_cached(params, tokens, cache, cfg, compute=compute, positions=positions,
-                                             kv_valid=kv_valid)
+                                             kv_valid=kv_valid, last_only=True)
   key, sub = jax.random.split(key)
   first = pick(logits[:, -1], sub)
   out = jnp.full((B, new_bucket), pad_id, jnp.int32).at[:, 0].set(first)

@@ -295,8 +295,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype="float32") -> d
 
 def forward_cached(params: Params, tokens: jax.Array, cache: dict[str, jax.Array], cfg: ModelConfig, *,
                    compute: Compute = Compute(), positions: jax.Array | None = None,
-                   kv_valid: jax.Array | None = None, mesh=None):
-  """Runs tokens [B, T] at cache slots index..index+T; returns (logits [B, T, V], new cache).
+                   kv_valid: jax.Array | None = None, mesh=None, last_only: bool = False):
+  """Runs tokens [B, T] at cache slots index..index+T; returns (logits [B, T, V], new cache); with last_only, the
+  logits of the last position only ([B, 1, V]: a prefill's [B, T, V] logits can be tens of GB).
 
   positions default to the slot index (left-padded prompts pass their own so padding does not shift RoPE);
   kv_valid [B, S] (cache length S) masks padding slots out of attention.
@@ -314,6 +315,8 @@ def forward_cached(params: Params, tokens: jax.Array, cache: dict[str, jax.Array
     return (y, ks, vs, layer + 1), None
 
   (x, ks, vs, _), _ = jax.lax.scan(body, (x, cache["k"], cache["v"], jnp.int32(0)), params["layers"])
+  if last_only:
+    x = x[:, -1:]
   x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_eps)
   return lm_logits(params, x, cfg), {"k": ks, "v": vs, "index": index + T}
 
