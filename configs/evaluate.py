@@ -24,8 +24,9 @@ def get_config(arg=None):
   c.domains = "all"             # or e.g. "math,tool_use"
   c.n_per_domain = 200          # held-out items per kind (safety: harmful and benign each), stratified
   c.max_new_tokens = 256        # upper limit of the answer budget (the 95th percentile of the domain's answers)
-  # prompts per generate call: decoding multiplies [batch, d] by every weight each step, and the CPU's matmul rate
-  # grows with the batch (experiments/results/bench_decode.md)
+  # prompts per generate call (fewer for long prompts: evals/runner.py PREFILL_BYTES): decoding multiplies [batch, d]
+  # by every weight each step, and a CPU's matmul rate grows with the batch (measure it:
+  # python experiments/bench_train.py --sections=peak,decode --decode_batches=16,64 --decode_experts=1,5)
   c.batch_size = 64
   c.max_prompt_tokens = 0       # 0: the 95th percentile of the domain's prompts; longer ones passed over and counted
   c.nll_seq_len = 512           # NLL rows (code bodies, prose passages, packed): longer ones truncated and counted

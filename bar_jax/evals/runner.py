@@ -127,7 +127,7 @@ def budgets(domain, tokenizer, items: list[dict], max_new_tokens: int) -> dict[s
   prompt_budget = -(-p_prompt // BUDGET_ROUND) * BUDGET_ROUND
   answer_budget = max(1, min(p_answer, max_new_tokens)) if answers else max_new_tokens
   return {"prompt_tokens": prompt_budget, "answer_tokens": answer_budget,
-          f"prompt_p{PERCENTILE}": p_prompt, f"answer_p{PERCENTILE}": p_answer,
+          f"prompt_p{PERCENTILE}": p_prompt, f"answer_p{PERCENTILE}": p_answer if answers else None,
           "answers_covered_pct": round(100.0 * float(np.mean(np.asarray(answers) <= answer_budget)), 1)
           if answers else None}
 
