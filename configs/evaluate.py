@@ -6,10 +6,10 @@
 
 Expected: WORKDIR/eval.json (per model and domain: value, 95% interval, counts, budgets, every item's outcome and
 reply) and WORKDIR/eval.md, a markdown table (rows = models; columns = math, code, tool_use, safety, general,
-instruction_following;
-percentages with 95% intervals; code and general as per-token NLL with the change vs the first row; overall = mean
-of the percentage columns; * = differs from the first row at p < 0.05, paired over the same items). Sizes and
-budgets come from the data (bar_jax/evals/runner.py): up to 200 held-out items per kind, stratified.
+instruction_following; percentages with 95% intervals; code and general as per-token NLL with the change vs the
+first row; overall = mean of the percentage columns; * = differs from the first row at p < 0.05, paired over the
+same items). Sizes and budgets come from the data (bar_jax/evals/runner.py): up to 200 held-out items per kind,
+stratified.
 """
 import ml_collections
 

@@ -38,6 +38,7 @@ from bar_jax.evals import menu
 
 BUILTIN = ("math", "code", "tool_use", "safety", "general")  # configs/capabilities/<name>.py, in table order
 EVAL_ONLY = ("instruction_following",)  # built-in evaluation sets with no training data: evaluated, never branched
+EVALUATED = BUILTIN + EVAL_ONLY          # what 'all' evaluates
 GENERAL = "general"
 SPLITS = sources_lib.SPLITS
 ROLES = ("system", "user", "assistant")
@@ -99,11 +100,11 @@ def spec_path(ref: str) -> str:
   if ref.endswith(".py") or os.sep in ref or "/" in ref:
     if not os.path.isfile(ref):
       raise BarError(f"capability spec {ref} does not exist: pass a spec file (configs/capabilities/template.py "
-                     f"shows one) or a built-in name ({', '.join(BUILTIN + EVAL_ONLY)})")
+                     f"shows one) or a built-in name ({', '.join(EVALUATED)})")
     return os.path.abspath(ref)
   path = os.path.join(SPEC_DIR, f"{ref}.py")
   if ref == "template" or not os.path.isfile(path):
-    raise BarError(f"unknown capability {ref!r}: give a built-in name ({', '.join(BUILTIN + EVAL_ONLY)}) or a path "
+    raise BarError(f"unknown capability {ref!r}: give a built-in name ({', '.join(EVALUATED)}) or a path "
                    "to a spec file (copy configs/capabilities/template.py)")
   return path
 
@@ -561,7 +562,7 @@ def resolve(refs: Sequence[str] | str) -> list[Capability]:
   """Capabilities from a list or a comma-separated string of names or spec paths ('all' = the built-ins and the
   built-in evaluation sets)."""
   if isinstance(refs, str):
-    refs = list(BUILTIN + EVAL_ONLY) if refs.strip() == "all" else [r.strip() for r in refs.split(",") if r.strip()]
+    refs = list(EVALUATED) if refs.strip() == "all" else [r.strip() for r in refs.split(",") if r.strip()]
   return [get(r) for r in refs]
 
 
@@ -574,7 +575,7 @@ def from_record(record: Mapping[str, Any], what: str) -> Capability:
       cap = _LOADED[name]
     elif path and os.path.isfile(path):
       cap = load(path)
-    elif name in BUILTIN + EVAL_ONLY:
+    elif name in EVALUATED:
       cap = get(name)
     else:
       raise BarError(f"its spec {path or '(none recorded)'} does not exist")

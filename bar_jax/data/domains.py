@@ -213,31 +213,29 @@ GENERAL = Source(
 
 # -- instruction following (an evaluation set only) ------------------------------------------------------------------
 
-def _eval_only(what: str):
-  def split_data(split):
-    if split == "train":
-      raise BarError(f"source 'ifbench' is an evaluation set ({what}): it has no training data; evaluate with it, "
-                     "and give a branch a capability with data.files")
-    return [[{"role": "user", "content": p["prompt"]}] for p in ifbench.prompts()]  # held-out prompts, no answers
-  return split_data
+def _instructions_chat(split):
+  if split == "train":
+    raise BarError("source 'ifbench' is an evaluation set (IFBench test prompts): it has no training data; evaluate "
+                   "with it, and give a branch a capability with data.files")
+  return [[{"role": "user", "content": p["prompt"]}] for p in ifbench.prompts()]  # held-out prompts, no answers
 
 
 def _instructions_eval():
-  by_kind: dict[str, list[dict]] = {}  # stratified over the first instruction's family (count:, format:, words:...)
+  by_family: dict[str, list[dict]] = {}  # stratified over the first instruction's family (count, format, words...)
   for p in ifbench.prompts():
-    by_kind.setdefault(p["instruction_id_list"][0].split(":")[0], []).append(
+    family = p["instruction_id_list"][0].split(":")[0]
+    by_family.setdefault(family, []).append(
         {"kind": "generate", "id": p["key"], "messages": [{"role": "user", "content": p["prompt"]}],
          "reference": {"prompt": p["prompt"], "instruction_id_list": p["instruction_id_list"],
                        "kwargs": [{k: v for k, v in kw.items() if v is not None} for kw in p["kwargs"]]},
-         "group": p["instruction_id_list"][0].split(":")[0]})
-  return _interleave([by_kind[k] for k in sorted(by_kind)])
+         "group": family})
+  return _interleave([by_family[k] for k in sorted(by_family)])
 
 
 INSTRUCTIONS = Source(
     "ifbench", ("ifbench",), ifbench.LICENSE,
-    _text=lambda s: [m[0]["content"] for m in _eval_only("IFBench test prompts")(s)],
-    _chat=_eval_only("IFBench test prompts"),
-    _eval=_instructions_eval, eval_only=True)
+    _text=lambda s: [m[0]["content"] for m in _instructions_chat(s)],
+    _chat=_instructions_chat, _eval=_instructions_eval, eval_only=True)
 
 
 SOURCES: dict[str, Source] = {s.name: s for s in (MATH, CODE, TOOL_USE, SAFETY, GENERAL, INSTRUCTIONS)}

@@ -12,7 +12,6 @@ strict prompt-level score and refuses an instruction kind the library does not k
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Any, Mapping
 
 from bar_jax.errors import BarError
@@ -31,36 +30,29 @@ def _no_downloads():
     nltk.download = download
 
 
-@functools.lru_cache(maxsize=1)
-def _library():
-  try:
-    with _no_downloads():
-      from if_verifiable.common import evaluate_instructions
-      from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT
-  except ImportError as e:
-    raise BarError(f"the instruction-following checkers cannot be imported ({e}): run `bash setup.sh` "
-                   "(requirements.txt pins if-verifiable)") from None
-  return evaluate_instructions, INSTRUCTION_DICT
-
-
 # Imported with this module (~2 s with nltk), not at the first reply: a verifier runs under a 2 s timeout
 # (evals.verifiers.score_all), and an import it interrupts leaves the library half-imported for every later reply.
-_library()
+try:
+  with _no_downloads():
+    from if_verifiable.common import evaluate_instructions
+    from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT
+except ImportError as e:
+  raise BarError(f"the instruction-following checkers cannot be imported ({e}): run `bash setup.sh` "
+                 "(requirements.txt pins if-verifiable)") from None
 
 
 def known_kinds() -> frozenset[str]:
-  return frozenset(_library()[1])
+  return frozenset(INSTRUCTION_DICT)
 
 
 def check(response: str, reference: Mapping[str, Any]) -> list[bool]:
   """Strict pass of each instruction, in the prompt's order."""
-  evaluate, registry = _library()
   ids = list(reference["instruction_id_list"])
-  unknown = sorted(set(ids) - set(registry))
+  unknown = sorted(set(ids) - set(INSTRUCTION_DICT))
   if unknown:
     raise BarError(f"instruction kinds {unknown} are not in if-verifiable's IFBench registry: check the data or "
                    "the pinned if-verifiable version")
-  results, _ = evaluate(response, ids, list(reference["kwargs"]), reference["prompt"], registry)
+  results, _ = evaluate_instructions(response, ids, list(reference["kwargs"]), reference["prompt"], INSTRUCTION_DICT)
   return [r.strict_pass for r in results] if results else [False] * len(ids)  # empty response: none met
 
 

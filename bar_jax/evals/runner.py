@@ -155,18 +155,16 @@ def _generate_domain(params, cfg, tokenizer, kept, *, batch_size, max_new_tokens
   order = sorted(range(len(kept)), key=lambda i: len(kept[i][1]))
   replies: list[str] = [""] * len(kept)
 
-  def fits(n: int, longest: int) -> bool:  # with generate's power-of-two buckets of batch, prompt and answer
-    prompt, cache = gen._bucket(longest, 8), gen._bucket(longest, 8) + gen._bucket(max_new_tokens, 8)
-    return gen._bucket(n) * cfg.n_heads * prompt * cache * 4 <= PREFILL_BYTES
+  def fits(n: int, longest: int) -> bool:  # in the padded sizes generate compiles for
+    batch, prompt, new = gen.buckets(n, longest, max_new_tokens)
+    return batch * cfg.n_heads * prompt * (prompt + new) * 4 <= PREFILL_BYTES
 
-  chunks: list[list[int]] = [[]]
+  chunks: list[list[int]] = []
   for i in order:  # ascending length: the newest prompt is the chunk's longest
-    if chunks[-1] and (len(chunks[-1]) == batch_size or not fits(len(chunks[-1]) + 1, len(kept[i][1]))):
+    if not chunks or len(chunks[-1]) == batch_size or not fits(len(chunks[-1]) + 1, len(kept[i][1])):
       chunks.append([])
     chunks[-1].append(i)
   for chunk in chunks:
-    if not chunk:
-      continue
     outs = gen.generate(params, cfg, [kept[i][1] for i in chunk], max_new_tokens=max_new_tokens,
                         eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
                         max_len=max_prompt_tokens + max_new_tokens, compute=compute)

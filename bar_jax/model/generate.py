@@ -24,6 +24,11 @@ def _bucket(n: int, minimum: int = 1) -> int:
   return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+def buckets(n_prompts: int, longest: int, max_new: int) -> tuple[int, int, int]:
+  """The padded (batch, prompt, new-token) sizes generate compiles for: powers of two (a handful of programs)."""
+  return _bucket(n_prompts), _bucket(longest, 8), _bucket(max_new, 8)
+
+
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
   """Samples ids [B] from logits [B, V] at a temperature, from the smallest set of tokens holding top_p mass."""
   logits = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
@@ -97,8 +102,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   if max_new_tokens < 1:
     raise BarError(f"max_new_tokens={max_new_tokens}; ask for at least 1 new token")
   max_new = min(max_new_tokens, limit - longest)  # stay inside the positions the model was trained on
-  prompt_bucket, new_bucket = _bucket(longest, 8), _bucket(max_new, 8)
-  batch = _bucket(len(prompts))
+  batch, prompt_bucket, new_bucket = buckets(len(prompts), longest, max_new)
   tokens = np.full((batch, prompt_bucket), pad_id, np.int32)
   lens = np.zeros((batch,), np.int32)
   for i, p in enumerate(prompts):
