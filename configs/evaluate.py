@@ -24,7 +24,7 @@ def get_config(arg=None):
   c.domains = "all"             # or e.g. "math,tool_use"
   c.n_per_domain = 200          # held-out items per kind (safety: harmful and benign each), stratified
   c.max_new_tokens = 256        # upper limit of the answer budget (the 95th percentile of the domain's answers)
-  # prompts per generate call (fewer for long prompts: evals/runner.py PREFILL_BYTES): decoding multiplies [batch, d]
+  # rows decoding at once (fewer for long prompts: model/generate.py CACHE_BYTES): decoding multiplies [batch, d]
   # by every weight each step, and a CPU's matmul rate grows with the batch (measure it:
   # python experiments/bench_train.py --sections=peak,decode --decode_batches=16,64 --decode_experts=1,5)
   c.batch_size = 64

@@ -428,9 +428,13 @@ def _decode_rows(args, bandwidth, cfg):
   for B in (int(x) for x in args.decode_batches.split(",")):
     tokens = jax.device_put(jnp.ones((B, prompt), jnp.int32), dev)
     lens = jnp.full((B,), prompt, jnp.int32)
-    run = lambda n: generate._generate(params, tokens, lens, jnp.asarray([-1], jnp.int32), jnp.int32(0),
-                                       jnp.int32(n), jnp.float32(0), jnp.float32(1), jax.random.key(0), cfg=cfg,
-                                       compute=compute, greedy=True, new_bucket=new, cache_len=prompt + new)[0]
+    stop = (jnp.asarray([-1], jnp.int32), jnp.int32(0), jnp.float32(0), jnp.float32(1))  # no eos, greedy
+
+    def run(n):  # every row prefilled at once, then n - 1 decode steps (the engine of model/generate.py)
+      state = generate._empty_state(cfg, B, prompt + new, new, args.dtype, 0, jax.random.key(0))
+      state = generate._prefill(params, state, tokens, lens, jnp.arange(B, dtype=jnp.int32),
+                                jnp.full((B,), n, jnp.int32), *stop, cfg=cfg, compute=compute, greedy=True)
+      return generate._decode(params, state, jnp.int32(B), *stop, cfg=cfg, compute=compute, greedy=True)["out"]
     short, full = best_time(run, 8), best_time(run, new)
     per_step = (full - short) / (new - 8)
     cache_len = prompt + new

@@ -154,34 +154,6 @@ def test_packed_nll_matches_numpy_reference():
   assert metrics.nll_to_score(0.0) == 100.0 and metrics.nll_to_score(1.0) < metrics.nll_to_score(0.5)
 
 
-def test_generation_batches_keep_the_prefill_within_its_memory_bound(monkeypatch):
-  """Long prompts go in smaller batches: each generate call's prefill scores (batch x heads x prompt x cache, fp32,
-  in generate's power-of-two buckets) stay under PREFILL_BYTES, and every item gets its reply, in its order."""
-  from bar_jax.model import generate as gen
-  cfg = config_lib.tiny(vocab_size=64)
-  params = transformer.init_params(cfg, jax.random.key(0))
-
-  class Tok:
-    eos_ids, pad_id = [1], 0
-
-    def decode(self, ids, skip_special_tokens=True):
-      return " ".join(map(str, ids))
-  lengths = [3, 60, 5, 120, 7, 9, 100, 4]
-  kept = [({"id": str(i)}, [2 + (i + j) % 60 for j in range(n)]) for i, n in enumerate(lengths)]
-  calls, real = [], gen.generate
-  monkeypatch.setattr(gen, "generate", lambda params, cfg, prompts, **kw: calls.append(
-      [len(p) for p in prompts]) or real(params, cfg, prompts, **kw))
-  bound = 4 * cfg.n_heads * 8 * (8 + 8) * 4  # four rows of prompts up to 8 tokens (buckets: 8 + 8 cache)
-  monkeypatch.setattr(runner, "PREFILL_BYTES", bound)
-  done = runner._generate_domain(params, cfg, Tok(), kept, batch_size=8, max_new_tokens=4, max_prompt_tokens=128,
-                                 mesh=None, compute=config_lib.Compute())
-  assert calls == [[3, 4, 5, 7], [9], [60], [100], [120]]  # sorted by length; a prompt too long alone runs alone
-  for sizes in calls[:2]:
-    assert gen._bucket(len(sizes)) * cfg.n_heads * gen._bucket(max(sizes), 8) * (
-        gen._bucket(max(sizes), 8) + 8) * 4 <= bound
-  assert [d["id"] for d in done] == [str(i) for i in range(len(lengths))] and all(d["response"] for d in done)
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # The stage: every domain on a tiny random model with the real tokenizer; table; no overwrite.
 

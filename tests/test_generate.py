@@ -44,6 +44,51 @@ def test_kv_cache_with_left_padding_matches_full_recompute():
     assert got == expected
 
 
+def test_continuous_batching_refills_slots_and_matches_full_recompute():
+  """More prompts than slots, of three padded lengths, with their own budgets and an eos: each slot is refilled as
+  its row ends and the ring cache wraps around (~60 steps on 2 slots of 32 columns), yet every row is the
+  reference's."""
+  cfg = tiny()
+  params = transformer.init_params(cfg, jax.random.key(1))
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (5, 11, 2, 7, 3, 9, 1, 4, 12, 6, 8, 2)]
+  budgets = [10, 3, 7, 10, 1, 9, 10, 5, 10, 2, 8, 10]
+  reference = [_greedy_by_recompute(params, cfg, p, b, set()) for p, b in zip(prompts, budgets)]
+  got = gen.generate(params, cfg, prompts, max_new_tokens=budgets, eos_ids=[], pad_id=0, batch_size=2)
+  assert got == reference
+  eos = reference[0][4]  # some rows stop early on it, freeing their slot sooner
+  expected = [r[:r.index(eos) + 1] if eos in r else r for r in reference]
+  assert gen.generate(params, cfg, prompts, max_new_tokens=budgets, eos_ids=[eos], pad_id=0, batch_size=4) == expected
+
+
+def test_long_prompts_get_fewer_slots_within_the_memory_bounds(monkeypatch):
+  """With a batch size, prompts are grouped by padded length; each group's KV cache stays under CACHE_BYTES and
+  each prefill's attention scores under PREFILL_BYTES (a long prompt alone may exceed nothing but itself), and the
+  replies come back in the prompts' order, equal to one unconstrained batch's."""
+  cfg = tiny()
+  params = transformer.init_params(cfg, jax.random.key(1))
+  lengths = [3, 60, 5, 120, 7, 9, 100, 4, 2, 6, 8, 1, 3]
+  prompts = [[2 + (i + j) % 60 for j in range(n)] for i, n in enumerate(lengths)]
+  reference = gen.generate(params, cfg, prompts, max_new_tokens=4, eos_ids=[], pad_id=0)
+  slot_bytes = lambda columns: 2 * cfg.n_layers * columns * cfg.n_kv_heads * cfg.head_dim * 4
+  monkeypatch.setattr(gen, "CACHE_BYTES", 8 * slot_bytes(8 + 8))             # eight slots of the shortest group
+  monkeypatch.setattr(gen, "PREFILL_BYTES", 1 * cfg.n_heads * 16 * 16 * 4)   # one row of a 16-token prompt
+  shapes, real_prefill, real_decode = [], gen._prefill, gen._decode
+  monkeypatch.setattr(gen, "_prefill", lambda params, state, tokens, *a, **kw: shapes.append(
+      ("prefill", tokens.shape, state["k"].shape[1:3])) or real_prefill(params, state, tokens, *a, **kw))
+  monkeypatch.setattr(gen, "_decode", lambda params, state, *a, **kw: shapes.append(
+      ("decode", None, state["k"].shape[1:3])) or real_decode(params, state, *a, **kw))
+  got = gen.generate(params, cfg, prompts, max_new_tokens=4, eos_ids=[], pad_id=0, batch_size=8)
+  assert got == reference
+  # (slots, columns) per group: prompt buckets 8 (9 prompts, 8 slots refilled 2 at a time), 16 (1), 64 (1) and
+  # 128 (2 prompts, 1 slot), + 8 new tokens
+  caches = sorted({s[2] for s in shapes})
+  assert caches == [(1, 16 + 8), (1, 64 + 8), (1, 128 + 8), (8, 8 + 8)]
+  assert all(slots * slot_bytes(columns) <= gen.CACHE_BYTES or slots == 1 for slots, columns in caches)
+  prefills = [tokens for kind, tokens, _ in shapes if kind == "prefill"]
+  assert (2, 8) in prefills and all(r * cfg.n_heads * p * p * 4 <= gen.PREFILL_BYTES or r == 1 for r, p in prefills)
+
+
 def test_sampling_is_seeded_and_top_p_zero_is_greedy():
   cfg = tiny()
   params = transformer.init_params(cfg, jax.random.key(1))

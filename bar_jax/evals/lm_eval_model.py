@@ -15,7 +15,8 @@ The three request kinds:
                          lm-eval's HF model does), left-truncated to max_length; batched into padded rows.
   loglikelihood_rolling  the whole text's log-likelihood in disjoint windows of max_length (lm-eval's
                          get_rolling_token_windows), the first token conditioned on the end-of-text token.
-  generate_until         greedy KV-cached decoding (bar_jax.model.generate), batched, cut at the first stop string.
+  generate_until         greedy KV-cached decoding with continuous batching (bar_jax.model.generate), cut at the
+                         first stop string.
 Scores are float32 log-softmax values summed in float64: the same numbers as bar_jax's own NLL (tested).
 """
 from __future__ import annotations
@@ -138,18 +139,14 @@ class BarJaxLM(LM):
       budget = int(kwargs.get("max_gen_toks", self.max_gen_toks))
       ids = self.tokenizer.encode(context)[-(self.max_length - budget):] or [self.prefix_id]
       todo.append((i, ids, until, budget))
-    todo.sort(key=lambda t: (t[3], len(t[1])))
-    for start in range(0, len(todo), self.batch_size):
-      chunk = todo[start:start + self.batch_size]
-      budget = max(t[3] for t in chunk)
-      outs = gen.generate(self.params, self.cfg, [t[1] for t in chunk], max_new_tokens=budget,
-                          eos_ids=self.tokenizer.eos_ids, pad_id=self.tokenizer.pad_id)
-      for (i, _, until, _), o in zip(chunk, outs):
-        text = self.tokenizer.decode(o, skip_special_tokens=True)
-        for stop in until:
-          if stop and stop in text:
-            text = text[:text.index(stop)]
-        out[i] = text
+    outs = gen.generate(self.params, self.cfg, [t[1] for t in todo], max_new_tokens=[t[3] for t in todo],
+                        eos_ids=self.tokenizer.eos_ids, pad_id=self.tokenizer.pad_id, batch_size=self.batch_size)
+    for (i, _, until, _), o in zip(todo, outs):
+      text = self.tokenizer.decode(o, skip_special_tokens=True)
+      for stop in until:
+        if stop and stop in text:
+          text = text[:text.index(stop)]
+      out[i] = text
     return out
 
   def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:

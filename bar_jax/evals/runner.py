@@ -7,10 +7,11 @@ per kind (n_per_domain; safety: that many harmful and that many benign prompts).
                   95% of items fit; longer ones are passed over and counted (skipped_prompt_too_long)
   answer budget   the 95th percentile of the domain's reference answers (its training conversations' assistant
                   turns), at most max_new_tokens; generation stops at the end of turn
-Generative domains decode greedily with bar_jax.model.generate (prompts sorted by length into batches of
-batch_size); NLL domains pack their texts into [nll_batch_rows, nll_seq_len] rows of one jitted forward and keep
-each item's NLL sum and token count. Scores: percentages (with Wilson or bootstrap intervals) for generative
-metrics; per-token NLL (bootstrap interval over items) for code and general, which stay out of "overall".
+Generative domains decode greedily with bar_jax.model.generate (batch_size rows at once, each refilled with the
+next prompt as its reply ends); NLL domains pack their texts into [nll_batch_rows, nll_seq_len] rows of one jitted
+forward and keep each item's NLL sum and token count. Scores: percentages (with Wilson or bootstrap intervals) for
+generative metrics; per-token NLL (bootstrap interval over items) for code and general, which stay out of
+"overall".
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ from bar_jax.model.config import Compute, ModelConfig
 N_SAMPLES = 3       # responses kept per domain in the report, for reading
 PERCENTILE = 95     # budgets cover this percentile of the data
 BUDGET_ROUND = 32   # prompt budgets rounded up to a multiple of this (fewer compiled shapes)
-PREFILL_BYTES = 2 ** 31  # a generate call's prefill attention scores (fp32, batch x heads x prompt x cache) fit this
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "compute", "mesh"))
@@ -150,27 +150,12 @@ def _take(items: list[dict], n: int, prompt_budget: int, tokenizer) -> tuple[lis
 
 def _generate_domain(params, cfg, tokenizer, kept, *, batch_size, max_new_tokens, max_prompt_tokens,
                      mesh, compute) -> list[dict]:
-  """Greedy replies, batched by prompt length (less padding), returned in the items' order."""
+  """Greedy replies, batch_size rows decoding at once (continuous batching), in the items' order."""
   from bar_jax.model import generate as gen
-  order = sorted(range(len(kept)), key=lambda i: len(kept[i][1]))
-  replies: list[str] = [""] * len(kept)
-
-  def fits(n: int, longest: int) -> bool:  # in the padded sizes generate compiles for
-    batch, prompt, new = gen.buckets(n, longest, max_new_tokens)
-    return batch * cfg.n_heads * prompt * (prompt + new) * 4 <= PREFILL_BYTES
-
-  chunks: list[list[int]] = []
-  for i in order:  # ascending length: the newest prompt is the chunk's longest
-    if not chunks or len(chunks[-1]) == batch_size or not fits(len(chunks[-1]) + 1, len(kept[i][1])):
-      chunks.append([])
-    chunks[-1].append(i)
-  for chunk in chunks:
-    outs = gen.generate(params, cfg, [kept[i][1] for i in chunk], max_new_tokens=max_new_tokens,
-                        eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
-                        max_len=max_prompt_tokens + max_new_tokens, compute=compute)
-    for i, o in zip(chunk, outs):
-      replies[i] = tokenizer.decode(o, skip_special_tokens=True)
-  return [dict(it, response=r) for (it, _), r in zip(kept, replies)]
+  outs = gen.generate(params, cfg, [ids for _, ids in kept], max_new_tokens=max_new_tokens,
+                      eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, batch_size=batch_size,
+                      max_len=max_prompt_tokens + max_new_tokens, compute=compute)
+  return [dict(it, response=tokenizer.decode(o, skip_special_tokens=True)) for (it, _), o in zip(kept, outs)]
 
 
 def _rate(hits: Sequence[float]) -> tuple[float, list[float]]:

@@ -176,11 +176,12 @@ def attend(q, k, v, mask, compute: Compute):
 
 
 def _block(cfg: ModelConfig, compute: Compute, mesh, x, lp, positions, segment_ids, cache_kv, cache_index,
-           kv_valid=None):
+           kv_valid=None, ring: bool = False):
   """One decoder layer. cache_kv = (k [L,B,S,K,hd], v, layer): every layer's cache, of which this layer's slots
   cache_index.. are written and read; or None.
 
-  kv_valid [B, S] marks cache slots that hold real tokens (left padding False); causality is by slot.
+  kv_valid [B, S] marks cache slots that hold real tokens (left padding False); causality is by slot, or, for a
+  ring cache (one new token per row), kv_valid alone says which slots a row attends.
   """
   B, T, _ = x.shape
   dt = x.dtype
@@ -218,13 +219,16 @@ def _block(cfg: ModelConfig, compute: Compute, mesh, x, lp, positions, segment_i
     ck = jax.lax.dynamic_index_in_dim(ks, layer, keepdims=False)
     cv = jax.lax.dynamic_index_in_dim(vs, layer, keepdims=False)
     S = ck.shape[1]
-    slots = jnp.broadcast_to(jnp.arange(S)[None], (B, S))
-    # Causal by slot (a left-padded row's RoPE positions lag its slots); unwritten and padding slots masked out.
-    q_slots = jnp.broadcast_to(cache_index + jnp.arange(T)[None], (B, T))
-    valid = slots < cache_index + T
-    if kv_valid is not None:
-      valid &= kv_valid
-    mask = attention_mask(q_slots, slots, None, None, k_valid=valid)
+    if ring:
+      mask = jnp.broadcast_to(kv_valid[:, None, None, :], (B, 1, T, S))
+    else:
+      slots = jnp.broadcast_to(jnp.arange(S)[None], (B, S))
+      # Causal by slot (a left-padded row's RoPE positions lag its slots); unwritten and padding slots masked out.
+      q_slots = jnp.broadcast_to(cache_index + jnp.arange(T)[None], (B, T))
+      valid = slots < cache_index + T
+      if kv_valid is not None:
+        valid &= kv_valid
+      mask = attention_mask(q_slots, slots, None, None, k_valid=valid)
     new_cache = (ks, vs)
     keys, values = ck.astype(dt), cv.astype(dt)
   o = attend(q, keys, values, mask, compute).reshape(B, T, cfg.n_heads * cfg.head_dim)
@@ -295,15 +299,19 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype="float32") -> d
 
 def forward_cached(params: Params, tokens: jax.Array, cache: dict[str, jax.Array], cfg: ModelConfig, *,
                    compute: Compute = Compute(), positions: jax.Array | None = None,
-                   kv_valid: jax.Array | None = None, mesh=None, last_only: bool = False):
+                   kv_valid: jax.Array | None = None, mesh=None, last_only: bool = False, ring: bool = False):
   """Runs tokens [B, T] at cache slots index..index+T; returns (logits [B, T, V], new cache); with last_only, the
   logits of the last position only ([B, 1, V]: a prefill's [B, T, V] logits can be tens of GB).
 
   positions default to the slot index (left-padded prompts pass their own so padding does not shift RoPE);
-  kv_valid [B, S] (cache length S) masks padding slots out of attention.
+  kv_valid [B, S] (cache length S) masks padding slots out of attention. ring: the cache is a ring of S slots
+  (continuous batching, model/generate.py): one token per row goes to slot index, and kv_valid, which then must
+  include that slot, is the whole mask.
   """
   dt = jnp.dtype(compute.dtype)
   B, T = tokens.shape
+  if ring and (T != 1 or kv_valid is None):
+    raise ValueError("a ring cache takes one token per row and its kv_valid mask")
   index = cache["index"]
   if positions is None:
     positions = jnp.broadcast_to(index + jnp.arange(T)[None], (B, T))
@@ -311,7 +319,7 @@ def forward_cached(params: Params, tokens: jax.Array, cache: dict[str, jax.Array
 
   def body(carry, lp):
     x, ks, vs, layer = carry
-    y, _, (ks, vs) = _block(cfg, compute, mesh, x, lp, positions, None, (ks, vs, layer), index, kv_valid)
+    y, _, (ks, vs) = _block(cfg, compute, mesh, x, lp, positions, None, (ks, vs, layer), index, kv_valid, ring)
     return (y, ks, vs, layer + 1), None
 
   (x, ks, vs, _), _ = jax.lax.scan(body, (x, cache["k"], cache["v"], jnp.int32(0)), params["layers"])
