@@ -73,7 +73,7 @@ def dispatch_worker(n_devices: int) -> dict:
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from bar_jax.model import moe
+  from bar_jax.model import dispatch, moe
   from bar_jax.model.config import Compute, ModelConfig
   from bar_jax.sharding import make_mesh, BATCH_AXES
 
@@ -97,12 +97,17 @@ def dispatch_worker(n_devices: int) -> dict:
       return tree
     return jax.device_put(tree, NamedSharding(mesh, P(BATCH_AXES) if batch else P()))
 
-  def moe_step(cfg, compute, mesh, params=p, ffn=moe.moe_ffn):
+  def moe_step(cfg, compute, mesh, params=p, ffn=moe.moe_ffn, cpu_impl=dispatch.CPU_IMPL):
     def loss(p, x):
       y, aux = ffn(p, x[None], cfg, mesh=mesh, compute=compute)
       return jnp.sum(y[0] * probe_s) + 1e-3 * aux["z_loss"]
     probe_s = place(probe, mesh, True)
-    return _runner(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), place(params, mesh, False), place(x, mesh, True))
+    default, dispatch.CPU_IMPL = dispatch.CPU_IMPL, cpu_impl  # read when the step is traced, in _runner
+    try:
+      return _runner(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), place(params, mesh, False),
+                     place(x, mesh, True))
+    finally:
+      dispatch.CPU_IMPL = default
 
   def materialised_lora(p, x, cfg, mesh=None, compute=None):
     """The previous LoRA layer: experts materialised (anchor + a b) and run one by one on every token."""
@@ -133,6 +138,8 @@ def dispatch_worker(n_devices: int) -> dict:
       if kind == "expert_parallel" and mesh is None:
         continue  # no expert axis on one device: it is the dropless path
       runs[kind] = moe_step(cfg, Compute(dispatch=kind), mesh)
+    if k < E:  # the CPU's other grouped matmul (batched blocks over gathered weights), for comparison
+      runs["dropless_blocked"] = moe_step(cfg, Compute(dispatch="dropless"), data_mesh, cpu_impl="blocked")
     row = {"k": k, "flops": 3 * 2 * N_TOKENS * 3 * D * F * k, **_stats(_interleaved(runs, ROUNDS), "dense_ffn")}
     out["rows"].append(row)
     print(json.dumps(row), file=sys.stderr, flush=True)
@@ -223,13 +230,14 @@ def report(results: list[dict], merge: dict | None, command: str, hosts: tuple[s
            "split over 8); on 1 device it is the dropless path.", ""]
   for r in results:
     lines += [f"## {r['devices']} device(s): fp32 matmul peak {r['peak_gflops']:.0f} GFLOP/s", "",
-              "| top_k | dense FFN (k*F) | GFLOP/s | dense (all E) | dropless | expert_parallel |",
-              "|---|---|---|---|---|---|"]
+              "| top_k | dense FFN (k*F) | GFLOP/s | dense (all E) | dropless (scanned blocks) | dropless (batched "
+              "blocks, gathered weights) | expert_parallel |",
+              "|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
       base = row["dense_ffn"]["s"]
-      get = lambda kind: cell(row[kind]) if kind in row else "= dropless"  # noqa: E731
+      get = lambda kind, same="= dropless": cell(row[kind]) if kind in row else same  # noqa: E731
       lines.append(f"| {row['k']} | {base * 1e3:.0f} ms | {row['flops'] / base / 1e9:.0f} | {get('dense')} | "
-                   f"{get('dropless')} | {get('expert_parallel')} |")
+                   f"{get('dropless')} | {get('dropless_blocked', '(wide FFN)')} | {get('expert_parallel')} |")
     lo = r["lora"]
     lines += ["", f"LoRA experts (E={E}: anchor + {E - 1} rank-{RANK} adapters, all active), against one dense FFN "
               "of width F:", "", "| dense FFN (F) | lora side path | lora materialised (previous layout) |",

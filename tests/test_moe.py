@@ -87,15 +87,25 @@ def test_expert_parallel_matches_dense(data, expert, top_k, norm_topk):
   assert_close(g0, g1)
 
 
-def test_ragged_dot_grouped_matmul_matches_blocked():
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_grouped_matmuls_agree_in_forward_and_gradient(top_k):
+  """The CPU's batched blocks, its scan over blocks (its own backward pass) and ragged_dot: same outputs and
+  gradients w.r.t. tokens and experts, with blocks smaller and larger than the expert groups."""
   p, x = layer(4)
-  cfg, _ = cfg_for(4, 2, False, "dropless")
-  weights, idx, _ = moe.route(p["router"]["kernel"], x.reshape(-1, 16), cfg)
-  e = p["experts"]
-  args = (x.reshape(-1, 16), weights, idx, e["gate"], e["up"], e["down"])
-  run = jax.jit(dispatch.dropless, static_argnames=("impl", "block"))
-  for block in (8, 64):  # blocks smaller and larger than the expert groups
-    assert_close(run(*args, impl="blocked", block=block), run(*args, impl="ragged"))
+  cfg, _ = cfg_for(4, top_k, False, "dropless")
+  xt = x.reshape(-1, 16)
+  weights, idx, _ = moe.route(p["router"]["kernel"], xt, cfg)
+  probe = jnp.cos(jnp.arange(xt.size, dtype=jnp.float32)).reshape(xt.shape)
+
+  @functools.partial(jax.jit, static_argnames=("impl", "block"))
+  def value_and_grad(x, e, impl, block=None):
+    return jax.value_and_grad(lambda x, e: jnp.sum(probe * dispatch.dropless(
+        x, weights, idx, e["gate"], e["up"], e["down"], impl=impl, block=block)), argnums=(0, 1))(x, e)
+  reference = value_and_grad(xt, p["experts"], "ragged")
+  assert float(jnp.abs(reference[1][1]["down"]).max()) > 0
+  for block in (8, 64):
+    for impl in ("blocked", "scanned"):
+      assert_close(value_and_grad(xt, p["experts"], impl, block), reference)
 
 
 def numpy_capacity_reference(p, x, weights, idx, shards, C):

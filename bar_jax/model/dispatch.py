@@ -4,8 +4,10 @@ Both compute exactly what `moe.dense_dispatch` computes (every token's top-k exp
 only without running the experts a token did not pick:
 
   dropless         the N*k token copies are sorted by expert and multiplied group by group. On the CPU the groups
-                   are padded to blocks of `block` rows and run as one batched matmul (each block belongs to one
-                   expert); elsewhere `jax.lax.ragged_dot` runs the ragged groups directly. Nothing is dropped.
+                   are padded to blocks of `block` rows (each block belongs to one expert), run by a scan over the
+                   blocks that reads each block's expert weights in place and skips the unused blocks ("scanned",
+                   with its own backward pass), or as one batched matmul over gathered weights ("blocked");
+                   elsewhere `jax.lax.ragged_dot` runs the ragged groups directly. Nothing is dropped.
                    With a mesh, each batch shard sorts and multiplies its own tokens (experts replicated).
   expert_parallel  `jax.shard_map` over the mesh: experts are split over the `expert` axis, the token batch over
                    (data, fsdp, expert). Each device buckets its token copies by expert into slots of `capacity`
@@ -27,15 +29,17 @@ from jax.sharding import PartitionSpec as P
 from bar_jax.errors import BarError
 
 BATCH_AXES = ("data", "fsdp", "expert")
+CPU_IMPL = "scanned"  # the grouped matmul `impl="auto"` picks on the CPU (experiments/bench_moe.py times both)
 
 
 def run(kind: str, x, weights, idx, gate, up, down, capacity_factor: float = 0.0, mesh=None, *, impl: str = "auto"):
   """x [N, D], weights [N, E] (zero off the top-k), idx [N, k] -> (y [N, D], dropped token copies, int32 scalar).
 
-  impl: "auto" (blocked on the CPU, ragged elsewhere), "blocked" or "ragged" (grouped matmul and all-to-all).
+  impl: "auto" (CPU_IMPL on the CPU, ragged elsewhere), "scanned", "blocked" or "ragged" (grouped matmul and
+  all-to-all; expert_parallel's all-to-all is padded unless ragged).
   """
   if impl == "auto":
-    impl = "blocked" if jax.default_backend() == "cpu" else "ragged"
+    impl = CPU_IMPL if jax.default_backend() == "cpu" else "ragged"
   if kind == "expert_parallel" and mesh is not None and mesh.shape.get("expert", 1) > 1:
     return expert_parallel(x, weights, idx, gate, up, down, mesh, capacity_factor, impl=impl)
   if kind in ("dropless", "expert_parallel"):
@@ -90,6 +94,8 @@ def dropless(x, weights, idx, gate, up, down, *, impl: str = "blocked", block: i
     a = jax.lax.ragged_dot(xs, gate.astype(dt), sizes)
     b = jax.lax.ragged_dot(xs, up.astype(dt), sizes)
     ys = jax.lax.ragged_dot(jax.nn.silu(a) * b, down.astype(dt), sizes)
+  elif impl == "scanned":
+    ys = _scanned_grouped_ffn(xs, flat_e[order], sizes, gate, up, down, block or default_block(N * k, E))
   else:
     ys = _blocked_grouped_ffn(xs, flat_e[order], sizes, gate, up, down, block or default_block(N * k, E))
   y_copies = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)   # back to (token, slot) order
@@ -112,19 +118,84 @@ def _blocked_grouped_ffn(xs, sorted_e, sizes, gate, up, down, block: int):
   """xs [M, D] sorted by expert (sorted_e [M], sizes [E]) -> ys [M, D]. Each expert's rows start on a fresh block
   of `block` rows; every block is multiplied by its own expert's weights in one batched einsum."""
   M, D = xs.shape
-  E = gate.shape[0]
-  # Static bound on the blocks needed: sum_e ceil(n_e / B) <= (M + E (B - 1)) / B, and n_e <= M / k <= M.
-  n_blocks = min((M + E * (block - 1)) // block, E * -(-M // block))
-  blocks_per_expert = -(-sizes // block)
-  block_end = jnp.cumsum(blocks_per_expert)
-  first_block = block_end - blocks_per_expert
-  group_start = jnp.cumsum(sizes) - sizes
-  rank = jnp.arange(M) - group_start[sorted_e]
-  row = first_block[sorted_e] * block + rank                 # padded row of each sorted copy
+  n_blocks, row, block_expert, _ = _block_layout(sorted_e, sizes, M, gate.shape[0], block)
   padded = jnp.zeros((n_blocks * block, D), xs.dtype).at[row].set(xs, unique_indices=True)
-  block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(n_blocks), side="right"), E - 1)
   yb = _swiglu_grouped(padded.reshape(n_blocks, block, D), gate[block_expert], up[block_expert], down[block_expert])
   return yb.reshape(n_blocks * block, D)[row]
+
+
+def _block_layout(sorted_e, sizes, n_rows: int, n_experts: int, block: int):
+  """Where each sorted copy goes when every expert's rows start on a fresh block of `block` rows: (n_blocks, the
+  padded row of each copy, each block's expert, whether a block holds any row)."""
+  # Static bound on the blocks needed: sum_e ceil(n_e / B) <= (M + E (B - 1)) / B, and n_e <= M / k <= M.
+  n_blocks = min((n_rows + n_experts * (block - 1)) // block, n_experts * -(-n_rows // block))
+  blocks_per_expert = -(-sizes // block)
+  block_end = jnp.cumsum(blocks_per_expert)
+  group_start = jnp.cumsum(sizes) - sizes
+  row = (block_end - blocks_per_expert)[sorted_e] * block + jnp.arange(n_rows) - group_start[sorted_e]
+  block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(n_blocks), side="right"), n_experts - 1)
+  return n_blocks, row, block_expert, jnp.arange(n_blocks) < block_end[-1]
+
+
+def _scanned_grouped_ffn(xs, sorted_e, sizes, gate, up, down, block: int):
+  """`_blocked_grouped_ffn` as a scan over the blocks: each block reads its expert's weights in place (no gathered
+  copy per block) and blocks past the last used one are skipped (`lax.cond`), forward and backward."""
+  M, D = xs.shape
+  n_blocks, row, block_expert, used = _block_layout(sorted_e, sizes, M, gate.shape[0], block)
+  padded = jnp.zeros((n_blocks * block, D), xs.dtype).at[row].set(xs, unique_indices=True)
+  yb = _scan_swiglu(padded.reshape(n_blocks, block, D), block_expert, used, gate, up, down)
+  return yb.reshape(n_blocks * block, D)[row]
+
+
+@jax.custom_vjp
+def _scan_swiglu(xb, block_expert, used, gate, up, down):
+  return _scan_swiglu_fwd(xb, block_expert, used, gate, up, down)[0]
+
+
+def _scan_swiglu_fwd(xb, block_expert, used, gate, up, down):
+  dt = xb.dtype
+  F = gate.shape[-1]
+
+  def step(_, blk):
+    x, e, u = blk
+
+    def run(x):
+      a, b = x @ gate[e].astype(dt), x @ up[e].astype(dt)
+      return (jax.nn.silu(a) * b) @ down[e].astype(dt), a, b
+    zeros = lambda x: (jnp.zeros_like(x), jnp.zeros(x.shape[:-1] + (F,), dt), jnp.zeros(x.shape[:-1] + (F,), dt))
+    return None, jax.lax.cond(u, run, zeros, x)
+
+  _, (y, a, b) = jax.lax.scan(step, None, (xb, block_expert, used))
+  return y, (xb, block_expert, used, a, b, gate, up, down)
+
+
+def _scan_swiglu_bwd(res, dy):
+  """Per used block: dx and the block's expert's weight gradients, added in place into one [E, ...] buffer each."""
+  xb, block_expert, used, a_all, b_all, gate, up, down = res
+  dt = xb.dtype
+
+  def step(grads, blk):
+    x, e, u, a, b, g = blk
+
+    def run(grads):
+      dgate, dup, ddown = grads
+      sig = jax.nn.sigmoid(a)
+      silu = a * sig
+      dh = g @ down[e].astype(dt).T
+      da = dh * b * (sig * (1 + a * (1 - sig)))
+      db = dh * silu
+      ddown = ddown.at[e].add((silu * b).T @ g)
+      dgate = dgate.at[e].add(x.T @ da)
+      dup = dup.at[e].add(x.T @ db)
+      return (dgate, dup, ddown), da @ gate[e].astype(dt).T + db @ up[e].astype(dt).T
+    return jax.lax.cond(u, run, lambda grads: (grads, jnp.zeros_like(x)), grads)
+
+  zeros = tuple(jnp.zeros_like(w) for w in (gate, up, down))
+  (dgate, dup, ddown), dx = jax.lax.scan(step, zeros, (xb, block_expert, used, a_all, b_all, dy))
+  return dx, None, None, dgate, dup, ddown
+
+
+_scan_swiglu.defvjp(_scan_swiglu_fwd, _scan_swiglu_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ every step writes one column for all slots, a refilled slot's prompt goes into t
 one, and a per-slot validity mask alone says which columns a slot attends. RoPE positions are per slot, so neither
 a prefill's left padding nor the ring's columns shift anything.
 
-Prompts are grouped by their padded length (powers of two); each group runs its own slots with a cache just long
-enough for it, and prefills in fixed groups of slots, so a call compiles a handful of programs, not one per request.
+Prompts are grouped by their padded length (powers of two; a bucket with fewer prompts than slots joins the next),
+and each group runs its own slots, about half as many as its prompts, with a cache just long enough for it and
+prefills of a fixed number of rows, so a call compiles a handful of programs, not one per request.
 """
 from __future__ import annotations
 
@@ -178,17 +179,20 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     raise BarError(f"max_new_tokens={max_new_tokens}; ask for at least 1 new token for every prompt")
   budgets = [min(a, limit - n) for a, n in zip(asked, lengths)]  # stay inside the trained positions
   new_bucket = _bucket(max(budgets), 8)
-  if batch_size is None:
-    groups = {_bucket(max(lengths), 8): list(range(len(prompts)))}
-  else:
-    groups = {}
+  groups = [sorted(range(len(prompts)), key=lambda i: lengths[i])]
+  if batch_size is not None:  # by padded length, a bucket with fewer than batch_size prompts joining the next one
+    groups = [[]]
     for i in sorted(range(len(prompts)), key=lambda i: lengths[i]):
-      groups.setdefault(_bucket(lengths[i], 8), []).append(i)
+      if len(groups[-1]) >= batch_size and _bucket(lengths[i], 8) > _bucket(lengths[groups[-1][-1]], 8):
+        groups.append([])
+      groups[-1].append(i)
   key = jax.random.key(0) if key is None else key
   results: list[Any] = [None] * len(prompts)
   itemsize = jnp.dtype(compute.dtype).itemsize
-  for g, (prompt_bucket, order) in enumerate(sorted(groups.items())):
-    slots = _bucket(len(order) if batch_size is None else min(batch_size, len(order)))
+  for g, order in enumerate(groups):
+    prompt_bucket = _bucket(lengths[order[-1]], 8)
+    # Each slot takes about two prompts in turn, so a slot freed early is refilled rather than left idle.
+    slots = _bucket(len(order)) if batch_size is None else min(batch_size, _bucket(-(-len(order) // 2)))
     columns = prompt_bucket + new_bucket
     slot_bytes = 2 * cfg.n_layers * columns * cfg.n_kv_heads * cfg.head_dim * itemsize
     while batch_size is not None and slots > 1 and slots * slot_bytes > CACHE_BYTES:
