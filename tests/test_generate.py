@@ -88,6 +88,8 @@ def test_long_prompts_get_fewer_slots_within_the_memory_bounds(monkeypatch):
   assert all(slots * slot_bytes(columns) <= gen.CACHE_BYTES or slots == 1 for slots, columns in caches)
   prefills = [tokens for kind, tokens, _ in shapes if kind == "prefill"]
   assert (2, 8) in prefills and all(r * cfg.n_heads * p * p * 4 <= gen.PREFILL_BYTES or r == 1 for r, p in prefills)
+  # Each refill is prefilled at its own padded length: the 9-token prompt of the 128-token group at 16.
+  assert sorted(p for r, p in prefills if r == 1) == [16, 64, 128, 128]
 
 
 def test_sampling_is_seeded_and_top_p_zero_is_greedy():

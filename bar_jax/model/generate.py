@@ -123,7 +123,8 @@ def _decode(params, state, stop_when_done, eos_ids, pad_id, temperature, top_p, 
 def _run_group(params, cfg, prompts: list[list[int]], budgets: list[int], order: list[int], results: list, *,
                slots: int, refill: int, prompt_bucket: int, new_bucket: int, eos_ids, pad_id, temperature, top_p,
                key, compute: Compute, greedy: bool) -> None:
-  """Decodes prompts[order] on `slots` slots (refilled `refill` at a time) into results[order]."""
+  """Decodes prompts[order] (ascending length, at most prompt_bucket) on `slots` slots, refilled `refill` at a time,
+  each refill prefilled at its own padded length, into results[order]."""
   state = _empty_state(cfg, slots, prompt_bucket + new_bucket, new_bucket, compute.dtype, pad_id, key)
   args = (jnp.asarray(list(eos_ids), jnp.int32), jnp.int32(pad_id), jnp.float32(temperature), jnp.float32(top_p))
   waiting = list(order)
@@ -132,10 +133,11 @@ def _run_group(params, cfg, prompts: list[list[int]], budgets: list[int], order:
     free = [s for s in range(slots) if owner[s] < 0]
     while waiting and len(free) >= min(refill, len(waiting)):
       group, waiting = waiting[:refill], waiting[refill:]
-      tokens = np.full((refill, prompt_bucket), pad_id, np.int32)
+      width = _bucket(max(len(prompts[i]) for i in group), 8)  # its own padded length, not the group's longest
+      tokens = np.full((refill, width), pad_id, np.int32)
       lengths, slot_ids, budget = np.ones(refill, np.int32), np.full(refill, slots, np.int32), np.ones(refill, np.int32)
       for r, i in enumerate(group):
-        tokens[r, prompt_bucket - len(prompts[i]):] = prompts[i]
+        tokens[r, width - len(prompts[i]):] = prompts[i]
         lengths[r], slot_ids[r], budget[r] = len(prompts[i]), free[r], budgets[i]
         owner[free[r]] = i
       free = free[len(group):]
