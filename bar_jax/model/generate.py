@@ -2,14 +2,15 @@
 
 A fixed number of slots decode one token each per step (a jitted `jax.lax.while_loop`). A slot whose row has
 produced an eos id or spent its token budget is refilled with the next waiting prompt, so a batch does not wait on
-its longest reply (safety replies average ~40 tokens against a 126-token budget). Each slot's cache row is a ring:
-every step writes one column for all slots, a refilled slot's prompt goes into the columns just before the current
-one, and a per-slot validity mask alone says which columns a slot attends. RoPE positions are per slot, so neither
+its longest reply. Each slot's cache row is a ring: every step writes one column for all slots, a refilled slot's
+prompt goes into the columns just before the current one, and a per-slot validity mask alone says which columns a
+slot attends. RoPE positions are per slot, so neither
 a prefill's left padding nor the ring's columns shift anything.
 
 Prompts are grouped by their padded length (powers of two; a bucket with fewer prompts than slots joins the next),
-and each group runs its own slots, about half as many as its prompts, with a cache just long enough for it and
-prefills of a fixed number of rows, so a call compiles a handful of programs, not one per request.
+and each group runs its own slots, about half as many as its prompts, with a cache just long enough for it; refills
+of a fixed number of rows are prefilled at their own padded length. A call compiles a handful of programs, not one
+per request.
 """
 from __future__ import annotations
 
