@@ -101,10 +101,8 @@ def dropless(x, weights, idx, gate, up, down, *, impl: str = "blocked", block: i
     a = jax.lax.ragged_dot(xs, gate.astype(dt), sizes)
     b = jax.lax.ragged_dot(xs, up.astype(dt), sizes)
     ys = jax.lax.ragged_dot(jax.nn.silu(a) * b, down.astype(dt), sizes)
-  elif impl == "scanned":
-    ys = _scanned_grouped_ffn(xs, flat_e[order], sizes, gate, up, down, block or default_block(N * k, E, impl))
   else:
-    ys = _blocked_grouped_ffn(xs, flat_e[order], sizes, gate, up, down, block or default_block(N * k, E))
+    ys = _padded_grouped_ffn(xs, flat_e[order], sizes, gate, up, down, block or default_block(N * k, E, impl), impl)
   y_copies = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)   # back to (token, slot) order
   return _combine(y_copies, weights, idx)
 
@@ -126,13 +124,18 @@ def dropless_sharded(x, weights, idx, gate, up, down, mesh, *, impl: str = "bloc
   return f(x, weights, idx, gate, up, down)
 
 
-def _blocked_grouped_ffn(xs, sorted_e, sizes, gate, up, down, block: int):
+def _padded_grouped_ffn(xs, sorted_e, sizes, gate, up, down, block: int, impl: str):
   """xs [M, D] sorted by expert (sorted_e [M], sizes [E]) -> ys [M, D]. Each expert's rows start on a fresh block
-  of `block` rows; every block is multiplied by its own expert's weights in one batched einsum."""
+  of `block` rows. "blocked": every block is multiplied by a gathered copy of its expert's weights in one batched
+  einsum; "scanned": a scan over the blocks reads each block's expert weights in place and skips the blocks past
+  the last used one (`lax.cond`), forward and backward."""
   M, D = xs.shape
-  n_blocks, row, block_expert, _ = _block_layout(sorted_e, sizes, M, gate.shape[0], block)
-  padded = jnp.zeros((n_blocks * block, D), xs.dtype).at[row].set(xs, unique_indices=True)
-  yb = _swiglu_grouped(padded.reshape(n_blocks, block, D), gate[block_expert], up[block_expert], down[block_expert])
+  n_blocks, row, block_expert, used = _block_layout(sorted_e, sizes, M, gate.shape[0], block)
+  xb = jnp.zeros((n_blocks * block, D), xs.dtype).at[row].set(xs, unique_indices=True).reshape(n_blocks, block, D)
+  if impl == "scanned":
+    yb = _scan_swiglu(xb, block_expert, used, gate, up, down)
+  else:
+    yb = _swiglu_grouped(xb, gate[block_expert], up[block_expert], down[block_expert])
   return yb.reshape(n_blocks * block, D)[row]
 
 
@@ -147,16 +150,6 @@ def _block_layout(sorted_e, sizes, n_rows: int, n_experts: int, block: int):
   row = (block_end - blocks_per_expert)[sorted_e] * block + jnp.arange(n_rows) - group_start[sorted_e]
   block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(n_blocks), side="right"), n_experts - 1)
   return n_blocks, row, block_expert, jnp.arange(n_blocks) < block_end[-1]
-
-
-def _scanned_grouped_ffn(xs, sorted_e, sizes, gate, up, down, block: int):
-  """`_blocked_grouped_ffn` as a scan over the blocks: each block reads its expert's weights in place (no gathered
-  copy per block) and blocks past the last used one are skipped (`lax.cond`), forward and backward."""
-  M, D = xs.shape
-  n_blocks, row, block_expert, used = _block_layout(sorted_e, sizes, M, gate.shape[0], block)
-  padded = jnp.zeros((n_blocks * block, D), xs.dtype).at[row].set(xs, unique_indices=True)
-  yb = _scan_swiglu(padded.reshape(n_blocks, block, D), block_expert, used, gate, up, down)
-  return yb.reshape(n_blocks * block, D)[row]
 
 
 @jax.custom_vjp
@@ -174,6 +167,7 @@ def _scan_swiglu_fwd(xb, block_expert, used, gate, up, down):
     def run(x):
       a, b = x @ gate[e].astype(dt), x @ up[e].astype(dt)
       return (jax.nn.silu(a) * b) @ down[e].astype(dt), a, b
+
     def zeros(x):  # from x, so that under shard_map they vary over the same mesh axes as run's outputs
       hidden = jnp.broadcast_to(jnp.zeros_like(x[..., :1]), x.shape[:-1] + (F,))
       return jnp.zeros_like(x), hidden, hidden

@@ -4,8 +4,8 @@ A fixed number of slots decode one token each per step (a jitted `jax.lax.while_
 produced an eos id or spent its token budget is refilled with the next waiting prompt, so a batch does not wait on
 its longest reply. Each slot's cache row is a ring: every step writes one column for all slots, a refilled slot's
 prompt goes into the columns just before the current one, and a per-slot validity mask alone says which columns a
-slot attends. RoPE positions are per slot, so neither
-a prefill's left padding nor the ring's columns shift anything.
+slot attends. RoPE positions are per slot, so neither a prefill's left padding nor the ring's columns shift
+anything.
 
 Prompts are grouped by their padded length (powers of two; a bucket with fewer prompts than slots joins the next),
 and each group runs its own slots, about half as many as its prompts, with a cache just long enough for it; refills
@@ -143,8 +143,7 @@ def _run_group(params, cfg, prompts: list[list[int]], budgets: list[int], order:
         owner[free[r]] = i
       free = free[len(group):]
       state = _prefill(params, state, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slot_ids),
-                       jnp.asarray(budget), args[0], args[1], args[2], args[3], cfg=cfg, compute=compute,
-                       greedy=greedy)
+                       jnp.asarray(budget), *args, cfg=cfg, compute=compute, greedy=greedy)
     # Stop when enough slots are done for the next refill (free slots count as done), or, with nothing waiting,
     # when every slot is.
     stop = min(refill, len(waiting)) if waiting else slots
@@ -182,10 +181,11 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     raise BarError(f"max_new_tokens={max_new_tokens}; ask for at least 1 new token for every prompt")
   budgets = [min(a, limit - n) for a, n in zip(asked, lengths)]  # stay inside the trained positions
   new_bucket = _bucket(max(budgets), 8)
-  groups = [sorted(range(len(prompts)), key=lambda i: lengths[i])]
+  by_length = sorted(range(len(prompts)), key=lambda i: lengths[i])
+  groups = [by_length]
   if batch_size is not None:  # by padded length, a bucket with fewer than batch_size prompts joining the next one
     groups = [[]]
-    for i in sorted(range(len(prompts)), key=lambda i: lengths[i]):
+    for i in by_length:
       if len(groups[-1]) >= batch_size and _bucket(lengths[i], 8) > _bucket(lengths[groups[-1][-1]], 8):
         groups.append([])
       groups[-1].append(i)
