@@ -176,3 +176,36 @@ def test_branch_step_skips_the_frozen_anchors_weight_gradient():
   anchor_weight_grads = 3 * 2 * B * T * cfg.d_model * cfg.d_ff  # one layer (XLA counts a loop body once)
   saved = flops(()) - flops((0,))
   assert saved >= 0.9 * anchor_weight_grads, (saved, anchor_weight_grads)
+
+
+def _saved_of_hidden_shape(fn, args, capsys) -> tuple[int, int]:
+  """(residuals of an [.., N, F] hidden shape named as FFN projections, all others of that shape) that fn's
+  backward pass keeps, as jax.ad_checkpoint.print_saved_residuals lists them."""
+  from jax.ad_checkpoint import print_saved_residuals
+  capsys.readouterr()
+  print_saved_residuals(fn, *args)
+  lines = [ln for ln in capsys.readouterr().out.splitlines() if f"{N_TOKENS},{F}]" in ln.split(" ")[0]]
+  named = sum(moe.PROJECTION in ln for ln in lines)
+  return named, len(lines) - named
+
+
+@pytest.mark.parametrize("kind", ["lora", "ffn", "dense"])
+def test_ffn_backward_keeps_only_the_projections(kind, capsys):
+  """Each FFN keeps x @ W_gate and x @ W_up per expert for its backward pass (LoRA: the anchor's, once) and recomputes
+  the elementwise rest; the same function without the checkpoint keeps more, so the count is what the decorator
+  decides."""
+  from bar_jax.model import transformer
+  cfg = cfg_for(2 if kind == "lora" else 4, 0, "lora" if kind == "lora" else "ffn")
+  p, x = layer(cfg)
+  xt = x.reshape(-1, D)
+  w = jax.nn.softmax(xt @ p["router"]["kernel"])
+  e = p["experts"]
+  if kind == "lora":
+    fns, args, want = moe.lora_ffn, (xt, w, e, p["lora"], 2.0), 2
+  elif kind == "ffn":
+    fns, args, want = moe.dense_dispatch, (xt, w, e["gate"], e["up"], e["down"]), 2 * cfg.n_experts
+  else:
+    fns, args, want = transformer.swiglu, (xt, e["gate"][0], e["up"][0], e["down"][0]), 2
+  assert _saved_of_hidden_shape(fns, args, capsys) == (want, 0)
+  named, other = _saved_of_hidden_shape(fns.__wrapped__, args, capsys)
+  assert named + other > want

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from bar_jax.model.config import Compute, ModelConfig
@@ -98,6 +99,22 @@ def router_losses(logits: jax.Array, weights: jax.Array, idx: jax.Array, n_exper
           "expert_top1": top1, "expert_weight": jnp.mean(weights.astype(jnp.float32), axis=0)}  # applied weights
 
 
+# The FFNs' backward pass keeps only their input projections (x @ W_gate, x @ W_up: tagged PROJECTION) and recomputes
+# the elementwise rest. Without this the layer scan stacks every intermediate of shape [N, F] (silu, its sigmoid,
+# products, per-adapter terms: 11 of them for a LoRA branch layer) into zero-filled [L, N, F] buffers, written in the
+# forward and read in the backward pass: memory traffic that cost more than recomputing them.
+PROJECTION = "ffn_projection"
+
+
+def keep_projections(fn):
+  return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(PROJECTION), prevent_cse=False)
+
+
+def projection(x: jax.Array) -> jax.Array:
+  return checkpoint_name(x, PROJECTION)
+
+
+@keep_projections
 def dense_dispatch(x: jax.Array, weights: jax.Array, gate, up, down) -> jax.Array:
   """Every expert on every token, combined by the (top-k masked) router weights. x [N, D], weights [N, E].
 
@@ -110,7 +127,7 @@ def dense_dispatch(x: jax.Array, weights: jax.Array, gate, up, down) -> jax.Arra
   w = weights.astype(dt)
   y = None
   for e in range(len(gate)):
-    h = jax.nn.silu(x @ gate[e].astype(dt)) * (x @ up[e].astype(dt)) * w[:, e:e + 1]
+    h = jax.nn.silu(projection(x @ gate[e].astype(dt))) * projection(x @ up[e].astype(dt)) * w[:, e:e + 1]
     part = h @ down[e].astype(dt)
     y = part if y is None else y + part
   return y
@@ -141,6 +158,7 @@ def unstack_experts(moe_layers: Params, cfg: ModelConfig, compute: Compute = Com
   return dict(moe_layers, experts=experts)
 
 
+@keep_projections
 def lora_ffn(x: jax.Array, weights: jax.Array, anchor: Params, lora: Params, scale: float) -> jax.Array:
   """LoRA experts as a side path. x [N, D], weights [N, E]; anchor {gate,up,down} [1, ...]; lora {gate,up,down}
   {a [E-1, in, r], b [E-1, r, out]}. Expert i > 0 is the anchor plus scale * a_i @ b_i on each projection, so
@@ -157,8 +175,8 @@ def lora_ffn(x: jax.Array, weights: jax.Array, anchor: Params, lora: Params, sca
   lo = {name: (cast(ab["a"]), cast(ab["b"])) for name, ab in lora.items()}
   r = lo["gate"][0].shape[-1]
   xa = jnp.einsum("ni,air->anr", x, jnp.concatenate([lo["gate"][0], lo["up"][0]], axis=-1)) * scale
-  g0 = x @ cast(anchor["gate"][0])
-  u0 = x @ cast(anchor["up"][0])
+  g0 = projection(x @ cast(anchor["gate"][0]))
+  u0 = projection(x @ cast(anchor["up"][0]))
   g = g0 + jnp.einsum("anr,arf->anf", xa[..., :r], lo["gate"][1])    # [E-1, N, F]
   u = u0 + jnp.einsum("anr,arf->anf", xa[..., r:], lo["up"][1])
   w = weights.astype(dt)

@@ -153,9 +153,10 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, style: str) ->
   return out.astype(x.dtype)
 
 
+@moe.keep_projections
 def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
   dt = x.dtype
-  h = jax.nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
+  h = jax.nn.silu(moe.projection(x @ gate.astype(dt))) * moe.projection(x @ up.astype(dt))
   return h @ down.astype(dt)
 
 
