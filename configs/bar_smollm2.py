@@ -9,9 +9,11 @@ Expected: WORKDIR/{base, branch_math, branch_code, branch_tool_use, branch_safet
 WORKDIR/eval/<model>/eval.json per model, and WORKDIR/results.md: rows base, branch_<domain> x 4,
 bar_merged_unrouted (default only), bar; columns math, code, tool_use, safety, general, overall, each with
 its 95% interval and a paired test against the base. The default run is a short demonstration (SFT only, 20 steps of
-8 x 256 tokens per branch, 16 eval items per domain): of its earlier table only the tool-use gain of the branches
-over the base (0/16 -> 7-8/16, exact p <= 0.016) passed a paired test, and that on a split since found to leak 3
-items (experiments/results/eval_recheck.md lists what survives); `:table` runs the budgets meant for evidence.
+8 x 256 tokens per branch, 8 router steps, 16 eval items per domain). Re-evaluated at 64 items per kind
+(experiments/results/eval_recheck.md, 2026-11-30), its routed MoE against the base: tool use 0.0 -> 23.4 (15 items
+gained, none lost, p = 0.0001), code NLL -0.140 and general NLL -0.026 nats per token (p <= 0.001), math unchanged,
+benign safety prompts answered 92% -> 72% (safety 62.5 -> 53.9, p = 0.052), router weights nearly uniform;
+`:table` runs the budgets meant for evidence.
 Kill it at any point and run the same command again: finished steps are skipped and the running one resumes from
 its checkpoint. `:quick` only demonstrates the plumbing
 (2 steps of 2 x 256 tokens per branch, 2 eval items per domain, rows base and bar; ~5 min from a fresh workdir on 2

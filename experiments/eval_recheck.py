@@ -61,6 +61,10 @@ def main(argv=None):
     overall, overall_ci = evals.runner.overall(results)
     rows.append({"name": model.manifest.get("name", spec), "model": spec, "domains": results, "overall": overall,
                  "overall_ci": overall_ci, "seconds": round(seconds, 1)})
+  names = [r["name"] for r in rows]
+  for r in rows:  # two artifacts of one name (e.g. two runs' `routed`) are told apart by their paths
+    if names.count(r["name"]) > 1:
+      r["name"] = r["model"]
   table = report.format_table(rows)
   with open(os.path.join(args.out, "eval.json"), "w") as f:
     json.dump({"models": rows}, f, indent=1, default=str)
