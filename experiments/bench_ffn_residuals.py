@@ -20,14 +20,13 @@ from host import host_line  # noqa: E402
 from bar_jax.model import moe, transformer  # noqa: E402
 from bar_jax.model.config import Compute  # noqa: E402
 
-KEPT = {"moe.lora_ffn": (moe, "lora_ffn"), "moe.dense_dispatch": (moe, "dense_dispatch"),
-        "transformer.swiglu": (transformer, "swiglu")}
+FFNS = ((moe, "lora_ffn"), (moe, "dense_dispatch"), (transformer, "swiglu"))
 ORIGINAL: dict = {}
 
 
 def keep_all(on: bool) -> None:
   """Swaps each FFN for its undecorated function (every intermediate kept) or back; the steps trace at construction."""
-  for module, name in KEPT.values():
+  for module, name in FFNS:
     kept = ORIGINAL.setdefault(name, getattr(module, name))
     setattr(module, name, kept.__wrapped__ if on else kept)
 

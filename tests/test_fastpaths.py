@@ -201,11 +201,11 @@ def test_ffn_backward_keeps_only_the_projections(kind, capsys):
   w = jax.nn.softmax(xt @ p["router"]["kernel"])
   e = p["experts"]
   if kind == "lora":
-    fns, args, want = moe.lora_ffn, (xt, w, e, p["lora"], 2.0), 2
+    fn, args, want = moe.lora_ffn, (xt, w, e, p["lora"], 2.0), 2
   elif kind == "ffn":
-    fns, args, want = moe.dense_dispatch, (xt, w, e["gate"], e["up"], e["down"]), 2 * cfg.n_experts
+    fn, args, want = moe.dense_dispatch, (xt, w, e["gate"], e["up"], e["down"]), 2 * cfg.n_experts
   else:
-    fns, args, want = transformer.swiglu, (xt, e["gate"][0], e["up"][0], e["down"][0]), 2
-  assert _saved_of_hidden_shape(fns, args, capsys) == (want, 0)
-  named, other = _saved_of_hidden_shape(fns.__wrapped__, args, capsys)
+    fn, args, want = transformer.swiglu, (xt, e["gate"][0], e["up"][0], e["down"][0]), 2
+  assert _saved_of_hidden_shape(fn, args, capsys) == (want, 0)
+  named, other = _saved_of_hidden_shape(fn.__wrapped__, args, capsys)
   assert named + other > want
