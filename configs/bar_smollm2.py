@@ -10,9 +10,10 @@ WORKDIR/eval/<model>/eval.json per model, and WORKDIR/results.md: rows base, bra
 bar_merged_unrouted (default only), bar; columns math, code, tool_use, safety, general, overall, each with
 its 95% interval and a paired test against the base. The default run is a short demonstration (SFT only, 20 steps of
 8 x 256 tokens per branch, 8 router steps, 16 eval items per domain). Re-evaluated at 64 items per kind
-(experiments/results/eval_recheck.md, 2026-11-30), its routed MoE against the base: tool use 0.0 -> 23.4 (15 items
-gained, none lost, p = 0.0001), code NLL -0.140 and general NLL -0.026 nats per token (p <= 0.001), math unchanged,
-benign safety prompts answered 92% -> 72% (safety 62.5 -> 53.9, p = 0.052), router weights nearly uniform;
+(experiments/results/eval_recheck.md, 2026-11-30), its routed MoE against the base (paired, n = 64; safety 128):
+tool use 0.0 -> 23.4 [14.7, 35.1] (15 items gained, none lost, p = 0.0001), code NLL -0.140 [-0.165, -0.117] and
+general NLL -0.026 [-0.046, -0.008] nats per token (p <= 0.001), math unchanged (0.0 [-6.2, +6.2]), safety 62.5 ->
+53.9 (change -8.6 [-15.8, -1.4], p = 0.052; benign prompts answered 92% -> 72%), router weights nearly uniform;
 `:table` runs the budgets meant for evidence.
 Kill it at any point and run the same command again: finished steps are skipped and the running one resumes from
 its checkpoint. `:quick` only demonstrates the plumbing
