@@ -7,7 +7,9 @@ Dispatch: step time (forward + backward w.r.t. tokens, router and experts) of on
 top_k = 1, 2, 5, against a dense SwiGLU FFN of width k*F (the same active FLOPs), on 1 and on 8 simulated CPU
 devices (two subprocesses with different XLA_FLAGS). On 8 devices the tokens are split over a data axis of 8;
 expert_parallel needs an expert axis dividing E=5, so it runs on 5 of the 8 devices (expert=5). On 1 device
-expert_parallel falls back to dropless (no expert axis). Each process also measures its fp32 matmul peak.
+expert_parallel falls back to dropless (no expert axis). At top_k = E the wide FFN also runs on the experts given as
+E separate arrays (as the model's layer scan hands them to it), which leaves out the copy of the stacked [E, D, F]
+leaves into per-expert arrays. Each process also measures its fp32 matmul peak.
 
 Merge: the merge transform on 4 branches with SmolLM2's shapes and random weights, served by a lazy mapping that
 makes each leaf when it is read (as artifact.open_params reads it from disk): run time, peak memory (tracemalloc,
@@ -88,6 +90,7 @@ def dispatch_worker(n_devices: int) -> dict:
             "lora": {w: {"a": jax.random.normal(ks[6], (E - 1, i, RANK)) / i ** .5,
                          "b": jax.random.normal(ks[7], (E - 1, RANK, o)) * 0.01}
                      for w, (i, o) in {"gate": (D, F), "up": (D, F), "down": (F, D)}.items()}}
+  split_params = {"router": p["router"], "experts": {w: list(v) for w, v in p["experts"].items()}}
   probe = jax.random.normal(ks[5], (N_TOKENS, D))
   data_mesh = make_mesh({"data": n_devices}) if n_devices > 1 else None
   ep_mesh = make_mesh({"expert": E}, devices=jax.devices()[:E]) if n_devices >= E else None
@@ -140,6 +143,8 @@ def dispatch_worker(n_devices: int) -> dict:
       runs[kind] = moe_step(cfg, Compute(dispatch=kind), mesh)
     if k < E:  # the CPU's other grouped matmul (batched blocks over gathered weights), for comparison
       runs["dropless_blocked"] = moe_step(cfg, Compute(dispatch="dropless"), data_mesh, cpu_impl="blocked")
+    else:  # the wide FFN on E separate expert arrays, as the model's layer scan hands them over (unstack_experts)
+      runs["dense_split"] = moe_step(cfg, Compute(dispatch="dense"), data_mesh, split_params)
     row = {"k": k, "flops": 3 * 2 * N_TOKENS * 3 * D * F * k, **_stats(_interleaved(runs, ROUNDS), "dense_ffn")}
     out["rows"].append(row)
     print(json.dumps(row), file=sys.stderr, flush=True)
@@ -238,6 +243,12 @@ def report(results: list[dict], merge: dict | None, command: str, hosts: tuple[s
       get = lambda kind, same="= dropless": cell(row[kind]) if kind in row else same  # noqa: E731
       lines.append(f"| {row['k']} | {base * 1e3:.0f} ms | {row['flops'] / base / 1e9:.0f} | {get('dense')} | "
                    f"{get('dropless')} | {get('dropless_blocked', '(wide FFN)')} | {get('expert_parallel')} |")
+    wide = next(row for row in r["rows"] if "dense_split" in row)
+    lines += ["", "At top_k = E the wide FFN reads each expert's weights as its own array. Given the stacked "
+              "[E, D, F] leaves, as above, each step first copies them into E arrays (and concatenates their "
+              "gradients back); the model splits them once per step for all layers, before the layer scan "
+              "(`moe.unstack_experts`). "
+              f"The wide FFN on separate arrays: {cell(wide['dense_split'])}."]
     lo = r["lora"]
     lines += ["", f"LoRA experts (E={E}: anchor + {E - 1} rank-{RANK} adapters, all active), against one dense FFN "
               "of width F:", "", "| dense FFN (F) | lora side path | lora materialised (previous layout) |",
