@@ -1,56 +1,99 @@
 """Top-k at inference: evaluate one merged MoE with top_k = E, E-1, ..., 1 and record quality vs active parameters.
 
+  python experiments/topk_sweep.py --model=runs/bar_smollm2/routed --n_per_domain=64 --top_ks=5,4
   python experiments/topk_sweep.py --model=runs/moe_routed --domains=tool_use,safety,general --n_per_domain=16
 
 The BAR paper (arXiv 2604.18473): 4 of 5 experts ~ 5 of 5. Each k is the model override top_k (as
---config.compute.top_k would set it; the router's probabilities are kept unnormalised unless --norm_topk). Writes
-experiments/results/topk_sweep_<name>.json and .md (one row per k: active matmul params, each domain, overall).
+--config.compute.top_k would set it; the router's probabilities are kept unnormalised unless --norm_topk). Settings
+are configs/evaluate.py's (sizes and budgets from the data) unless given, so the top_k = E row equals the evaluate
+stage's row of the same model. Each (k, domain) result is written to WORKDIR/k<k>/<domain>.json as it finishes and
+skipped when the same command runs again. The table, with every row tested against top_k = E on the same items,
+goes to experiments/results/topk_sweep_<name>.md; the rows with every item's outcome to WORKDIR/topk.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
-
+import time
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", required=True, help="an moe artifact dir")
   ap.add_argument("--domains", default="all")
-  ap.add_argument("--n_per_domain", type=int, default=16)
-  ap.add_argument("--max_new_tokens", type=int, default=48)
-  ap.add_argument("--batch_size", type=int, default=16)
+  ap.add_argument("--n_per_domain", type=int, default=None)
+  ap.add_argument("--max_new_tokens", type=int, default=None)
+  ap.add_argument("--batch_size", type=int, default=None)
   ap.add_argument("--norm_topk", action="store_true")
+  ap.add_argument("--top_ks", default="", help="comma-separated k to run (default every k from E down to 1); the "
+                  "largest is the reference row")
+  ap.add_argument("--workdir", default=None, help="per-(k, domain) results; default runs/topk_sweep/<model path>")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
   args = ap.parse_args(argv)
 
   from bar_jax import evals
+  from bar_jax.data import capability
   from bar_jax.errors import BarError
+  from bar_jax.evals import report
   from bar_jax.model import transformer
   from bar_jax.stages import common
-  from bar_jax.stages.common import format_table
+  from configs.evaluate import get_config
+  c = get_config()
+  for k in ("n_per_domain", "max_new_tokens", "batch_size"):
+    if getattr(args, k) is not None:
+      c[k] = getattr(args, k)
   model = common.load_model(args.model)
   if model.cfg.ffn != "moe":
     raise BarError(f"{args.model} is not an MoE: pass a merge/router/upgrade artifact")
+  workdir = args.workdir or os.path.join("runs", "topk_sweep", re.sub(r"[^\w.-]+", "_", args.model.strip("/")))
+  names = [d.name for d in capability.resolve(args.domains)]
   rows = []
-  for k in range(model.cfg.n_experts, 0, -1):
-    cfg = common.model_overrides(model.cfg, {"top_k": k, "norm_topk": args.norm_topk})
-    report = evals.evaluate_model(model.params, cfg, model.tokenizer, args.domains, n_per_domain=args.n_per_domain,
-                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+  ks = sorted({int(k) for k in args.top_ks.split(",") if k.strip()} or range(1, model.cfg.n_experts + 1),
+              reverse=True)
+  if ks[0] > model.cfg.n_experts or ks[-1] < 1:
+    raise BarError(f"--top_ks={args.top_ks}: each k must be between 1 and the model's {model.cfg.n_experts} experts")
+  for k in ks:
+    cfg, compute = common.model_overrides(model.cfg, dict(c.compute, top_k=k, norm_topk=args.norm_topk))
+    kdir = os.path.join(workdir, f"k{k}")
+    os.makedirs(kdir, exist_ok=True)
+    results = {}
+    for name in names:
+      path = os.path.join(kdir, f"{name}.json")
+      if not os.path.exists(path):
+        t0 = time.time()
+        rep = evals.evaluate_model(model.params, cfg, model.tokenizer, [name], n_per_domain=c.n_per_domain,
+                                   max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
+                                   max_prompt_tokens=c.max_prompt_tokens or None, nll_seq_len=c.nll_seq_len,
+                                   nll_batch_rows=c.nll_batch_rows, compute=compute)
+        with open(path + ".tmp", "w") as f:
+          json.dump(dict(rep["domains"][name], settings=rep["settings"]), f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+        print(f"top_k={k} {name}: {rep['domains'][name]['value']:.3f} n={rep['domains'][name]['n']} "
+              f"in {time.time() - t0:.0f} s", flush=True)
+      results[name] = json.load(open(path))
+    overall, overall_ci = evals.runner.overall(results)
     active = transformer.active_matmul_params(cfg)
     rows.append({"name": f"top_k={k} ({active / 1e6:.1f}M active)", "top_k": k, "active_matmul_params": active,
-                 **report})
-    print(f"top_k={k}: overall {report['overall']:.1f}, {active / 1e6:.1f}M active matmul params", flush=True)
+                 "domains": results, "overall": overall, "overall_ci": overall_ci,
+                 "seconds": round(sum(r["seconds"] for r in results.values()), 1)})
+    print(f"top_k={k}: overall {overall:.1f}, {active / 1e6:.1f}M active matmul params", flush=True)
   name = os.path.basename(os.path.normpath(args.model))
-  os.makedirs(args.out, exist_ok=True)
   cmd = "python experiments/topk_sweep.py " + " ".join(a for a in (argv or sys.argv[1:]) if not a.startswith("--out"))
-  with open(os.path.join(args.out, f"topk_sweep_{name}.json"), "w") as f:
-    json.dump({"command": cmd, "model": name, "fingerprint": model.manifest.get("fingerprint"), "rows": rows}, f,
-              indent=1, default=str)
+  with open(os.path.join(workdir, "topk.json"), "w") as f:
+    json.dump({"command": cmd, "model": args.model, "fingerprint": model.manifest.get("fingerprint"), "rows": rows},
+              f, indent=1, default=str)
+  settings = next(iter(rows[0]["domains"].values())).get("settings", {})
+  minutes = sum(r["seconds"] for r in rows) / 60
+  text = (f"# top-k sweep: {args.model}\n\n`{cmd}`\n\nModel fingerprint {model.manifest.get('fingerprint')}; "
+          f"settings {json.dumps(settings, default=str)}; {minutes:.0f} min of evaluation on "
+          f"{os.cpu_count()} CPU cores.\n\n" + report.format_table(rows))
+  os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, f"topk_sweep_{name}.md"), "w") as f:
-    f.write(f"# top-k sweep: {name}\n\n`{cmd}`\n\n" + format_table(rows))
+    f.write(text)
+  print(text)
 
 
 if __name__ == "__main__":
