@@ -148,3 +148,32 @@ def test_stage_refuses_bad_input(dirs, tmp_path, which, kw, match):
   with pytest.raises(BarError, match=match) as e:
     router_stage.run(c, str(out))
   assert "\n" not in str(e.value) and not out.exists()
+
+
+def test_topk_sweep_matches_the_evaluator_and_resumes(dirs, tmp_path):
+  """experiments/topk_sweep.py: its top_k = E row is the model evaluated as it is, a smaller k really runs fewer
+  experts, and the same command run again recomputes nothing and writes the same table."""
+  import importlib.util
+  from bar_jax import evals
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "topk_sweep.py")
+  spec = importlib.util.spec_from_file_location("topk_sweep", path)
+  sweep = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sweep)
+  moe = common.load_model(dirs["moe3"])
+  E = moe.cfg.n_experts
+  wd, out = str(tmp_path / "wd"), str(tmp_path / "out")
+  argv = [f"--model={dirs['moe3']}", "--domains=general", "--n_per_domain=2", f"--top_ks={E},1", f"--workdir={wd}",
+          f"--out={out}"]
+  sweep.main(argv)
+  rows = json.load(open(os.path.join(wd, "topk.json")))["rows"]
+  assert [r["top_k"] for r in rows] == [E, 1]
+  want = evals.evaluate_model(moe.params, moe.cfg, moe.tokenizer, ["general"], n_per_domain=2)["domains"]["general"]
+  assert rows[0]["domains"]["general"]["value"] == want["value"]
+  assert rows[1]["domains"]["general"]["value"] != want["value"]
+  assert rows[1]["active_matmul_params"] < rows[0]["active_matmul_params"]
+  table = os.path.join(out, f"topk_sweep_{os.path.basename(dirs['moe3'])}.md")
+  first, stamps = open(table).read(), {f: os.stat(os.path.join(wd, "k1", f)).st_mtime_ns
+                                       for f in os.listdir(os.path.join(wd, "k1"))}
+  sweep.main(argv)
+  assert open(table).read() == first
+  assert {f: os.stat(os.path.join(wd, "k1", f)).st_mtime_ns for f in stamps} == stamps
