@@ -4,7 +4,8 @@
   python experiments/topk_sweep.py --model=runs/moe_routed --domains=tool_use,safety,general --n_per_domain=16
 
 The BAR paper (arXiv 2604.18473): 4 of 5 experts ~ 5 of 5. Each k is the model override top_k (as
---config.compute.top_k would set it; the router's probabilities are kept unnormalised unless --norm_topk). Settings
+--config.compute.top_k would set it; the kept router probabilities are not renormalised, as in the paper's released
+checkpoint, unless --norm_topk, which writes its own table, topk_sweep_<name>_norm.md). Settings
 are configs/evaluate.py's (sizes and budgets from the data) unless given, so the top_k = E row equals the evaluate
 stage's row of the same model. Each (k, domain) result is written to WORKDIR/k<k>/<domain>.json as it finishes and
 skipped when the same command runs again. The table, with every row tested against top_k = E on the same items,
@@ -48,7 +49,9 @@ def main(argv=None):
   model = common.load_model(args.model)
   if model.cfg.ffn != "moe":
     raise BarError(f"{args.model} is not an MoE: pass a merge/router/upgrade artifact")
-  workdir = args.workdir or os.path.join("runs", "topk_sweep", re.sub(r"[^\w.-]+", "_", args.model.strip("/")))
+  suffix = "_norm" if args.norm_topk else ""
+  workdir = args.workdir or os.path.join("runs", "topk_sweep",
+                                         re.sub(r"[^\w.-]+", "_", args.model.strip("/")) + suffix)
   names = [d.name for d in capability.resolve(args.domains)]
   rows = []
   ks = sorted({int(k) for k in args.top_ks.split(",") if k.strip()} or range(1, model.cfg.n_experts + 1),
@@ -56,7 +59,10 @@ def main(argv=None):
   if ks[0] > model.cfg.n_experts or ks[-1] < 1:
     raise BarError(f"--top_ks={args.top_ks}: each k must be between 1 and the model's {model.cfg.n_experts} experts")
   for k in ks:
-    cfg, compute = common.model_overrides(model.cfg, dict(c.compute, top_k=k, norm_topk=args.norm_topk))
+    # --norm_topk renormalises the kept experts' weights when experts are dropped; at k = E nothing is dropped and
+    # the row is the model as it is (the reference of both tables).
+    norm = args.norm_topk and k < model.cfg.n_experts
+    cfg, compute = common.model_overrides(model.cfg, dict(c.compute, top_k=k, norm_topk=norm or model.cfg.norm_topk))
     kdir = os.path.join(workdir, f"k{k}")
     os.makedirs(kdir, exist_ok=True)
     results = {}
@@ -91,7 +97,7 @@ def main(argv=None):
           f"settings {json.dumps(settings, default=str)}; {minutes:.0f} min of evaluation on "
           f"{os.cpu_count()} CPU cores.\n\n" + report.format_table(rows))
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, f"topk_sweep_{name}.md"), "w") as f:
+  with open(os.path.join(args.out, f"topk_sweep_{name}{suffix}.md"), "w") as f:
     f.write(text)
   print(text)
 

@@ -177,3 +177,9 @@ def test_topk_sweep_matches_the_evaluator_and_resumes(dirs, tmp_path):
   sweep.main(argv)
   assert open(table).read() == first
   assert {f: os.stat(os.path.join(wd, "k1", f)).st_mtime_ns for f in stamps} == stamps
+  # Renormalised: the same model at k = E, the kept weights scaled up to sum to 1 below it; a table of its own.
+  sweep.main([a.replace(wd, wd + "_norm") for a in argv] + ["--norm_topk"])
+  norm = json.load(open(os.path.join(wd + "_norm", "topk.json")))["rows"]
+  assert norm[0]["domains"]["general"]["value"] == want["value"]
+  assert norm[1]["domains"]["general"]["value"] != rows[1]["domains"]["general"]["value"]
+  assert os.path.exists(table.replace(".md", "_norm.md")) and open(table).read() == first
