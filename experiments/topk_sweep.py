@@ -91,11 +91,18 @@ def main(argv=None):
   with open(os.path.join(workdir, "topk.json"), "w") as f:
     json.dump({"command": cmd, "model": args.model, "fingerprint": model.manifest.get("fingerprint"), "rows": rows},
               f, indent=1, default=str)
+  changes = ["", f"Paired changes against top_k={ks[0]} on the same items (change [95% interval], test p; for "
+             "rates the items only the reference got right / only this row got right):", ""]
+  for row in rows[1:]:
+    for domain, t in report.compare(rows[0], row).items():
+      flips = f", {t['a_only']} lost / {t['b_only']} gained" if "a_only" in t else ""
+      changes.append(f"- top_k={row['top_k']} {domain}: {t['change']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}], "
+                     f"{t['test']} p = {t['p']:.3g}{flips}")
   settings = next(iter(rows[0]["domains"].values())).get("settings", {})
   minutes = sum(r["seconds"] for r in rows) / 60
   text = (f"# top-k sweep: {args.model}\n\n`{cmd}`\n\nModel fingerprint {model.manifest.get('fingerprint')}; "
           f"settings {json.dumps(settings, default=str)}; {minutes:.0f} min of evaluation on "
-          f"{os.cpu_count()} CPU cores.\n\n" + report.format_table(rows))
+          f"{os.cpu_count()} CPU cores.\n\n" + report.format_table(rows) + "\n".join(changes) + "\n")
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, f"topk_sweep_{name}{suffix}.md"), "w") as f:
     f.write(text)
