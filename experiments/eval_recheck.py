@@ -16,6 +16,29 @@ import re
 import time
 
 
+def evaluate_domains(model, cfg, compute, c, names, out_dir: str, label: str) -> dict:
+  """{domain: result} of one model, each evaluated with configs/evaluate.py's settings `c` and written to
+  OUT_DIR/<domain>.json as it finishes, or read from there when an earlier call wrote it."""
+  from bar_jax import evals
+  os.makedirs(out_dir, exist_ok=True)
+  results = {}
+  for name in names:
+    path = os.path.join(out_dir, f"{name}.json")
+    if not os.path.exists(path):
+      t0 = time.time()
+      rep = evals.evaluate_model(model.params, cfg, model.tokenizer, [name], n_per_domain=c.n_per_domain,
+                                 max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
+                                 max_prompt_tokens=c.max_prompt_tokens or None, nll_seq_len=c.nll_seq_len,
+                                 nll_batch_rows=c.nll_batch_rows, compute=compute)
+      with open(path + ".tmp", "w") as f:
+        json.dump(dict(rep["domains"][name], settings=rep["settings"]), f, indent=1, default=str)
+      os.replace(path + ".tmp", path)
+      print(f"{label} {name}: {rep['domains'][name]['value']:.3f} n={rep['domains'][name]['n']} "
+            f"in {time.time() - t0:.0f} s", flush=True)
+    results[name] = json.load(open(path))
+  return results
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--models", default="smollm2", help="comma-separated: smollm2, tiny or artifact dirs")
@@ -39,28 +62,12 @@ def main(argv=None):
   rows = []
   for spec in [s.strip() for s in args.models.split(",") if s.strip()]:
     mdir = os.path.join(args.out, re.sub(r"[^\w.-]+", "_", spec.strip("/")))
-    os.makedirs(mdir, exist_ok=True)
     model = common.load_model(spec)
     cfg, compute = common.model_overrides(model.cfg, c.compute)
-    results, seconds = {}, 0.0
-    for name in names:
-      path = os.path.join(mdir, f"{name}.json")
-      if not os.path.exists(path):
-        t0 = time.time()
-        rep = evals.evaluate_model(model.params, cfg, model.tokenizer, [name], n_per_domain=c.n_per_domain,
-                                   max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
-                                   max_prompt_tokens=c.max_prompt_tokens or None, nll_seq_len=c.nll_seq_len,
-                                   nll_batch_rows=c.nll_batch_rows, compute=compute)
-        with open(path + ".tmp", "w") as f:
-          json.dump(dict(rep["domains"][name], settings=rep["settings"]), f, indent=1, default=str)
-        os.replace(path + ".tmp", path)
-        print(f"{spec} {name}: {rep['domains'][name]['value']:.3f} n={rep['domains'][name]['n']} "
-              f"in {time.time() - t0:.0f} s", flush=True)
-      results[name] = json.load(open(path))
-      seconds += results[name]["seconds"]
+    results = evaluate_domains(model, cfg, compute, c, names, mdir, spec)
     overall, overall_ci = evals.runner.overall(results)
     rows.append({"name": model.manifest.get("name", spec), "model": spec, "domains": results, "overall": overall,
-                 "overall_ci": overall_ci, "seconds": round(seconds, 1)})
+                 "overall_ci": overall_ci, "seconds": round(sum(r["seconds"] for r in results.values()), 1)})
   names = [r["name"] for r in rows]
   for r in rows:  # two artifacts of one name (e.g. two runs' `routed`) are told apart by their paths
     if names.count(r["name"]) > 1:

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import sys
-import time
 
 
 def main(argv=None):
@@ -42,6 +41,7 @@ def main(argv=None):
   from bar_jax.model import transformer
   from bar_jax.stages import common
   from configs.evaluate import get_config
+  from experiments.eval_recheck import evaluate_domains
   c = get_config()
   for k in ("n_per_domain", "max_new_tokens", "batch_size"):
     if getattr(args, k) is not None:
@@ -63,23 +63,7 @@ def main(argv=None):
     # the row is the model as it is (the reference of both tables).
     norm = args.norm_topk and k < model.cfg.n_experts
     cfg, compute = common.model_overrides(model.cfg, dict(c.compute, top_k=k, norm_topk=norm or model.cfg.norm_topk))
-    kdir = os.path.join(workdir, f"k{k}")
-    os.makedirs(kdir, exist_ok=True)
-    results = {}
-    for name in names:
-      path = os.path.join(kdir, f"{name}.json")
-      if not os.path.exists(path):
-        t0 = time.time()
-        rep = evals.evaluate_model(model.params, cfg, model.tokenizer, [name], n_per_domain=c.n_per_domain,
-                                   max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
-                                   max_prompt_tokens=c.max_prompt_tokens or None, nll_seq_len=c.nll_seq_len,
-                                   nll_batch_rows=c.nll_batch_rows, compute=compute)
-        with open(path + ".tmp", "w") as f:
-          json.dump(dict(rep["domains"][name], settings=rep["settings"]), f, indent=1, default=str)
-        os.replace(path + ".tmp", path)
-        print(f"top_k={k} {name}: {rep['domains'][name]['value']:.3f} n={rep['domains'][name]['n']} "
-              f"in {time.time() - t0:.0f} s", flush=True)
-      results[name] = json.load(open(path))
+    results = evaluate_domains(model, cfg, compute, c, names, os.path.join(workdir, f"k{k}"), f"top_k={k}")
     overall, overall_ci = evals.runner.overall(results)
     active = transformer.active_matmul_params(cfg)
     rows.append({"name": f"top_k={k} ({active / 1e6:.1f}M active)", "top_k": k, "active_matmul_params": active,
