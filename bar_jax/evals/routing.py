@@ -27,18 +27,20 @@ ROUTING_JSON, ROUTING_PNG = "routing.json", "routing.png"
 STATS = ("top_k_share", "top1_share", "mean_prob", "mean_weight")
 
 
-def pack_rows(conversations: Sequence[Sequence[int]], seq_len: int, max_rows: int) -> dict[str, np.ndarray]:
-  """Token id lists -> {inputs, positions, segment_ids} [R, seq_len], every slot a real token (the tail that does not
-  fill a row is dropped). A sequence cut by a row edge continues in the next row as a new segment from position 0."""
-  stream, seg, pos = [], [], []
+def pack_rows(conversations: Sequence[Sequence[int]], seq_len: int, max_rows: int,
+              masks: Sequence[Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+  """Token id lists -> {inputs, positions, segment_ids, mask} [R, seq_len], every slot a real token (the tail that
+  does not fill a row is dropped). A sequence cut by a row edge continues in the next row as a new segment from
+  position 0. mask: 1 where a token counts in the statistics (`masks` per conversation; default all 1)."""
+  stream, seg, pos, keep = [], [], [], []
   for i, ids in enumerate(conversations):
     stream += list(ids)
     seg += [i] * len(ids)
     pos += list(range(len(ids)))
+    keep += list(masks[i]) if masks is not None else [1] * len(ids)
   n = min(len(stream) // seq_len, max_rows)
   if n == 0:
-    return {"inputs": np.zeros((0, seq_len), np.int32), "positions": np.zeros((0, seq_len), np.int32),
-            "segment_ids": np.zeros((0, seq_len), np.int32)}
+    return {k: np.zeros((0, seq_len), np.int32) for k in ("inputs", "positions", "segment_ids", "mask")}
   ids = np.asarray(stream[:n * seq_len], np.int32).reshape(n, seq_len)
   seg = np.asarray(seg[:n * seq_len]).reshape(n, seq_len)
   pos = np.asarray(pos[:n * seq_len]).reshape(n, seq_len)
@@ -47,24 +49,51 @@ def pack_rows(conversations: Sequence[Sequence[int]], seq_len: int, max_rows: in
   segment_ids = np.cumsum(new_seg, axis=1).astype(np.int32)
   first = pos[:, :1]
   positions = np.where(segment_ids == 1, pos - first, pos).astype(np.int32)
-  return {"inputs": ids, "positions": positions, "segment_ids": segment_ids}
+  mask = np.asarray(keep[:n * seq_len], np.int32).reshape(n, seq_len)
+  return {"inputs": ids, "positions": positions, "segment_ids": segment_ids, "mask": mask}
+
+
+def system_mask(tokenizer, messages: Sequence[dict], ids: Sequence[int]) -> list[int]:
+  """1 on every token after the conversation's system block (the default system prompt every domain shares tells
+  no domain apart, so it is left out of routing statistics and router fits), 0 on the block itself."""
+  has_system = bool(messages) and (messages[0]["role"] == "system" or
+                                   tokenizer.chat.get("default_system") is not None)
+  if not has_system:
+    return [1] * len(ids)
+  first_user = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+  system_ids, _ = tokenizer.render_chat(list(messages[:first_user]) + [{"role": "user", "content": ""}])
+  # The system block is the common prefix of the conversation and a rendering of the system turn alone.
+  n = 0
+  while n < min(len(ids), len(system_ids)) and ids[n] == system_ids[n]:
+    n += 1
+  start = tokenizer.tok.token_to_id("<|im_start|>")
+  n = max((i for i in range(n + 1) if i < len(ids) and ids[i] == start), default=0)  # back to the user turn's start
+  return [0] * n + [1] * (len(ids) - n)
+
+
+def conversation_rows(tokenizer, conversations, *, seq_len: int, max_rows: int,
+                      mask_system: bool = True) -> dict[str, np.ndarray]:
+  """Conversations (message lists) rendered with the chat template and packed by pack_rows; with mask_system the
+  system block is masked out (`system_mask`)."""
+  convs, masks, need = [], [], seq_len * max_rows
+  for messages in conversations:
+    ids, _ = tokenizer.render_chat(messages)
+    convs.append(ids)
+    masks.append(system_mask(tokenizer, messages, ids) if mask_system else [1] * len(ids))
+    need -= len(ids)
+    if need <= 0:
+      break
+  return pack_rows(convs, seq_len, max_rows, masks)
 
 
 def domain_rows(tokenizer, domains: Sequence[str], *, seq_len: int = 256, max_rows: int = 8,
-                split: str = "eval") -> dict[str, dict[str, np.ndarray]]:
-  """Each capability's held-out conversations (every token of the template), packed by pack_rows."""
+                split: str = "eval", mask_system: bool = False) -> dict[str, dict[str, np.ndarray]]:
+  """Each capability's held-out conversations (every token of the template), packed by pack_rows; with
+  mask_system the shared system prompt is masked out of the statistics that read `mask` (`token_diagnostics`)."""
   from bar_jax.data import capability
-  out = {}
-  for d in capability.resolve(list(domains)):
-    convs, need = [], seq_len * max_rows
-    for messages in d.chat_examples(split):
-      ids, _ = tokenizer.render_chat(messages)
-      convs.append(ids)
-      need -= len(ids)
-      if need <= 0:
-        break
-    out[d.name] = pack_rows(convs, seq_len, max_rows)
-  return out
+  return {d.name: conversation_rows(tokenizer, d.chat_examples(split), seq_len=seq_len, max_rows=max_rows,
+                                    mask_system=mask_system)
+          for d in capability.resolve(list(domains))}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "compute", "mesh"))
@@ -174,3 +203,111 @@ def write(report: Mapping[str, Any], directory: str, stat: str = "top1_share") -
   plt.close(fig)
   os.replace(ppath + ".tmp.png", ppath)
   return jpath, ppath
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token-level diagnostics: why a router does or does not carry each domain to its expert.
+
+TAUS = (1.0, 3.0, 10.0, 30.0)
+
+
+def _batches(rows: Mapping[str, Mapping[str, np.ndarray]], batch_size: int) -> list[tuple[str, dict]]:
+  out = []
+  for d, r in rows.items():
+    for i in range(0, len(r["inputs"]), batch_size):
+      out.append((d, {k: np.asarray(v[i:i + batch_size]) for k, v in r.items()}))
+  return out
+
+
+def _route_np(kernel: np.ndarray, x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+  """The combine weights [N, E] the model applies (model.moe.route: softmax in float32, top-k, norm_topk)."""
+  from bar_jax.model import moe
+  return np.asarray(moe.route(jax.numpy.asarray(kernel), jax.numpy.asarray(x), cfg)[0], np.float64)
+
+
+def token_diagnostics(params, cfg: ModelConfig, rows: Mapping[str, Mapping[str, np.ndarray]], names: Sequence[str],
+                      *, taus: Sequence[float] = TAUS, batch_size: int = 8, compute: Compute = Compute()
+                      ) -> dict[str, Any]:
+  """Per domain, over its rows' masked tokens (`domain_rows(..., mask_system=True)`), at each sharpening tau (every
+  layer's router kernel x tau, the model run with it, so later layers see the sharper routing):
+
+    weights[tau][d]   [L][E] mean combine weight per layer and expert
+    own[tau][d]       the layer mean of the weight of d's own expert (the expert named d), and its rank (1 = most)
+    entropy[tau][d]   mean per-token entropy of the weights, in nats (log E = uniform)
+  and at tau = 1 the column contrast M[d][l][i] = mean over d's tokens of x . (c_i - mean_j c_j): rows that look
+  alike for every domain mean the columns carry no domain information. A rising own weight with tau means the
+  columns point the right way but are too small (budget, lr); the same expert winning everywhere means they do not.
+  """
+  if cfg.ffn != "moe":
+    raise ValueError("routing diagnostics need an MoE model")
+  names = list(names)
+  batches = _batches(rows, batch_size)
+  masks = [np.asarray(b["mask"], bool) for _, b in batches]
+  report: dict[str, Any] = {"experts": names, "taus": [float(t) for t in taus], "top_k": cfg.k,
+                            "tokens": {d: int(sum(m.sum() for (dd, _), m in zip(batches, masks) if dd == d))
+                                       for d in rows},
+                            "weights": {}, "own": {}, "entropy": {}, "contrast": {}}
+  kernel0 = np.asarray(params["layers"]["moe"]["router"]["kernel"])
+  for tau in taus:
+    sums = {d: np.zeros((cfg.n_layers, cfg.n_experts)) for d in rows}
+    ent = {d: np.zeros(cfg.n_layers) for d in rows}
+    contrast = {d: np.zeros((cfg.n_layers, cfg.n_experts)) for d in rows}
+
+    def visit(layer, inputs, kernel):
+      centred = kernel - kernel.mean(-1, keepdims=True)
+      for (d, _), h, m in zip(batches, inputs, masks):
+        x = h[m]
+        w = _route_np(kernel, x, cfg)
+        sums[d][layer] += w.sum(0)
+        ent[d][layer] += float(-(w * np.log(np.maximum(w, 1e-30))).sum())
+        if tau == 1.0:
+          contrast[d][layer] += (x.astype(np.float64) @ centred).sum(0)
+      return None
+
+    scaled = dict(params, layers=dict(params["layers"], moe=dict(params["layers"]["moe"],
+                                                                 router={"kernel": kernel0 * np.float32(tau)})))
+    transformer.layerwise(scaled, [{k: b[k] for k in ("inputs", "positions", "segment_ids")} for _, b in batches],
+                          cfg, visit, compute=compute)
+    key = f"{tau:g}"
+    report["weights"][key], report["own"][key], report["entropy"][key] = {}, {}, {}
+    for d in rows:
+      n = max(report["tokens"][d], 1)
+      w = sums[d] / n
+      report["weights"][key][d] = w.round(5).tolist()
+      report["entropy"][key][d] = round(float(ent[d].mean() / n), 4)
+      if d in names:
+        mean_w = w.mean(0)
+        own = names.index(d)
+        report["own"][key][d] = {"weight": round(float(mean_w[own]), 4),
+                                 "rank": int(1 + np.sum(mean_w > mean_w[own]))}
+      if tau == 1.0:
+        report["contrast"][d] = (contrast[d] / n).round(4).tolist()
+  return report
+
+
+def column_updates(kernel: np.ndarray, init: np.ndarray) -> dict[str, Any]:
+  """How far each router column moved from where it started. kernel [L, D, E] (a merged router), init [L, D, E]
+  (each column's start: for a merge, the branches' shared init: column 0 = r0, every other = r1). Per column: the
+  layer-mean L2 norm and the max-abs of delta_i = c_i - init_i (Adam moves a coordinate by at most about the summed
+  lr: a max-abs near it means saturated, budget-limited updates), and the layer-mean cosine matrix of the deltas
+  (near 1 off the diagonal: one common push, e.g. the z-loss or the mean input, not domain information)."""
+  delta = np.asarray(kernel, np.float64) - np.asarray(init, np.float64)
+  norms = np.linalg.norm(delta, axis=1)                                  # [L, E]
+  unit = delta / np.maximum(norms[:, None, :], 1e-30)
+  cos = np.einsum("lde,ldf->lef", unit, unit).mean(0)
+  return {"l2": norms.mean(0).round(6).tolist(), "max_abs": np.abs(delta).max((0, 1)).round(6).tolist(),
+          "cosine": cos.round(4).tolist(), "init_l2": np.linalg.norm(init, axis=1).mean(0).round(6).tolist()}
+
+
+def format_diagnostics(report: Mapping[str, Any]) -> str:
+  """Markdown: own-expert weight (rank) per domain at each tau, and the mean entropy."""
+  domains = [d for d in report["tokens"] if d in report["experts"]]
+  lines = ["| tau | " + " | ".join(f"{d}: own weight (rank)" for d in domains) + " | mean own | entropy (nats) |",
+           "|---" * (len(domains) + 3) + "|"]
+  for tau in report["weights"]:
+    own = report["own"][tau]
+    mean_own = np.mean([own[d]["weight"] for d in domains]) if domains else float("nan")
+    ent = np.mean([report["entropy"][tau][d] for d in report["tokens"]])
+    lines.append(f"| {tau} | " + " | ".join(f"{own[d]['weight']:.3f} ({own[d]['rank']})" for d in domains)
+                 + f" | {mean_own:.3f} | {ent:.3f} |")
+  return "\n".join(lines) + "\n"

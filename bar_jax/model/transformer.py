@@ -13,6 +13,7 @@ norm_position="pre", on its output when "post"), `mlp_norm` the FFN sub-layer's.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -177,7 +178,7 @@ def attend(q, k, v, mask, compute: Compute):
 
 
 def _block(cfg: ModelConfig, compute: Compute, mesh, x, lp, positions, segment_ids, cache_kv, cache_index,
-           kv_valid=None, ring: bool = False):
+           kv_valid=None, ring: bool = False, capture: bool = False):
   """One decoder layer. cache_kv = (k [L,B,S,K,hd], v, layer): every layer's cache, of which this layer's slots
   cache_index.. are written and read; or None.
 
@@ -241,6 +242,8 @@ def _block(cfg: ModelConfig, compute: Compute, mesh, x, lp, positions, segment_i
     y, aux = swiglu(h, m["gate"]["kernel"], m["up"]["kernel"], m["down"]["kernel"]), {}
   else:
     y, aux = moe.moe_ffn(lp["moe"], h, cfg, mesh=mesh, compute=compute)
+    if capture:
+      aux["router_input"] = h  # the router's (and every expert's) input, for `layerwise`
   if not pre:
     y = rms_norm(y, lp["mlp_norm"]["scale"], cfg.rms_eps)
   return x + y, aux, new_cache
@@ -282,6 +285,40 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, compute: Com
   if return_hidden:
     return x, aux
   return lm_logits(params, x, cfg), aux
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "compute"))
+def _layer(lp, x, positions, segment_ids, *, cfg: ModelConfig, compute: Compute):
+  y, aux, _ = _block(cfg, compute, None, x, lp, positions, segment_ids, None, None, capture=True)
+  return y, aux
+
+
+def layerwise(params: Params, batches, cfg: ModelConfig, visit, *, compute: Compute = Compute()) -> Params:
+  """Runs the decoder one layer at a time over `batches` (a list of {inputs, positions, segment_ids} [B, T]; no
+  scan, one device) and calls visit(layer, [router input [B, T, D] per batch, as numpy], router kernel [D, E]) at
+  each MoE layer BEFORE the layer's FFN runs. visit may return a new router kernel for that layer, which the layer
+  then runs with, so later layers see the routing chosen here (a closed-form router fitted layer by layer in one
+  pass). Returns params with the kernels visit returned. Calibration and diagnostics only: training and decoding
+  use `forward` / `forward_cached`."""
+  import numpy as np
+  if cfg.ffn != "moe":
+    raise ValueError("layerwise visits MoE layers: the model has no router")
+  dt = jnp.dtype(compute.dtype)
+  xs = [params["embed"]["embedding"].astype(dt)[jnp.asarray(b["inputs"])] for b in batches]
+  pos = [jnp.asarray(b["positions"]) for b in batches]
+  seg = [jnp.asarray(b["segment_ids"]) for b in batches]
+  kernels = np.array(params["layers"]["moe"]["router"]["kernel"])
+  for layer in range(cfg.n_layers):
+    lp = jax.tree.map(lambda w: w[layer], params["layers"])
+    outs = [_layer(lp, x, p, s, cfg=cfg, compute=compute) for x, p, s in zip(xs, pos, seg)]
+    new = visit(layer, [np.asarray(aux["router_input"]) for _, aux in outs], kernels[layer])
+    if new is not None:  # the layer runs again with the router chosen on its inputs
+      kernels[layer] = np.asarray(new, kernels.dtype)
+      lp = dict(lp, moe=dict(lp["moe"], router={"kernel": jnp.asarray(kernels[layer])}))
+      outs = [_layer(lp, x, p, s, cfg=cfg, compute=compute) for x, p, s in zip(xs, pos, seg)]
+    xs = [y for y, _ in outs]
+  layers = dict(params["layers"], moe=dict(params["layers"]["moe"], router={"kernel": kernels}))
+  return dict(params, layers=layers)
 
 
 def lm_logits(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:

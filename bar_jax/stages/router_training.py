@@ -15,6 +15,7 @@ import ml_collections
 
 from bar_jax.errors import BarError
 from bar_jax.io import artifact
+from bar_jax.model import transformer
 from bar_jax.model.config import Compute
 from bar_jax.stages import common
 from bar_jax.transforms import freeze
@@ -92,10 +93,65 @@ def router_phase(rc: ml_collections.ConfigDict, rows: int) -> ml_collections.Con
       checkpoint_every=rc.checkpoint_every, log_every=rc.log_every, divergence_factor=rc.divergence_factor))
 
 
+def calibration_batches(tokenizer, fractions: Mapping[str, float], experts: Sequence[str],
+                        rc: ml_collections.ConfigDict, seed: int) -> list[dict]:
+  """The router init's labelled tokens: from the same stratified sample router training draws (train split),
+  rc.init_rows packed rows of rc.init_seq_len per domain, the system prompt masked out; each token labelled with
+  its domain's expert index (general data, and any domain without an expert of its own: the anchor, 0)."""
+  import numpy as np
+  from bar_jax.data import pipeline
+  from bar_jax.evals import routing as routing_lib
+  out = []
+  for domain, fraction in fractions.items():
+    convs = pipeline.stratified_sample([domain], float(fraction), seed=seed)[domain]
+    rows = routing_lib.conversation_rows(tokenizer, convs, seq_len=int(rc.init_seq_len), max_rows=int(rc.init_rows))
+    if not len(rows["inputs"]):
+      raise BarError(f"router init: domain {domain}'s sample holds fewer than {rc.init_seq_len} tokens; raise "
+                     "router.fraction or lower router.init_seq_len")
+    label = list(experts).index(domain) if domain in experts[1:] else 0
+    for i in range(0, len(rows["inputs"]), int(rc.batch_size)):
+      b = {k: v[i:i + int(rc.batch_size)] for k, v in rows.items()}
+      b["labels"] = np.full(b["inputs"].shape, label, np.int32)
+      out.append(b)
+  return out
+
+
+def init_router(model: common.Model, cfg, params, rc: ml_collections.ConfigDict, fractions: Mapping[str, float],
+                experts: Sequence[str], *, seed: int, compute: Compute = Compute()) -> tuple[Any, dict]:
+  """rc.init's router (transforms/router_init.py) fitted on calibration_batches; returns (params, record)."""
+  import time
+  from bar_jax.transforms import router_init
+  if rc.init == "merged":
+    return params, {}
+  if rc.init not in router_init.METHODS:
+    raise BarError(f"router.init={rc.init!r}: use one of {router_init.METHODS}")
+  start = time.time()
+  batches = calibration_batches(model.tokenizer, fractions, experts, rc, seed)
+  params, layers = router_init.fit(common.to_host(params), cfg, batches, rc.init, ridge=float(rc.init_ridge),
+                                   max_logit=float(rc.init_max_logit), compute=compute)
+  tokens = int(sum(b["mask"].sum() for b in batches))
+  return params, {"stage": "router_init", "method": rc.init, "tokens": tokens, "steps": 0,
+                  "flops": float(sum(b["inputs"].size for b in batches) * 2 * 2
+                                 * transformer.active_matmul_params(cfg)),  # two forward passes per layer
+                  "seconds": round(time.time() - start, 1), "layers": layers}
+
+
 def train_router(model: common.Model, cfg, params, rc: ml_collections.ConfigDict, fractions: Mapping[str, float],
                  workdir: str, mesh, *, seed: int, identity: dict, name: str = "router",
-                 frozen_experts: Sequence[int] = (), compute: Compute = Compute()) -> tuple[Any, dict]:
-  """Only the router kernel trains (its frozen_experts columns excepted); returns (params, stage record)."""
+                 frozen_experts: Sequence[int] = (), compute: Compute = Compute(),
+                 experts: Sequence[str] | None = None) -> tuple[Any, dict]:
+  """Only the router kernel trains (its frozen_experts columns excepted), after rc.init sets its columns from data
+  (`init_router`; experts names the MoE's experts, anchor first); rc.epochs = 0 trains nothing (a pure closed-form
+  router). Returns (params, stage record; an init's record under "init")."""
+  init_record = {}
+  if rc.get("init", "merged") != "merged":
+    if frozen_experts:
+      raise BarError(f"router.init={rc.init!r} rewrites every column, but columns {list(frozen_experts)} are frozen "
+                     "here: use router.init=merged with a local router update")
+    params, init_record = init_router(model, cfg, params, rc, fractions, experts or [], seed=seed, compute=compute)
+  if float(rc.epochs) == 0:
+    return common.to_host(params), {"stage": name, "steps": 0, "tokens": 0, "flops": init_record.get("flops", 0.0),
+                                    "init": init_record, "data": {"fractions": dict(fractions)}}
   batches, rows = sample_batches(model.tokenizer, fractions, rc, seed)
   phase = router_phase(rc, rows)
   params, record = common.train_phase(name=name, model=model, cfg=cfg, params=params, phase=phase, workdir=workdir,
@@ -104,7 +160,8 @@ def train_router(model: common.Model, cfg, params, rc: ml_collections.ConfigDict
                                       batches=batches, compute=compute)
   # max_steps may cut the configured epochs short: record the passes actually made over the sample.
   record.update(sample_rows=rows, epochs_configured=float(rc.epochs),
-                epochs=round(phase.steps * rc.batch_size / max(rows, 1), 4))
+                epochs=round(phase.steps * rc.batch_size / max(rows, 1), 4), init=init_record)
+  record["flops"] = record["flops"] + init_record.get("flops", 0.0)
   return common.to_host(params), record
 
 

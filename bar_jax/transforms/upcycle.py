@@ -34,6 +34,19 @@ ROUTER_INIT_STD = 0.02  # OLMo-core MoELinearRouter.reset_parameters: trunc_norm
 ANCHOR_FROM_BASE = {f"layers/moe/experts/{w}": (f"layers/mlp/{w}/kernel", 1, 0) for w in ("gate", "up", "down")}
 
 
+def initial_router(key_router: jax.Array, n_layers: int, d_model: int, router_init: str = "random",
+                   router_scale: float = ROUTER_INIT_STD) -> jax.Array:
+  """A branch's router kernel [L, D, 2] before training (key_router: upcycle's first split of its key)."""
+  if router_init == "zeros":
+    return jnp.zeros((n_layers, d_model, 2), jnp.float32)
+  return jax.random.truncated_normal(key_router, -3.0, 3.0, (n_layers, d_model, 2), jnp.float32) * router_scale
+
+
+def branch_router_init(n_layers: int, d_model: int, seed: int = 0) -> jax.Array:
+  """The router kernel a branch made with key(seed) started from (what its columns' updates are measured against)."""
+  return initial_router(jax.random.split(jax.random.key(seed))[0], n_layers, d_model)
+
+
 def upcycle(dense_params: Mapping[str, Any], dense_cfg: ModelConfig, *, expert_kind: str = "ffn",
             lora_rank: int = 16, lora_alpha: float = 32.0, expert_init: Mapping[str, Any] | None = None,
             key: jax.Array | None = None, router_init: str | None = None, router_scale: float = ROUTER_INIT_STD
@@ -69,10 +82,7 @@ def upcycle(dense_params: Mapping[str, Any], dense_cfg: ModelConfig, *, expert_k
                        "initialise the expert from a checkpoint of the same architecture")
 
   key_router, key_lora = jax.random.split(key if key is not None else jax.random.key(0))
-  if router_init == "zeros":
-    router = jnp.zeros((L, D, 2), jnp.float32)
-  else:
-    router = jax.random.truncated_normal(key_router, -3.0, 3.0, (L, D, 2), jnp.float32) * router_scale
+  router = initial_router(key_router, L, D, router_init, router_scale)
 
   if expert_kind == "ffn":
     experts = {w: jnp.stack([anchor[w], domain[w]], axis=1) for w in anchor}

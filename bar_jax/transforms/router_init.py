@@ -1,0 +1,142 @@
+"""Router columns computed from data, with no gradient steps: what makes a merged MoE route each domain's tokens to
+that domain's expert.
+
+Why this exists: after the merge, column i of each layer's router is branch i's column, trained only to tell "my
+expert" from the anchor. No branch ever saw another domain, so nothing makes c_i beat c_j on domain i's tokens; the
+columns tie, every expert gets ~1/E of every token, and the MoE is a soft average of its experts. These methods set
+every column of every layer at once from the layer's own inputs on labelled tokens (label = the expert whose
+domain the token comes from; general data = the anchor, expert 0):
+
+  embed   domain embeddings (FlexOlmo / Nexus style): column e = the mean of the layer's inputs over expert e's
+          tokens, centred over the experts (what tells them apart), the mean input's direction projected out, unit
+          length.
+  ridge   closed form (DUME style): the ridge regression from the layer's inputs to the one-hot expert labels,
+          class-balanced, W = (X'WX + lam tr(X'WX)/D I)^-1 X'WY: one linear solve of size D per layer.
+
+Either way the columns are then multiplied by one scale per layer, the s > 0 that minimises the class-balanced
+cross-entropy of softmax(s x W) against the labels (convex in s: a few Newton steps), so the logits come out at the
+sharpness the data supports rather than at an arbitrary one. `fit` runs the model one layer at a time
+(`transformer.layerwise`): layer l is fitted on inputs produced by the already-fitted layers below it, in one pass.
+Pure: arrays in, arrays out.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from bar_jax.errors import BarError
+from bar_jax.model import transformer
+from bar_jax.model.config import Compute, ModelConfig
+
+METHODS = ("merged", "embed", "ridge")  # merged = keep the merge's columns (the recipe)
+
+
+def _class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
+  """Per-token weights giving every class the same total weight 1/n_classes."""
+  counts = np.bincount(labels, minlength=n_classes)
+  missing = [e for e in range(n_classes) if counts[e] == 0]
+  if missing:
+    raise BarError(f"router init: no calibration tokens for experts {missing}; give every expert's capability (and "
+                   "general data for the anchor) a share of the router sample")
+  return (1.0 / (n_classes * counts))[labels]
+
+
+def embedding_columns(x: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+  """[N, D] inputs, [N] labels -> [D, E]: class means centred over the classes, with the direction of the mean
+  input projected out (the router has no bias: along it, x . c_e would be a per-column offset that grows with the
+  large common component hidden states carry, not a domain signal), each column of unit length."""
+  x = np.asarray(x, np.float64)
+  _class_weights(labels, n_classes)  # the one-line refusal for an empty class
+  means = np.stack([x[labels == e].mean(0) for e in range(n_classes)])
+  centre = means.mean(0)
+  cols = means - centre
+  unit = centre / max(float(np.linalg.norm(centre)), 1e-12)
+  cols -= np.outer(cols @ unit, unit)
+  cols /= np.maximum(np.linalg.norm(cols, axis=1, keepdims=True), 1e-12)
+  return cols.T
+
+
+def ridge_columns(x: np.ndarray, labels: np.ndarray, n_classes: int, ridge: float = 1e-2) -> np.ndarray:
+  """[N, D] inputs, [N] labels -> [D, E]: class-balanced ridge regression onto the one-hot labels. `ridge` is
+  relative to the mean eigenvalue of the weighted Gram matrix, so it means the same at any activation scale."""
+  x = np.asarray(x, np.float64)
+  w = _class_weights(labels, n_classes)
+  gram = (x * w[:, None]).T @ x
+  y = np.zeros((len(x), n_classes))
+  y[np.arange(len(x)), labels] = 1.0
+  cross = (x * w[:, None]).T @ y
+  lam = ridge * np.trace(gram) / gram.shape[0]
+  return np.linalg.solve(gram + lam * np.eye(gram.shape[0]), cross)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+  z = z - z.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+def fit_scale(logits: np.ndarray, labels: np.ndarray, n_classes: int, *, max_logit: float = 30.0) -> float:
+  """The s >= 0 minimising the class-balanced cross-entropy of softmax(s * logits); s is capped so no logit's
+  spread exceeds max_logit (separable data would otherwise send s to infinity)."""
+  z = np.asarray(logits, np.float64)
+  w = _class_weights(labels, n_classes)
+  zy = z[np.arange(len(z)), labels]
+  spread = float(np.max(z.max(-1) - z.min(-1))) if len(z) else 0.0
+  s_max = max_logit / spread if spread > 0 else 1.0
+  s = min(1.0, s_max)
+  for _ in range(50):  # Newton on a convex 1-D function, kept inside [0, s_max]
+    p = _softmax(s * z)
+    mean = (p * z).sum(-1)
+    grad = float(np.sum(w * (mean - zy)))
+    hess = float(np.sum(w * ((p * z * z).sum(-1) - mean ** 2)))
+    step = grad / hess if hess > 1e-12 else -s_max
+    s_new = float(np.clip(s - step, 0.0, s_max))
+    if abs(s_new - s) <= 1e-6 * max(s, 1e-6):
+      s = s_new
+      break
+    s = s_new
+  return s
+
+
+def fit_layer(x: np.ndarray, labels: np.ndarray, n_classes: int, method: str, ridge: float = 1e-2,
+              max_logit: float = 30.0) -> tuple[np.ndarray, dict[str, float]]:
+  """One layer's router kernel [D, E] from its inputs and labels, and what the fit found (scale, train accuracy)."""
+  if method == "embed":
+    cols = embedding_columns(x, labels, n_classes)
+  elif method == "ridge":
+    cols = ridge_columns(x, labels, n_classes, ridge)
+  else:
+    raise BarError(f"unknown router init {method!r}: use one of {METHODS}")
+  z = np.asarray(x, np.float64) @ cols
+  s = fit_scale(z, labels, n_classes, max_logit=max_logit)
+  acc = float(np.mean(np.argmax(z, -1) == labels))
+  return (s * cols).astype(np.float32), {"scale": round(s, 6), "train_top1_accuracy": round(acc, 4)}
+
+
+def fit(params: Any, cfg: ModelConfig, batches: Sequence[dict[str, np.ndarray]], method: str, *,
+        ridge: float = 1e-2, max_logit: float = 30.0, compute: Compute = Compute()) -> tuple[Any, list[dict]]:
+  """Every layer's router fitted in one layer-by-layer pass over `batches` ({inputs, positions, segment_ids [B, T],
+  labels [B, T] int expert index, mask [B, T] 1 = a calibration token}). Returns (params with the new router
+  kernels, per-layer fit records). `merged` returns params unchanged."""
+  if method == "merged":
+    return params, []
+  if method not in METHODS:
+    raise BarError(f"unknown router init {method!r}: use one of {METHODS}")
+  if cfg.ffn != "moe":
+    raise BarError("router init needs an MoE model: pass the merge stage's output")
+  keep = [np.asarray(b["mask"], bool) for b in batches]
+  labels = np.concatenate([np.asarray(b["labels"])[m] for b, m in zip(batches, keep)])
+  if labels.size and (labels.min() < 0 or labels.max() >= cfg.n_experts):
+    raise BarError(f"router init: labels outside 0..{cfg.n_experts - 1}; label each token with its expert's index")
+  records: list[dict] = []
+
+  def visit(layer, inputs, kernel):
+    x = np.concatenate([h[m] for h, m in zip(inputs, keep)])
+    new, rec = fit_layer(x, labels, cfg.n_experts, method, ridge, max_logit)
+    records.append({"layer": layer, **rec})
+    return new
+
+  out = transformer.layerwise(params, [{k: b[k] for k in ("inputs", "positions", "segment_ids")} for b in batches],
+                              cfg, visit, compute=compute)
+  return out, records

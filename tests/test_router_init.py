@@ -1,0 +1,160 @@
+"""Router columns from data (transforms/router_init.py) and the token-level routing diagnostics (evals/routing.py).
+
+References: the ridge solution against numpy's least squares on the augmented system; the fitted scale against a
+dense grid of the same objective; the diagnostics' mean weights against the scanned forward's own router means
+(routing_stats, another code path); a tiny MoE whose domains are told apart by their tokens, where the fitted
+router must send each domain to its own expert.
+"""
+import jax
+import numpy as np
+import pytest
+
+from bar_jax.errors import BarError
+from bar_jax.evals import routing
+from bar_jax.model import transformer
+from bar_jax.model.config import tiny
+from bar_jax.transforms import router_init
+
+
+def _two_domains(n=400, d=16, seed=0, separation=2.0):
+  rng = np.random.default_rng(seed)
+  mu = rng.standard_normal((3, d)) * separation
+  labels = np.repeat(np.arange(3), [n // 2, n, n // 4])  # unbalanced on purpose: the fit balances the classes
+  x = mu[labels] + rng.standard_normal((len(labels), d)) + 5.0  # a large common mean, as hidden states have
+  return x, labels
+
+
+def test_ridge_columns_equal_weighted_least_squares():
+  x, y = _two_domains()
+  ridge = 0.05
+  cols = router_init.ridge_columns(x, y, 3, ridge)
+  counts = np.bincount(y)
+  w = 1.0 / (3 * counts[y])
+  gram = (x * w[:, None]).T @ x
+  lam = ridge * np.trace(gram) / x.shape[1]
+  a = np.concatenate([x * np.sqrt(w)[:, None], np.sqrt(lam) * np.eye(x.shape[1])])
+  target = np.concatenate([np.eye(3)[y] * np.sqrt(w)[:, None], np.zeros((x.shape[1], 3))])
+  ref = np.linalg.lstsq(a, target, rcond=None)[0]
+  # float64 normal equations vs a QR least squares: condition ~1e3 here, so ~1e-12 relative agreement
+  np.testing.assert_allclose(cols, ref, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["embed", "ridge"])
+def test_init_columns_separate_synthetic_domains(method):
+  x, y = _two_domains()
+  kernel, rec = router_init.fit_layer(x, y, 3, method)
+  acc = np.mean(np.argmax(x @ kernel, -1) == y)
+  assert acc > 0.95 and rec["train_top1_accuracy"] > 0.95
+  # Not vacuous: with the labels shuffled the same fit cannot separate anything.
+  rng = np.random.default_rng(1)
+  shuffled = rng.permutation(y)
+  k2, _ = router_init.fit_layer(x, shuffled, 3, method)
+  assert np.mean(np.argmax(x @ k2, -1) == shuffled) < 0.6
+
+
+def test_fit_scale_minimises_the_balanced_cross_entropy():
+  x, y = _two_domains(seed=3, separation=0.3)  # overlapping classes: the best scale is finite
+  z = x @ router_init.ridge_columns(x, y, 3)
+  s = router_init.fit_scale(z, y, 3, max_logit=1e6)
+  w = 1.0 / (3 * np.bincount(y)[y])
+
+  def ce(t):
+    zz = t * z
+    lse = np.log(np.exp(zz - zz.max(-1, keepdims=True)).sum(-1)) + zz.max(-1)
+    return float(np.sum(w * (lse - zz[np.arange(len(y)), y])))
+  grid = np.linspace(0.01, 3 * s, 3000)
+  best = grid[np.argmin([ce(t) for t in grid])]
+  assert abs(s - best) <= 2 * (grid[1] - grid[0])
+  assert ce(s) <= min(ce(t) for t in grid) + 1e-9
+  # The cap holds: no token's logit spread exceeds max_logit.
+  capped = router_init.fit_scale(z, y, 3, max_logit=0.5)
+  assert np.max(capped * (z.max(-1) - z.min(-1))) <= 0.5 + 1e-9
+
+
+def test_an_empty_class_is_refused():
+  x, y = _two_domains()
+  with pytest.raises(BarError, match="no calibration tokens for experts \\[3\\]"):
+    router_init.fit_layer(x, y, 4, "ridge")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tiny 3-expert MoE whose two domains use disjoint halves of the vocabulary.
+
+def _tiny_moe(seed=0):
+  cfg = tiny(vocab_size=256, max_seq_len=64).replace(ffn="moe", n_experts=3, expert_kind="ffn").validate()
+  params = jax.tree.map(np.asarray, transformer.init_params(cfg, jax.random.key(seed)))
+  return cfg, params
+
+
+def _rows(seed, lo, hi, rows=4, T=32):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(lo, hi, (rows, T)).astype(np.int32)
+  return {"inputs": ids, "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (rows, T)).copy(),
+          "segment_ids": np.ones((rows, T), np.int32), "mask": np.ones((rows, T), np.int32)}
+
+
+def _domains():
+  return {"general": _rows(0, 0, 80), "math": _rows(1, 80, 160), "code": _rows(2, 160, 256)}
+
+
+@pytest.mark.parametrize("method", ["embed", "ridge"])
+def test_fitted_router_sends_each_domain_to_its_expert(method):
+  cfg, params = _tiny_moe()
+  names = ["general", "math", "code"]  # expert 0 (the anchor) takes general data
+  rows = _domains()
+  batches = [dict(r, labels=np.full(r["inputs"].shape, names.index(d), np.int32)) for d, r in rows.items()]
+  before = routing.token_diagnostics(params, cfg, rows, names, taus=(1.0,))
+  fitted, records = router_init.fit(params, cfg, batches, method)
+  assert len(records) == cfg.n_layers and all(r["scale"] > 0 for r in records)
+  after = routing.token_diagnostics(fitted, cfg, rows, names, taus=(1.0, 10.0))
+  for d in names:
+    assert before["own"]["1"][d]["weight"] < 0.45      # the random router: about uniform (1/3)
+    assert after["own"]["1"][d]["rank"] == 1
+    assert after["own"]["1"][d]["weight"] >= 0.5       # uniform is 1/3
+    assert after["own"]["10"][d]["weight"] >= after["own"]["1"][d]["weight"]  # sharper: more to its own expert
+  # Only the router changed.
+  for path in ("embed", "final_norm"):
+    np.testing.assert_array_equal(jax.tree.leaves(fitted[path]), jax.tree.leaves(params[path]))
+  np.testing.assert_array_equal(fitted["layers"]["moe"]["experts"]["gate"], params["layers"]["moe"]["experts"]["gate"])
+  # The contrast matrix: each domain's own column stands out on its tokens (layer mean).
+  m = {d: np.mean(np.asarray(after["contrast"][d]), 0) for d in names}
+  assert all(int(np.argmax(m[d])) == names.index(d) for d in names)
+
+
+def test_token_diagnostics_match_the_scanned_forward():
+  """At tau = 1 over every token, the layer-by-layer diagnostics see the weights routing_stats reads from the
+  scanned forward's aux (a separate path: lax.scan, the jitted model, the router's own means)."""
+  cfg, params = _tiny_moe(seed=4)
+  rows = _domains()
+  diag = routing.token_diagnostics(params, cfg, rows, ["general", "math", "code"], taus=(1.0,), batch_size=4)
+  stats = routing.routing_stats(params, cfg, rows, batch_size=4)
+  for d in rows:
+    # fp32 forward of 2 layers, weights in [0, 1]: the two paths differ by op fusion only (~1e-6)
+    np.testing.assert_allclose(np.asarray(diag["weights"]["1"][d]), np.asarray(stats["domains"][d]["mean_weight"]),
+                               atol=2e-5)
+
+
+def test_system_mask_drops_only_the_system_block():
+  from bar_jax.stages import common
+  tok = common.load_model("tiny").tokenizer
+  msgs = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+  ids, _ = tok.render_chat(msgs)
+  mask = routing.system_mask(tok, msgs, ids)
+  user_start = tok.render_chat([{"role": "user", "content": "What is 2 + 2?"}])[0]
+  n0 = len(mask) - sum(mask)
+  if tok.chat.get("default_system") is not None:
+    assert n0 > 0 and tok.decode(ids[n0:n0 + 3]).startswith("<|im_start|>user")
+  else:
+    assert n0 == 0 and user_start[:1] == ids[:1]
+
+
+def test_column_updates():
+  rng = np.random.default_rng(0)
+  init = rng.standard_normal((2, 8, 3))
+  push = rng.standard_normal(8)
+  kernel = init + np.stack([np.zeros(8), push, 2 * push], -1)[None]  # columns 1 and 2 moved along one direction
+  u = routing.column_updates(kernel, init)
+  assert u["l2"][0] == 0.0
+  np.testing.assert_allclose(u["l2"][1:], [np.linalg.norm(push), 2 * np.linalg.norm(push)], rtol=1e-5)
+  np.testing.assert_allclose(u["cosine"][1][2], 1.0, atol=1e-4)
+  np.testing.assert_allclose(u["max_abs"][2], 2 * np.abs(push).max(), rtol=1e-5)
