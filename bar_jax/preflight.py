@@ -41,11 +41,3 @@ def check_workdir(workdir: str, min_free_mb: float = MIN_FREE_MB) -> str:
     raise BarError(f"only {free_mb:.0f} MiB free on the disk of --workdir {path} (need at least {min_free_mb:g} "
                    f"MiB); free space or choose another --workdir (--min_free_mb sets the threshold)")
   return path
-
-
-def check_readable(path: str, what: str) -> None:
-  """BarError if a file or directory a run needs is missing or unreadable (before the run starts)."""
-  if not os.path.exists(path):
-    raise BarError(f"{what} {path} does not exist; check the path")
-  if not os.access(path, os.R_OK) or (os.path.isdir(path) and not os.access(path, os.X_OK)):
-    raise BarError(f"{what} {path} is not readable by this user; fix its permissions")

@@ -3,160 +3,200 @@
   python experiments/run_baselines.py                      # default: after (or including) the default pipeline run
   python experiments/run_baselines.py --variant=quick      # plumbing demo
   python experiments/run_baselines.py --variant=tiny --workdir=/tmp/bl --pipeline_workdir=/tmp/bar   # seconds
+  python experiments/run_baselines.py --variant=tiny --domains=math,code --eval_domains=code --bar=false \
+      --workdir=/tmp/bl                                    # the baselines alone, two domains (the test's command)
 
-Runs (each step skipped when its artifact is already complete, so it resumes like the pipeline):
-  the BAR pipeline (configs/bar_smollm2.py:<variant>) -> rows base (dense start), branch_<d> (specialists), bar;
-  experiments/baselines/dense_domain.py x 4   dense per-domain fine-tunes (inputs of the next three);
-  experiments/baselines/monolithic.py         one dense model on all domains mixed, same total tokens;
-  experiments/baselines/sequential.py         math -> code -> tool_use -> safety, a row after each domain;
-  experiments/baselines/dense_merge.py        uniform average of the dense fine-tunes;
-  experiments/baselines/btx.py                dense fine-tunes' FFNs as experts, shared weights averaged, router
-                                              trained.
-Writes experiments/results/bar_smollm2[_<variant>].md (table + the command) and .png (grouped bars).
+Runs (every step under the workdir contract, bar_jax/io/workdir.py, as the pipeline's steps: a step whose folder
+holds a finished output of the same identity is skipped, one killed half-way resumes from its checkpoints, and one
+whose folder records another identity is moved aside to <step>.stale[N] (kept) and run again):
+  the BAR pipeline (configs/bar_smollm2.py:<variant>, --domains) -> rows base (dense start), branch_<d>
+    (specialists), bar; with --bar=false the pipeline is not run and the rows start at the base it names;
+  experiments/baselines/dense_domain.py per domain   dense fine-tunes (train_lm stage; inputs of the next three);
+  experiments/baselines/monolithic.py         one dense model on all domains mixed, same total tokens (train_lm);
+  experiments/baselines/sequential.py         the domains one after another, a row after each domain (train_lm);
+  experiments/baselines/dense_merge.py        uniform average of the dense fine-tunes (transforms/baselines.py);
+  experiments/baselines/btx.py                dense fine-tunes' FFNs as experts, shared weights averaged
+                                              (transforms/baselines.py), router trained (router stage).
+Every model is evaluated by the evaluate stage with the pipeline's eval settings. Writes
+experiments/results/bar_smollm2[_<variant>].md (table + the command), .json and .png (grouped bars).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import dataclasses
 import json
 import os
 import sys
-from typing import Any, Sequence
+import time
+from typing import Any, Callable, Sequence
 
+import ml_collections
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-
-from bar_jax.stages import common, pipeline  # noqa: E402
-from bar_jax.transforms import merge as merge_lib, upcycle  # noqa: E402
+from bar_jax.errors import BarError
+from bar_jax.io import workdir as workdir_lib
+from bar_jax.stages import common, pipeline
+from bar_jax.transforms import baselines as builders
+from experiments.baselines import btx, dense_domain, dense_merge, monolithic, sequential
 
 DOMAINS = ["math", "code", "tool_use", "safety"]
 COLUMNS = DOMAINS + ["general"]
-
-
-def baseline_config(name: str, arg: str):
-  spec = importlib.util.spec_from_file_location(f"baseline_{name}", os.path.join(HERE, "baselines", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Pure builders (params in, params out).
-
-def average_dense(trees: Sequence[dict]) -> dict:
-  """Uniform mean of same-shaped dense parameter dicts, taken in float64 and rounded once."""
-  import jax
-  return jax.tree.map(lambda *xs: np.mean(np.stack([np.asarray(x, np.float64) for x in xs]), 0)
-                      .astype(np.asarray(xs[0]).dtype), *trees)
-
-
-def btx_moe(base_params: dict, dense_params: Sequence[dict], cfg) -> tuple[dict, Any]:
-  """Each dense fine-tune as a 2-expert branch [base FFN | its FFN] with its own shared weights, then the merge
-  transform: anchor = the base FFN, expert i = fine-tune i's FFN, shared weights averaged, router zeros (uniform)."""
-  branches, cfgs = [], []
-  for p in dense_params:
-    with_base_ffn = dict(p, layers=dict(p["layers"], mlp=base_params["layers"]["mlp"]))
-    b, bcfg = upcycle.upcycle(with_base_ffn, cfg, expert_init=p)
-    branches.append(b)
-    cfgs.append(bcfg)
-  return merge_lib.merge(None, branches, cfgs, rule="average_branches")  # BTX averages the experts only
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Steps.
-
-def train(cfg, base_dir: str, out: str) -> str:
-  if not common.done(out):
-    cfg = pipeline.apply_overrides(cfg, {"base": base_dir})
-    print(f"[baselines] training {os.path.basename(out)} ({cfg.phases.sft.steps} steps)", flush=True)
-    importlib.import_module("bar_jax.stages.train_lm").run(cfg, out)
-  return out
-
-
-def write_built(out: str, params, cfg, kind: str, parents: list[dict], stage: str, **fields) -> str:
-  if common.done(out):
-    return out
-  like = common.load_model(parents[0]["dir"])
-  record = {"stage": stage, "steps": 0, "tokens": 0, "flops": 0}
-  manifests = [dict(common.load_model(p["dir"]).manifest, role=p["role"]) for p in parents]
-  return common.write_artifact(out, like, params, cfg, kind, [record], manifests, **fields)
-
-
 BASELINES = ("monolithic", "sequential", "dense_merge", "btx")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Steps: a stage run (pipeline.Step) or an artifact built by a pure transform (Built), both by identity.
+
+@dataclasses.dataclass
+class Built:
+  """An artifact made by a transform from input artifacts, under the workdir contract like a stage's output. Its
+  identity is its baseline config plus every input named by fingerprint, so other inputs or settings never reuse it."""
+  name: str
+  outdir: str
+  config: Any                            # the baseline's ConfigDict (stage, builder, ...)
+  inputs: dict[str, list[str]]           # role -> input artifact dirs (or packaged names), as the parents
+  # {role: [common.Model]} -> (params, ModelConfig, kind, manifest fields)
+  build: Callable[[dict[str, list[common.Model]]], tuple[Any, Any, str, dict]]
+
+  def identity(self) -> dict:
+    d = dict(workdir_lib.strip_runtime(self.config.to_dict()),
+             inputs={role: [workdir_lib.input_fingerprint(x) for x in dirs] for role, dirs in self.inputs.items()})
+    return json.loads(json.dumps(d, sort_keys=True, default=str))  # as a manifest stores it
+
+  def done(self) -> bool:
+    state, found = workdir_lib.recorded(self.outdir)
+    return state == workdir_lib.FINISHED and found == self.identity()
+
+  def run(self) -> str:
+    ident = self.identity()
+    _, found = workdir_lib.recorded(self.outdir)
+    if os.path.isdir(self.outdir) and os.listdir(self.outdir) and found != ident:
+      stale = workdir_lib.set_aside(self.outdir)
+      print(f"[baselines] {self.outdir} was made with another config or other inputs; moved it to {stale}",
+            flush=True)
+    if workdir_lib.resolve(self.outdir, ident) == workdir_lib.FINISHED:
+      return self.outdir
+    models = {role: [common.load_model(d) for d in dirs] for role, dirs in self.inputs.items()}
+    params, cfg, kind, fields = self.build(models)
+    parents = [dict(m.manifest, role=role) for role, ms in models.items() for m in ms]
+    like = next(iter(models.values()))[0]  # the first input's tokenizer goes with the artifact
+    record = {"stage": self.config.stage, "steps": 0, "tokens": 0, "flops": 0}
+    return common.write_artifact(self.outdir, like, params, cfg, kind, [record], parents, identity=ident, **fields)
+
+
+def run_step(step) -> str:
+  """A step's output dir: skipped when finished with its identity, else run (another identity is moved aside)."""
+  if step.done():
+    print(f"[baselines] {step.name}: done, skipped", flush=True)
+  else:
+    print(f"[baselines] {step.name}: running", flush=True)
+    t0 = time.time()
+    step.run()
+    print(f"[baselines] {step.name}: finished in {time.time() - t0:.0f} s", flush=True)
+  return step.outdir
+
+
+def train(name: str, cfg, base: str, out: str) -> str:
+  cfg = pipeline.apply_overrides(cfg, {"base": base})
+  return run_step(pipeline.Step(name, "train_lm", out, cfg))
+
+
+def build_dense_merge(pcfg, dense: dict[str, str], base: str, out: str) -> str:
+  def build(models):
+    fine = models["parent"]
+    return (builders.average_dense([m.params for m in fine]), fine[0].cfg, "dense",
+            dict(base_fingerprint=fine[0].manifest["base_fingerprint"], domain="merged"))
+  inputs = {"parent": [dense[d] for d in pcfg.domains]}
+  return run_step(Built("dense_merge", out, dense_merge.get_config(pcfg), inputs, build))
+
+
+def build_btx(pcfg, dense: dict[str, str], base: str, out: str) -> str:
+  bc = btx.get_config(pcfg)
+
+  def build(models):
+    (b,) = models["base"]
+    params, cfg = builders.btx_moe(b.params, [m.params for m in models["expert"]], b.cfg, rule=bc.rule)
+    return params, cfg, "moe", dict(experts=["anchor"] + list(pcfg.domains), merge_rule=bc.rule,
+                                    base_fingerprint=b.manifest["fingerprint"])
+  merged = run_step(Built("btx_merged", out, bc, {"expert": [dense[d] for d in pcfg.domains], "base": [base]},
+                          build))
+  if not (bc.train_router and pipeline.router_enabled(pcfg)):
+    return merged
+  routed = os.path.join(os.path.dirname(out), "btx")
+  return run_step(pipeline.Step("btx", "router", routed, pipeline.router_config(pcfg, merged)))
+
+
+def evaluate(pcfg, label: str, model: str, edir: str) -> dict:
+  """eval.json's row for MODEL with the pipeline's eval settings (the evaluate stage, by identity)."""
+  step = pipeline.Step(f"eval/{label}", "eval", edir, pipeline.eval_config(pcfg, model), result_file=common.EVAL_JSON)
+  run_step(step)
+  with open(os.path.join(edir, common.EVAL_JSON)) as f:
+    (row,) = json.load(f)["models"]
+  return dict(row, name=label)
+
+
+def pipeline_config(variant: str, domains: Sequence[str] | None = None, eval_domains: str | None = None):
+  """configs/bar_smollm2.py:<variant>, with the runner's domains and eval domains when given."""
+  over = {}
+  if domains:
+    over["domains"] = list(domains)
+  if eval_domains:
+    over["eval.domains"] = eval_domains
+  return pipeline.stage_config("bar_smollm2", None if variant == "default" else variant, over)
+
+
 def run(variant: str, workdir: str, pipeline_workdir: str, results_dir: str, command: str,
-        only: Sequence[str] = BASELINES) -> str:
+        only: Sequence[str] = BASELINES, domains: Sequence[str] | None = None, eval_domains: str | None = None,
+        bar: bool = True) -> str:
   unknown = sorted(set(only) - set(BASELINES))
   if unknown:
-    raise SystemExit(f"--only: unknown baselines {unknown}; choose from {', '.join(BASELINES)}")
-  pcfg = pipeline.stage_config("bar_smollm2", None if variant == "default" else variant)
-  pipeline.run(pcfg, pipeline_workdir)  # every finished step is skipped
-  base_dir = os.path.join(pipeline_workdir, "base")
+    raise BarError(f"--only: unknown baselines {unknown}; choose from {', '.join(BASELINES)}")
+  pcfg = pipeline_config(variant, domains, eval_domains)
   rows = []
-  for step in pipeline.plan(pcfg, pipeline_workdir):
-    if step.kind == "eval":
-      with open(os.path.join(pipeline_workdir, step.name, common.EVAL_JSON)) as f:
-        rows.append(dict(json.load(f)["models"][0], name=step.name.split("/", 1)[1]))
+  if bar:
+    pipeline.run(pcfg, pipeline_workdir)  # every finished step is skipped
+    base = os.path.join(pipeline_workdir, "base")
+    for step in pipeline.plan(pcfg, pipeline_workdir):
+      if step.kind == "eval":
+        with open(os.path.join(pipeline_workdir, step.name, common.EVAL_JSON)) as f:
+          rows.append(dict(json.load(f)["models"][0], name=step.name.split("/", 1)[1]))
+  else:  # the baselines alone, from the base the pipeline config names, written once as the pipeline writes it
+    pipeline.compilation_cache(pcfg, workdir)
+    base = run_step(pipeline.Step("base", "base", os.path.join(workdir, "base"),
+                                  ml_collections.ConfigDict({"stage": "base", "base": pcfg.base})))
 
   models = []
   if "monolithic" in only:
-    models.append(("monolithic", train(baseline_config("monolithic", variant), base_dir,
+    models.append(("monolithic", train("monolithic", monolithic.get_config(pcfg), base,
                                        os.path.join(workdir, "monolithic"))))
-  if not set(only) & {"sequential", "dense_merge", "btx"}:  # none of the rest needs the dense fine-tunes
-    return _finish(rows, models, pcfg, workdir, variant, results_dir, command)
-  dense = {d: train(baseline_config("dense_domain", f"{variant},{d}"), base_dir,
-                    os.path.join(workdir, f"dense_{d}")) for d in DOMAINS}
-  seq_cfg = baseline_config("sequential", variant)
-  seq_dirs, prev = [], base_dir
-  for i, d in enumerate(seq_cfg.order if "sequential" in only else []):
-    out = dense[d] if i == 0 else os.path.join(workdir, f"sequential_{i + 1}_{d}")  # step 1 = the dense fine-tune
-    prev = train(seq_cfg.steps[d], prev, out)
-    seq_dirs.append((d, prev))
-
-  base = common.load_model(base_dir)
-  fine = [common.load_model(dense[d]) for d in DOMAINS]
-  models += [(f"sequential_{i + 1}_{d}", p) for i, (d, p) in enumerate(seq_dirs)]
-  merged_dir = os.path.join(workdir, "dense_merge")
-  if "dense_merge" in only and not common.done(merged_dir):
-    write_built(merged_dir, average_dense([m.params for m in fine]), fine[0].cfg, "dense",
-                [{"dir": dense[d], "role": "parent"} for d in DOMAINS], "dense_average",
-                base_fingerprint=base.manifest["fingerprint"], domain="merged")
-  if "dense_merge" in only:
-    models.append(("dense_merge", merged_dir))
-  if "btx" not in only:
-    return _finish(rows, models, pcfg, workdir, variant, results_dir, command)
-  btx_dir = os.path.join(workdir, "btx_merged")
-  if not common.done(btx_dir):
-    params, cfg = btx_moe(base.params, [m.params for m in fine], base.cfg)
-    write_built(btx_dir, params, cfg, "moe", [{"dir": dense[d], "role": "expert"} for d in DOMAINS] +
-                [{"dir": base_dir, "role": "base"}], "btx_merge", experts=["anchor"] + DOMAINS,
-                base_fingerprint=base.manifest["fingerprint"], merge_rule="average_branches")
-  btx_final = btx_dir
-  if baseline_config("btx", variant).train_router and pipeline.router_enabled(pcfg):
-    btx_final = os.path.join(workdir, "btx")
-    if not common.done(btx_final):
-      importlib.import_module("bar_jax.stages.router").run(pipeline.router_config(pcfg, btx_dir), btx_final)
-
-  models.append(("btx", btx_final))
-  return _finish(rows, models, pcfg, workdir, variant, results_dir, command)
-
-
-def _finish(rows, models, pcfg, workdir, variant, results_dir, command) -> str:
-  for label, spec in models:
-    rows.append(dict(pipeline.evaluate_once(pcfg, spec, os.path.join(workdir, "eval", label)), name=label))
-  return write_results(rows, variant, results_dir, command)
+  if set(only) & {"sequential", "dense_merge", "btx"}:
+    dense = {d: train(f"dense_{d}", dense_domain.get_config(pcfg, d), base, os.path.join(workdir, f"dense_{d}"))
+             for d in pcfg.domains}
+    if "sequential" in only:
+      seq = sequential.get_config(pcfg)
+      prev = base
+      for i, d in enumerate(seq.order):  # step 1 is the first domain's dense fine-tune itself
+        out = dense[d] if i == 0 else os.path.join(workdir, f"sequential_{i + 1}_{d}")
+        prev = dense[d] if i == 0 else train(f"sequential_{i + 1}_{d}", seq.steps[d], prev, out)
+        models.append((f"sequential_{i + 1}_{d}", prev))
+    if "dense_merge" in only:
+      models.append(("dense_merge", build_dense_merge(pcfg, dense, base, os.path.join(workdir, "dense_merge"))))
+    if "btx" in only:
+      models.append(("btx", build_btx(pcfg, dense, base, os.path.join(workdir, "btx_merged"))))
+  if not bar:
+    models.insert(0, ("base", base))
+  for label, model in models:
+    rows.append(evaluate(pcfg, label, model, os.path.join(workdir, "eval", label)))
+  return write_results(rows, variant, results_dir, command, "bar_smollm2" if bar else "baselines")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Results.
 
-def write_results(rows: list[dict], variant: str, results_dir: str, command: str) -> str:
+def write_results(rows: list[dict], variant: str, results_dir: str, command: str, name: str = "bar_smollm2") -> str:
   pipeline.check_same_settings(rows)
   os.makedirs(results_dir, exist_ok=True)
-  stem = os.path.join(results_dir, "bar_smollm2" + ("" if variant == "default" else f"_{variant}"))
+  stem = os.path.join(results_dir, name + ("" if variant == "default" else f"_{variant}"))
   s = rows[0].get("settings", {})
   caveat = {"tiny": "A random tiny model and 2 training steps per model: this table only shows that every row is "
                     "produced (plumbing), not quality.\n\n",
@@ -206,12 +246,23 @@ def main(argv=None):
   ap.add_argument("--pipeline_workdir", default=None, help="the BAR run (default runs/bar_smollm2[_<variant>])")
   ap.add_argument("--results", default=os.path.join("experiments", "results"))
   ap.add_argument("--only", default=",".join(BASELINES), help="a subset of " + ",".join(BASELINES))
+  ap.add_argument("--domains", default="", help="the pipeline's domains (default its config's: " +
+                  ",".join(DOMAINS) + "); every baseline uses the same")
+  ap.add_argument("--eval_domains", default="", help="the evaluated domains (default the pipeline config's: all)")
+  ap.add_argument("--bar", default="true", choices=["true", "false"],
+                  help="false: the baselines alone, without the BAR pipeline and its rows")
   a = ap.parse_args(argv)
   suffix = "" if a.variant == "default" else f"_{a.variant}"
   workdir = a.workdir or os.path.join("runs", f"baselines{suffix}")
   pipe = a.pipeline_workdir or os.path.join("runs", f"bar_smollm2{suffix}")
   command = " ".join(["python experiments/run_baselines.py"] + (sys.argv[1:] if argv is None else list(argv)))
-  run(a.variant, workdir, pipe, a.results, command, [b.strip() for b in a.only.split(",") if b.strip()])
+  split = lambda s: [x.strip() for x in s.split(",") if x.strip()]
+  try:
+    run(a.variant, workdir, pipe, a.results, command, split(a.only), split(a.domains), a.eval_domains or None,
+        a.bar == "true")
+  except BarError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The layering, read from the source with ast (nothing is imported): no import cycle inside bar_jax, no stage
-importing another stage, and a functional core (bar_jax/model, bar_jax/transforms) that does no I/O."""
+importing another stage, a functional core (bar_jax/model, bar_jax/transforms) that does no I/O, no arrow up from
+data/ to evals/, an io/ that knows no stage, and tests that never import experiments/ (they run it)."""
 import ast
 import os
 
@@ -130,6 +131,171 @@ def test_functional_core_does_no_io():
     problems += [f"{name} calls open()" for n in ast.walk(tree)
                  if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "open"]
   assert not problems, "; ".join(problems)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Known offences, each named: the checks below fail on any other, and on an entry here that no longer offends, so this
+# list can only shrink. Remove an entry when its fix lands (issue 29 items 1 and 3).
+KNOWN = {
+    # data/capability.py builds each spec's metric from evals/menu.py; capability specs move above data/ and evals/.
+    ("upward", "bar_jax.data.capability", "bar_jax.evals.menu"),
+    # INPUTS lists every stage's input keys; each stage is to declare its own.
+    ("stage_in_io", "bar_jax.io.workdir", "INPUTS"),
+    # Tests that load an experiment by file path; each is to run it through its command line instead.
+    ("test_imports_experiments", "tests/test_pipeline.py", "experiments/ledger.py"),
+    ("test_imports_experiments", "tests/test_recipe.py", "experiments/routing_fix.py"),
+    ("test_imports_experiments", "tests/test_router.py", "experiments/topk_sweep.py"),
+}
+
+
+def upward_imports() -> set[tuple[str, str, str]]:
+  """bar_jax.data.* importing bar_jax.evals.*: evals reads data, never the reverse."""
+  return {("upward", m, i) for m in MODULES if m.startswith("bar_jax.data")
+          for i in imports(m) if i.startswith("bar_jax.evals")}
+
+
+def _docstrings(tree) -> set[int]:
+  """ids of the docstring nodes: prose may name a stage's file."""
+  return {id(n.body[0].value) for n in ast.walk(tree)
+          if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body
+          and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+
+
+def stages_in_io(stage_names: set[str]) -> set[tuple[str, str, str]]:
+  """What in bar_jax/io/ knows a stage: an import of bar_jax.stages, a string naming a stage module
+  ("bar_jax.stages.x", "stages/x.py"), or a table keyed by stage names (a literal naming two or more stages; one
+  name alone may be an artifact kind such as "branch" or a parameter such as "router")."""
+  out = set()
+  for name, tree in TREES.items():
+    if not name.startswith("bar_jax.io"):
+      continue
+    out |= {("stage_in_io", name, i) for i in imports(name) if i.startswith("bar_jax.stages")}
+    docs = _docstrings(tree)
+    for n in ast.walk(tree):
+      if (isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs
+              and ("bar_jax.stages" in n.value or "stages/" in n.value)):
+        out.add(("stage_in_io", name, n.value))
+      keys = n.keys if isinstance(n, ast.Dict) else n.elts if isinstance(n, (ast.Set, ast.List, ast.Tuple)) else []
+      named = [k.value for k in keys if isinstance(k, ast.Constant) and k.value in stage_names]
+      if len(named) >= 2:
+        target = next((t.id for a in ast.walk(tree) if isinstance(a, (ast.Assign, ast.AnnAssign))
+                       for t in (a.targets if isinstance(a, ast.Assign) else [a.target])
+                       if isinstance(t, ast.Name) and a.value is n), f"line {n.lineno}")
+        out.add(("stage_in_io", name, target))
+  return out
+
+
+LOADERS = {"spec_from_file_location", "import_module", "run_path", "run_module", "SourceFileLoader", "__import__"}
+
+
+def experiment_imports(source: str, where: str) -> set[tuple[str, str, str]]:
+  """A test importing experiments/: `import experiments...` / `from experiments... import`, or a loader
+  (importlib's spec_from_file_location, import_module, runpy, ...; or a helper of the file that passes its argument
+  to one) called on a path or name under experiments/, literally or through a variable assigned in the file.
+  Running an experiment's command line (a subprocess) is not an import."""
+  tree = ast.parse(source, where)
+  out = set()
+  for n in ast.walk(tree):
+    mods = ([a.name for a in n.names] if isinstance(n, ast.Import)
+            else [n.module or ""] if isinstance(n, ast.ImportFrom) and not n.level else [])
+    out |= {("test_imports_experiments", where, m) for m in mods if m.split(".")[0] == "experiments"}
+  called = lambda c: c.func.attr if isinstance(c.func, ast.Attribute) else getattr(c.func, "id", None)
+  loaders = set(LOADERS)
+  for f in ast.walk(tree):  # helpers that hand one of their parameters to a loader load what they are given
+    if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      params = {a.arg for a in f.args.args}
+      if any(isinstance(c, ast.Call) and called(c) in LOADERS and params & {x.id for x in ast.walk(c)
+                                                                          if isinstance(x, ast.Name)}
+             for c in ast.walk(f)):
+        loaders.add(f.name)
+  assigned: dict[str, list] = {}
+  for a in ast.walk(tree):
+    if isinstance(a, ast.Assign):
+      for t in a.targets:
+        if isinstance(t, ast.Name):
+          assigned.setdefault(t.id, []).append(a.value)
+
+  def strings(node, seen=()):
+    for x in ast.walk(node):
+      if isinstance(x, ast.Constant) and isinstance(x.value, str):
+        yield x.value
+      elif isinstance(x, ast.Name) and x.id not in seen:
+        for v in assigned.get(x.id, []):
+          yield from strings(v, seen + (x.id,))
+
+  for c in ast.walk(tree):
+    if isinstance(c, ast.Call) and called(c) in loaders:
+      parts = [s for a in c.args + [k.value for k in c.keywords] for s in strings(a)]
+      if any(p == "experiments" or p.startswith(("experiments/", "experiments.")) for p in parts):
+        label = next((p for p in parts if p.startswith(("experiments/", "experiments."))), None)
+        out.add(("test_imports_experiments", where,
+                  label or "experiments/" + next((p for p in parts if p.endswith(".py")), "?")))
+  return out
+
+
+def sources_of_tests() -> dict[str, str]:
+  """{"tests/x.py": source} of every test module but this one (which reads experiments' sources to check names)."""
+  tests = os.path.join(REPO, "tests")
+  return {f"tests/{f}": open(os.path.join(tests, f)).read() for f in sorted(os.listdir(tests))
+          if f.endswith(".py") and f != "test_imports.py"}
+
+
+def test_the_layer_checks_can_fail():
+  probe = ("import experiments.sweeps.common\nfrom experiments import ledger\nimport importlib.util, os\n"
+           "def _load(p):\n  return importlib.util.spec_from_file_location('x', os.path.join('r', p))\n"
+           "def test_a():\n  _load('experiments/ledger.py')\n"
+           "def test_b():\n  path = os.path.join(ROOT, 'experiments', 'topk_sweep.py')\n"
+           "  importlib.util.spec_from_file_location('t', path)\n"
+           "def test_c():\n  importlib.import_module('experiments.run_baselines')\n"
+           "def test_ok():\n  subprocess.run([sys.executable, 'experiments/run_baselines.py'])\n")
+  assert {w for _, _, w in experiment_imports(probe, "t.py")} == {
+      "experiments.sweeps.common", "experiments", "experiments/ledger.py", "experiments/topk_sweep.py",
+      "experiments.run_baselines"}
+  assert experiment_imports("import subprocess\nsubprocess.run(['python', 'experiments/x.py'])\n", "t.py") == set()
+  TREES["bar_jax.io._probe"] = ast.parse('"""Runs bar_jax/stages/merge.py."""\nfrom bar_jax.stages import merge\n'
+                                         'T = {"merge": 1, "branch": 2}\nK = ("dense", "branch")\n'
+                                         'M = f"bar_jax.stages.{x}"\n')
+  MODULES["bar_jax.io._probe"] = "_probe.py"
+  TREES["bar_jax.data._probe"] = ast.parse("from bar_jax.evals import report\n")
+  MODULES["bar_jax.data._probe"] = "_probe.py"
+  try:
+    assert {w for _, m, w in stages_in_io({"merge", "branch"}) if m == "bar_jax.io._probe"} == {
+        "bar_jax.stages.merge", "T", "bar_jax.stages."}
+    assert ("upward", "bar_jax.data._probe", "bar_jax.evals.report") in upward_imports()
+  finally:
+    for m in ("bar_jax.io._probe", "bar_jax.data._probe"):
+      del TREES[m], MODULES[m]
+
+
+def _check_against_known(found: set, kind: str) -> None:
+  new = sorted(found - KNOWN)
+  gone = sorted(k for k in KNOWN if k[0] == kind and k not in found)
+  assert not new, f"{kind}: {new}"
+  assert not gone, f"{kind}: fixed, so remove from KNOWN in tests/test_imports.py: {gone}"
+
+
+def test_data_never_imports_evals():
+  """The layers read downwards: evals scores what data reads, so data/ importing evals/ would be a circle in the
+  making."""
+  _check_against_known(upward_imports(), "upward")
+
+
+def test_io_knows_no_stage():
+  """io/ (artifacts, the workdir contract, checkpoints) serves every stage the same way: adding a stage never edits
+  io/."""
+  stage_names = {s.rsplit(".", 1)[1] for s in stage_modules()}
+  assert {"merge", "branch", "train_lm"} <= stage_names
+  _check_against_known(stages_in_io(stage_names), "stage_in_io")
+
+
+def test_tests_never_import_experiments():
+  """Experiments are thin callers of the stages; a test runs one through its command line (tests/
+  test_baselines_cli.py) so a test never depends on an experiment's insides, and library code an experiment and a
+  test share lives in bar_jax/."""
+  found = set()
+  for where, source in sources_of_tests().items():
+    found |= experiment_imports(source, where)
+  _check_against_known(found, "test_imports_experiments")
 
 
 # ----------------------------------------------------------------------------------------------------------------

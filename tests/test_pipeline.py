@@ -174,26 +174,6 @@ def test_ledger_curves_linear_vs_quadratic():
   assert c["mono_flops"] == [80.0, 240.0, 480.0, 800.0]
 
 
-def test_dense_average_and_btx_moe():
-  import jax
-  import numpy as np
-  from bar_jax.model import config as config_lib, transformer
-  baselines = _load("experiments/run_baselines.py")
-  cfg = config_lib.tiny()
-  base, a, b = (jax.tree.map(np.asarray, transformer.init_params(cfg, jax.random.key(i))) for i in range(3))
-  avg = baselines.average_dense([a, b])
-  np.testing.assert_allclose(avg["layers"]["attn"]["q"]["kernel"],
-                             (a["layers"]["attn"]["q"]["kernel"] + b["layers"]["attn"]["q"]["kernel"]) / 2,
-                             rtol=2**-23)  # the mean of two float32 numbers, rounded once: one ulp
-  moe, mcfg = baselines.btx_moe(base, [a, b], cfg)
-  assert (mcfg.ffn, mcfg.n_experts) == ("moe", 3)
-  for w in ("gate", "up", "down"):
-    ex = moe["layers"]["moe"]["experts"][w]
-    for i, src in enumerate([base, a, b]):  # anchor = base FFN, expert i = fine-tune i's FFN, bit for bit
-      np.testing.assert_array_equal(ex[:, i], src["layers"]["mlp"][w]["kernel"])
-  np.testing.assert_array_equal(moe["embed"]["embedding"], avg["embed"]["embedding"])
-
-
 def test_first_estimate_comes_from_this_machines_measured_rate(tmp_path, monkeypatch):
   """Before any step has timed itself, a branch's estimate is its model FLOPs over the measured matmul rate (twice
   the rate: half the time); afterwards the rate the finished branch measured replaces it."""

@@ -159,9 +159,6 @@ class Checkpointer:
       data_iter.set_state(out["data"])
     return out["state"]
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

@@ -44,9 +44,6 @@ class Partition:
   def as_dict(self) -> dict[str, Any]:
     return dict(self.rules)
 
-  def trainable_paths(self) -> list[str]:
-    return [p for p, r in self.rules if r is not None]
-
 
 def _expert_positions(path: str, axis_names: tuple, cfg: ModelConfig) -> tuple[int, list[int]] | None:
   """(axis, expert index of each position along it) for leaves with an expert axis, else None."""

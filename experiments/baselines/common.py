@@ -1,23 +1,19 @@
 """Shared by the baseline configs: the pipeline's branch recipe (steps, batch, seq_len, lr, general ratio) turned
-into a dense train_lm phase, so every baseline sees the same data kinds, lengths and learning rate as BAR's branches."""
+into a dense train_lm phase, so every baseline sees the same data kinds, lengths and learning rate as BAR's branches.
+
+Every config here is a function of the pipeline config (configs/bar_smollm2.py:<variant> with the runner's
+--domains), so a baseline follows the BAR run it is compared with; experiments/run_baselines.py fills in `base`."""
 
 import ml_collections
 
 from bar_jax.stages import pipeline
 
-DOMAINS = ["math", "code", "tool_use", "safety"]
 
-
-def pipeline_config(variant: str):
-  return pipeline.stage_config("bar_smollm2", None if variant == "default" else variant)
-
-
-def dense_sft(variant: str, mix: dict, steps_scale: int = 1) -> ml_collections.ConfigDict:
+def dense_sft(pcfg, mix: dict, steps_scale: int = 1) -> ml_collections.ConfigDict:
   """A train_lm config (base filled in by the runner) with one SFT phase like a branch's, on `mix`."""
-  p = pipeline_config(variant)
-  branch = pipeline.branch_config(p, "math", "")
+  branch = pipeline.branch_config(pcfg, "math", "")
   sft = branch.phases.sft
-  c = pipeline.stage_config("train_lm", "tiny" if variant == "tiny" else None)
+  c = pipeline.stage_config("train_lm")
   c.phase_order = ["sft"]
   c.phases = ml_collections.ConfigDict({"sft": dict(
       data=dict(kind="sft", mix=mix, seq_len=sft.data.seq_len, max_examples=sft.data.max_examples),
@@ -30,9 +26,9 @@ def dense_sft(variant: str, mix: dict, steps_scale: int = 1) -> ml_collections.C
   return c
 
 
-def domain_mix(variant: str, domains) -> dict:
+def domain_mix(pcfg, domains) -> dict:
   """Each domain's share as in a branch (1 - general_ratio split evenly), general data at the branch's ratio."""
-  r = float(pipeline_config(variant).branch.overrides.general_ratio)
+  r = float(pcfg.branch.overrides.general_ratio)
   mix = {d: (1.0 - r) / len(domains) for d in domains}
   if r:
     mix["general"] = r

@@ -1,7 +1,8 @@
-"""Dense weight merging: the uniform average of the four dense per-domain fine-tunes (every leaf, FFN included);
-the paper's 36.9 baseline. No training beyond the fine-tunes."""
+"""Dense weight merging: the uniform average of the dense per-domain fine-tunes (every leaf, FFN included; the
+builder is bar_jax/transforms/baselines.py average_dense); the paper's 36.9 baseline. No training beyond the
+fine-tunes. The config is part of the built artifact's identity."""
 import ml_collections
 
 
-def get_config(arg="default"):
-  return ml_collections.ConfigDict(dict(variant=arg or "default", sources="dense_domain", rule="average"))
+def get_config(pcfg):
+  return ml_collections.ConfigDict(dict(stage="dense_merge", builder="average_dense", domains=list(pcfg.domains)))

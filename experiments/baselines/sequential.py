@@ -1,17 +1,17 @@
-"""Sequential continued training: dense SFT on one domain after another (math -> code -> tool_use -> safety), each
-with a branch's recipe, starting from the previous model. Rows after each domain show forgetting of the earlier ones.
-get_config returns {order, step: a train_lm config}; the runner chains the bases.
+"""Sequential continued training: dense SFT on one domain after another (the pipeline's domains in order, e.g.
+math -> code -> tool_use -> safety), each with a branch's recipe, starting from the previous model. Rows after each
+domain show forgetting of the earlier ones. get_config returns {order, steps: {domain: a train_lm config}}; the
+runner chains the bases.
 """
 import ml_collections
 
-from experiments.baselines.common import DOMAINS, dense_sft, domain_mix
+from experiments.baselines.common import dense_sft, domain_mix
 
 
-def get_config(arg="default"):
-  variant = arg or "default"
+def get_config(pcfg):
   c = ml_collections.ConfigDict()
-  c.order = list(DOMAINS)
-  c.steps = ml_collections.ConfigDict({d: dense_sft(variant, domain_mix(variant, [d])) for d in DOMAINS})
-  for d in DOMAINS:
+  c.order = list(pcfg.domains)
+  c.steps = ml_collections.ConfigDict({d: dense_sft(pcfg, domain_mix(pcfg, [d])) for d in c.order})
+  for d in c.order:
     c.steps[d].domain_label = d
   return c
