@@ -142,10 +142,13 @@ def test_system_mask_drops_only_the_system_block():
   mask = routing.system_mask(tok, msgs, ids)
   user_start = tok.render_chat([{"role": "user", "content": "What is 2 + 2?"}])[0]
   n0 = len(mask) - sum(mask)
-  if tok.chat.get("default_system") is not None:
-    assert n0 > 0 and tok.decode(ids[n0:n0 + 3]).startswith("<|im_start|>user")
-  else:
-    assert n0 == 0 and user_start[:1] == ids[:1]
+  assert tok.chat.get("default_system") is not None  # SmolLM2's template adds one
+  assert n0 > 0 and tok.decode(ids[:n0]) == tok.decode(user_start[:n0])
+  assert tok.decode(ids[n0:]).startswith("<|im_start|>user\nWhat is 2 + 2?")
+  # A conversation's own system turn (tool use's function list) is domain content: nothing is masked.
+  own = [{"role": "system", "content": "f(x) adds one"}] + msgs
+  ids2, _ = tok.render_chat(own)
+  assert routing.system_mask(tok, own, ids2) == [1] * len(ids2)
 
 
 def test_column_updates():
@@ -158,3 +161,44 @@ def test_column_updates():
   np.testing.assert_allclose(u["l2"][1:], [np.linalg.norm(push), 2 * np.linalg.norm(push)], rtol=1e-5)
   np.testing.assert_allclose(u["cosine"][1][2], 1.0, atol=1e-4)
   np.testing.assert_allclose(u["max_abs"][2], 2 * np.abs(push).max(), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The router stage with a closed-form init and no training steps, on the tiny artifacts (real data, real tokenizer).
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+  from router_helpers import tiny_artifacts
+  return tiny_artifacts(tmp_path_factory)
+
+
+def test_router_stage_closed_form_init_routes_held_out_tokens(dirs, tmp_path):
+  from bar_jax.io import artifact
+  from bar_jax.stages import router as router_stage
+  from bar_jax.transforms import upgrade as upgrade_lib
+  from configs import router as router_config
+  c = router_config.get_config("tiny")
+  c.model = dirs["moe3"]
+  c.router.update(init="ridge", epochs=0.0, init_rows=8, init_seq_len=256)
+  out = str(tmp_path / "ridge")
+  assert router_stage.run(c, out) == out
+  src, new = artifact.read(dirs["moe3"]), artifact.read(out)
+  changed = [p for p in src.manifest["leaf_fingerprints"]
+             if src.manifest["leaf_fingerprints"][p] != new.manifest["leaf_fingerprints"][p]]
+  assert changed == [upgrade_lib.ROUTER]
+  rec, = new.manifest["stages"]
+  assert rec["steps"] == 0 and rec["init"]["method"] == "ridge" and len(rec["init"]["layers"]) == new.cfg.n_layers
+  assert rec["init"]["tokens"] > 0 and rec["flops"] > 0
+  names = new.manifest["experts"]
+  held_out = routing.domain_rows(src_tokenizer(dirs), ["math", "tool_use", "general"], seq_len=256, max_rows=8,
+                                 mask_system=True)
+  report = routing.token_diagnostics(new.params, new.cfg, held_out, ["general"] + names[1:], taus=(1.0,))
+  before = routing.token_diagnostics(src.params, src.cfg, held_out, ["general"] + names[1:], taus=(1.0,))
+  for d in ("math", "tool_use", "general"):  # the anchor's column was fitted to general data
+    assert report["own"]["1"][d]["rank"] == 1, report["own"]
+    assert report["own"]["1"][d]["weight"] > before["own"]["1"][d]["weight"] + 0.1
+
+
+def src_tokenizer(dirs):
+  from bar_jax.data.tokenizer import Tokenizer
+  return Tokenizer.load(dirs["moe3"])

@@ -54,20 +54,18 @@ def pack_rows(conversations: Sequence[Sequence[int]], seq_len: int, max_rows: in
 
 
 def system_mask(tokenizer, messages: Sequence[dict], ids: Sequence[int]) -> list[int]:
-  """1 on every token after the conversation's system block (the default system prompt every domain shares tells
-  no domain apart, so it is left out of routing statistics and router fits), 0 on the block itself."""
-  has_system = bool(messages) and (messages[0]["role"] == "system" or
-                                   tokenizer.chat.get("default_system") is not None)
-  if not has_system:
+  """1 on every token but the default system prompt the template adds to a conversation without a system turn (it
+  is the same in every domain, so it tells none apart: left out of routing statistics and router fits); a
+  conversation's own system turn (e.g. tool use's function list) is domain content and stays in."""
+  if not messages or messages[0]["role"] == "system" or tokenizer.chat.get("default_system") is None:
     return [1] * len(ids)
-  first_user = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
-  system_ids, _ = tokenizer.render_chat(list(messages[:first_user]) + [{"role": "user", "content": ""}])
-  # The system block is the common prefix of the conversation and a rendering of the system turn alone.
-  n = 0
-  while n < min(len(ids), len(system_ids)) and ids[n] == system_ids[n]:
-    n += 1
-  start = tokenizer.tok.token_to_id("<|im_start|>")
-  n = max((i for i in range(n + 1) if i < len(ids) and ids[i] == start), default=0)  # back to the user turn's start
+  bare, _ = tokenizer.render_chat([{"role": "user", "content": ""}])
+  user, _ = tokenizer.render_chat([{"role": "system", "content": ""}, {"role": "user", "content": ""}])
+  # The default block is the prefix the template adds before the user turn: its length is the rendering of an
+  # empty user turn minus what that turn takes after an (empty) explicit system turn.
+  n = len(bare) - (len(user) - len(tokenizer.render_chat([{"role": "system", "content": ""}])[0]))
+  if n <= 0 or list(ids[:n]) != list(bare[:n]):
+    raise ValueError("system_mask: the template's default system block is not a token prefix of the conversation")
   return [0] * n + [1] * (len(ids) - n)
 
 
