@@ -71,3 +71,27 @@ def test_paired_bootstrap_sees_a_small_consistent_shift_that_unpaired_noise_hide
   assert not stats.significant(noise["p"]) and noise["ci"][0] < 0 < noise["ci"][1]
   with pytest.raises(ValueError, match="same items"):
     stats.paired_bootstrap(a, b[:-1])
+
+
+def test_retention_is_the_paired_ratio_and_flags_no_gain():
+  rng = np.random.default_rng(0)
+  base = (rng.random(400) < 0.1).astype(float)
+  branch = np.maximum(base, rng.random(400) < 0.6)            # gains ~0.55
+  moe = np.where(rng.random(400) < 0.9, branch, base)          # keeps ~90% of each item's gain
+  r = stats.retention(base, branch, moe)
+  assert r["defined"] and r["n"] == 400
+  assert r["retention"] == pytest.approx((moe.mean() - base.mean()) / (branch.mean() - base.mean()))
+  assert r["ci"][0] < r["retention"] < r["ci"][1] and 0.8 < r["retention"] < 1.0
+  assert not stats.retention(base, base, moe)["defined"]      # no gain: the ratio is undefined
+
+
+def test_tost_paired_decides_equivalence_at_the_margin():
+  rng = np.random.default_rng(1)
+  a = (rng.random(300) < 0.5).astype(float)
+  same = a.copy()
+  same[:6] = 1 - same[:6]                                      # 6 of 300 items flip: |change| <= 2 points
+  t = stats.tost_paired(a, same, 0.05)
+  assert t["equivalent"] and -0.05 < t["ci90"][0] <= t["change"] <= t["ci90"][1] < 0.05
+  worse = np.where(rng.random(300) < 0.3, 0.0, a)              # ~15 points lower
+  assert not stats.tost_paired(a, worse, 0.05)["equivalent"]
+  assert not stats.tost_paired(a[:10], a[:10], 0.0)["equivalent"]  # a zero margin is never met

@@ -4,6 +4,10 @@
   bootstrap(values[, weights])         interval of a mean (or of a token-weighted mean, e.g. per-token NLL)
   mcnemar_exact(a, b)                  paired rates: the exact two-sided binomial test on the discordant items
   paired_bootstrap(a, b[, weights])    paired means or NLL: interval of the change b - a and a two-sided p
+  retention(base, branch, moe)         (moe - base) / (branch - base) over the same items, with a paired
+                                       bootstrap interval: how much of a specialist's gain a merged model keeps
+  tost_paired(a, b, margin)            equivalence of two models on the same items: both one-sided tests at
+                                       alpha (the 90% paired interval of b - a inside +-margin)
   mcnemar_min_p(k_a, k_b)              the smallest exact McNemar p that marginal counts alone allow (for old
                                        reports that kept only scores: a change of d items has p >= 2 ** (1 - d))
 
@@ -103,3 +107,46 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], weights_a: Sequence
 
 def significant(p: float) -> bool:
   return p < ALPHA
+
+
+def retention(base: Sequence[float], branch: Sequence[float], moe: Sequence[float], *, n_boot: int = N_BOOT,
+              seed: int = 0) -> dict:
+  """(mean(moe) - mean(base)) / (mean(branch) - mean(base)) on the same items, resampled jointly (paired). The
+  ratio is undefined where the branch gained nothing: `defined` is False when the gain's own 95% interval touches
+  0 (then the interval of the ratio means nothing). Returns {n, gain, kept, retention, ci, defined}."""
+  a, s, m = (np.asarray(x, np.float64) for x in (base, branch, moe))
+  if not a.shape == s.shape == m.shape:
+    raise ValueError(f"retention needs the same items: {a.shape}, {s.shape}, {m.shape}")
+  if a.size == 0:
+    return {"n": 0, "gain": float("nan"), "kept": float("nan"), "retention": float("nan"),
+            "ci": (float("nan"), float("nan")), "defined": False}
+  idx = np.random.default_rng(seed).integers(0, a.size, (n_boot, a.size))
+  gains = s[idx].mean(-1) - a[idx].mean(-1)
+  kept = m[idx].mean(-1) - a[idx].mean(-1)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    ratios = np.where(gains != 0, kept / gains, np.nan)
+  gain, kept_full = float(s.mean() - a.mean()), float(m.mean() - a.mean())
+  g_lo, _ = np.quantile(gains, [ALPHA / 2, 1 - ALPHA / 2])
+  defined = bool(g_lo > 0)
+  lo, hi = np.nanquantile(ratios, [ALPHA / 2, 1 - ALPHA / 2]) if np.isfinite(ratios).any() else (np.nan, np.nan)
+  return {"n": int(a.size), "gain": gain, "kept": kept_full, "retention": kept_full / gain if gain else float("nan"),
+          "ci": (float(lo), float(hi)), "defined": defined}
+
+
+def tost_paired(a: Sequence[float], b: Sequence[float], margin: float, *, n_boot: int = N_BOOT,
+                seed: int = 0) -> dict:
+  """Two one-sided tests of |mean(b) - mean(a)| < margin on the same items (bootstrap): equivalent at level ALPHA
+  when the paired (1 - 2 ALPHA) interval of the change lies inside (-margin, +margin). Returns {n, change,
+  ci90, margin, p, equivalent}; p is the larger of the two one-sided bootstrap p values."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape:
+    raise ValueError(f"paired test needs the same items: {a.shape} vs {b.shape}")
+  if a.size == 0:
+    return {"n": 0, "change": float("nan"), "ci90": (float("nan"), float("nan")), "margin": margin, "p": 1.0,
+            "equivalent": False}
+  idx = np.random.default_rng(seed).integers(0, a.size, (n_boot, a.size))
+  diffs = b[idx].mean(-1) - a[idx].mean(-1)
+  lo, hi = np.quantile(diffs, [ALPHA, 1 - ALPHA])
+  p = max(float(np.mean(diffs <= -margin)), float(np.mean(diffs >= margin)), 1.0 / n_boot)
+  return {"n": int(a.size), "change": float(b.mean() - a.mean()), "ci90": (float(lo), float(hi)), "margin": margin,
+          "p": p, "equivalent": bool(-margin < lo and hi < margin)}
