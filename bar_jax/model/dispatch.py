@@ -262,7 +262,8 @@ def _padded_body(x, idx, gate, up, down, *, X: int, E: int, C: int):
 
 def _ragged_body(x, idx, gate, up, down, *, X: int, E: int, C: int):
   """GPU/TPU variant of `_padded_body`: only the kept copies travel (`ragged_all_to_all`), local experts run as a
-  ragged grouped matmul. XLA:CPU does not implement ragged_all_to_all, so this path is untested on the CPU."""
+  ragged grouped matmul. XLA:CPU does not implement ragged_all_to_all, so this path only lowers on the CPU; its
+  offsets and sizes (`ragged_dispatch_params` and the functions after it) are tested against numpy."""
   n, D = x.shape
   k = idx.shape[1]
   El = E // X
@@ -274,18 +275,11 @@ def _ragged_body(x, idx, gate, up, down, *, X: int, E: int, C: int):
   sorted_e = key[order]
   xs = x[order // k]
   per_expert = jnp.bincount(key, length=E + 1)[:E].astype(jnp.int32)
-  send_sizes = per_expert.reshape(X, El).sum(1)
-  in_off = jnp.cumsum(send_sizes) - send_sizes
-  counts = jax.lax.all_gather(per_expert.reshape(X, El), "expert")   # [src, dst, El] copies src sends to dst
-  to_me = counts[:, me]                                      # [src, El]
-  recv_sizes = to_me.sum(1)
-  out_off_at_dst = jnp.cumsum(counts.sum(2), axis=0) - counts.sum(2)  # [src, dst] where src's chunk lands on dst
-  out_off = out_off_at_dst[me]
-  cap_rows = X * n * k if C >= n else X * El * C             # static bound on received rows
-  buf = jnp.zeros((cap_rows, D), x.dtype)
-  recv = jax.lax.ragged_all_to_all(xs, buf, in_off, send_sizes, out_off, recv_sizes, axis_name="expert")
-  recv_e = jax.lax.ragged_all_to_all((sorted_e % El).astype(jnp.int32), jnp.full((cap_rows,), El, jnp.int32),
-                                     in_off, send_sizes, out_off, recv_sizes, axis_name="expert")
+  all_sizes = jax.lax.all_gather(per_expert, "expert")       # [X, E]: every shard's copies per expert
+  rows = ragged_recv_rows(n * k, X, El, C)
+  recv = jax.lax.ragged_all_to_all(xs, jnp.zeros((rows, D), x.dtype), *ragged_dispatch_params(all_sizes, me),
+                                   axis_name="expert")
+  recv_e = received_local_expert(all_sizes, me, rows)
   local_order = jnp.argsort(recv_e, stable=True)             # received rows grouped by local expert
   sizes = jnp.bincount(recv_e, length=El + 1)[:El].astype(jnp.int32)
   dt = x.dtype
@@ -294,11 +288,63 @@ def _ragged_body(x, idx, gate, up, down, *, X: int, E: int, C: int):
   b = jax.lax.ragged_dot(hr, up.astype(dt), sizes)
   yr = jax.lax.ragged_dot(jax.nn.silu(a) * b, down.astype(dt), sizes)
   y_recv = jnp.zeros_like(yr).at[local_order].set(yr)
-  # Send each result back to where its source holds it: source s's rows sit at out_off_at_dst[s, me] here and at
-  # s's in_off[me] there.
-  src_in_off = jax.lax.all_gather(in_off, "expert")[:, me]
-  back = jax.lax.ragged_all_to_all(y_recv, jnp.zeros((n * k, D), dt), out_off_at_dst[:, me], recv_sizes,
-                                   src_in_off, send_sizes, axis_name="expert")
+  back = jax.lax.ragged_all_to_all(y_recv, jnp.zeros((n * k, D), dt), *ragged_return_params(all_sizes, me),
+                                   axis_name="expert")
   ys = jnp.where((sorted_e < E)[:, None], back, 0)
   y_copies = jnp.zeros_like(ys).at[order].set(ys)
   return y_copies, jnp.sum(~keep).astype(jnp.int32)
+
+
+# The ragged exchange's arithmetic, as pure functions of every shard's group sizes and this shard's index (X shards
+# along the expert axis, E experts, El = E / X per shard, shard d holding experts d*El .. d*El + El - 1). Each
+# source sends its copies sorted by expert, so the rows for shard d are one contiguous run; each receiver lays out
+# what it gets in source order, and within a source by local expert.
+
+def _exclusive_cumsum(x, axis: int = 0):
+  return jnp.cumsum(x, axis=axis) - x
+
+
+def shard_counts(all_sizes):
+  """all_sizes [X, E] (all_sizes[s, e]: copies shard s sends to expert e) -> [X src, X dst] copies per shard pair."""
+  X, E = all_sizes.shape
+  return jnp.asarray(all_sizes).reshape(X, X, E // X).sum(-1)
+
+
+def _exchange_params(counts, shard):
+  """counts [X src, X dst] -> this shard's (input_offsets, send_sizes, output_offsets, recv_sizes), each [X]."""
+  send_sizes = counts[shard]
+  return _exclusive_cumsum(send_sizes), send_sizes, _exclusive_cumsum(counts, axis=0)[shard], counts[:, shard]
+
+
+def ragged_dispatch_params(all_sizes, shard):
+  """The `ragged_all_to_all` arguments that send this shard's sorted copies to their experts' shards.
+
+  all_sizes [X, E] int32; shard: this shard's index along the expert axis (an int or a traced scalar).
+  Returns four [X] int32 arrays: input_offsets[d] and send_sizes[d], the run of this shard's sorted rows bound for
+  shard d; output_offsets[d], where that run starts in shard d's buffer (after the runs of sources 0..me-1);
+  recv_sizes[s], the rows this shard receives from shard s.
+  """
+  return _exchange_params(shard_counts(all_sizes), shard)
+
+
+def ragged_return_params(all_sizes, shard):
+  """The arguments that send each received row's result back to its source, into the row its input left from:
+  the dispatch exchange with sources and destinations swapped (the counts transposed). Four [X] int32 arrays."""
+  return _exchange_params(shard_counts(all_sizes).T, shard)
+
+
+def received_local_expert(all_sizes, shard, n_rows: int):
+  """[n_rows] int32: the local expert (0 .. El-1) of each row of this shard's receive buffer, El past the rows
+  received. Rows arrive as segments in (source, local expert) order."""
+  X, E = all_sizes.shape
+  El = E // X
+  mine = jnp.asarray(all_sizes).reshape(X, X, El)[:, shard]  # [src, El]
+  ends = jnp.cumsum(mine.reshape(-1))
+  seg = jnp.searchsorted(ends, jnp.arange(n_rows), side="right")
+  return jnp.where(seg < X * El, seg % El, El).astype(jnp.int32)
+
+
+def ragged_recv_rows(n_copies: int, X: int, El: int, C: int) -> int:
+  """Static rows of the receive buffer: each of the X sources sends at most all its n_copies, and at most C to each
+  of this shard's El experts."""
+  return X * min(n_copies, El * C)
