@@ -124,28 +124,9 @@ def measure_peak(dtype: str) -> dict:
 # Train steps.
 
 def chunked_lm_loss(cfg: ModelConfig, mesh, chunk: int, compute: Compute = Compute()):
-  """lm_loss with the LM head + cross-entropy run over `chunk`-token slices of the sequence under jax.checkpoint:
+  """lm_loss with the LM head + cross-entropy run over `chunk`-token slices of the sequence (bar_jax/model/loss.py):
   the [B, T, V] logits never exist at once (the backward recomputes one slice at a time)."""
-
-  def loss_fn(params, batch):
-    h, _ = transformer.forward(params, batch["inputs"], cfg, compute=compute, positions=batch["positions"],
-                               segment_ids=batch["segment_ids"], mesh=mesh, return_hidden=True)
-    B, T, D = h.shape
-    n = T // chunk
-    split = lambda x: jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
-
-    @jax.checkpoint
-    def piece(carry, xs):
-      hc, tc, mc = xs
-      ce = optax.softmax_cross_entropy_with_integer_labels(transformer.lm_logits(params, hc, cfg), tc)
-      return carry + (ce * mc).sum(), None
-
-    mask = batch["mask"].astype(jnp.float32)
-    total, _ = jax.lax.scan(piece, jnp.zeros((), jnp.float32), (split(h), split(batch["targets"]), split(mask)))
-    nll = total / jnp.maximum(mask.sum(), 1.0)
-    return nll, {"nll": nll, "tokens": mask.sum()}
-
-  return loss_fn
+  return loop.lm_loss(cfg, mesh, compute=compute, ce_chunk=chunk)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq: int, trainable_active: int | None = None) -> float:

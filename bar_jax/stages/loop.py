@@ -24,7 +24,7 @@ import optax
 from bar_jax import guards, optim, pytree, sharding
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.io.checkpoint import Checkpointer
-from bar_jax.model import transformer
+from bar_jax.model import loss as loss_lib, transformer
 from bar_jax.model.config import Compute, ModelConfig
 from bar_jax.transforms import freeze
 
@@ -35,14 +35,18 @@ LossFn = Callable[[dict, dict], tuple[jax.Array, dict[str, jax.Array]]]
 # Losses.
 
 def lm_loss(cfg: ModelConfig, mesh=None, z_loss: float = 0.0, lb_loss: float = 0.0,
-            compute: Compute = Compute()) -> LossFn:
-  """Next-token cross-entropy over batch["mask"] (assistant tokens for SFT), plus the MoE router losses."""
+            compute: Compute = Compute(), ce_chunk: int = 0) -> LossFn:
+  """Next-token cross-entropy over batch["mask"] (assistant tokens for SFT), plus the MoE router losses.
+
+  The head and cross-entropy run over slices of ce_chunk positions (0: loss.auto_chunk, which keeps a whole row
+  when its logits are small), so a 100k vocabulary never holds [B, T, V] logits (bar_jax/model/loss.py).
+  """
 
   def loss_fn(params, batch):
-    logits, aux = transformer.forward(params, batch["inputs"], cfg, compute=compute, positions=batch["positions"],
-                                      segment_ids=batch["segment_ids"], mesh=mesh)
+    hidden, aux = transformer.forward(params, batch["inputs"], cfg, compute=compute, positions=batch["positions"],
+                                      segment_ids=batch["segment_ids"], mesh=mesh, return_hidden=True)
     mask = batch["mask"].astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    ce = loss_lib.token_cross_entropy(hidden, loss_lib.head_kernel(params, cfg), batch["targets"], ce_chunk)
     n = jnp.maximum(mask.sum(), 1.0)
     nll = (ce * mask).sum() / n
     metrics = {"nll": nll, "tokens": mask.sum()}
