@@ -43,7 +43,10 @@ def parse(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--n", type=int, default=8, help="testbed capabilities (configs/bar_testbed.py:n=N)")
   ap.add_argument("--expert", default="lora", choices=("lora", "ffn"))
-  ap.add_argument("--arms", default="recipe,embed,ridge,ridge_train")
+  ap.add_argument("--arms", default="recipe,embed,ridge,ridge_train", help="router arms compared at E = n")
+  ap.add_argument("--default", default="ridge", help="the arm run at every E of --es (pre-registered)")
+  ap.add_argument("--es", default="", help="comma list of expert counts for the retention curve, e.g. 2,4,8,16")
+  ap.add_argument("--eval_merged", action="store_true", help="also score the merged model before any router")
   ap.add_argument("--top_ks", default="2", help="comma list of k < E to evaluate for --topk_arms ('' = none)")
   ap.add_argument("--topk_arms", default="ridge,recipe")
   ap.add_argument("--taus", default="1,3,10,30", help="sharpening factors of the diagnostics (merged, recipe)")
@@ -57,6 +60,11 @@ def parse(argv=None):
   unknown = [x for x in a.arms if x not in ARMS]
   if unknown:
     ap.error(f"unknown arms {unknown}: choose from {list(ARMS)}")
+  a.es = [int(e) for e in a.es.split(",") if e]
+  if a.default not in ARMS:
+    ap.error(f"unknown --default {a.default!r}: choose from {list(ARMS)}")
+  if a.default not in a.arms:
+    a.arms.append(a.default)
   a.top_ks = [int(k) for k in a.top_ks.split(",") if k]
   a.topk_arms = [x for x in a.topk_arms.split(",") if x in a.arms]
   a.taus = [float(t) for t in a.taus.split(",") if t]
@@ -91,6 +99,27 @@ def _items(edir, domain):
   return {it["id"]: float(it["ok"]) for it in res["items"]}, res, row
 
 
+def _diagnostics(label, mdir, domains, taus, a, wd, routing, artifact):
+  """token_diagnostics of one model, cached in WD/diag_<label>.json under its fingerprint and settings."""
+  m = artifact.read(mdir)
+  key = {"fingerprint": m.manifest["fingerprint"], "taus": taus, "rows": a.diag_rows, "seq": a.diag_seq}
+  path = os.path.join(wd, f"diag_{label}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      cached = json.load(f)
+    if cached.get("key") == key:
+      return cached["report"]
+  t1 = time.time()
+  rows = routing.domain_rows(m.tokenizer, list(domains), seq_len=a.diag_seq, max_rows=a.diag_rows, mask_system=True)
+  experts = ["general" if i == 0 else e for i, e in enumerate(m.manifest["experts"])]
+  report = routing.token_diagnostics(m.params, m.cfg, rows, experts, taus=taus)
+  report["seconds"] = round(time.time() - t1, 1)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"key": key, "report": report}, f)
+  os.replace(path + ".tmp", path)
+  return report
+
+
 def main(argv=None):
   a = parse(argv)
   import numpy as np
@@ -99,114 +128,129 @@ def main(argv=None):
   from bar_jax.io import artifact
   from bar_jax.stages import pipeline
 
-  arg = ",".join([f"n={a.n}", f"expert={a.expert}"] + ([a.config_arg] if a.config_arg else []))
+  n_max = max([a.n] + a.es)
+  arg = ",".join([f"n={n_max}", f"expert={a.expert}"] + ([a.config_arg] if a.config_arg else []))
   config = pipeline.stage_config("bar_testbed", arg)
-  config.router.enabled = False  # the arms below are the router rows
-  config.eval_branches = False   # each branch is scored on its own capability only (below)
   wd = a.workdir
+  os.makedirs(wd, exist_ok=True)
+  pipeline.compilation_cache(config, wd)
   timings: dict[str, float] = {}
-  t0 = time.time()
-  pipeline.run(config, wd)
-  timings["pipeline"] = round(time.time() - t0, 1)
+  # The pipeline's base and branch steps only: the merges, routers and evaluations below are this experiment's.
+  for step in pipeline.plan(config, wd):
+    if step.kind in ("base", "branch"):
+      _run(step, timings)
   names = [capability.get(d).name for d in config.domains]
-  merged = os.path.join(wd, "merged")
-  base_eval = os.path.join(wd, "eval", "base")
-  merged_eval = os.path.join(wd, "eval", "bar")
+  spec_of = dict(zip(names, config.domains))
+  branch_dirs = {n: os.path.join(wd, f"branch_{n}") for n in names}
+  base_eval = _run(_eval_step(pipeline, config, os.path.join(wd, "base"), config.domains,
+                              os.path.join(wd, "eval", "base")), timings)
+  branch_evals = {n: _run(_eval_step(pipeline, config, branch_dirs[n], [spec_of[n]],
+                                     os.path.join(wd, "eval", f"branch_{n}")), timings) for n in names}
 
-  branch_evals = {}
-  for d, name in zip(config.domains, names):
-    bdir = os.path.join(wd, f"branch_{name}")
-    branch_evals[name] = _run(_eval_step(pipeline, config, bdir, [d], os.path.join(wd, "eval", f"branch_{name}")),
-                              timings)
+  def merged_for(e):
+    mc = pipeline.stage_config("merge", None, config.merge)
+    mc.branches = ",".join(branch_dirs[n] for n in names[:e])
+    mc.base = os.path.join(wd, "base")
+    return _run(pipeline.Step(f"E{e}/merged", "merge", os.path.join(wd, f"E{e}", "merged"), mc), timings)
 
-  arm_dirs, arm_evals, topk_evals = {}, {}, {}
-  for arm in a.arms:
+  def router_for(e, arm, merged):
     rc = pipeline.router_config(config, merged)
     rc.router.update(ARMS[arm])
-    out = os.path.join(wd, f"router_{arm}")
-    arm_dirs[arm] = _run(pipeline.Step(f"router_{arm}", "router", out, rc), timings)
-    arm_evals[arm] = _run(_eval_step(pipeline, config, out, config.domains, os.path.join(wd, "eval", arm)), timings)
-    if arm in a.topk_arms:
-      for k in a.top_ks:
-        topk_evals[(arm, k)] = _run(_eval_step(pipeline, config, out, config.domains,
-                                               os.path.join(wd, "eval", f"{arm}_top{k}"), top_k=k), timings)
+    return _run(pipeline.Step(f"E{e}/router_{arm}", "router", os.path.join(wd, f"E{e}", f"router_{arm}"), rc),
+                timings)
 
-  # Routing diagnostics on held-out tokens, cached per model fingerprint and settings.
-  diags = {}
-  models = {"merged": merged, **arm_dirs}
-  for label, mdir in models.items():
-    m = artifact.read(mdir)
-    taus = a.taus if label in ("merged", "recipe") else [1.0]
-    key = {"fingerprint": m.manifest["fingerprint"], "taus": taus, "rows": a.diag_rows, "seq": a.diag_seq}
-    path = os.path.join(wd, f"diag_{label}.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        cached = json.load(f)
-      if cached.get("key") == key:
-        diags[label] = cached["report"]
-        continue
-    t1 = time.time()
-    rows = routing.domain_rows(m.tokenizer, list(config.domains), seq_len=a.diag_seq, max_rows=a.diag_rows,
-                               mask_system=True)
-    experts = ["general" if i == 0 else e for i, e in enumerate(m.manifest["experts"])]
-    report = routing.token_diagnostics(m.params, m.cfg, rows, experts, taus=taus)
-    report["seconds"] = round(time.time() - t1, 1)
-    with open(path + ".tmp", "w") as f:
-      json.dump({"key": key, "report": report}, f)
-    os.replace(path + ".tmp", path)
-    diags[label] = report
+  def eval_for(e, label, mdir, top_k=0):
+    return _run(_eval_step(pipeline, config, mdir, [spec_of[n] for n in names[:e]],
+                           os.path.join(wd, f"E{e}", "eval", label), top_k=top_k), timings)
 
-  # The table.
-  result = {"command": a.command, "n": a.n, "expert": a.expert, "capabilities": names, "arms": {}, "timings": timings}
-  lines = [f"# Router arms on the testbed: {a.n} capabilities, {a.expert} experts", "",
-           f"Made by: `{a.command}`.", "",
-           "Score = greedy match on held-out items (n per capability below, 95% Wilson interval); retention = "
-           "(arm - base) / (branch - base) on the same items, paired bootstrap 95% interval (undefined where the "
-           "branch's own gain is not significant); own = the capability's own expert's mean router weight on its "
-           f"held-out tokens (layer mean, shared system prompt masked; uniform = {1 / (a.n + 1):.3f}), (rank).", ""]
+  # The arms side by side at E = n; the default arm alone at every other E.
+  plans = {e: (a.arms if e == a.n else [a.default]) for e in sorted(set([a.n] + a.es))}
+  evals, models, topk_evals, diags = {}, {}, {}, {}
+  for e, arms in plans.items():
+    merged = merged_for(e)
+    models[(e, "merged")] = merged
+    if e == a.n and a.eval_merged:
+      evals[(e, "merged")] = eval_for(e, "merged", merged)
+    for arm in arms:
+      models[(e, arm)] = router_for(e, arm, merged)
+      evals[(e, arm)] = eval_for(e, arm, models[(e, arm)])
+      if e == a.n and arm in a.topk_arms:
+        for k in a.top_ks:
+          topk_evals[(arm, k)] = eval_for(e, f"{arm}_top{k}", models[(e, arm)], top_k=k)
+    for (ee, label), mdir in models.items():
+      if ee == e and (label, e) not in diags:
+        taus = a.taus if label in ("merged", "recipe") and e == a.n else [1.0]
+        diags[(label, e)] = _diagnostics(f"E{e}_{label}", mdir, [spec_of[n] for n in names[:e]], taus, a, wd,
+                                         routing, artifact)
+
+  # Tables.
   base_items = {n: _items(base_eval, n)[0] for n in names}
   branch_items = {n: _items(branch_evals[n], n)[0] for n in names}
-  evals_by_arm = {"merged": merged_eval, **arm_evals}
-  header = "| capability | n | base | branch | " + " | ".join(
-      f"{arm}: score, retention [95%], own (rank)" for arm in evals_by_arm) + " |"
-  lines += [header, "|---" * (4 + len(evals_by_arm)) + "|"]
-  for d, name in zip(config.domains, names):
+  result = {"command": a.command, "n": a.n, "es": sorted(plans), "expert": a.expert, "capabilities": names,
+            "rows": {}, "timings": timings}
+  lines = [f"# Router arms on the testbed: {a.expert} experts", "", f"Made by: `{a.command}`.", "",
+           "Score = greedy match on held-out items (n per capability below); retention = (arm - base) / (branch - "
+           "base) on the same items, paired bootstrap 95% interval (`undefined` where the branch's own gain has a "
+           "95% interval touching 0); own = the capability's own expert's mean router weight on its held-out tokens "
+           "(layer mean, shared system prompt masked), (rank among the E + 1 experts).", ""]
+
+  def row_cells(e, label, edir, name):
     ids = sorted(base_items[name])
     b = np.array([base_items[name][i] for i in ids])
-    s = np.array([branch_items[name][i] for i in ids])
-    cells = [name, str(len(ids)), f"{100 * b.mean():.1f}", f"{100 * s.mean():.1f}"]
-    for arm, edir in evals_by_arm.items():
-      got = _items(edir, name)[0]
-      m_ = np.array([got[i] for i in ids])
-      r = stats.retention(b, s, m_)
-      own = diags.get(arm, {}).get("own", {}).get("1", {}).get(name)
-      result["arms"].setdefault(arm, {})[name] = {"score": float(m_.mean()), "retention": r, "own": own}
-      ret = (f"{100 * r['retention']:.0f}% [{100 * r['ci'][0]:.0f}, {100 * r['ci'][1]:.0f}]" if r["defined"]
-             else "undefined")
-      cells.append(f"{100 * m_.mean():.1f}, {ret}, " + (f"{own['weight']:.2f} ({own['rank']})" if own else "-"))
+    s_ = np.array([branch_items[name][i] for i in ids])
+    got = _items(edir, name)[0]
+    m_ = np.array([got[i] for i in ids])
+    r = stats.retention(b, s_, m_)
+    own = diags.get((label, e), {}).get("own", {}).get("1", {}).get(name)
+    result["rows"].setdefault(f"E{e}_{label}", {})[name] = {"score": float(m_.mean()), "retention": r, "own": own}
+    ret = (f"{100 * r['retention']:.0f}% [{100 * r['ci'][0]:.0f}, {100 * r['ci'][1]:.0f}]" if r["defined"]
+           else "undefined")
+    return f"{100 * m_.mean():.1f}, {ret}, " + (f"{own['weight']:.2f} ({own['rank']})" if own else "-")
+
+  arm_labels = [lab for (e, lab) in evals if e == a.n]
+  lines += [f"## E = {a.n}: the arms", "", f"Uniform router weight = {1 / (a.n + 1):.3f}.", "",
+            "| capability | n | base | branch | " + " | ".join(
+                f"{lab}: score, retention [95%], own (rank)" for lab in arm_labels) + " |",
+            "|---" * (4 + len(arm_labels)) + "|"]
+  for name in names[:a.n]:
+    b = list(base_items[name].values())
+    s_ = list(branch_items[name].values())
+    cells = [name, str(len(b)), f"{100 * np.mean(b):.1f}", f"{100 * np.mean(s_):.1f}"]
+    cells += [row_cells(a.n, lab, evals[(a.n, lab)], name) for lab in arm_labels]
     lines.append("| " + " | ".join(cells) + " |")
   if topk_evals:
-    lines += ["", "Top-k (the k largest router weights kept, not renormalised) against all experts, paired:", "",
-              "| arm | k | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]
+    lines += ["", f"Top-k at E = {a.n} (the k largest router weights kept, not renormalised) against all experts, "
+              "paired (points):", "", "| arm | k | " + " | ".join(names[:a.n]) + " |",
+              "|---" * (2 + a.n) + "|"]
     for (arm, k), edir in topk_evals.items():
       cells = [arm, str(k)]
-      for name in names:
-        full, _, _ = _items(arm_evals[arm], name)
-        got, _, _ = _items(edir, name)
+      for name in names[:a.n]:
+        full = _items(evals[(a.n, arm)], name)[0]
+        got = _items(edir, name)[0]
         ids = sorted(full)
         pb = stats.paired_bootstrap([full[i] for i in ids], [got[i] for i in ids])
         result.setdefault("top_k", {}).setdefault(f"{arm}_top{k}", {})[name] = pb
         cells.append(f"{100 * pb['change']:+.1f} [{100 * pb['ci'][0]:+.1f}, {100 * pb['ci'][1]:+.1f}]")
       lines.append("| " + " | ".join(cells) + " |")
-  lines += ["", "Routing diagnostics (held-out tokens; tau = every router kernel x tau, the model run with it):", ""]
-  for label, rep in diags.items():
-    lines += [f"**{label}** ({rep.get('seconds', '?')} s)", "", routing.format_diagnostics(rep)]
-  lines += ["CPU seconds of the steps run by this invocation (a resumed step counts 0): " +
+  if len(plans) > 1:
+    lines += ["", f"## Retention against the number of experts ({a.default})", "",
+              "| E | capability | score | retention [95%], own (rank) | router entropy (nats; log(E+1) = uniform) |",
+              "|---|---|---|---|---|"]
+    for e in plans:
+      d = diags[(a.default, e)]
+      for name in names[:e]:
+        cell = row_cells(e, a.default, evals[(e, a.default)], name)
+        score, rest = cell.split(", ", 1)
+        lines.append(f"| {e} | {name} | {score} | {rest} | {d['entropy']['1'][name]:.3f} |")
+  lines += ["", "## Routing diagnostics (held-out tokens; tau = every router kernel x tau, the model run with it)", ""]
+  for (label, e), rep in diags.items():
+    lines += [f"**E = {e}, {label}** ({rep.get('seconds', '?')} s)", "", routing.format_diagnostics(rep)]
+  lines += ["CPU seconds of the steps this invocation ran (a step found finished counts 0): " +
             ", ".join(f"{os.path.relpath(k, wd) if k.startswith(wd) else k}: {v}" for k, v in timings.items()), ""]
-  result["diagnostics"] = {k: {kk: v[kk] for kk in ("own", "entropy", "tokens")} for k, v in diags.items()}
+  result["diagnostics"] = {f"E{e}_{lab}": {kk: v[kk] for kk in ("own", "entropy", "tokens")}
+                           for (lab, e), v in diags.items()}
   os.makedirs(a.results, exist_ok=True)
-  md = os.path.join(a.results, a.name + ".md")
-  with open(md, "w") as f:
+  with open(os.path.join(a.results, a.name + ".md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   with open(os.path.join(a.results, a.name + ".json"), "w") as f:
     json.dump(result, f, indent=1, default=float)
