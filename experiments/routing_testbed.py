@@ -52,6 +52,8 @@ def parse(argv=None):
   ap.add_argument("--taus", default="1,3,10,30", help="sharpening factors of the diagnostics (merged, recipe)")
   ap.add_argument("--diag_rows", type=int, default=8, help="held-out rows of --diag_seq tokens per capability")
   ap.add_argument("--diag_seq", type=int, default=256)
+  ap.add_argument("--sft_steps", type=int, default=0, help="branch SFT steps (0 = configs/bar_testbed.py's)")
+  ap.add_argument("--router_steps", type=int, default=0, help="router training steps cap (0 = the config's)")
   ap.add_argument("--config_arg", default="", help="extra configs/bar_testbed.py args, e.g. tiny")
   ap.add_argument("--workdir", default="")
   ap.add_argument("--results", default=os.path.join(ROOT, "experiments", "results"))
@@ -131,6 +133,10 @@ def main(argv=None):
   n_max = max([a.n] + a.es)
   arg = ",".join([f"n={n_max}", f"expert={a.expert}"] + ([a.config_arg] if a.config_arg else []))
   config = pipeline.stage_config("bar_testbed", arg)
+  if a.sft_steps:
+    config.branch.phases.sft.steps = a.sft_steps
+  if a.router_steps:
+    config.router.overrides.router.max_steps = a.router_steps
   wd = a.workdir
   os.makedirs(wd, exist_ok=True)
   pipeline.compilation_cache(config, wd)
