@@ -46,6 +46,10 @@ def parse(argv=None):
   ap.add_argument("--arms", default="recipe,embed,ridge,ridge_train", help="router arms compared at E = n")
   ap.add_argument("--default", default="ridge", help="the arm run at every E of --es (pre-registered)")
   ap.add_argument("--es", default="", help="comma list of expert counts for the retention curve, e.g. 2,4,8,16")
+  ap.add_argument("--remove", default="", help="a capability to withdraw from the default arm's MoE at E = n "
+                  "(upgrade mode=remove, router_update=none); the others tested unchanged by TOST at +-5 points")
+  ap.add_argument("--oracle", action="store_true", help="each capability on [anchor, its own expert] with the "
+                  "merged shared weights and its branch's router (upgrade mode=oracle)")
   ap.add_argument("--eval_merged", action="store_true", help="also score the merged model before any router")
   ap.add_argument("--top_ks", default="2", help="comma list of k < E to evaluate for --topk_arms ('' = none)")
   ap.add_argument("--topk_arms", default="ridge,recipe")
@@ -189,6 +193,32 @@ def main(argv=None):
         diags[(label, e)] = _diagnostics(f"E{e}_{label}", mdir, [spec_of[n] for n in names[:e]], taus, a, wd,
                                          routing, artifact)
 
+  # Withdrawing a capability, and the oracle rows (upgrade stage modes), at E = n.
+  def upgrade_step(label, **kw):
+    uc = pipeline.stage_config("upgrade", None, {"router": config.router.overrides.get("router", {}).to_dict()})
+    uc.update(kw)
+    uc.eval.update(domains="none", before=False)
+    uc.routing.max_rows = 0
+    return _run(pipeline.Step(label, "upgrade", os.path.join(wd, f"E{a.n}", label), uc), timings)
+
+  removal = None
+  if a.remove:
+    if a.remove not in names[:a.n]:
+      raise SystemExit(f"--remove={a.remove}: not one of the E = {a.n} capabilities {names[:a.n]}")
+    gone = upgrade_step(f"remove_{a.remove}", model=models[(a.n, a.default)], mode="remove",
+                        expert=names.index(a.remove) + 1, router_update="none")
+    others = [n for n in names[:a.n] if n != a.remove]
+    edir = _run(_eval_step(pipeline, config, gone, [spec_of[n] for n in others],
+                           os.path.join(wd, f"E{a.n}", "eval", f"remove_{a.remove}")), timings)
+    removal = (gone, edir, others)
+  oracles = {}
+  if a.oracle:
+    for name in names[:a.n]:
+      odir = upgrade_step(f"oracle_{name}", model=models[(a.n, "merged")], mode="oracle", expert=names.index(name) + 1,
+                          branch=branch_dirs[name], router_update="none")
+      oracles[name] = _run(_eval_step(pipeline, config, odir, [spec_of[name]],
+                                      os.path.join(wd, f"E{a.n}", "eval", f"oracle_{name}")), timings)
+
   # Tables.
   base_items = {n: _items(base_eval, n)[0] for n in names}
   branch_items = {n: _items(branch_evals[n], n)[0] for n in names}
@@ -238,6 +268,38 @@ def main(argv=None):
         result.setdefault("top_k", {}).setdefault(f"{arm}_top{k}", {})[name] = pb
         cells.append(f"{100 * pb['change']:+.1f} [{100 * pb['ci'][0]:+.1f}, {100 * pb['ci'][1]:+.1f}]")
       lines.append("| " + " | ".join(cells) + " |")
+  if oracles:
+    lines += ["", f"Oracle: each capability on [anchor, its own expert] with the merged shared weights and its "
+              f"branch's two router columns, against the branch and the {a.default} arm (paired, points):", "",
+              f"| capability | oracle | branch -> oracle [95%] | oracle -> {a.default} [95%] |", "|---|---|---|---|"]
+    for name in names[:a.n]:
+      o = _items(oracles[name], name)[0]
+      arm = _items(evals[(a.n, a.default)], name)[0]
+      ids = sorted(o)
+      br = [branch_items[name][i] for i in ids]
+      oo = [o[i] for i in ids]
+      p1 = stats.paired_bootstrap(br, oo)
+      p2 = stats.paired_bootstrap(oo, [arm[i] for i in ids])
+      result.setdefault("oracle", {})[name] = {"score": float(np.mean(oo)), "branch_to_oracle": p1,
+                                               "oracle_to_arm": p2}
+      lines.append(f"| {name} | {100 * np.mean(oo):.1f} | {100 * p1['change']:+.1f} [{100 * p1['ci'][0]:+.1f}, "
+                   f"{100 * p1['ci'][1]:+.1f}] | {100 * p2['change']:+.1f} [{100 * p2['ci'][0]:+.1f}, "
+                   f"{100 * p2['ci'][1]:+.1f}] |")
+  if removal:
+    gone, edir, others = removal
+    lines += ["", f"Withdrawing {a.remove} from the {a.default} arm's MoE (its expert and router column dropped, "
+              "no router retraining): every other capability against the MoE before, paired; equivalent = TOST "
+              "at +-5 points (the 90% interval inside it):", "", "| capability | before | after | change, 90% CI | "
+              "equivalent |", "|---|---|---|---|---|"]
+    for name in others:
+      before = _items(evals[(a.n, a.default)], name)[0]
+      after = _items(edir, name)[0]
+      ids = sorted(before)
+      t = stats.tost_paired([before[i] for i in ids], [after[i] for i in ids], 0.05)
+      result.setdefault("remove", {})[name] = t
+      lines.append(f"| {name} | {100 * np.mean(list(before.values())):.1f} | {100 * np.mean(list(after.values())):.1f}"
+                   f" | {100 * t['change']:+.1f} [{100 * t['ci90'][0]:+.1f}, {100 * t['ci90'][1]:+.1f}] | "
+                   f"{'yes' if t['equivalent'] else 'no'} (p = {t['p']:.3g}) |")
   if len(plans) > 1:
     lines += ["", f"## Retention against the number of experts ({a.default})", "",
               "| E | capability | score | retention [95%], own (rank) | router entropy (nats; log(E+1) = uniform) |",
