@@ -13,6 +13,15 @@ class BarError(Exception):
   """Bad input (config, artifact, data, prompt). Message: what is wrong, then what to do about it."""
 
 
+# The exit status of a run stopped by SIGTERM (a preempted pod slice, a SLURM job at its limit) after it saved a
+# checkpoint at a step boundary: EX_TEMPFAIL of sysexits.h, "try again", which resumes.
+PREEMPTED_EXIT = 75
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM with a checkpoint written; the CLI prints the message and exits PREEMPTED_EXIT."""
+
+
 # errno -> what to do about it (the strerror text is matched too: tensorstore reports these as text).
 _OS_FIXES = {
     errno.ENOSPC: "free disk space (or choose a --workdir on a larger disk) and run the same command again: it "

@@ -4,8 +4,10 @@ Dispatches on config.stage to bar_jax/stages/<stage>.py, whose run(config, workd
 Before any work: every setting is range-checked (bar_jax/guards.py) and the workdir is checked to be a writable
 directory with disk space (bar_jax/preflight.py). List-valued settings take comma lists
 (--config.domains=math,code). Bad input, a config file that fails to import and an operating-system failure (full
-disk, read-only folder) each print one line and exit 2. A finished run prints a summary per artifact (steps, tokens,
-loss first -> last, seconds, tokens/s, fingerprint, size); the exact command line goes into every manifest written.
+disk, read-only folder) each print one line and exit 2. SIGTERM during training stops at the next step boundary
+with a checkpoint and one line, exit 75 (errors.PREEMPTED_EXIT); the same command resumes. A finished run prints a
+summary per artifact (steps, tokens, loss first -> last, seconds, tokens/s, fingerprint, size); the exact command
+line goes into every manifest written.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bar_jax import invocation
-from bar_jax.errors import BarError, os_failure
+from bar_jax.errors import PREEMPTED_EXIT, BarError, Preempted, os_failure
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (path[:arg]).",
                                           lock_config=True)
@@ -147,6 +149,9 @@ def main(argv):
     out = run(config, _WORKDIR.value, min_free_mb=_MIN_FREE_MB.value)
   except BarError as e:
     _fail(str(e))
+  except Preempted as e:  # SIGTERM: stopped at a step boundary with a checkpoint (bar_jax/stages/loop.py)
+    print(f"preempted: {e}", file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT)
   except Exception as e:  # an operating-system failure deep in a library prints one line; anything else is a bug
     line = os_failure(e)
     if line is None:

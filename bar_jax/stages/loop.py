@@ -5,7 +5,8 @@ function, partition and batch source (an iterator of batches, or RL's rollouts s
 plus hooks (metrics and TensorBoard, progress, periodic eval). Frozen leaves are arguments of the step but never
 reach the optimiser; trainable leaves and the optimiser state are donated. A run killed at any point and started
 again with the same command resumes from the last checkpoint (params, optimiser state, step, data iterator) and ends
-bit-identical to an uninterrupted run.
+bit-identical to an uninterrupted run. SIGTERM (a preempted pod slice, a SLURM job at its time limit) stops the run
+at the next step boundary with a checkpoint of that step, and raises errors.Preempted (the CLI exits 75).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
@@ -22,6 +25,7 @@ import numpy as np
 import optax
 
 from bar_jax import guards, optim, pytree, sharding
+from bar_jax.errors import Preempted
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.io.checkpoint import Checkpointer
 from bar_jax.model import loss as loss_lib, transformer
@@ -188,6 +192,7 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
   for row in history:
     guard.check(row, desc)
   pending: list[tuple[int, dict, dict]] = []
+  preempt, stop, done = Preemption(), False, start
   try:
     for step in range(start, steps):
       local_batches, info = source.updates(step, current)
@@ -198,8 +203,9 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
         outs.append(metrics)
       pending.append((step + 1, mean_metrics(outs), info))
       done = step + 1
+      stop = preempt.reached(done)  # every host at the same step: the checkpoint below is collective
       evals = [h for h in hooks if h.every and done % h.every == 0]
-      if done % log_every == 0 or done == steps or done % checkpoint_every == 0 or evals:
+      if done % log_every == 0 or done == steps or done % checkpoint_every == 0 or evals or stop:
         now = time.time()
         rows = []
         for s, m, stats in pending:  # one host sync per log interval, not per step
@@ -220,15 +226,24 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
           guard.check(row, desc)  # before any save: a bad step never reaches a checkpoint
       for h in hooks:
         h.step(done)
-      if done % checkpoint_every == 0 or done == steps:
+      if done % checkpoint_every == 0 or done == steps or stop:
         ckpt.save(done, {"trainable": trainable, "opt_state": opt_state, "step": step_array(done, mesh)},
                   source.data_iter)
         for h in hooks:
           h.flush()
+      if stop:
+        break
+    # One process also stops for a SIGTERM that came during the last step's save: its checkpoint is complete.
+    if stop or (preempt.signalled and not preempt.multi):
+      ckpt.close()
+      raise Preempted(f"{desc}: stopped by SIGTERM after step {done} of {steps}, checkpoint saved in "
+                      f"{ckpt.directory}; run the same command again to resume")
   except BaseException:  # a stopped run: the bar ends its line before the error is printed
     for h in hooks:
       h.abort()
     raise
+  finally:
+    preempt.close()
   ckpt.close()
   for h in hooks:
     h.end()
@@ -236,6 +251,49 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
   return Result(params=final, steps=steps, tokens=tokens_seen, seconds=prior_seconds + time.time() - t0,
                 history=history,
                 opt_state=opt_state)
+
+
+class Preemption:
+  """SIGTERM as a request to stop at the next step boundary; `reached(step)` is asked once per step.
+
+  One process: a Python handler notes the signal. Several processes: JAX's preemption service (started by
+  jax.distributed.initialize) catches SIGTERM itself, on any host, and `reached_preemption_sync_point` turns True on
+  every host at the same step; with the service disabled, the hosts all-gather their flags at every step instead.
+  The previous SIGTERM handler is put back by close(): outside training SIGTERM ends the process as before.
+  """
+
+  def __init__(self):
+    self.signalled = False
+    self.multi = jax.process_count() > 1
+    self.service = self.multi  # tried at the first step; a RuntimeError means it is disabled
+    self.previous = None
+    if not self.multi:
+      self._install()
+
+  def _install(self) -> None:
+    if threading.current_thread() is threading.main_thread():  # Python handlers live in the main thread only
+      previous = signal.signal(signal.SIGTERM, self._note)
+      self.previous = signal.SIG_DFL if previous is None else previous  # None: not set from Python
+
+  def _note(self, signum, frame) -> None:
+    self.signalled = True
+
+  def reached(self, step: int) -> bool:
+    if not self.multi:
+      return self.signalled
+    from jax.experimental import multihost_utils
+    if self.service:
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except RuntimeError:  # jax_enable_preemption_service=False
+        self.service = False
+        self._install()
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.signalled))))
+
+  def close(self) -> None:
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
+      self.previous = None
 
 
 def mean_metrics(outs: list[dict]) -> dict:
