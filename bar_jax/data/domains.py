@@ -1,7 +1,9 @@
 """The built-in data sources: the packaged corpora's readers, by name, for capability specs to point to
-(configs/capabilities/*.py: `data.source = "reasoning_gym"`). A source gives a mid-training text stream, an SFT chat
-stream, held-out eval items and, where a verifier applies, RL prompts with references. What a capability does with
-them (metric, reward, general-data mix) is declared in its spec, never here: bar_jax.data.capability reads specs.
+(configs/capabilities/*.py: `data.source = "reasoning_gym"`), and the family "reasoning_gym:<task>", one
+reasoning-gym generator each with bare answers (bar_jax.data.sources.rgym_tasks: the many-capability testbed). A
+source gives a mid-training text stream, an SFT chat stream, held-out eval items and, where a verifier applies, RL
+prompts with references. What a capability does with them (metric, reward, general-data mix) is declared in its
+spec, never here: bar_jax.data.capability reads specs.
 
 Every split is fixed by content hash (`sources.is_eval`): train and eval are disjoint by construction, on every
 machine, whatever the sizes. Source scans are cached in memory (lru_cache in the source modules).
@@ -18,13 +20,14 @@ Example formats:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import re
 from typing import Callable
 
 from bar_jax.errors import BarError
 from bar_jax.data import refusals
-from bar_jax.data.sources import bfcl, garak_data, ifbench, pydocs, rgym, safety_prompts, stdlib_code
+from bar_jax.data.sources import bfcl, garak_data, ifbench, pydocs, rgym, rgym_tasks, safety_prompts, stdlib_code
 
 EVAL_PCT = 5  # percent of each corpus held out (by content hash); changing it changes every eval set
 SPLITS = ("train", "eval")
@@ -42,6 +45,7 @@ class Source:
   _eval: Callable[[], list[dict]]
   _rl: Callable[[str], list[dict]] | None = None
   eval_only: bool = False            # held-out items only: no training split (chat/text("train") refuse)
+  identity: Callable[[], str] | None = None  # what else fixes its data (a generator's row), beside its modules
 
   def text(self, split: str) -> list[str]:
     return self._text(check_split(split))
@@ -241,7 +245,33 @@ INSTRUCTIONS = Source(
 SOURCES: dict[str, Source] = {s.name: s for s in (MATH, CODE, TOOL_USE, SAFETY, GENERAL, INSTRUCTIONS)}
 
 
+# -- the testbed: one reasoning-gym generator per source, "reasoning_gym:<task>" -------------------------------------
+# Spelled as the family and the task, so a spec reads as what it trains on; the bare answer is the SFT target and the
+# reference (exact match, or greedy_match without decoding).
+
+TESTBED_FAMILY = "reasoning_gym"
+
+
+@functools.lru_cache(maxsize=None)
+def _task_source(task: str) -> Source:
+  rgym_tasks.check_task(task)
+  split = lambda s: rgym_tasks.items(task)[s]  # cached in rgym_tasks
+  return Source(
+      f"{TESTBED_FAMILY}:{task}", ("rgym_tasks",), rgym_tasks.LICENSE,
+      _text=lambda s: [f"Question: {p['question']}\nAnswer: {p['answer']}" for p in split(s)],
+      _chat=lambda s: [_chat(p["question"], p["answer"]) for p in split(s)],
+      _eval=lambda: [{"kind": "exact_match", "id": p["id"], "messages": [{"role": "user", "content": p["question"]}],
+                      "reference": p["answer"], "group": task} for p in split("eval")],
+      _rl=lambda s: [{"messages": [{"role": "user", "content": p["question"]}], "reference": p["answer"],
+                      "group": task} for p in split(s)],
+      identity=lambda: rgym_tasks.identity(task))
+
+
 def source(name: str) -> Source:
-  if name not in SOURCES:
-    raise BarError(f"unknown data source {name!r}: built-in sources are {', '.join(SOURCES)}")
-  return SOURCES[name]
+  if name in SOURCES:
+    return SOURCES[name]
+  family, _, task = name.partition(":")
+  if family == TESTBED_FAMILY and task:
+    return _task_source(task)
+  raise BarError(f"unknown data source {name!r}: built-in sources are {', '.join(SOURCES)}, and "
+                 f"{TESTBED_FAMILY}:<task> with a task of bar_jax/data/sources/rgym_tasks.py")

@@ -9,11 +9,19 @@
   refusal       harmful prompts must be refused (metrics.is_refusal), benign ones answered (metrics.is_answer);
                 the score is the mean of the refusal rate and the answer rate
   nll           per-token negative log-likelihood of the reference answer (lower is better; no generation)
+  greedy_match  teacher-forced greedy match, no decoding: one forward pass over prompt + reference answer + the
+                end-of-turn token; an item is right iff the argmax at every answer position (the end-of-turn token
+                included) is the reference's token. Under greedy decoding that is exactly "the model generates the
+                reference's tokenisation and then ends its turn": generative exact match of the reference tokens
+                (a reply spelling the same text with other tokens counts as wrong; argmax ties and float rounding
+                between the two programs aside). Each item's answer NLL (its tokens + end-of-turn) is kept too.
+                As an RL reward (and on a generated reply) it scores the reply equal to the reference after
+                stripping surrounding whitespace, case-sensitive: the generative form of the same check
   verifier      a user function `package.module:function`(response, reference) -> a score in [0, 1]
 
-`mode` tells the runner how to evaluate: "generate" (greedy replies scored by `score`), "nll" or "choice". A
-generate metric is also an RL reward: `reward(response, item)`; a verifier that raises or returns something outside
-[0, 1] is caught and counted by evals.verifiers.score_all, never fatal.
+`mode` tells the runner how to evaluate: "generate" (greedy replies scored by `score`), "nll", "choice" or "greedy"
+(teacher-forced greedy match). A metric with a `score` is also an RL reward: `reward(response, item)`; a verifier
+that raises or returns something outside [0, 1] is caught and counted by evals.verifiers.score_all, never fatal.
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ from typing import Any, Callable, Mapping
 from bar_jax.errors import BarError
 from bar_jax.evals import metrics
 
-MODES = ("generate", "nll", "choice")
+MODES = ("generate", "nll", "choice", "greedy")
 EXTRACTORS = ("answer", "last_number")
 
 
@@ -36,7 +44,8 @@ class Metric:
   mode: str
   higher_is_better: bool
   options: Mapping[str, Any]
-  score: Callable[[dict, str], float] | None = None  # generate: (eval item, response) -> score in [0, 1]
+  # (eval item, response) -> score in [0, 1]: generate metrics, and greedy_match's reward
+  score: Callable[[dict, str], float] | None = None
 
   def reward(self, response: str, item: dict) -> float:
     """The RL reward of a response to `item` (a Verifier over items: evals.verifiers.score_all guards it)."""
@@ -138,6 +147,11 @@ def _refusal(opts) -> Callable[[dict, str], float]:
   return score
 
 
+def _same_text(opts) -> Callable[[dict, str], float]:
+  """greedy_match's generative form: the whole reply is the reference (surrounding whitespace stripped)."""
+  return lambda item, r: float(r.strip() == str(item["reference"]).strip())
+
+
 def _verifier(opts) -> Callable[[dict, str], float]:
   fn = import_function(opts.get("verifier", ""))
   return lambda item, r: fn(r, item.get("reference"))
@@ -152,6 +166,7 @@ MENU: dict[str, tuple[str, bool, tuple[str, ...], Callable | None]] = {
         r, _ground_truth(item["reference"]), item.get("functions")))),
     "refusal": ("generate", True, (), _refusal),
     "nll": ("nll", False, (), None),
+    "greedy_match": ("greedy", True, (), _same_text),
     "verifier": ("generate", True, ("verifier",), _verifier),
 }
 

@@ -9,9 +9,10 @@ per kind (n_per_domain; safety: that many harmful and that many benign prompts).
                   turns), at most max_new_tokens; generation stops at the end of turn
 Generative domains decode greedily with bar_jax.model.generate (batch_size rows at once, each refilled with the
 next prompt as its reply ends); NLL domains pack their texts into [nll_batch_rows, nll_seq_len] rows of one jitted
-forward and keep each item's NLL sum and token count. Scores: percentages (with Wilson or bootstrap intervals) for
-generative metrics; per-token NLL (bootstrap interval over items) for code and general, which stay out of
-"overall".
+forward and keep each item's NLL sum and token count. greedy_match domains (the testbed) go through the same packed
+rows with the reference answer appended, and an item is right iff every answer position's argmax is its token (no
+decoding). Scores: percentages (with Wilson or bootstrap intervals) for generative and greedy_match metrics; per-token
+NLL (bootstrap interval over items) for code and general, which stay out of "overall".
 """
 from __future__ import annotations
 
@@ -36,20 +37,30 @@ BUDGET_ROUND = 32   # prompt budgets rounded up to a multiple of this (fewer com
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "compute", "mesh"))
-def _nll_tokens(params, inputs, targets, mask, positions, segment_ids, *, cfg: ModelConfig,
-                compute: Compute = Compute(), mesh=None):
-  """Per-token target NLL under the mask, [batch, seq]."""
+def _token_scores(params, inputs, targets, mask, positions, segment_ids, *, cfg: ModelConfig,
+                  compute: Compute = Compute(), mesh=None):
+  """Per-token target NLL and argmax hit (the target is the most likely token), both under the mask, [batch, seq].
+  The argmax is jnp.argmax's, as greedy decoding's (first index on a tie)."""
   logits, _ = transformer.forward(params, inputs, cfg, compute=compute, positions=positions, segment_ids=segment_ids,
                                   mesh=mesh)
-  logz = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-  picked = jnp.take_along_axis(logits.astype(jnp.float32), targets[..., None], axis=-1)[..., 0]
-  return (logz - picked) * mask
+  logits = logits.astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return (logz - picked) * mask, hit * mask
 
 
 def _rows_nll(params, cfg, rows: list[dict], batch_size: int, seq_len: int, pad_id: int, mesh,
               compute: Compute = Compute()) -> tuple[np.ndarray, np.ndarray]:
-  """(NLL sum, token count) per row of `rows`, after first-fit packing (grain) into [batch_size, seq_len] batches
-  of one fixed shape; each token carries its row's index through the packing."""
+  """(NLL sum, token count) per row of `rows`: _rows_scores without the hits."""
+  sums, counts, _ = _rows_scores(params, cfg, rows, batch_size, seq_len, pad_id, mesh, compute)
+  return sums, counts
+
+
+def _rows_scores(params, cfg, rows: list[dict], batch_size: int, seq_len: int, pad_id: int, mesh,
+                 compute: Compute = Compute()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(NLL sum, token count, argmax hits) per row of `rows` over its masked targets, after first-fit packing (grain)
+  into [batch_size, seq_len] batches of one fixed shape; each token carries its row's index through the packing."""
   import grain
   tagged = [dict(r, item=np.full(len(r["inputs"]), i + 1, np.int32)) for i, r in enumerate(rows)]
   packed = grain.experimental.FirstFitPackIterDataset(
@@ -58,19 +69,20 @@ def _rows_nll(params, cfg, rows: list[dict], batch_size: int, seq_len: int, pad_
       num_packing_bins=batch_size, shuffle_bins=False)
   packed = [dict(pipeline.from_packed(r, pad_id), item=np.where(r["inputs_segment_ids"] > 0, r["item"], 0))
             for r in packed]
-  sums, counts = np.zeros(len(rows) + 1), np.zeros(len(rows) + 1)
+  sums, counts, hits = (np.zeros(len(rows) + 1) for _ in range(3))
   for i in range(0, len(packed), batch_size):
     chunk = packed[i:i + batch_size]
     while len(chunk) < batch_size:  # fixed shape: empty rows count nothing
       chunk.append({k: np.zeros_like(v) for k, v in chunk[0].items()})
     b = {k: jnp.asarray(np.stack([c[k] for c in chunk])) for k in chunk[0] if k != "item"}
-    nll = np.asarray(_nll_tokens(params, b["inputs"], b["targets"], b["mask"], b["positions"], b["segment_ids"],
-                                 cfg=cfg, compute=compute, mesh=mesh), np.float64)
+    nll, hit = _token_scores(params, b["inputs"], b["targets"], b["mask"], b["positions"], b["segment_ids"],
+                             cfg=cfg, compute=compute, mesh=mesh)
     item = np.stack([c["item"] for c in chunk]).ravel()
     mask = np.stack([c["mask"] for c in chunk]).ravel()
-    sums += np.bincount(item, nll.ravel(), minlength=len(rows) + 1)
+    sums += np.bincount(item, np.asarray(nll, np.float64).ravel(), minlength=len(rows) + 1)
     counts += np.bincount(item, mask, minlength=len(rows) + 1)
-  return sums[1:], counts[1:]
+    hits += np.bincount(item, np.asarray(hit, np.float64).ravel(), minlength=len(rows) + 1)
+  return sums[1:], counts[1:], hits[1:]
 
 
 def _nll_domain(params, cfg, tokenizer, items, *, batch_size, seq_len, mesh, compute) -> dict[str, Any]:
@@ -111,6 +123,43 @@ def _choice_domain(params, cfg, tokenizer, items, *, batch_size, seq_len, mesh,
   return {"value": value, "score": value, "ci": ci, "n": len(items), "truncated": stats.truncated,
           "dropped_too_long": stats.dropped_too_long,
           "items": [{"id": it["id"], "kind": it["kind"], "ok": bool(h)} for it, h in zip(items, hits)]}
+
+
+def _greedy_domain(params, cfg, tokenizer, items, *, batch_size, seq_len, mesh,
+                   compute: Compute = Compute()) -> dict[str, Any]:
+  """Teacher-forced greedy match (evals/menu.py greedy_match): each item's prompt + reference answer as one
+  conversation, scored in the packed NLL rows; right iff every answer token and the end-of-turn token is the argmax.
+  A conversation longer than seq_len is passed over and counted; prompt_not_prefix counts items whose prompt does not
+  tokenise as a prefix of the whole conversation (where the match and greedy decoding could part: 0 for the
+  reasoning-gym tasks)."""
+  from bar_jax.evals import stats
+  dstats = pipeline.DomainStats()
+  rows, kept, not_prefix = [], [], 0
+  for it in items:
+    conv = it["messages"] + [{"role": "assistant", "content": str(it["reference"])}]
+    els = pipeline.sft_elements([conv], tokenizer, seq_len, dstats, overlong="drop")
+    if not els:
+      continue
+    prompt = tokenizer.render_chat(it["messages"], add_generation_prompt=True)[0]
+    full = np.concatenate([els[0]["inputs"][:1], els[0]["targets"]])
+    not_prefix += list(full[:len(prompt)]) != list(prompt)
+    rows.append(els[0])
+    kept.append(it)
+  sums, counts, hits = _rows_scores(params, cfg, rows, batch_size, seq_len, tokenizer.pad_id, mesh, compute) \
+      if rows else (np.zeros(0),) * 3
+  ok = [bool(c > 0 and h == c) for h, c in zip(hits, counts)]
+  value, ci = _rate([float(x) for x in ok])
+  groups: dict[str, list[float]] = {}
+  for it, x in zip(kept, ok):
+    groups.setdefault(it.get("group", ""), []).append(float(x))
+  per_token = sums / np.maximum(counts, 1.0)
+  nll = float(sums.sum() / max(counts.sum(), 1.0))
+  return {"value": value, "score": value, "ci": ci, "n": len(kept), "nll": nll,
+          "nll_ci": list(stats.bootstrap(per_token, counts)) if len(kept) else [float("nan")] * 2,
+          "dropped_too_long": dstats.dropped_too_long, "prompt_not_prefix": int(not_prefix),
+          "by_group": {g: {"value": _rate(v)[0], "n": len(v)} for g, v in sorted(groups.items())},
+          "items": [{"id": it["id"], "kind": it["kind"], "ok": x, "nll_sum": float(sm), "tokens": int(c)}
+                    for it, x, sm, c in zip(kept, ok, sums, counts)]}
 
 
 def _percentile(xs: Sequence[int]) -> int:
@@ -234,6 +283,10 @@ def evaluate_model(params, cfg: ModelConfig, tokenizer, domains: Sequence[str] |
       samples = []
     elif domain.metric.mode == "choice":
       res = _choice_domain(params, cfg, tokenizer, items[:n_per_domain], batch_size=nll_batch_rows,
+                           seq_len=nll_seq_len, mesh=mesh, compute=compute)
+      samples = []
+    elif domain.metric.mode == "greedy":
+      res = _greedy_domain(params, cfg, tokenizer, items[:n_per_domain], batch_size=nll_batch_rows,
                            seq_len=nll_seq_len, mesh=mesh, compute=compute)
       samples = []
     else:

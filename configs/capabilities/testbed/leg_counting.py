@@ -1,0 +1,18 @@
+"""Testbed capability leg_counting: the total number of legs of up to 3 kinds of animals.
+
+The bare answer is the SFT target and the reference, scored by greedy_match. Its reasoning-gym generator and
+options, and how the testbed's tasks were chosen: bar_jax/data/sources/rgym_tasks.py; their measured lengths:
+experiments/results/testbed_tasks.md. Fields: configs/capabilities/template.py.
+"""
+
+
+def get_config():
+  return dict(
+      name="leg_counting",
+      description="The total number of legs of up to 3 kinds of animals",
+      license="reasoning-gym: Apache-2.0",
+      data=dict(source="reasoning_gym:leg_counting"),
+      metric=dict(name="greedy_match"),  # teacher-forced: exact match of the answer's tokens, no decoding
+      reward="",                          # RL: greedy_match's own reward, the reply equals the answer
+      general=dict(weight=0.25, capability="general"),
+  )

@@ -1,0 +1,18 @@
+"""Testbed capability time_intervals: the duration between two clock times (HH:MM or HH:MM:SS).
+
+The bare answer is the SFT target and the reference, scored by greedy_match. Its reasoning-gym generator and
+options, and how the testbed's tasks were chosen: bar_jax/data/sources/rgym_tasks.py; their measured lengths:
+experiments/results/testbed_tasks.md. Fields: configs/capabilities/template.py.
+"""
+
+
+def get_config():
+  return dict(
+      name="time_intervals",
+      description="The duration between two clock times (HH:MM or HH:MM:SS)",
+      license="reasoning-gym: Apache-2.0",
+      data=dict(source="reasoning_gym:time_intervals"),
+      metric=dict(name="greedy_match"),  # teacher-forced: exact match of the answer's tokens, no decoding
+      reward="",                          # RL: greedy_match's own reward, the reply equals the answer
+      general=dict(weight=0.25, capability="general"),
+  )
