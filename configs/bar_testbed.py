@@ -19,8 +19,8 @@ base's greedy_match on 200 held-out items took 43-64 s per task on a nearly idle
 job; `python experiments/testbed_tasks.py --base_items=200`), ~1 min per task and model. Estimate for n = 8, LoRA:
 8 branches ~65 min + 11 evaluated models x 8 tasks ~90 min + the router (50 steps of a 9-expert MoE, not timed;
 ~10 min if a step costs about a branch step) = ~2.7 h on 2 idle cores; --config.eval_branches=False leaves 3
-evaluated models (~1.6 h). n = 16: ~2 h of branches + 19 models x 16 tasks of eval (~5 h; ~1.5 h without the
-branch rows). One branch with its own evaluation is the minutes-scale unit.
+evaluated models (~1.6 h in all). n = 16: ~2.2 h of branches + 19 models x 16 tasks of eval (~5 h; 0.8 h without
+the branch rows). One branch with its own evaluation (~10 min) is the minutes-scale unit.
 """
 import os
 
@@ -79,7 +79,6 @@ def get_config(arg=None):
   c.estimate = ml_collections.ConfigDict(dict(fraction_of_peak=0.4, eval_seconds_per_model=60.0 * a.n,
                                               reference_gflops=170.0, other_seconds=20.0))
   c.compilation_cache = ""             # "" = WORKDIR/jax_cache
-  c.after_step_hook = ""               # tests: a step name after which the pipeline raises (a simulated crash)
   if a.tiny:  # plumbing for tests and experiments' dry runs: the random tiny model, 2 steps, 4 items per task
     c.base = "tiny"
     c.branch.arg = ",".join(x for x in (c.branch.arg, "tiny") if x)
