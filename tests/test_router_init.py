@@ -71,6 +71,58 @@ def test_fit_scale_minimises_the_balanced_cross_entropy():
   assert np.max(capped * (z.max(-1) - z.min(-1))) <= 0.5 + 1e-9
 
 
+def _branch_kernel(d, n_classes, seed=5):
+  """A stand-in for the merge's router: small random columns, as branch training leaves them."""
+  return np.random.default_rng(seed).standard_normal((d, n_classes)) * 0.05
+
+
+def test_pair_keeps_each_branch_split_and_mutes_the_other_experts():
+  x, y = _two_domains(separation=3.0)
+  k = _branch_kernel(x.shape[1], 3)
+  new, rec = router_init.fit_layer(x, y, 3, "pair", kernel=k)
+  p = router_init._softmax(x @ new)
+  dom = y > 0
+  n = np.arange(len(y))
+  others = 1.0 - p[n, 0] - np.where(dom, p[n, y], 0.0)
+  assert others[dom].mean() < 0.05 and p[~dom, 0].mean() > 0.9  # domain tokens stay in {anchor, own}
+  z = x @ k
+  g_branch = 1.0 / (1.0 + np.exp(z[n, 0] - z[n, y]))
+  g_pair = p[n, y] / (p[n, y] + p[n, 0])
+  # The branch's own split, kept up to the regression's residual on {anchor, own} (R_0 - R_d is ~0.1 on a
+  # domain's tokens at this separation, times the fitted scale ~6: ~0.07 in probability; measured 0.074).
+  assert np.mean(np.abs(g_pair - g_branch)[dom]) < 0.1
+  # Not vacuous: the one-hot ridge router on the same data sends its tokens to the own expert far more sharply.
+  ridge, _ = router_init.fit_layer(x, y, 3, "ridge")
+  pr = router_init._softmax(x @ ridge)
+  g_ridge = pr[n, y] / (pr[n, y] + pr[n, 0])
+  assert np.mean(np.abs(g_ridge - g_branch)[dom]) > 0.2  # measured 0.255
+  assert rec["train_top1_accuracy"] > 0.95
+
+
+def test_pair_scale_minimises_the_soft_cross_entropy():
+  x, y = _two_domains(seed=3, separation=0.5)
+  k = _branch_kernel(x.shape[1], 3)
+  base = x @ k
+  z = x @ router_init.ridge_columns(x, y, 3, targets=router_init.pair_targets(y, 3))
+  q = router_init.branch_split(base, y, 3)
+  np.testing.assert_allclose(q.sum(-1), 1.0, rtol=0, atol=1e-12)
+  s = router_init.fit_scale(z, y, 3, max_logit=1e6, offset=base, targets=q)
+  w = 1.0 / (3 * np.bincount(y)[y])
+
+  def ce(t):
+    zz = base + t * z
+    lse = np.log(np.exp(zz - zz.max(-1, keepdims=True)).sum(-1)) + zz.max(-1)
+    return float(np.sum(w * (lse - (q * zz).sum(-1))))
+  grid = np.linspace(0.01, 3 * s, 3000)
+  assert abs(s - grid[np.argmin([ce(t) for t in grid])]) <= 2 * (grid[1] - grid[0])
+
+
+def test_pair_needs_the_merged_kernel():
+  x, y = _two_domains()
+  with pytest.raises(BarError, match="needs the merge's router kernel"):
+    router_init.fit_layer(x, y, 3, "pair")
+
+
 def test_an_empty_class_is_refused():
   x, y = _two_domains()
   with pytest.raises(BarError, match="no calibration tokens for experts \\[3\\]"):

@@ -13,8 +13,15 @@ domain the token comes from; general data = the anchor, expert 0):
   ridge   closed form (DUME style): the ridge regression from the layer's inputs to the one-hot expert labels,
           class-balanced, W = (X'WX + lam tr(X'WX)/D I)^-1 X'WY: one linear solve of size D per layer.
 
-Either way the columns are then multiplied by one scale per layer, the s > 0 that minimises the class-balanced
-cross-entropy of softmax(s x W) against the labels (convex in s: a few Newton steps), so the logits come out at the
+  pair    the merge's columns kept, plus s x R, R the ridge regression onto "the anchor or my own expert" (1 at
+          column 0 and at the token's expert, 0 elsewhere; general tokens: 1 at column 0 only). On domain d's
+          tokens the other experts are pushed down by s while the anchor-vs-expert-d logit difference stays branch
+          d's own, so each domain is routed as its branch was (the oracle row's routing), not sharper: a branch's
+          expert learned under its own router's weight, and one-hot targets (ridge) over-apply it.
+
+The columns (pair: R) are then multiplied by one scale per layer, the s > 0 that minimises the class-balanced
+cross-entropy against the targets (embed, ridge: the one-hot labels of softmax(s x W); pair: the branch's
+anchor/expert split of softmax(x K + s x R)), convex in s (a few Newton steps), so the logits come out at the
 sharpness the data supports rather than at an arbitrary one. `fit` runs the model one layer at a time
 (`transformer.layerwise`): layer l is fitted on inputs produced by the already-fitted layers below it, in one pass.
 Pure: arrays in, arrays out.
@@ -29,7 +36,7 @@ from bar_jax.errors import BarError
 from bar_jax.model import transformer
 from bar_jax.model.config import Compute, ModelConfig
 
-METHODS = ("merged", "embed", "ridge")  # merged = keep the merge's columns (the recipe)
+METHODS = ("merged", "embed", "ridge", "pair")  # merged = keep the merge's columns (the recipe)
 
 
 def _class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -57,17 +64,41 @@ def embedding_columns(x: np.ndarray, labels: np.ndarray, n_classes: int) -> np.n
   return cols.T
 
 
-def ridge_columns(x: np.ndarray, labels: np.ndarray, n_classes: int, ridge: float = 1e-2) -> np.ndarray:
-  """[N, D] inputs, [N] labels -> [D, E]: class-balanced ridge regression onto the one-hot labels. `ridge` is
-  relative to the mean eigenvalue of the weighted Gram matrix, so it means the same at any activation scale."""
+def ridge_columns(x: np.ndarray, labels: np.ndarray, n_classes: int, ridge: float = 1e-2,
+                  targets: np.ndarray | None = None) -> np.ndarray:
+  """[N, D] inputs, [N] labels -> [D, E]: class-balanced ridge regression onto the one-hot labels (or onto
+  `targets` [N, E], the class weights still from `labels`). `ridge` is relative to the mean eigenvalue of the
+  weighted Gram matrix, so it means the same at any activation scale."""
   x = np.asarray(x, np.float64)
   w = _class_weights(labels, n_classes)
   gram = (x * w[:, None]).T @ x
-  y = np.zeros((len(x), n_classes))
-  y[np.arange(len(x)), labels] = 1.0
-  cross = (x * w[:, None]).T @ y
+  if targets is None:
+    targets = np.zeros((len(x), n_classes))
+    targets[np.arange(len(x)), labels] = 1.0
+  cross = (x * w[:, None]).T @ targets
   lam = ridge * np.trace(gram) / gram.shape[0]
   return np.linalg.solve(gram + lam * np.eye(gram.shape[0]), cross)
+
+
+def pair_targets(labels: np.ndarray, n_classes: int) -> np.ndarray:
+  """[N] labels -> [N, E] regression targets of `pair`: 1 at the anchor (0) and at the token's own expert."""
+  y = np.zeros((len(labels), n_classes))
+  y[:, 0] = 1.0
+  y[np.arange(len(labels)), labels] = 1.0
+  return y
+
+
+def branch_split(logits: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+  """[N, E] merged-router logits -> [N, E] soft targets: a domain-d token split between the anchor and expert d
+  as branch d's router (the merge's columns 0 and d) splits it, nothing to the others; a general token all anchor."""
+  z = np.asarray(logits, np.float64)
+  n = np.arange(len(z))
+  zd, z0 = z[n, labels], z[:, 0]
+  g = np.where(labels > 0, 1.0 / (1.0 + np.exp(np.clip(z0 - zd, -60, 60))), 0.0)
+  q = np.zeros((len(z), n_classes))
+  q[:, 0] = 1.0 - g
+  q[n, labels] += g
+  return q
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -76,19 +107,25 @@ def _softmax(z: np.ndarray) -> np.ndarray:
   return e / e.sum(-1, keepdims=True)
 
 
-def fit_scale(logits: np.ndarray, labels: np.ndarray, n_classes: int, *, max_logit: float = 30.0) -> float:
-  """The s >= 0 minimising the class-balanced cross-entropy of softmax(s * logits); s is capped so no logit's
-  spread exceeds max_logit (separable data would otherwise send s to infinity)."""
+def fit_scale(logits: np.ndarray, labels: np.ndarray, n_classes: int, *, max_logit: float = 30.0,
+              offset: np.ndarray | None = None, targets: np.ndarray | None = None) -> float:
+  """The s >= 0 minimising the class-balanced cross-entropy of softmax(offset + s * logits) against `targets`
+  ([N, E] distributions; default the one-hot labels; offset default 0); s is capped so no row's spread of
+  s * logits exceeds max_logit (separable data would otherwise send s to infinity). Convex in s: Newton."""
   z = np.asarray(logits, np.float64)
   w = _class_weights(labels, n_classes)
-  zy = z[np.arange(len(z)), labels]
+  if targets is None:
+    targets = np.zeros_like(z)
+    targets[np.arange(len(z)), labels] = 1.0
+  base = np.zeros_like(z) if offset is None else np.asarray(offset, np.float64)
+  zq = (targets * z).sum(-1)
   spread = float(np.max(z.max(-1) - z.min(-1))) if len(z) else 0.0
   s_max = max_logit / spread if spread > 0 else 1.0
   s = min(1.0, s_max)
   for _ in range(50):  # Newton on a convex 1-D function, kept inside [0, s_max]
-    p = _softmax(s * z)
+    p = _softmax(base + s * z)
     mean = (p * z).sum(-1)
-    grad = float(np.sum(w * (mean - zy)))
+    grad = float(np.sum(w * (mean - zq)))
     hess = float(np.sum(w * ((p * z * z).sum(-1) - mean ** 2)))
     step = grad / hess if hess > 1e-12 else -s_max
     s_new = float(np.clip(s - step, 0.0, s_max))
@@ -100,15 +137,29 @@ def fit_scale(logits: np.ndarray, labels: np.ndarray, n_classes: int, *, max_log
 
 
 def fit_layer(x: np.ndarray, labels: np.ndarray, n_classes: int, method: str, ridge: float = 1e-2,
-              max_logit: float = 30.0) -> tuple[np.ndarray, dict[str, float]]:
-  """One layer's router kernel [D, E] from its inputs and labels, and what the fit found (scale, train accuracy)."""
+              max_logit: float = 30.0, kernel: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
+  """One layer's router kernel [D, E] from its inputs and labels, and what the fit found (scale, train accuracy:
+  the share of tokens whose largest weight is their own expert, for pair their anchor or own expert). `kernel`
+  (the merge's [D, E]) is what `pair` adds to."""
+  x = np.asarray(x, np.float64)
+  if method == "pair":
+    if kernel is None:
+      raise BarError("router init pair: needs the merge's router kernel to add to")
+    base_k = np.asarray(kernel, np.float64)
+    cols = ridge_columns(x, labels, n_classes, ridge, targets=pair_targets(labels, n_classes))
+    offset, z = x @ base_k, x @ cols
+    q = branch_split(offset, labels, n_classes)
+    s = fit_scale(z, labels, n_classes, max_logit=max_logit, offset=offset, targets=q)
+    top = np.argmax(offset + s * z, -1)
+    acc = float(np.mean((top == labels) | (top == 0)))
+    return (base_k + s * cols).astype(np.float32), {"scale": round(s, 6), "train_top1_accuracy": round(acc, 4)}
   if method == "embed":
     cols = embedding_columns(x, labels, n_classes)
   elif method == "ridge":
     cols = ridge_columns(x, labels, n_classes, ridge)
   else:
     raise BarError(f"unknown router init {method!r}: use one of {METHODS}")
-  z = np.asarray(x, np.float64) @ cols
+  z = x @ cols
   s = fit_scale(z, labels, n_classes, max_logit=max_logit)
   acc = float(np.mean(np.argmax(z, -1) == labels))
   return (s * cols).astype(np.float32), {"scale": round(s, 6), "train_top1_accuracy": round(acc, 4)}
@@ -133,7 +184,7 @@ def fit(params: Any, cfg: ModelConfig, batches: Sequence[dict[str, np.ndarray]],
 
   def visit(layer, inputs, kernel):
     x = np.concatenate([h[m] for h, m in zip(inputs, keep)])
-    new, rec = fit_layer(x, labels, cfg.n_experts, method, ridge, max_logit)
+    new, rec = fit_layer(x, labels, cfg.n_experts, method, ridge, max_logit, kernel=kernel)
     records.append({"layer": layer, **rec})
     return new
 
