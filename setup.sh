@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PY:-python}"
 PIP="${PIP:-$PY -m pip}"
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1  # quiet as root (CI, containers)
 $PIP install -q -r requirements.txt
 
 # The data-only packages (requirements-nodeps.txt) are read for their files, never imported, and their own
