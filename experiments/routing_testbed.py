@@ -12,6 +12,9 @@ the base's and the merged model's evaluations), then one router-stage run per ar
   embed         domain-embedding columns (router.init=embed), no training steps
   ridge         the closed-form ridge router (router.init=ridge), no training steps
   ridge_train   the ridge router, then router training (warm start)
+  pair          the merge's columns plus a closed-form term that keeps each domain on {anchor, its own expert}
+                (router.init=pair): each domain routed as its branch routed it, no training steps
+  pair_train    the pair router, then router training
 Every arm is evaluated on all N capabilities, each branch on its own; `--top_ks` evaluates the arms in
 `--topk_arms` again with only the k largest router weights kept (not renormalised: the paper's setting).
 
@@ -36,6 +39,8 @@ ARMS = {
     "embed": {"init": "embed", "epochs": 0.0},
     "ridge": {"init": "ridge", "epochs": 0.0},
     "ridge_train": {"init": "ridge"},
+    "pair": {"init": "pair", "epochs": 0.0},
+    "pair_train": {"init": "pair"},
 }
 
 
@@ -218,6 +223,9 @@ def main(argv=None):
                           branch=branch_dirs[name], router_update="none")
       oracles[name] = _run(_eval_step(pipeline, config, odir, [spec_of[name]],
                                       os.path.join(wd, f"E{a.n}", "eval", f"oracle_{name}")), timings)
+      # the branch's own split of its tokens between the anchor and its expert: what a router should reproduce
+      diags[(f"oracle_{name}", a.n)] = _diagnostics(f"E{a.n}_oracle_{name}", odir, [spec_of[name]], [1.0], a, wd,
+                                                    routing, artifact)
 
   # Tables.
   base_items = {n: _items(base_eval, n)[0] for n in names}
@@ -271,7 +279,8 @@ def main(argv=None):
   if oracles:
     lines += ["", f"Oracle: each capability on [anchor, its own expert] with the merged shared weights and its "
               f"branch's two router columns, against the branch and the {a.default} arm (paired, points):", "",
-              f"| capability | oracle | branch -> oracle [95%] | oracle -> {a.default} [95%] |", "|---|---|---|---|"]
+              f"| capability | oracle | branch -> oracle [95%] | oracle -> {a.default} [95%] | own expert's weight "
+              "in the oracle (the branch's split) |", "|---|---|---|---|---|"]
     for name in names[:a.n]:
       o = _items(oracles[name], name)[0]
       arm = _items(evals[(a.n, a.default)], name)[0]
@@ -284,7 +293,7 @@ def main(argv=None):
                                                "oracle_to_arm": p2}
       lines.append(f"| {name} | {100 * np.mean(oo):.1f} | {100 * p1['change']:+.1f} [{100 * p1['ci'][0]:+.1f}, "
                    f"{100 * p1['ci'][1]:+.1f}] | {100 * p2['change']:+.1f} [{100 * p2['ci'][0]:+.1f}, "
-                   f"{100 * p2['ci'][1]:+.1f}] |")
+                   f"{100 * p2['ci'][1]:+.1f}] | {diags[(f'oracle_{name}', a.n)]['own']['1'][name]['weight']:.2f} |")
   if removal:
     gone, edir, others = removal
     lines += ["", f"Withdrawing {a.remove} from the {a.default} arm's MoE (its expert and router column dropped, "
