@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 
 
 class BarError(Exception):
@@ -53,9 +54,13 @@ def os_failure(e: BaseException) -> str | None:
 
 
 def run_main(main) -> None:
-  """Runs a script's main(): a BarError (or an operating-system failure) prints one line and exits 2, as the CLI."""
+  """Runs a script's main() as the CLI does: a BarError (or an operating-system failure) prints one line and exits
+  2; a run stopped by SIGTERM (Preempted) prints its one line and exits PREEMPTED_EXIT."""
   try:
     main()
+  except Preempted as e:
+    print(f"preempted: {e}", file=sys.stderr)
+    raise SystemExit(PREEMPTED_EXIT) from None
   except BarError as e:
     raise SystemExit(f"error: {e}") from None
   except OSError as e:

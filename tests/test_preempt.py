@@ -92,3 +92,17 @@ def test_sigterm_to_one_host_stops_every_host_at_the_same_step():
 
 if __name__ == "__main__":
   _host(int(sys.argv[1]), int(sys.argv[2]))
+
+
+def test_run_main_exits_75_with_one_line_on_preempted(capsys):
+  """Experiments run their main() through errors.run_main: a Preempted run exits as the CLI does."""
+  import pytest
+  from bar_jax.errors import Preempted, run_main
+
+  def main():
+    raise Preempted("stopped by SIGTERM after step 6 of 10; run the same command again")
+  with pytest.raises(SystemExit) as e:
+    run_main(main)
+  assert e.value.code == PREEMPTED_EXIT
+  err = capsys.readouterr().err
+  assert err == "preempted: stopped by SIGTERM after step 6 of 10; run the same command again\n"

@@ -3,12 +3,9 @@
 Both compute exactly what `moe.dense_dispatch` computes (every token's top-k experts, combined by the router weights),
 only without running the experts a token did not pick:
 
-  dropless         the N*k token copies are sorted by expert and multiplied group by group. On the CPU the groups
-                   are padded to blocks of `block` rows (each block belongs to one expert), run by a scan over the
-                   blocks that reads each block's expert weights in place and skips the unused blocks ("scanned",
-                   with its own backward pass), or as one batched matmul over gathered weights ("blocked");
-                   elsewhere `jax.lax.ragged_dot` runs the ragged groups directly. Nothing is dropped.
-                   With a mesh, each batch shard sorts and multiplies its own tokens (experts replicated).
+  dropless         the N*k token copies are sorted by expert and multiplied group by group (the grouped matmul,
+                   below). Nothing is dropped. With a mesh, each batch shard sorts and multiplies its own tokens
+                   (experts replicated).
   expert_parallel  `jax.shard_map` over the mesh: experts are split over the `expert` axis, the token batch over
                    (data, fsdp, expert). Each device buckets its token copies by expert into slots of `capacity`
                    rows, exchanges them with `all_to_all`, runs its local experts, and sends the results back.
@@ -17,9 +14,28 @@ Capacity (expert_parallel): each device holds n = N / (data*fsdp*expert) tokens,
 it sends at most C = min(n, ceil(capacity_factor * n * k / E)) copies; capacity_factor 0 means C = n, which can hold
 every copy (a token picks an expert at most once), so nothing drops. Copies beyond C are dropped in token order (a
 later token loses first): they contribute nothing to the output, and `run` returns their global count.
+
+The grouped matmul (`impl`), chosen per backend by "auto" (`auto_impl`) so that it never densifies:
+
+  scanned   (CPU; GPU for now) groups padded to blocks of `block` rows, each block owned by one expert; a scan
+            over the blocks reads each block's expert weights in place and skips the unused blocks, with its own
+            backward pass. Its largest buffer on an H100 is one expert's weights.
+  blocked   the same blocks as one batched matmul over gathered weights: a [blocks, D, F] copy of the weights,
+            larger than G x M x F on an H100 at M = 4096, D = 1024, F = 2048, G = 8 (aot_targets.md), so "auto"
+            does not pick it.
+  megablox  (TPU) jax's Pallas grouped matmul (`jax.experimental.pallas.ops.tpu.megablox`: gmm forward and d(x),
+            tgmm for d(W)), on the CPU in interpret mode (tests only: slow).
+  ragged    `jax.lax.ragged_dot`. Never picked by "auto": on GPU (jax 0.10.2) its forward and gradient expand
+            densely over the G groups, on TPU its weight gradient is a dense masked matmul over all groups
+            (docs/DESIGN.md; experiments/results/aot_targets.md measures both).
+
+A Mosaic-GPU grouped matmul (`jax.experimental.pallas.ops.gpu.ragged_dot_mgpu` forward,
+`transposed_ragged_dot_mgpu` for d(W)) compiles for H100 but has no VJP; until one is written and checked on a
+device, the GPU runs "scanned".
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -30,20 +46,41 @@ from bar_jax.errors import BarError
 
 BATCH_AXES = ("data", "fsdp", "expert")
 CPU_IMPL = "scanned"  # the grouped matmul `impl="auto"` picks on the CPU (experiments/bench_moe.py times both)
+GPU_IMPL = "scanned"  # ... on GPU: the padded blocks until a Mosaic-GPU kernel with a VJP is verified on a device
+TPU_IMPL = "megablox"
+IMPLS = ("scanned", "blocked", "megablox", "ragged")
+
+
+def platform(mesh=None) -> str:
+  """The platform the program is compiled for: the mesh's devices' (an ahead-of-time compile for a TPU or GPU
+  topology runs on a CPU host), else the default backend. "cpu" | "gpu" | "tpu"."""
+  if mesh is not None:
+    name = mesh.devices.flat[0].platform
+    return "gpu" if name in ("cuda", "rocm", "gpu") else name
+  return jax.default_backend()
+
+
+def auto_impl(mesh=None) -> str:
+  """The grouped matmul `impl="auto"` picks for the mesh's platform (module docstring)."""
+  return {"cpu": CPU_IMPL, "tpu": TPU_IMPL}.get(platform(mesh), GPU_IMPL)
 
 
 def run(kind: str, x, weights, idx, gate, up, down, capacity_factor: float = 0.0, mesh=None, *, impl: str = "auto"):
   """x [N, D], weights [N, E] (zero off the top-k), idx [N, k] -> (y [N, D], dropped token copies, int32 scalar).
 
-  impl: "auto" (CPU_IMPL on the CPU, ragged elsewhere), "scanned", "blocked" or "ragged" (grouped matmul and
-  all-to-all; expert_parallel's all-to-all is padded unless ragged).
+  impl: "auto" (`auto_impl`) or one of IMPLS, the grouped matmul. expert_parallel's exchange is ragged
+  (`ragged_all_to_all`) for "ragged" and "megablox" and padded to the capacity otherwise.
   """
   if impl == "auto":
-    impl = CPU_IMPL if jax.default_backend() == "cpu" else "ragged"
+    impl = auto_impl(mesh)
+  if impl not in IMPLS:
+    raise BarError(f"unknown grouped matmul {impl!r}: use 'auto' or one of {IMPLS}")
+  interpret = platform(mesh) == "cpu"                        # megablox only
   if kind == "expert_parallel" and mesh is not None and mesh.shape.get("expert", 1) > 1:
-    return expert_parallel(x, weights, idx, gate, up, down, mesh, capacity_factor, impl=impl)
+    return expert_parallel(x, weights, idx, gate, up, down, mesh, capacity_factor, impl=impl, interpret=interpret)
   if kind in ("dropless", "expert_parallel"):
-    return dropless_sharded(x, weights, idx, gate, up, down, mesh, impl=impl), jnp.zeros((), jnp.int32)
+    return (dropless_sharded(x, weights, idx, gate, up, down, mesh, impl=impl, interpret=interpret),
+            jnp.zeros((), jnp.int32))
   raise BarError(f"unknown dispatch {kind!r}: use 'dense', 'dropless' or 'expert_parallel'")
 
 
@@ -89,39 +126,79 @@ def default_block(n_copies: int, n_experts: int, impl: str = "blocked") -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Dropless: sort token copies by expert, grouped matmul.
 
-def dropless(x, weights, idx, gate, up, down, *, impl: str = "blocked", block: int | None = None):
+def dropless(x, weights, idx, gate, up, down, *, impl: str = "blocked", block: int | None = None,
+             interpret: bool | None = None):
   N, k = idx.shape
   E = gate.shape[0]
   flat_e = idx.reshape(-1)                                   # copy c = token c // k, slot c % k
   order = jnp.argsort(flat_e, stable=True)                   # copies sorted by expert
   sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
   xs = x[order // k]                                         # [N*k, D] sorted copies
-  if impl == "ragged":
-    dt = x.dtype
-    a = jax.lax.ragged_dot(xs, gate.astype(dt), sizes)
-    b = jax.lax.ragged_dot(xs, up.astype(dt), sizes)
-    ys = jax.lax.ragged_dot(jax.nn.silu(a) * b, down.astype(dt), sizes)
+  if impl in ("ragged", "megablox"):
+    ys = _ragged_swiglu(xs, sizes, gate, up, down, impl, interpret)
   else:
     ys = _padded_grouped_ffn(xs, flat_e[order], sizes, gate, up, down, block or default_block(N * k, E, impl), impl)
   y_copies = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)   # back to (token, slot) order
   return _combine(y_copies, weights, idx)
 
 
-def dropless_sharded(x, weights, idx, gate, up, down, mesh, *, impl: str = "blocked"):
+def dropless_sharded(x, weights, idx, gate, up, down, mesh, *, impl: str = "blocked", interpret: bool | None = None):
   """`dropless` on each batch shard's own tokens (shard_map over data, fsdp, expert; experts replicated), so the
   sort never crosses devices. Without a mesh, or with tokens that do not split evenly, it is plain `dropless`."""
   shards = math.prod(mesh.shape[a] for a in BATCH_AXES) if mesh is not None else 1
   if shards == 1 or x.shape[0] % shards:
-    return dropless(x, weights, idx, gate, up, down, impl=impl)
+    return dropless(x, weights, idx, gate, up, down, impl=impl, interpret=interpret)
   tok, rep = P(BATCH_AXES), P()
+  check_vma = impl != "megablox"
 
   def shard(x, weights, idx, *experts):
     # The experts meet each shard's own tokens: cast them to varying here, so the scanned path's custom backward
-    # returns per-shard weight gradients and this cast's transpose sums them over the shards.
-    experts = [jax.lax.pcast(w, BATCH_AXES, to="varying") for w in experts]
-    return dropless(x, weights, idx, *experts, impl=impl)
-  f = jax.shard_map(shard, mesh=mesh, in_specs=(tok, tok, tok, rep, rep, rep), out_specs=tok, check_vma=True)
+    # returns per-shard weight gradients and this cast's transpose sums them over the shards. Megablox's
+    # pallas_call declares its outputs without mesh axes (jax 0.10.2's kernel has no vma argument), which
+    # check_vma=True refuses; unchecked, shard_map transposes each replicated input by summing its cotangent over
+    # the mesh axes, the same sum the cast gives (tests/test_grouped_matmul.py checks both gradients on 8 devices).
+    if check_vma:
+      experts = [jax.lax.pcast(w, BATCH_AXES, to="varying") for w in experts]
+    return dropless(x, weights, idx, *experts, impl=impl, interpret=interpret)
+  f = jax.shard_map(shard, mesh=mesh, in_specs=(tok, tok, tok, rep, rep, rep), out_specs=tok, check_vma=check_vma)
   return f(x, weights, idx, gate, up, down)
+
+
+def grouped_matmul(x, w, sizes, impl: str = "megablox", *, interpret: bool | None = None):
+  """x [M, K] with rows sorted by group, w [G, K, N], sizes [G] int32 (sum <= M) -> [M, N] in x's dtype; rows past
+  sum(sizes) are zero. impl "megablox" (interpret mode when the default backend is the CPU, unless told) or
+  "ragged" (`lax.ragged_dot`)."""
+  if impl == "ragged":
+    return jax.lax.ragged_dot(x, w, sizes)
+  from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  M, K = x.shape
+  tiling = megablox_tiling(M, K, w.shape[-1])
+  # Rows in no group are never written by the kernel, forward (y) or backward (dx): uninitialised on a TPU, NaN in
+  # interpret mode. Selecting zero for them on both sides of the kernel keeps them, and their cotangents, zero.
+  grouped = (jnp.arange(M) < jnp.sum(sizes))[:, None]
+  pad = -M % tiling[0]                                       # gmm wants whole row tiles; padded rows are in no group
+  xp = jnp.pad(jnp.where(grouped, x, 0), ((0, pad), (0, 0)))
+  # Positional: gmm is a custom_vjp with nondiff_argnums (preferred_element_type, tiling, transpose_rhs, interpret).
+  y = megablox.gmm(xp, w.astype(x.dtype), sizes.astype(jnp.int32), x.dtype, tiling, None, None, False, interpret)[:M]
+  return jnp.where(grouped, y, 0).astype(x.dtype)
+
+
+def megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
+  """Megablox's (rows, contraction, columns) tile: 512 rows (fewer when there are fewer, in whole 128s), up to
+  1024 along K and N (MaxText's defaults are of this size; a partial last tile is masked by the kernel)."""
+  return min(512, -(-m // 128) * 128), min(k, 1024), min(n, 1024)
+
+
+def _ragged_swiglu(xs, sizes, gate, up, down, impl: str, interpret: bool | None = None):
+  """xs [M, D] sorted by expert, sizes [E] -> the SwiGLU of each row through its expert, by a ragged grouped
+  matmul (`grouped_matmul`); rows past sum(sizes) come out zero."""
+  dt = xs.dtype
+  mm = functools.partial(grouped_matmul, sizes=sizes, impl=impl, interpret=interpret)
+  a = mm(xs, gate.astype(dt))
+  b = mm(xs, up.astype(dt))
+  return mm(jax.nn.silu(a) * b, down.astype(dt))
 
 
 def _padded_grouped_ffn(xs, sorted_e, sizes, gate, up, down, block: int, impl: str):
@@ -216,7 +293,8 @@ def capacity(tokens_per_shard: int, k: int, n_experts: int, capacity_factor: flo
   return max(1, min(tokens_per_shard, math.ceil(capacity_factor * tokens_per_shard * k / n_experts)))
 
 
-def expert_parallel(x, weights, idx, gate, up, down, mesh, capacity_factor: float, *, impl: str = "blocked"):
+def expert_parallel(x, weights, idx, gate, up, down, mesh, capacity_factor: float, *, impl: str = "blocked",
+                    interpret: bool | None = None):
   N, D = x.shape
   k = idx.shape[1]
   E = gate.shape[0]
@@ -229,14 +307,18 @@ def expert_parallel(x, weights, idx, gate, up, down, mesh, capacity_factor: floa
                    f"make batch*seq a multiple of {shards}")
   n = N // shards
   C = capacity(n, k, E, capacity_factor)
-  body = _ragged_body if impl == "ragged" else _padded_body
+  body = (functools.partial(_ragged_body, impl=impl, interpret=interpret) if impl in ("ragged", "megablox")
+          else _padded_body)
   tok, exp = P(BATCH_AXES), P("expert")
 
   def shard(x, weights, idx, gate, up, down):
     y, dropped = body(x, idx, gate, up, down, X=X, E=E, C=C)
     return _combine(y, weights, idx), jax.lax.psum(dropped, BATCH_AXES)
 
-  f = jax.shard_map(shard, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=(tok, P()), check_vma=True)
+  # check_vma off for megablox, as in dropless_sharded; the experts are split over "expert" here, so their
+  # cotangents are summed over the batch axes only, by either rule.
+  f = jax.shard_map(shard, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=(tok, P()),
+                    check_vma=impl != "megablox")
   return f(x, weights, idx, gate, up, down)
 
 
@@ -260,10 +342,12 @@ def _padded_body(x, idx, gate, up, down, *, X: int, E: int, C: int):
   return y_copies, jnp.sum(~keep).astype(jnp.int32)
 
 
-def _ragged_body(x, idx, gate, up, down, *, X: int, E: int, C: int):
+def _ragged_body(x, idx, gate, up, down, *, X: int, E: int, C: int, impl: str = "ragged",
+                 interpret: bool | None = None):
   """GPU/TPU variant of `_padded_body`: only the kept copies travel (`ragged_all_to_all`), local experts run as a
-  ragged grouped matmul. XLA:CPU does not implement ragged_all_to_all, so this path only lowers on the CPU; its
-  offsets and sizes (`ragged_dispatch_params` and the functions after it) are tested against numpy."""
+  ragged grouped matmul (`impl`: ragged_dot or megablox). XLA:CPU does not implement ragged_all_to_all, so this
+  path only lowers on the CPU; its offsets and sizes (`ragged_dispatch_params` and the functions after it) are
+  tested against numpy."""
   n, D = x.shape
   k = idx.shape[1]
   El = E // X
@@ -283,10 +367,7 @@ def _ragged_body(x, idx, gate, up, down, *, X: int, E: int, C: int):
   local_order = jnp.argsort(recv_e, stable=True)             # received rows grouped by local expert
   sizes = jnp.bincount(recv_e, length=El + 1)[:El].astype(jnp.int32)
   dt = x.dtype
-  hr = recv[local_order]
-  a = jax.lax.ragged_dot(hr, gate.astype(dt), sizes)
-  b = jax.lax.ragged_dot(hr, up.astype(dt), sizes)
-  yr = jax.lax.ragged_dot(jax.nn.silu(a) * b, down.astype(dt), sizes)
+  yr = _ragged_swiglu(recv[local_order], sizes, gate, up, down, impl, interpret)
   y_recv = jnp.zeros_like(yr).at[local_order].set(yr)
   back = jax.lax.ragged_all_to_all(y_recv, jnp.zeros((n * k, D), dt), *ragged_return_params(all_sizes, me),
                                    axis_name="expert")
