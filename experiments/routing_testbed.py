@@ -236,7 +236,8 @@ def main(argv=None):
            "Score = greedy match on held-out items (n per capability below); retention = (arm - base) / (branch - "
            "base) on the same items, paired bootstrap 95% interval (`undefined` where the branch's own gain has a "
            "95% interval touching 0); own = the capability's own expert's mean router weight on its held-out tokens "
-           "(layer mean, shared system prompt masked), (rank among the E + 1 experts).", ""]
+           "(layer mean, shared system prompt masked), (rank among the E + 1 experts); then its share of the domain "
+           "experts' weight, own / (1 - anchor).", ""]
 
   def row_cells(e, label, edir, name):
     ids = sorted(base_items[name])
@@ -245,16 +246,20 @@ def main(argv=None):
     got = _items(edir, name)[0]
     m_ = np.array([got[i] for i in ids])
     r = stats.retention(b, s_, m_)
-    own = diags.get((label, e), {}).get("own", {}).get("1", {}).get(name)
-    result["rows"].setdefault(f"E{e}_{label}", {})[name] = {"score": float(m_.mean()), "retention": r, "own": own}
+    rep = diags.get((label, e), {})
+    own = rep.get("own", {}).get("1", {}).get(name)
+    share = routing.own_share(rep, "1", name) if own else None
+    result["rows"].setdefault(f"E{e}_{label}", {})[name] = {"score": float(m_.mean()), "retention": r, "own": own,
+                                                             "own_share": share}
     ret = (f"{100 * r['retention']:.0f}% [{100 * r['ci'][0]:.0f}, {100 * r['ci'][1]:.0f}]" if r["defined"]
            else "undefined")
-    return f"{100 * m_.mean():.1f}, {ret}, " + (f"{own['weight']:.2f} ({own['rank']})" if own else "-")
+    return f"{100 * m_.mean():.1f}, {ret}, " + (f"{own['weight']:.2f} ({own['rank']}); {share['share']:.2f}"
+                                                if own else "-")
 
   arm_labels = [lab for (e, lab) in evals if e == a.n]
   lines += [f"## E = {a.n}: the arms", "", f"Uniform router weight = {1 / (a.n + 1):.3f}.", "",
             "| capability | n | base | branch | " + " | ".join(
-                f"{lab}: score, retention [95%], own (rank)" for lab in arm_labels) + " |",
+                f"{lab}: score, retention [95%], own (rank); share" for lab in arm_labels) + " |",
             "|---" * (4 + len(arm_labels)) + "|"]
   for name in names[:a.n]:
     b = list(base_items[name].values())

@@ -254,3 +254,14 @@ def test_router_stage_closed_form_init_routes_held_out_tokens(dirs, tmp_path):
 def src_tokenizer(dirs):
   from bar_jax.data.tokenizer import Tokenizer
   return Tokenizer.load(dirs["moe3"])
+
+
+def test_own_share_leaves_the_anchor_out():
+  # Two layers, experts [anchor, a, b]: domain a's own weight is small, but it gets most of the experts' weight.
+  report = {"experts": ["general", "a", "b"], "weights": {"1": {"a": [[0.9, 0.08, 0.02], [0.7, 0.2, 0.1]],
+                                                                "b": [[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]]}}}
+  got = routing.own_share(report, "1", "a")
+  assert got == {"share": round(0.14 / 0.2, 4), "rank": 1}  # layer means [0.8, 0.14, 0.06]
+  assert routing.own_share(report, "1", "b") == {"share": 0.4, "rank": 2}
+  assert "0.70" in routing.format_diagnostics({**report, "tokens": {"a": 1, "b": 1}, "own": {"1": {
+      "a": {"weight": 0.14, "rank": 2}, "b": {"weight": 0.2, "rank": 3}}}, "entropy": {"1": {"a": 0.5, "b": 0.9}}})

@@ -297,15 +297,30 @@ def column_updates(kernel: np.ndarray, init: np.ndarray) -> dict[str, Any]:
           "cosine": cos.round(4).tolist(), "init_l2": np.linalg.norm(init, axis=1).mean(0).round(6).tolist()}
 
 
+def own_share(report: Mapping[str, Any], tau: str, domain: str) -> dict[str, Any]:
+  """Domain d's own expert among the domain experts alone (the anchor, expert 0, left out): its share of their
+  weight, own / (1 - anchor), layer means, and its rank among them. A router that keeps each domain on {anchor, own
+  expert} in its branch's split can give the own expert little weight and still carry the domain: this says whether
+  the rest of the weight goes to the anchor or to the wrong experts."""
+  mean_w = np.asarray(report["weights"][tau][domain], np.float64).mean(0)
+  own = list(report["experts"]).index(domain)
+  others = np.delete(mean_w, [0, own])
+  return {"share": round(float(mean_w[own] / max(1.0 - mean_w[0], 1e-30)), 4),
+          "rank": int(1 + np.sum(others > mean_w[own]))}
+
+
 def format_diagnostics(report: Mapping[str, Any]) -> str:
-  """Markdown: own-expert weight (rank) per domain at each tau, and the mean entropy."""
+  """Markdown: own-expert weight (rank) per domain at each tau, its share of the domain experts' weight, and the
+  mean entropy."""
   domains = [d for d in report["tokens"] if d in report["experts"]]
-  lines = ["| tau | " + " | ".join(f"{d}: own weight (rank)" for d in domains) + " | mean own | entropy (nats) |",
+  lines = ["| tau | " + " | ".join(f"{d}: own weight (rank); share of the experts" for d in domains)
+           + " | mean own | entropy (nats) |",
            "|---" * (len(domains) + 3) + "|"]
   for tau in report["weights"]:
     own = report["own"][tau]
     mean_own = np.mean([own[d]["weight"] for d in domains]) if domains else float("nan")
     ent = np.mean([report["entropy"][tau][d] for d in report["tokens"]])
-    lines.append(f"| {tau} | " + " | ".join(f"{own[d]['weight']:.3f} ({own[d]['rank']})" for d in domains)
+    lines.append(f"| {tau} | " + " | ".join(f"{own[d]['weight']:.3f} ({own[d]['rank']}); "
+                                            f"{own_share(report, tau, d)['share']:.2f}" for d in domains)
                  + f" | {mean_own:.3f} | {ent:.3f} |")
   return "\n".join(lines) + "\n"
