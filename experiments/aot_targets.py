@@ -160,8 +160,8 @@ def run_case(case: Case, target: targets.Target) -> dict:
                                                                                             s.schedule)
     compiled = lowered.compile()
   except Exception as e:  # a program XLA refuses (out of memory at compile time, an unsupported kernel): a row too
-    return dict(key=case.key, target=target.name, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
-                compile_s=time.time() - t0)
+    return dict(key=case.key, target=target.name, hbm=target.hbm,
+                error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", compile_s=time.time() - t0)
   seconds = time.time() - t0
   mem = compiled.memory_analysis()
   peak = targets.peak_bytes(compiled)
@@ -242,13 +242,16 @@ def render(rows: list[dict], commands: list[str]) -> str:
       "| target | model | stage | remat | dispatch | attention | peak GB/dev | temp GB | usable GB | fits | "
       "TFLOP/dev | compile s |", "|" + "---|" * 12]
   order = {k: i for i, k in enumerate(STAGES)}
+  hbm = {r["target"]: r["hbm"] for r in steps if "hbm" in r}
   for r in sorted(steps, key=lambda r: (r["target"], r["key"].split("/")[0] != "olmo2_7b",
                                         order.get(r["key"].split("/")[1], 99), r["key"])):
     model, stage, remat, disp, attn = r["key"].split("/")
     disp = f"{disp} ({r['impl']})" if r.get("impl") else disp
     if "error" in r:
-      lines.append(f"| {r['target']} | {model} | {stage} | {remat} | {disp} | {attn} | - | - | - | "
-                   f"**compile failed**: {r['error']} | - | {r['compile_s']:.0f} |")
+      oom = "RESOURCE_EXHAUSTED" in r["error"] or "out of memory" in r["error"].lower()
+      verdict = f"**NO**: XLA refuses, {r['error']}" if oom else f"**compile failed**: {r['error']}"
+      lines.append(f"| {r['target']} | {model} | {stage} | {remat} | {disp} | {attn} | - | - | "
+                   f"{hbm.get(r['target'], 0) / GB:.1f} | {verdict} | - | {r['compile_s']:.0f} |")
       continue
     lines.append(f"| {r['target']} | {model} | {stage} | {remat} | {disp} | {attn} | {r['peak'] / GB:.2f} | "
                  f"{r['temp'] / GB:.2f} | {r['hbm'] / GB:.1f} | {'yes' if r['fits'] else '**NO**'} | "
@@ -284,8 +287,16 @@ def main():
   ap.add_argument("--cases", default="", help="comma-separated key prefixes (model/stage/remat/dispatch/attention), "
                                               "e.g. olmo2_7b/moe5_sft,olmo2_1b; default: every case")
   ap.add_argument("--kernels", action="store_true", help="the dispatch kernels instead of the stage steps")
+  ap.add_argument("--attention", default="", help="run the cases with this attention instead (e.g. auto: splash "
+                                                  "on TPU, bar_jax/model/attention.py)")
   ap.add_argument("--out", default="", help="markdown table; its rows are kept in the .json beside it")
+  ap.add_argument("--render", action="store_true", help="only rewrite --out from its stored rows")
   args = ap.parse_args()
+  if args.render:
+    saved = json.load(open(os.path.splitext(args.out)[0] + ".json"))
+    with open(args.out, "w") as f:
+      f.write(render(saved["rows"], saved["commands"]))
+    return
   target = targets.get(args.target)
   store = os.path.splitext(args.out)[0] + ".json" if args.out else ""
   command = "python experiments/aot_targets.py " + " ".join(sys.argv[1:])
@@ -311,7 +322,10 @@ def main():
     save()
     return
   prefixes = [p for p in args.cases.split(",") if p]
-  for case in default_cases(target.platform):
+  cases = default_cases(target.platform)
+  if args.attention:
+    cases = list(dict.fromkeys(dataclasses.replace(c, attention=args.attention) for c in cases))
+  for case in cases:
     if prefixes and not any(case.key.startswith(p) for p in prefixes):
       continue
     r = run_case(case, target)

@@ -103,7 +103,7 @@ class Compute:
   """How a run evaluates the model; the result is the same function up to rounding (and expert_parallel drops)."""
   dtype: str = "float32"            # activation / matmul dtype; parameters stay float32
   remat: str = "none"               # "none" | "full" | "dots" (jax.checkpoint policy for each scanned layer)
-  attention: str = "xla"            # "xla" | "cudnn" (jax.nn.dot_product_attention implementation)
+  attention: str = "xla"            # "xla" | "cudnn" | "splash" | "auto" (per backend: bar_jax/model/attention.py)
   dispatch: str = "dense"           # MoE only: "dense" | "dropless" | "expert_parallel"
   capacity_factor: float = 0.0      # expert_parallel only; 0 = no drops (capacity = all tokens)
 
@@ -116,8 +116,8 @@ class Compute:
       problems.append(f"dtype={self.dtype!r} (use 'float32' or 'bfloat16')")
     if self.remat not in ("none", "full", "dots"):
       problems.append(f"remat={self.remat!r} (use 'none', 'full' or 'dots')")
-    if self.attention not in ("xla", "cudnn"):
-      problems.append(f"attention={self.attention!r} (use 'xla' or 'cudnn')")
+    if self.attention not in ("xla", "cudnn", "splash", "auto"):
+      problems.append(f"attention={self.attention!r} (use 'xla', 'cudnn', 'splash' or 'auto')")
     if self.dispatch not in ("dense", "dropless", "expert_parallel"):
       problems.append(f"dispatch={self.dispatch!r} (use 'dense', 'dropless' or 'expert_parallel')")
     if self.capacity_factor < 0:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from bar_jax import sharding
-from bar_jax.model import moe
+from bar_jax.model import attention, moe
 from bar_jax.model.config import Compute, ModelConfig
 
 Params = dict[str, Any]
@@ -161,18 +161,11 @@ def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax
   return h @ down.astype(dt)
 
 
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None, k_seg: jax.Array | None,
-                   k_valid: jax.Array | None = None) -> jax.Array:
-  """Boolean [B, 1, T, S]: causal by position, within one packed segment, over filled cache slots."""
-  mask = q_pos[:, :, None] >= k_pos[:, None, :]
-  if q_seg is not None:
-    mask &= q_seg[:, :, None] == k_seg[:, None, :]
-  if k_valid is not None:
-    mask &= k_valid[:, None, :]
-  return mask[:, None]
+attention_mask = attention.dense_mask
 
 
 def attend(q, k, v, mask, compute: Compute):
+  """Attention over a KV cache with an explicit mask (xla, or cuDNN when asked for by name)."""
   impl = "cudnn" if compute.attention == "cudnn" else None
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
@@ -207,10 +200,9 @@ def _block(cfg: ModelConfig, compute: Compute, mesh, x, lp, positions, segment_i
   inv_freq = rope_frequencies(cfg)
   q = rope(q, positions, inv_freq, cfg.rope_style)
   k = rope(k, positions, inv_freq, cfg.rope_style)
-  if cache_kv is None:
-    mask = attention_mask(positions, positions, segment_ids, segment_ids)
+  if cache_kv is None:  # training and scoring: packed rows, the kernel per backend (bar_jax/model/attention.py)
     new_cache = None
-    keys, values = k, v
+    o = attention.self_attention(q, k, v, positions, segment_ids, compute.attention, mesh)
   else:
     # The new keys go into the whole stacked cache in place (the scan carries it): scanning over the cache as a
     # per-layer input and output instead copied every layer's slice in and out each decode step (3x the step).
@@ -232,9 +224,8 @@ def _block(cfg: ModelConfig, compute: Compute, mesh, x, lp, positions, segment_i
         valid &= kv_valid
       mask = attention_mask(q_slots, slots, None, None, k_valid=valid)
     new_cache = (ks, vs)
-    keys, values = ck.astype(dt), cv.astype(dt)
-  o = attend(q, keys, values, mask, compute).reshape(B, T, cfg.n_heads * cfg.head_dim)
-  o = o @ a["o"]["kernel"].astype(dt)
+    o = attend(q, ck.astype(dt), cv.astype(dt), mask, compute)
+  o = o.reshape(B, T, cfg.n_heads * cfg.head_dim) @ a["o"]["kernel"].astype(dt)
   x = x + (o if pre else rms_norm(o, lp["attn_norm"]["scale"], cfg.rms_eps))
   h = rms_norm(x, lp["mlp_norm"]["scale"], cfg.rms_eps) if pre else x
   if cfg.ffn == "dense":
