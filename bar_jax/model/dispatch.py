@@ -19,10 +19,10 @@ The grouped matmul (`impl`), chosen per backend by "auto" (`auto_impl`) so that 
 
   scanned   (CPU; GPU for now) groups padded to blocks of `block` rows, each block owned by one expert; a scan
             over the blocks reads each block's expert weights in place and skips the unused blocks, with its own
-            backward pass. Its largest buffer on an H100 is one expert's weights.
+            backward pass. Compiled for an H100 (M = 8192 copies, D = 2048, F = 5632, G = 8) its largest array
+            is 2 x M x F elements, its saved projections (experiments/results/aot_targets.md).
   blocked   the same blocks as one batched matmul over gathered weights: a [blocks, D, F] copy of the weights,
-            larger than G x M x F on an H100 at M = 4096, D = 1024, F = 2048, G = 8 (aot_targets.md), so "auto"
-            does not pick it.
+            1.2 x G x M x F elements there, so "auto" does not pick it.
   megablox  (TPU) jax's Pallas grouped matmul (`jax.experimental.pallas.ops.tpu.megablox`: gmm forward and d(x),
             tgmm for d(W)), on the CPU in interpret mode (tests only: slow).
   ragged    `jax.lax.ragged_dot`. Never picked by "auto": on GPU (jax 0.10.2) its forward and gradient expand
