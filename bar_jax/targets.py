@@ -73,6 +73,9 @@ def get(name: str) -> Target:
     devs = tuple(jax.devices("cpu"))
     return Target(name, "cpu", devs, 80e9, "cpu (simulated; judged against an 80 GB device)")
   if name.startswith("tpu:"):
+    # Compile-only: several processes may hold libtpu at once (pytest workers, a table run beside a test); without
+    # this the second one fails on libtpu's lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     devs = tuple(topologies.get_topology_desc(topology_name=name[4:], platform="tpu").devices)
     kind = devs[0].device_kind
     if kind not in TPU_HBM:

@@ -1,6 +1,7 @@
 """Attention per backend (bar_jax/model/attention.py): splash attention in interpret mode on packed rows against a
 dense softmax written here (outputs and dq/dk/dv, grouped-query heads), inside the model against the xla path, and
 under shard_map on 8 simulated devices; "auto" picks per platform."""
+import importlib.util
 import types
 
 import jax
@@ -98,3 +99,27 @@ def test_auto_picks_the_kernel_per_platform(platform, seq, dtype, expected):
   mesh = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform=platform)]))
   assert attention.pick("auto", mesh, seq, dtype) == expected
   assert attention.pick("splash", mesh, seq, dtype) == "splash"   # named kernels are taken as named
+
+
+HAS_TPU = importlib.util.find_spec("libtpu") is not None
+
+
+@pytest.mark.skipif(not HAS_TPU, reason="libtpu not installed (requirements-tpu.txt: bash setup.sh tpu)")
+def test_tpu_splash_compiles_without_a_scores_array():
+  """One 4096-token row of 32 heads, forward + dq/dk/dv, compiled for one v5p chip: no array as large as the
+  [N, T, T] scores (the xla path's), whose compile here is the check that can fail."""
+  from bar_jax import sharding, targets
+  devs = targets.get("tpu:v5:2x2x2").devices[:1]
+  mesh = sharding.make_mesh((1, 1, 1, 1), devices=devs)
+  row = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  q = jax.ShapeDtypeStruct((1, 4096, 32, 128), jnp.bfloat16, sharding=row)
+  ids = jax.ShapeDtypeStruct((1, 4096), jnp.int32, sharding=row)
+
+  def largest(kind):
+    def loss(q, k, v, pos, seg):
+      return jnp.sum(attention.self_attention(q, k, v, pos, seg, kind, mesh).astype(jnp.float32))
+    c = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, q, q, ids, ids).compile()
+    return targets.largest_array(c.as_text())
+  scores = 32 * 4096 * 4096
+  assert largest("splash") < scores / 8
+  assert largest("xla") >= scores
