@@ -223,7 +223,7 @@ def kernel_rows(target: targets.Target) -> list[dict]:
 # The table.
 
 def _fmt_flops(f):
-  return "n/a" if f is None else f"{f / 1e12:.1f}"
+  return "n/a" if f is None else f"{f / 1e12:.3g}"
 
 
 def render(rows: list[dict], commands: list[str]) -> str:
@@ -256,6 +256,7 @@ def render(rows: list[dict], commands: list[str]) -> str:
     lines.append(f"| {r['target']} | {model} | {stage} | {remat} | {disp} | {attn} | {r['peak'] / GB:.2f} | "
                  f"{r['temp'] / GB:.2f} | {r['hbm'] / GB:.1f} | {'yes' if r['fits'] else '**NO**'} | "
                  f"{_fmt_flops(r['flops'])} | {r['compile_s']:.0f} |")
+  lines += _recommendations(steps)
   if kernels:
     s = KERNEL_SHAPE
     lines += ["", f"## The grouped matmul per target (bf16, M = {s['m']} sorted token copies, D = {s['k']}, "
@@ -279,6 +280,28 @@ def render(rows: list[dict], commands: list[str]) -> str:
                    f"{r['largest_temp_elems'] / 1e6:.1f} | {'yes' if r['largest_temp_elems'] < gmf else '**no**'} | "
                    f"{r['compile_s']:.0f} |")
   return "\n".join(lines) + "\n"
+
+
+def _recommendations(steps: list[dict]) -> list[str]:
+  """Per target, model and stage: the remat settings that fit, and the one to use (the first that fits of none,
+  dots, full: least recomputation first), over the stage's rows with the recipe's attention."""
+  fits: dict[tuple, dict[str, bool]] = {}
+  for r in steps:
+    model, stage, remat, disp, attn = r["key"].split("/")
+    if STAGES[stage].schedule == "decode":
+      continue
+    ok = "error" not in r and r["fits"]
+    cell = fits.setdefault((r["target"], model, stage, attn), {})
+    cell[remat] = cell.get(remat, False) or ok        # fits with some dispatch
+  if not fits:
+    return []
+  out = ["", "Remat per stage (a setting fits when some dispatch of it fits; use = the first that fits of none, "
+         "dots, full):", "", "| target | model | stage | attention | fits | use |", "|---|---|---|---|---|---|"]
+  for (target, model, stage, attn), cell in sorted(fits.items()):
+    use = next((m for m in ("none", "dots", "full") if cell.get(m)), "nothing measured fits")
+    listed = ", ".join(f"{m} {'yes' if cell[m] else 'no'}" for m in ("none", "dots", "full") if m in cell)
+    out.append(f"| {target} | {model} | {stage} | {attn} | {listed} | {use} |")
+  return out
 
 
 def main():
@@ -330,7 +353,7 @@ def main():
       continue
     r = run_case(case, target)
     mine[(r["target"], r["key"])] = r
-    print(render([r], []).splitlines()[-1], flush=True)
+    print(json.dumps({k: v for k, v in r.items() if k != "mesh"}), flush=True)
     save()  # after every row: a long run stopped half-way keeps what it compiled
   if not store:
     print(render(list(mine.values()), [command]))
