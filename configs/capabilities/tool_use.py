@@ -1,4 +1,5 @@
-"""Tool use: BFCL v4 single-call items (schemas in the system turn), scored and rewarded by BFCL's AST call match.
+"""Tool use: BFCL v4 single-call items (schemas in the system turn), scored by the teacher-forced greedy match of the
+canonical call and its NLL (one forward pass, no decoding: metric call_greedy), rewarded by BFCL's AST call match.
 Fields: configs/capabilities/template.py."""
 
 
@@ -8,6 +9,6 @@ def get_config():
       description="One function call, in Python syntax, from JSON schemas and a question",
       license="BFCL (bfcl-eval): Apache-2.0",
       data=dict(source="bfcl"),
-      metric=dict(name="call_match"),
+      metric=dict(name="call_greedy"),
       general=dict(weight=0.25, capability="general"),
   )

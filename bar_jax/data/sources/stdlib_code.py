@@ -40,17 +40,37 @@ def split_files(which: str, eval_pct: int, max_files: int = 0) -> list[tuple[str
   return [(p, t) for p, t in files(max_files)[0] if is_eval(t, eval_pct) == (which == "eval")]
 
 
+def _functions_with_qualnames(tree: ast.AST) -> list[tuple[ast.AST, str]]:
+  """(function node, qualified name as Python spells __qualname__: Class.method, outer.<locals>.inner) in ast.walk's
+  breadth-first order."""
+  names: dict[int, str] = {}
+  stack = [(tree, "")]
+  while stack:
+    node, prefix = stack.pop()
+    for child in ast.iter_child_nodes(node):
+      if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        qual = f"{prefix}{child.name}"
+        names[id(child)] = qual
+        inner = f"{qual}.<locals>." if not isinstance(child, ast.ClassDef) else f"{qual}."
+        stack.append((child, inner))
+      else:
+        stack.append((child, prefix))
+  return [(n, names[id(n)]) for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
 def functions_in(path: str, source: str, *, min_body_lines: int = 2, max_body_lines: int = 30) -> list[dict]:
-  """Documented functions of one file: {name, header (decorators + signature + docstring), body}, dedented."""
+  """Documented functions of one file: {name, file, header (decorators + signature + docstring), body}, dedented.
+
+  name is `path:qualname:line` (the line of the `def`), unique within a file: a bare `path:name` repeats for
+  methods of one name in several classes and for redefinitions (a property's getter and setter, a platform's two
+  versions of one function). file is the path, the cluster a bootstrap resamples by."""
   try:
     tree = ast.parse(source)
   except SyntaxError:
     return []  # a few stdlib files target other Python versions; their text still trains the LM
   lines = source.splitlines(keepends=True)
   out = []
-  for node in ast.walk(tree):
-    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-      continue
+  for node, qualname in _functions_with_qualnames(tree):
     doc = node.body[0] if node.body else None
     if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
       continue
@@ -65,7 +85,7 @@ def functions_in(path: str, source: str, *, min_body_lines: int = 2, max_body_li
     indent = len(lines[start]) - len(lines[start].lstrip())
     code_lines = [_unindent(l, indent) for l in lines[start:node.end_lineno]]
     n_header = doc.end_lineno - start
-    out.append({"name": f"{path}:{node.name}", "header": "".join(code_lines[:n_header]),
+    out.append({"name": f"{path}:{qualname}:{node.lineno}", "file": path, "header": "".join(code_lines[:n_header]),
                 "body": "".join(code_lines[n_header:]), "source": header + body})
   return out
 
