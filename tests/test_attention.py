@@ -123,3 +123,28 @@ def test_tpu_splash_compiles_without_a_scores_array():
   scores = 32 * 4096 * 4096
   assert largest("splash") < scores / 8
   assert largest("xla") >= scores
+
+
+HAS_GPU = importlib.util.find_spec("jax_plugins") is not None and \
+    importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="jax-cuda12-plugin not installed (requirements-gpu.txt: bash setup.sh gpu)")
+def test_h100_cudnn_rows_without_segments_compile_without_a_mask():
+  """cuDNN flash attention compiled for one H100, forward + dq/dk/dv on a 4096-token row of 8 heads: with no
+  segment ids it runs is_causal (no T x T array anywhere); packed rows still pass the dense mask as a bias."""
+  from bar_jax import sharding, targets
+  devs = targets.get("gpu:h100x8").devices[:1]
+  mesh = sharding.make_mesh((1, 1, 1, 1), devices=devs)
+  row = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  q = jax.ShapeDtypeStruct((1, 4096, 8, 128), jnp.bfloat16, sharding=row)
+  ids = jax.ShapeDtypeStruct((1, 4096), jnp.int32, sharding=row)
+
+  def largest(segments: bool):
+    def loss(q, k, v, pos, seg):
+      out = attention.self_attention(q, k, v, pos, seg if segments else None, "cudnn", mesh)
+      return jnp.sum(out.astype(jnp.float32))
+    c = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, q, q, ids, ids).compile()
+    return targets.largest_array(c.as_text())
+  assert largest(False) < 4096 * 4096
+  assert largest(True) >= 4096 * 4096     # the gap that is left: packed rows' [B, 1, T, T] bias
