@@ -159,8 +159,8 @@ def _greedy_domain(params, cfg, tokenizer, items, *, batch_size, seq_len, mesh,
   # Rows long enough for the longest conversation (tool-use prompts carry their JSON schemas: up to ~2,300 SmolLM2
   # tokens), at most the model's context; fewer rows per forward as they grow, so a forward holds about the tokens
   # of batch_size x seq_len.
-  longest = max((len(tokenizer.render_chat(c)[0]) for c in convs), default=0)
-  rows_len = min(max(seq_len, -(-longest // BUDGET_ROUND) * BUDGET_ROUND), cfg.max_seq_len)
+  longest = max((len(tokenizer.render_chat(c)[0]) - 1 for c in convs), default=0)  # a row's inputs: ids[:-1]
+  rows_len = seq_len if longest <= seq_len else min(-(-longest // BUDGET_ROUND) * BUDGET_ROUND, cfg.max_seq_len)
   batch_size = max(1, batch_size * seq_len // rows_len)
   seq_len = rows_len
   rows, kept, not_prefix = [], [], 0
