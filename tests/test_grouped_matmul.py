@@ -116,10 +116,12 @@ def test_dropless_megablox_matches_dense_with_an_empty_expert():
   assert float(jnp.abs(ref[1][1]["down"][2]).max()) > 0
 
 
-def test_megablox_under_shard_map_on_8_devices():
-  """dispatch.run as the MoE layer calls it, with 8 batch shards (check_vma off for megablox): each shard sorts
-  its own 8 tokens, and the replicated experts' gradients are summed over the shards."""
-  mesh = jax.make_mesh((8, 1, 1, 1), ("data", "fsdp", "expert", "tensor"), axis_types=AUTO)
+@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 2, 1, 2)])
+def test_megablox_under_shard_map_on_8_devices(shape):
+  """dispatch.run as the MoE layer calls it, over 8 devices (check_vma off for megablox): each batch shard sorts
+  its own tokens, and the replicated experts' gradients are summed over the batch shards, once (a tensor axis,
+  over which every shard's computation is repeated, must not multiply them)."""
+  mesh = jax.make_mesh(shape, ("data", "fsdp", "expert", "tensor"), axis_types=AUTO)
   x, weights, idx, experts = _layer(key=1)
   probe = jnp.sin(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape)
   ref = _value_and_grads(lambda x, e: _dense_reference(x, weights, e), x, experts, probe)
