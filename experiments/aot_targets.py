@@ -8,9 +8,9 @@ XLA's flops per device where it reports them, compile time.
   ../venv-accel/bin/python experiments/aot_targets.py --target=tpu:v5:2x2x2 --kernels --out=...   # dispatch ops
 
 TPU and GPU targets need the accelerator extras (requirements-tpu.txt, requirements-gpu.txt), installed in their
-own environment: `python -m venv ../venv-accel && PY=../venv-accel/bin/python bash setup.sh tpu gpu`. Targets:
-bar_jax/targets.py. Rows are kept in the --out file's JSON twin (aot_targets.json) by key, so runs for several
-targets build one table; a re-run replaces its own rows.
+own environment by `bash setup.sh tpu gpu` (../venv-accel). Targets: bar_jax/targets.py. Rows are kept in the
+--out file's JSON twin (aot_targets.json) by key, so runs for several targets build one table; a re-run replaces
+its own rows; `--render` rewrites the table from them.
 
 Nothing is allocated: parameters (fp32 masters), AdamW state and batch are ShapeDtypeStructs carrying the
 NamedShardings of the mesh the launch recipes use (experiments/launch/: fsdp = the 8 devices of a node or slice),
