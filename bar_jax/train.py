@@ -1,10 +1,11 @@
 """The CLI: python -m bar_jax.train --config=configs/X.py[:arg] --workdir=DIR [--config.a.b=value ...]
 
 Dispatches on config.stage to bar_jax/stages/<stage>.py, whose run(config, workdir) writes an artifact into workdir.
-Before any work: every setting is range-checked (bar_jax/guards.py) and the workdir is checked to be a writable
-directory with disk space (bar_jax/preflight.py). List-valued settings take comma lists
-(--config.domains=math,code). Bad input, a config file that fails to import and an operating-system failure (full
-disk, read-only folder) each print one line and exit 2. SIGTERM during training stops at the next step boundary
+Before any work: the config is read into its stage's typed schema (bar_jax/stage_configs.py: every setting typed and
+range-checked) and the workdir is checked to be a writable directory with disk space (bar_jax/preflight.py).
+List-valued settings take comma lists (--config.domains=math,code; --config.eval.domains= is the empty list). Bad
+input, a config file that fails to import and an operating-system failure (full disk, read-only folder) each print
+one line and exit 2. SIGTERM during training stops at the next step boundary
 with a checkpoint and one line, exit 75 (errors.PREEMPTED_EXIT); the same command resumes. A finished run prints a
 summary per artifact (steps, tokens, loss first -> last, seconds, tokens/s, fingerprint, size); the exact command
 line goes into every manifest written.
@@ -38,11 +39,10 @@ _LIST_OVERRIDES: list[tuple[str, list]] = []  # --config.KEY=a,b for list-valued
 def run(config, workdir: str, min_free_mb: float | None = None) -> str:
   """Programmatic entry point (experiments call this)."""
   import jax
-  from bar_jax import guards, preflight
-  from bar_jax.data import capability
-  # Settings first, then the disk: both before any parameter is read or any step runs.
-  guards.check_settings(config)
-  guards.check_lists(config, capability.BUILTIN)
+  from bar_jax import preflight, stage_configs
+  # Settings first (the stage's typed schema: types, ranges, lists), then the disk: both before any parameter is
+  # read or any step runs.
+  config = stage_configs.load(config)
   preflight.check_workdir(workdir, preflight.MIN_FREE_MB if min_free_mb is None else min_free_mb)
   if config.get("distributed", False):
     # TPU pods, SLURM, Open MPI and Kubernetes are detected by jax itself; anywhere else set JAX_COORDINATOR_ADDRESS
@@ -53,9 +53,7 @@ def run(config, workdir: str, min_free_mb: float | None = None) -> str:
     jax.distributed.initialize(**explicit)
   if config.get("compilation_cache", ""):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache))
-  stage = config.get("stage", None)
-  if not stage:
-    raise BarError("the config has no `stage`; set config.stage (e.g. 'train_lm', 'branch', 'merge')")
+  stage = config.stage
   try:
     module = importlib.import_module(f"bar_jax.stages.{stage}")
   except ModuleNotFoundError as e:

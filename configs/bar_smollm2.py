@@ -20,7 +20,7 @@ its checkpoint. `:quick` only demonstrates the plumbing
 (2 steps of 2 x 256 tokens per branch, 2 eval items per domain, rows base and bar; ~5 min from a fresh workdir on 2
 cores): its table shows no reliable gains.
 Knobs: --config.domains (which branches), --config.branch.arg=lora (adapter experts), --config.merge.rule=base,
---config.merge.compute.top_k=2, --config.router.enabled=False (skip router training).
+--config.merge.moe.top_k=2, --config.router.enabled=False (skip router training).
 """
 import ml_collections
 
@@ -53,7 +53,7 @@ def get_config(arg=None):
                   checkpoint_every=5, log_every=1),
   })
   # Merge: configs/merge.py overrides (rule average = base + N branches, as the recipe; top_k 0 = all experts).
-  c.merge = ml_collections.ConfigDict({"rule": "average", "compute": {"top_k": 0}})  # the knob the docstring names
+  c.merge = ml_collections.ConfigDict({"rule": "average", "moe": {"top_k": 0}})  # the knob the docstring names
   # Router: configs/router.py overrides; "auto" runs it when the router stage is installed.
   c.router = ml_collections.ConfigDict({"enabled": "auto", "arg": "", "overrides": ml_collections.ConfigDict({
       # remat + 2 micro-batches: the 5-expert MoE's router step was OOM-killed at 17 GB without them.

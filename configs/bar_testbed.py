@@ -60,7 +60,7 @@ def get_config(arg=None):
                   opt=dict(lr=1e-3 if lora else 5e-4, warmup_steps=5), checkpoint_every=10, log_every=5),
   })
   # Merge: configs/merge.py overrides (anchor + n experts, shared leaves averaged over base and branches; all on).
-  c.merge = ml_collections.ConfigDict({"rule": "average", "compute": {"top_k": 0}})
+  c.merge = ml_collections.ConfigDict({"rule": "average", "moe": {"top_k": 0}})
   # Router: configs/router.py overrides; "auto" runs it when the router stage is installed.
   c.router = ml_collections.ConfigDict({"enabled": "auto", "arg": "", "overrides": ml_collections.ConfigDict({
       "compute": dict(remat="none"),

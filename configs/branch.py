@@ -5,9 +5,10 @@
   python -m bar_jax.train --config=configs/branch.py:math,lora --workdir=runs/branch_math_lora   # adapter expert
   python -m bar_jax.train --config=configs/branch.py:math,tiny --workdir=/tmp/b                  # tests: seconds
 
-arg = "<domain>[,lora][,tiny]" with domain one of math, code, tool_use, safety; any other capability (a spec file,
-configs/capabilities/template.py): --config.capability=path/to/spec.py. Phases follow the paper: math and
-code mid-train then SFT; tool use and safety SFT only; `--config.phase_order=midtrain,sft,rl` adds GRPO (math).
+arg = "<domain>[,lora][,tiny]" with domain one of math, code, tool_use, safety, or a capability spec file
+(configs/capabilities/template.py; `configs/branch.py:path/to/spec.py`), which takes the defaults of no built-in:
+SFT only. Phases follow the paper: math and code mid-train then SFT; tool use and safety SFT only;
+`--config.phase_order=midtrain,sft,rl` adds GRPO (math).
 Trainable sets per phase are `schedule` (the paper's progressive unfreezing); the anchor (expert 0) never trains.
 Expected: the manifest's metrics show the domain metric above metrics_before, general NLL within ~5% of before.
 """
@@ -41,13 +42,15 @@ def rl_phase(domain: str, **kw):
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, positional=["domain"], choices={"domain": list(PHASES_BY_DOMAIN)}, domain="math", lora=False,
-                tiny=False)
+  a = parse_arg(arg, positional=["domain"], domain="math", lora=False, tiny=False)
   domain = a.domain
+  if domain not in PHASES_BY_DOMAIN and not domain.endswith(".py"):
+    raise ValueError(f"config argument domain={domain!r}: use one of {list(PHASES_BY_DOMAIN)} or a capability spec "
+                     "file (a path ending in .py)")
   c = ml_collections.ConfigDict()
   c.stage = "branch"
   c.base = "smollm2"
-  c.capability = domain        # a built-in name or a spec file: --config.capability=path/to/spec.py
+  c.capability = domain        # a built-in name or a spec file
   c.seed = 0
   c.mesh = mesh_config()
   c.keep_checkpoints = False  # True: keep phases/*/checkpoints after the artifact is written
@@ -70,7 +73,7 @@ def get_config(arg=None):
       "sft": phase("sft", 80, 8, 256, lr),
       "rl": rl_phase(domain, checkpoint_every=5),
   })
-  # domains "auto": the capability and its general set; or a comma-separated list of names / spec paths.
+  # domains "auto": the capability and its general set; "" = none; or a comma-separated list of names / spec paths.
   c.eval = ml_collections.ConfigDict(dict(domains="auto", n_per_domain=32, max_new_tokens=48,
                                           batch_size=16, before=True))
   if a.tiny:

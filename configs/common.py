@@ -63,7 +63,9 @@ def mesh_config(**sizes) -> ml_collections.ConfigDict:
 
 
 def compute_config(**kw) -> ml_collections.ConfigDict:
-  """Run-time ModelConfig knobs a config may override (applied to the loaded model; never part of a stage identity)."""
+  """How a run evaluates the model (bar_jax/model/config.py Compute: dtype, remat, attention, dispatch,
+  capacity_factor; a key left out takes Compute's value): run-time, never part of a stage identity. The MoE's
+  routing (top_k, norm_topk) is a config's `moe` section, which is."""
   d = {"dtype": "float32", "remat": "none", "attention": "xla"}
   d.update(kw)
   return ml_collections.ConfigDict(d)

@@ -21,8 +21,8 @@ def get_config(arg=None):
   a = parse_arg(arg, positional=["model"], model="smollm2")
   c = ml_collections.ConfigDict()
   c.stage = "evaluate"
-  c.model = a.model             # comma-separated artifact dirs, or "smollm2" (the packaged base GGUF)
-  c.domains = "all"             # or e.g. "math,tool_use"
+  c.model = a.model             # artifact dirs (comma-separated), or "smollm2" (the packaged base GGUF)
+  c.domains = "all"             # or e.g. "math,tool_use" (a list in the typed config)
   c.n_per_domain = 200          # held-out items per kind (safety: harmful and benign each), stratified
   c.max_new_tokens = 256        # upper limit of the answer budget (the 95th percentile of the domain's answers)
   # rows decoding at once (fewer for long prompts: model/generate.py CACHE_BYTES): decoding multiplies [batch, d]
@@ -32,7 +32,11 @@ def get_config(arg=None):
   c.max_prompt_tokens = 0       # 0: the 95th percentile of the domain's prompts; longer ones passed over and counted
   c.nll_seq_len = 512           # NLL rows (code bodies, prose passages, packed): longer ones truncated and counted
   c.nll_batch_rows = 4          # rows per NLL forward
-  c.compute = ml_collections.ConfigDict({"dtype": "float32"})  # compute knobs for ModelConfig
+  c.compute = ml_collections.ConfigDict({"dtype": "float32"})  # how the run computes (bar_jax/model/config.py Compute)
+  # The routing the models are evaluated with: None keeps each model's own; e.g. --config.moe.top_k=2 keeps the two
+  # largest router weights of every token (norm_topk: renormalise them).
+  c.moe = ml_collections.ConfigDict({"top_k": ml_collections.FieldReference(None, field_type=int),
+                                     "norm_topk": ml_collections.FieldReference(None, field_type=bool)})
   # Drift NLL (bar_jax/evals/drift.py): the base's own greedy replies to IFBench prompts, made once per base and
   # stored as drift_dir/drift_<base fingerprint>.json, scored on every model as the domain "drift". "" = off;
   # else the base (an artifact dir or "smollm2"). drift_dir "" = WORKDIR/../drift (shared by a pipeline's evals).

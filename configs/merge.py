@@ -21,13 +21,15 @@ def get_config(arg=None):
   parse_arg(arg)  # no variants
   c = ml_collections.ConfigDict()
   c.stage = "merge"
-  c.branches = ""               # comma-separated branch artifact dirs; expert i + 1 = branch i
+  c.branches = ""               # branch artifact dirs (a list, or comma-separated); expert i + 1 = branch i
   c.base = ""                   # the dense base artifact (needed by the 'average', 'base' and 'ties' rules)
   c.rule = "average"            # average (base + N) | average_branches (N only) | base | weighted | ties
-  c.weights = ""                # 'weighted': one non-negative weight per branch, comma-separated (normalised)
+  c.weights = ""                # 'weighted': one non-negative weight per branch, a list or comma-separated (normalised)
   c.ties_density = 0.2          # 'ties': share of each branch's delta kept (by magnitude, per leaf)
   c.ties_scale = 1.0            # 'ties': scale of the merged delta added to the base
-  c.compute = ml_collections.ConfigDict(dict(top_k=0, norm_topk=False))  # 0 = all experts (paper)
+  # The merged model's routing (written into its manifest): top_k 0 = every expert (the paper); norm_topk:
+  # renormalise the kept experts' weights.
+  c.moe = ml_collections.ConfigDict(dict(top_k=0, norm_topk=False))
   c.place_on_mesh = False       # True: shard the merged params on config.mesh (experts over the expert axis)
   c.mesh = mesh_config(data=1, expert=-1)
   return c

@@ -16,7 +16,7 @@ a routing summary; WORKDIR/routing.json and routing.png show per domain and laye
 """
 import ml_collections
 
-from configs.common import mesh_config, opt_defaults, parse_arg
+from configs.common import compute_config, mesh_config, opt_defaults, parse_arg
 
 
 def get_config(arg=None):
@@ -28,11 +28,11 @@ def get_config(arg=None):
   c.mesh = mesh_config()
   c.distributed = False
   c.keep_checkpoints = False    # True: keep the router phase's checkpoints after the artifact is written
-  # Compute knobs and routing for the trained (and written) model; top_k=0 = every expert runs (the paper).
-  c.compute = ml_collections.ConfigDict(dict(dtype="float32", remat="none", top_k=0, norm_topk=False,
-                                                     dispatch="dense"))
+  c.compute = compute_config(dispatch="dense")  # how the run computes (run-time)
+  # The routing the router trains under and the written model keeps: top_k=0 = every expert runs (the paper).
+  c.moe = ml_collections.ConfigDict(dict(top_k=0, norm_topk=False))
   c.router = ml_collections.ConfigDict(dict(
-      domains="",               # "" = the MoE's expert domains + general (general=True); or "math,code,general"
+      domains="",               # "" (empty) = the MoE's expert domains + general (general=True); or "math,code,general"
       general=True,
       fraction=0.05,            # stratified share of each domain's SFT conversations
       max_examples=0,           # cap per domain after sampling (0 = none)
@@ -51,7 +51,7 @@ def get_config(arg=None):
   ))
   # Routing diagnostics: per domain, max_rows packed rows of seq_len held-out tokens (0 rows = skip).
   c.routing = ml_collections.ConfigDict(dict(seq_len=256, max_rows=8, batch_size=8))
-  # Eval before and after: "auto" = the expert domains + general, "none", or "math,tool_use".
+  # Eval before and after: "auto" = the expert domains + general, "" = none, or "math,tool_use".
   c.eval = ml_collections.ConfigDict(dict(domains="auto", n_per_domain=16, max_new_tokens=48, batch_size=16,
                                           before=True))
   if tiny:
@@ -59,6 +59,6 @@ def get_config(arg=None):
                     checkpoint_every=2, log_every=1)
     c.router.opt.lr = 1e-2
     c.routing = ml_collections.ConfigDict(dict(seq_len=64, max_rows=2, batch_size=2))
-    c.eval = ml_collections.ConfigDict(dict(domains="none", n_per_domain=4, max_new_tokens=8, batch_size=4,
+    c.eval = ml_collections.ConfigDict(dict(domains="", n_per_domain=4, max_new_tokens=8, batch_size=4,
                                             before=False))
   return c

@@ -90,7 +90,7 @@ def _eval_step(pipeline, config, spec, domains, outdir, top_k=0):
   ec = pipeline.eval_config(config, spec)
   ec.domains = ",".join(domains)
   if top_k:
-    ec.compute.top_k = top_k
+    ec.moe.top_k = top_k
   return pipeline.Step(os.path.basename(outdir), "eval", outdir, ec, result_file="eval.json")
 
 
@@ -202,7 +202,7 @@ def main(argv=None):
   def upgrade_step(label, **kw):
     uc = pipeline.stage_config("upgrade", None, {"router": config.router.overrides.get("router", {}).to_dict()})
     uc.update(kw)
-    uc.eval.update(domains="none", before=False)
+    uc.eval.update(domains="", before=False)
     uc.routing.max_rows = 0
     return _run(pipeline.Step(label, "upgrade", os.path.join(wd, f"E{a.n}", label), uc), timings)
 

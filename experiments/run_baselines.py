@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 import numpy as np
 
+from bar_jax import stage_configs
 from bar_jax.errors import BarError
 from bar_jax.evals import report
 from bar_jax.io import workdir as workdir_lib
@@ -60,7 +61,7 @@ class Built:
   build: Callable[[dict[str, list[common.Model]]], tuple[Any, Any, str, dict]]
 
   def identity(self) -> dict:
-    d = dict(workdir_lib.strip_runtime(self.config.to_dict()),
+    d = dict(stage_configs.strip_runtime(self.config.to_dict()),
              inputs={role: [workdir_lib.input_fingerprint(x) for x in dirs] for role, dirs in self.inputs.items()})
     return json.loads(json.dumps(d, sort_keys=True, default=str))  # as a manifest stores it
 

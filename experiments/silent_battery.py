@@ -67,9 +67,9 @@ def main() -> None:
   row("setting: negative steps", TRAIN + lm + [f"--workdir={w}/a", "--config.phases.midtrain.steps=-3"], f"{w}/a")
   row("setting: negative lr", TRAIN + lm + [f"--workdir={w}/a", "--config.phases.midtrain.opt.lr=-1e-3"], f"{w}/a")
   row("setting: top_k > experts", TRAIN + ["--config=configs/merge.py", f"--config.branches={w}/b1,{w}/b2",
-                                           "--config.compute.top_k=9", f"--workdir={w}/moe"], f"{w}/moe")
+                                           "--config.moe.top_k=9", f"--workdir={w}/moe"], f"{w}/moe")
   row("setting: list on the command line", TRAIN + ["--config=configs/bar_smollm2.py:tiny", f"--workdir={w}/p",
-                                                    "--config.domains=math,code", "--config.merge.compute.top_k=4"],
+                                                    "--config.domains=math,code", "--config.merge.moe.top_k=4"],
       f"{w}/p")
   row("setting: duplicate domain", TRAIN + ["--config=configs/bar_smollm2.py:tiny", f"--workdir={w}/p",
                                             "--config.domains=math,math"], f"{w}/p")

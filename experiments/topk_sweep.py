@@ -4,7 +4,7 @@
   python experiments/topk_sweep.py --model=runs/moe_routed --domains=tool_use,safety,general --n_per_domain=16
 
 The BAR paper (arXiv 2604.18473): 4 of 5 experts ~ 5 of 5. Each k is the model override top_k (as
---config.compute.top_k would set it; the kept router probabilities are not renormalised, as in the paper's released
+--config.moe.top_k would set it; the kept router probabilities are not renormalised, as in the paper's released
 checkpoint, unless --norm_topk, which writes its own table, topk_sweep_<name>_norm.md). Settings
 are configs/evaluate.py's (sizes and budgets from the data) unless given, so the top_k = E row equals the evaluate
 stage's row of the same model. Each (k, domain) result is written to WORKDIR/k<k>/<domain>.json as it finishes and

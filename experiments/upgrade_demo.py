@@ -65,7 +65,7 @@ def main(argv=None):
     if not artifact.is_complete(out):
       uc = pipeline.stage_config("upgrade", config.router.get("arg") or None, config.router.overrides)
       uc.model, uc.branch, uc.router_update = routed, new_branch, update
-      uc.eval = type(uc)(dict(uc.eval.to_dict(), domains="none", before=False))  # evaluated below
+      uc.eval = type(uc)(dict(uc.eval.to_dict(), domains="", before=False))  # evaluated below
       train.run(uc, out)
     upgraded[update] = out
 

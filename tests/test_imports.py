@@ -139,8 +139,6 @@ def test_functional_core_does_no_io():
 KNOWN = {
     # data/capability.py builds each spec's metric from evals/menu.py; capability specs move above data/ and evals/.
     ("upward", "bar_jax.data.capability", "bar_jax.evals.menu"),
-    # INPUTS lists every stage's input keys; each stage is to declare its own.
-    ("stage_in_io", "bar_jax.io.workdir", "INPUTS"),
     # Tests that load an experiment by file path; each is to run it through its command line instead.
     ("test_imports_experiments", "tests/test_pipeline.py", "experiments/ledger.py"),
     ("test_imports_experiments", "tests/test_recipe.py", "experiments/routing_fix.py"),

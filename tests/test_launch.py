@@ -11,8 +11,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from bar_jax import guards, train
-from bar_jax.model.config import Compute, split_overrides
+from bar_jax import stage_configs, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "experiments", "launch")
@@ -87,9 +86,7 @@ def test_launch_command_matches_its_config(where, argv, monkeypatch):
   for a in others:  # the CLI's other flags
     name = a.lstrip("-").split("=", 1)[0]
     assert name in ("workdir", "checkpoint_fallback", "nocheckpoint_fallback", "min_free_mb"), f"{where}: {a}"
-  guards.check_settings(config)  # every setting in range
-  if "compute" in config:  # dtype, remat, attention, dispatch values a run accepts
-    Compute(**split_overrides({k: v for k, v in config.compute.to_dict().items() if v is not None})[1]).validate()
+  stage_configs.load(config)  # the stage's typed schema: every key known, typed and in range (Compute included)
 
 
 def test_an_unknown_key_is_caught():

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from bar_jax import stage_configs
 from bar_jax.errors import BarError
-from bar_jax.io import workdir
 from bar_jax.model.config import COMPUTE_KEYS
 from bar_jax.stages import pipeline
 from tests.run_helpers import one_device_env, walk_keys
@@ -108,7 +108,7 @@ def test_killed_pipeline_resumes_and_chains(tmp_path):
   # No manifest carries a run-time knob outside `model` (ModelConfig's own fields).
   for d in dirs + [merged_dir]:
     keys = set(walk_keys({k: v for k, v in _manifest(d).items() if k != "model"}))
-    assert not keys & workdir.RUNTIME_KEYS, (d, keys & workdir.RUNTIME_KEYS)
+    assert not keys & stage_configs.RUNTIME_KEYS, (d, keys & stage_configs.RUNTIME_KEYS)
 
   # Changed settings: the branches' remat (run-time) is reused, the merge rule is not: merged is redone after its
   # folder is moved aside, and so is every step that reads it; the stale folders are kept.

@@ -9,11 +9,10 @@ import sys
 import types
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
-from bar_jax import errors, guards, invocation, preflight, sharding, train
+from bar_jax import errors, guards, invocation, preflight, sharding, stage_configs, train
 from bar_jax.errors import BarError
 from bar_jax.io import artifact, checkpoint
 from bar_jax.model import config as config_lib, transformer
@@ -67,15 +66,19 @@ def test_sampling_knobs_and_top_k_against_the_experts(tmp_path):
   from configs import merge
   c = merge.get_config()
   c.branches = f"{tmp_path}/a,{tmp_path}/b"  # need not exist: the check comes first
-  c.compute.top_k = 9
+  c.moe.top_k = 9
   with pytest.raises(BarError, match="top_k=9 is more than the merged model's 3 experts"):
     train.run(c, str(tmp_path / "moe"))
-  with pytest.raises(BarError, match="top_p=2 is invalid"):
-    guards.check_settings(ml_collections.ConfigDict({"rl": {"top_p": 2, "temperature": 1.0}}))
-  with pytest.raises(BarError, match="temperature=-1 is invalid"):
-    guards.check_settings({"temperature": -1})
-  with pytest.raises(BarError, match="an integer"):
-    guards.check_settings({"steps": 2.5})
+  from configs import rl
+  for key, value, match in (("top_p", 2.0, r"config.rl.top_p=2.0 is invalid: it must be a number in \(0, 1\]"),
+                            ("temperature", -1.0, "config.rl.temperature=-1.0 is invalid"),
+                            ("steps", 2.5, "config.rl.steps=2.5 is invalid: it must be an integer")):
+    c = rl.get_config("math")
+    c.rl.unlock()
+    del c.rl[key]
+    c.rl[key] = value
+    with pytest.raises(BarError, match=match):
+      stage_configs.load(c)
 
 
 def test_pipeline_domains_are_checked_before_the_first_branch(tmp_path):
@@ -92,7 +95,7 @@ def test_list_settings_take_comma_lists_on_the_command_line(tmp_path):
   code, err = cli("--config=configs/bar_smollm2.py:tiny", f"--workdir={tmp_path}/p", "--config.domains=math,math")
   assert code == 2 and "config.domains lists math more than once" in one_line(err)
   code, err = cli("--config=configs/bar_smollm2.py:tiny", f"--workdir={tmp_path}/p", "--config.domains=math,code",
-                  "--config.merge.compute.top_k=4")  # two domains reached the config: anchor + 2 experts
+                  "--config.merge.moe.top_k=4")  # two domains reached the config: anchor + 2 experts
   assert code == 2 and "top_k=4 is more than the merged model's 3 experts" in one_line(err)
   from configs import branch
   argv, lists = train._list_overrides(["x", "--config.phase_order=midtrain,sft,rl", "--config.seed=3",

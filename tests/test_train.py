@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bar_jax import sharding, train
+from bar_jax import sharding, stage_configs, train
 from bar_jax.errors import BarError
 from bar_jax.io import artifact
 from bar_jax.model import config as config_lib, transformer
@@ -126,9 +126,8 @@ def test_kill_9_and_restart_resumes_bit_identical(tmp_path):
   # Finished: the checkpoints are gone (keep_checkpoints=False), the metrics stay; no run-time knob in the manifest
   # outside `model` (ModelConfig's own fields).
   assert not ckpts.exists()
-  from bar_jax.io import workdir
   manifest_keys = set(walk_keys({k: v for k, v in resumed.items() if k != "model"}))
-  assert not manifest_keys & workdir.RUNTIME_KEYS, manifest_keys & workdir.RUNTIME_KEYS
+  assert not manifest_keys & stage_configs.RUNTIME_KEYS, manifest_keys & stage_configs.RUNTIME_KEYS
 
   # The workdir contract through the CLI: a run-time knob reuses the artifact, anything else is one error line.
   cmd, env = _cli(tmp_path / "killed", *steps, "--config.compute.remat=full", env=one)

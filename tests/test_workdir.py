@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from bar_jax import stage_configs
 from bar_jax.errors import BarError
 from bar_jax.io import workdir
 from configs.common import parse_arg
@@ -19,7 +20,7 @@ STAGES = [
     ("rl", "math", {"rl.temperature": 0.7}, {"compute.remat": "dots"}, workdir.MANIFEST),
     ("router", "tiny", {"router.fraction": 0.1}, {"compute.dispatch": "dropless"}, workdir.MANIFEST),
     ("upgrade", "tiny", {"mode": "add"}, {"compute.dispatch": "dropless"}, workdir.MANIFEST),
-    ("merge", None, {"rule": "ties"}, {"compute.dispatch": "dropless"}, workdir.MANIFEST),
+    ("merge", None, {"rule": "ties"}, {"mesh.fsdp": 2}, workdir.MANIFEST),
     ("evaluate", None, {"n_per_domain": 3}, {"compute.dtype": "bfloat16"}, "eval.json"),
     ("export_hf", None, {"max_shard_gb": 1.0}, None, "bar_jax_export.json"),
     ("import_smollm2", None, {"name": "other"}, None, workdir.MANIFEST),
@@ -55,7 +56,7 @@ def test_every_stage_reuses_its_output_refuses_another_config(tmp_path, name, ar
   # A finished output as the stage writes it: its result file records its identity (the stage checks nothing else
   # before deciding, so a stand-in is enough; test_train and test_pipeline run the real thing).
   with open(os.path.join(wd, result_file), "w") as f:
-    json.dump({"identity": workdir.identity(config), "fingerprint": "f" * 64}, f)
+    json.dump({"identity": stage_configs.identity(config), "fingerprint": "f" * 64}, f)
   before = _snapshot(wd)
   assert stage.run(config, wd) == wd
   if compute:
@@ -92,15 +93,16 @@ def test_identity_drops_runtime_knobs_and_names_inputs_by_fingerprint(tmp_path):
   art.mkdir()
   (art / workdir.MANIFEST).write_text(json.dumps({"fingerprint": "abc"}))
   c = _config("router", "tiny", {"model": str(art)})
-  ident = workdir.identity(c)
+  ident = stage_configs.identity(c)
   assert ident["model"] == "abc"
   moved = shutil.copytree(art, tmp_path / "elsewhere")
-  assert workdir.identity(_config("router", "tiny", {"model": str(moved), "router.checkpoint_every": 1,
+  assert stage_configs.identity(_config("router", "tiny", {"model": str(moved), "router.checkpoint_every": 1,
                                                      "mesh.fsdp": 2, "compute.remat": "full"})) == ident
   flat = json.dumps(ident)
-  for key in workdir.RUNTIME_KEYS:
+  for key in stage_configs.RUNTIME_KEYS:
     assert f'"{key}"' not in flat
-  assert ident["compute"] == {"top_k": 0, "norm_topk": False}  # routing is part of the function, kept
+  assert "compute" not in ident  # how the run computes: run-time as a whole
+  assert ident["moe"] == {"top_k": 0, "norm_topk": False}  # routing is part of the function, kept
 
 
 def test_set_aside_keeps_every_stale_copy(tmp_path):

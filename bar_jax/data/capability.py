@@ -574,10 +574,11 @@ def get(ref: str) -> Capability:
 
 
 def resolve(refs: Sequence[str] | str) -> list[Capability]:
-  """Capabilities from a list or a comma-separated string of names or spec paths ('all' = the built-ins and the
-  built-in evaluation sets)."""
+  """Capabilities from a list of names or spec paths ('all' = the built-ins and the built-in evaluation sets). Stage
+  configs hand over typed lists; a comma-separated string is still read for library callers."""
   if isinstance(refs, str):
-    refs = list(EVALUATED) if refs.strip() == "all" else [r.strip() for r in refs.split(",") if r.strip()]
+    refs = [r.strip() for r in refs.split(",") if r.strip()]
+  refs = [r for ref in refs for r in (EVALUATED if ref == "all" else [ref])]
   return [get(r) for r in refs]
 
 

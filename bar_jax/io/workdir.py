@@ -1,10 +1,10 @@
 """The workdir contract: a stage's WORKDIR belongs to one stage identity, and every stage checks it the same way.
 
-A stage identity is the stage's resolved config without its run-time knobs (RUNTIME_KEYS: precision, remat, the
-attention kernel, MoE dispatch, the mesh, multi-host start-up, checkpoint and logging cadence), with each input
-(INPUTS) named by the fingerprint of the artifact it points at instead of by its path. It is written into the
-stage's finished output (manifest.json's "identity", or the result file of a stage that writes no artifact) and,
-from the moment a stage starts training, into WORKDIR/identity.json beside its checkpoints.
+A stage identity is the canonical form of the stage's typed config (bar_jax/stage_configs.py: without its run-time
+knobs, each input artifact named by its fingerprint instead of by its path; input_fingerprint below). It is written
+into the stage's finished output (manifest.json's "identity", or the result file of a stage that writes no
+artifact) and, from the moment a stage starts training, into WORKDIR/identity.json beside its checkpoints. A
+recorded identity is compared after `migrate` (passed by the caller) has read it in today's form.
 
 What a stage finds in WORKDIR decides what it does; the first rule that applies wins:
   1. A finished output (result_file present, e.g. manifest.json):
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 
@@ -35,40 +35,14 @@ IDENTITY_FILE = "identity.json"
 MANIFEST = "manifest.json"
 FINISHED, RESUME, FRESH = "finished", "resume", "fresh"
 
-# Keys that change how a result is computed or stored, never which result: dropped from the identity at any depth.
-RUNTIME_KEYS = frozenset({"dtype", "remat", "attention", "dispatch", "mesh", "distributed", "compilation_cache",
-                          "place_on_mesh", "checkpoint_every", "log_every", "keep_checkpoints", "self_contained",
-                          "drift_dir"})
-# Per stage: the config keys that name input artifacts (directories, comma lists, or packaged names).
-INPUTS = {"train_lm": ("base",), "branch": ("base", "expert_init"), "rl": ("model",), "router": ("model",),
-          "upgrade": ("model", "branch"), "merge": ("branches", "base"), "evaluate": ("model", "drift_base"),
-          "export_hf": ("model",), "import_base": (), "base": ("base",)}
 PACKAGED = ("smollm2", "tiny")  # model names load_model resolves without a directory
 
 
-def strip_runtime(d: Any) -> Any:
-  """d without RUNTIME_KEYS at any depth (sections left empty by that are dropped too)."""
-  if isinstance(d, Mapping):
-    out = {}
-    for k, v in d.items():
-      if k in RUNTIME_KEYS:
-        continue
-      v = strip_runtime(v)
-      if isinstance(v, dict) and not v and isinstance(d[k], Mapping) and d[k]:
-        continue
-      out[k] = v
-    return out
-  if isinstance(d, (list, tuple)):
-    return [strip_runtime(v) for v in d]
-  return d
-
-
 def input_fingerprint(spec: Any) -> Any:
-  """An input as the identity names it: an artifact dir -> its fingerprint; a comma list -> a list; a packaged name
+  """An input as an identity names it: an artifact dir -> its fingerprint; a list -> a list; a packaged name
   stands for itself; anything else stays as given (the stage's loader then says what is wrong with it)."""
-  if isinstance(spec, (list, tuple)) or (isinstance(spec, str) and "," in spec):
-    items = spec if isinstance(spec, (list, tuple)) else spec.split(",")
-    return [input_fingerprint(s.strip()) for s in items if str(s).strip()]
+  if isinstance(spec, (list, tuple)):
+    return [input_fingerprint(s) for s in spec]
   spec = str(spec or "")
   if not spec or spec.split(":")[0] in PACKAGED:
     return spec
@@ -77,18 +51,6 @@ def input_fingerprint(spec: Any) -> Any:
       return json.load(f).get("fingerprint", spec)
   except (OSError, ValueError):
     return spec
-
-
-def identity(config) -> dict[str, Any]:
-  """The stage identity of a stage config (a ConfigDict or dict with `stage`): see the module docstring."""
-  d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  stage = d.get("stage")
-  if stage not in INPUTS:
-    raise BarError(f"stage {stage!r} has no entry in bar_jax/io/workdir.py INPUTS; add its input keys there")
-  for key in INPUTS[stage]:
-    if key in d:
-      d[key] = input_fingerprint(d[key])
-  return _normal(strip_runtime(d))
 
 
 def _normal(d: Any) -> Any:
@@ -132,9 +94,23 @@ def recorded(workdir: str, result_file: str = MANIFEST) -> tuple[str | None, dic
   return None, None
 
 
-def resolve(workdir: str, ident: Mapping, result_file: str = MANIFEST) -> str:
-  """FINISHED, RESUME or FRESH for a stage of identity `ident` in WORKDIR, or one BarError line. Writes nothing."""
+def _migrated(found: Any, migrate: Callable[[Any], Any] | None, workdir: str) -> Any:
+  if migrate is None or found is None:
+    return found
+  try:
+    return migrate(found)
+  except BarError as e:
+    raise BarError(f"{workdir}: {e}") from None
+
+
+def resolve(workdir: str, ident: Mapping, result_file: str = MANIFEST, *,
+            migrate: Callable[[Any], Any] | None = None) -> str:
+  """FINISHED, RESUME or FRESH for a stage of identity `ident` in WORKDIR, or one BarError line. Writes nothing.
+
+  migrate: applied to the recorded identity before the comparison (identities stored by older code, read in
+  today's form: bar_jax/stage_configs.py migrate_identity)."""
   state, found = recorded(workdir, result_file)
+  found = _migrated(found, migrate, workdir)
   stage = ident.get("stage", "stage")
   if state is not None:
     what = "finished output" if state == FINISHED else "started run (checkpoints)"
@@ -161,9 +137,10 @@ def start(workdir: str, ident: Mapping) -> None:
                       json.dumps({"identity": _normal(dict(ident))}, indent=1, sort_keys=True))
 
 
-def claim_checkpoints(directory: str, ident: Mapping) -> None:
+def claim_checkpoints(directory: str, ident: Mapping, *, migrate: Callable[[Any], Any] | None = None) -> None:
   """A training loop's checkpoint folder: same identity -> resume, none yet -> claimed, another -> one BarError line."""
   state, found = recorded(directory, result_file=IDENTITY_FILE)
+  found = _migrated(found, migrate, directory)
   if state is not None and found != _normal(dict(ident)):
     raise BarError(f"workdir {directory} holds a checkpoint of another run ({differences(found or {}, ident)}); "
                    "use a fresh --workdir or the original config")

@@ -19,6 +19,7 @@ import os
 import jax
 import ml_collections
 
+from bar_jax import stage_configs
 from bar_jax.errors import BarError
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.stages import common, rollouts
@@ -52,13 +53,11 @@ def phase_configs(config) -> dict[str, ml_collections.ConfigDict]:
 
 
 def run(config, workdir: str) -> str:
-  identity = workdir_lib.identity(config)
-  if workdir_lib.resolve(workdir, identity) == workdir_lib.FINISHED:
+  config, identity, state = stage_configs.begin(config, workdir)
+  if state == workdir_lib.FINISHED:
     return workdir
   from bar_jax.data import capability
   cap = capability.get(config.capability)  # unknown name, bad spec or bad data -> one line, before any work
-  if config.expert_kind not in ("ffn", "lora"):
-    raise BarError(f"expert_kind={config.expert_kind!r}: use 'ffn' (full FFN copy) or 'lora' (adapter)")
   phases = phase_configs(config)
 
   base = common.load_model(config.base)
@@ -74,8 +73,8 @@ def run(config, workdir: str) -> str:
   mesh = common.mesh_from(config)
   workdir_lib.start(workdir, identity)
 
-  eval_domains = config.eval.domains
-  if eval_domains == "auto":
+  eval_domains = list(config.eval.domains)
+  if eval_domains == ["auto"]:
     eval_domains = list(dict.fromkeys([cap.name, capability.get(cap.general[1]).name]))
   metrics_before = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute, eval_domains) \
       if config.eval.before else {}

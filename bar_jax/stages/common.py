@@ -7,13 +7,13 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
-from bar_jax import sharding
+from bar_jax import sharding, stage_configs
 from bar_jax.errors import BarError
 from bar_jax.io import artifact
 from bar_jax.io import workdir as workdir_lib
@@ -61,16 +61,24 @@ def load_model(spec: str, *, verify: bool = True) -> Model:
   return Model(art.manifest.get("name", os.path.basename(spec)), art.cfg, art.params, art.tokenizer, art.manifest)
 
 
-def model_overrides(cfg: ModelConfig, overrides: ml_collections.ConfigDict | dict) -> tuple[ModelConfig, Compute]:
-  """config.compute applied to a loaded model: (cfg with its routing overrides such as top_k, the run's Compute:
-  dtype, remat, attention, dispatch, capacity_factor). Only the first is ever written into a manifest."""
-  d = dict(overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
-  arch, compute = split_overrides({k: v for k, v in d.items() if v is not None})
+def model_overrides(cfg: ModelConfig, compute: Compute | Mapping, moe: Any = None) -> tuple[ModelConfig, Compute]:
+  """A typed config's `compute` and `moe` applied to a loaded model: (cfg with the routing of `moe` (top_k,
+  norm_topk; a None field keeps the model's own), the run's Compute). Only the first is ever written into a
+  manifest. A plain mapping for `compute` (experiments' older calls) may still carry the routing keys."""
+  arch = {}
+  if not isinstance(compute, Compute):
+    d = dict(compute.to_dict() if hasattr(compute, "to_dict") else compute)
+    arch, rest = split_overrides({k: v for k, v in d.items() if v is not None})
+    try:
+      compute = Compute(**rest)
+    except TypeError as e:
+      raise BarError(f"config.compute has a key Compute does not know ({e}); see bar_jax/model/config.py") from None
+  if moe is not None:
+    arch.update({k: v for k, v in (moe.to_dict() if hasattr(moe, "to_dict") else dict(moe)).items()
+                 if v is not None})
   try:
-    return cfg.replace(**arch).validate(), Compute(**compute).validate()
-  except TypeError as e:
-    raise BarError(f"config.compute has a key ModelConfig does not know ({e}); see bar_jax/model/config.py") from None
-  except ValueError as e:
+    return cfg.replace(**arch).validate(), compute.validate()
+  except (TypeError, ValueError) as e:
     raise BarError(str(e)) from None
 
 
@@ -134,7 +142,7 @@ def train_phase(*, name: str, model: Model, cfg: ModelConfig, params: Any, phase
       "trainable": patterns, "frozen_experts": list(frozen_experts), "seconds": round(result.seconds, 1),
       "loss_first": result.history[0]["loss"] if result.history else None,
       "loss_last": result.history[-1]["loss"] if result.history else None,
-      "config": workdir_lib.strip_runtime(phase.to_dict()),
+      "config": stage_configs.strip_runtime(phase.to_dict()),
   }
   return result.params, record
 
@@ -167,10 +175,10 @@ def done(workdir: str) -> bool:
 
 def evaluate(config, cfg: ModelConfig, params: Any, tokenizer, mesh, compute: Compute = Compute(),
              domains=None) -> dict:
-  """The capability metrics of config.eval (empty when eval.domains is empty), for the manifest; `domains` (names or
-  spec paths) overrides eval.domains."""
+  """The capability metrics of config.eval (empty when eval.domains is the empty list), for the manifest; `domains`
+  (names or spec paths) overrides eval.domains."""
   ev = config.eval
-  domains = ev.domains if domains is None else domains
+  domains = list(ev.domains if domains is None else domains)
   if not domains:
     return {}
   from bar_jax import evals

@@ -11,6 +11,7 @@ import json
 import os
 import time
 
+from bar_jax import stage_configs
 from bar_jax.errors import BarError
 from bar_jax.evals import protocol
 from bar_jax.io import workdir as workdir_lib
@@ -20,12 +21,10 @@ from bar_jax.stages import common
 def run(config, workdir: str) -> str:
   from bar_jax import evals
   from bar_jax.data import capability
-  identity = workdir_lib.identity(config)
-  if workdir_lib.resolve(workdir, identity, result_file=common.EVAL_JSON) == workdir_lib.FINISHED:
+  config, identity, state = stage_configs.begin(config, workdir, common.EVAL_JSON)
+  if state == workdir_lib.FINISHED:
     return workdir
-  specs = [s.strip() for s in str(config.model).split(",") if s.strip()]
-  if not specs:
-    raise BarError("config.model is empty: pass --config.model=DIR[,DIR2,...] or --config.model=smollm2")
+  specs = list(config.model)
   capability.resolve(config.domains)  # unknown names or bad specs fail before any model is loaded
   if int(config.get("protocol", 0)) != protocol.VERSION:
     raise BarError(f"config.protocol={config.get('protocol')} but this bar_jax evaluates protocol "
@@ -36,7 +35,7 @@ def run(config, workdir: str) -> str:
   for spec in specs:
     t0 = time.time()
     model = common.load_model(spec)
-    cfg, compute = common.model_overrides(model.cfg, config.compute)
+    cfg, compute = common.model_overrides(model.cfg, config.compute, config.moe)
     report = evals.evaluate_model(model.params, cfg, model.tokenizer, config.domains,
                                   n_per_domain=config.n_per_domain, max_new_tokens=config.max_new_tokens,
                                   batch_size=config.batch_size, max_prompt_tokens=config.max_prompt_tokens,

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import os
 
+from bar_jax import stage_configs
 from bar_jax.errors import BarError
 from bar_jax.io import artifact, hf
 from bar_jax.io import workdir as workdir_lib
 
 
 def run(config, workdir: str) -> str:
-  identity = workdir_lib.identity(config)
-  if workdir_lib.resolve(workdir, identity, result_file=hf.PROVENANCE_FILE) == workdir_lib.FINISHED:
+  config, identity, state = stage_configs.begin(config, workdir, hf.PROVENANCE_FILE)
+  if state == workdir_lib.FINISHED:
     return workdir
   source = config.model
   if not source:

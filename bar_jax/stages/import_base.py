@@ -14,6 +14,7 @@ import os
 import jax
 import numpy as np
 
+from bar_jax import stage_configs
 from bar_jax.errors import BarError
 from bar_jax.io import artifact, gguf
 from bar_jax.io import workdir as workdir_lib
@@ -39,8 +40,8 @@ def load_source(source: str):
 
 
 def run(config, workdir: str) -> str:
-  identity = workdir_lib.identity(config)
-  if workdir_lib.resolve(workdir, identity) == workdir_lib.FINISHED:
+  config, identity, state = stage_configs.begin(config, workdir)
+  if state == workdir_lib.FINISHED:
     return workdir
   cfg, params, tok, provenance = load_source(config.source)
   params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)

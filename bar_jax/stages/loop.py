@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bar_jax import guards, optim, pytree, sharding
+from bar_jax import guards, optim, pytree, sharding, stage_configs
 from bar_jax.errors import Preempted
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.io.checkpoint import Checkpointer
@@ -160,7 +160,7 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
   exactly. updates_per_step: optimiser updates per step (RL: epochs x minibatches), for the schedule's length.
   Built-in hooks: metrics.jsonl + TensorBoard (process 0) and a progress bar; `hooks` come after them.
   """
-  workdir_lib.claim_checkpoints(workdir, identity)
+  workdir_lib.claim_checkpoints(workdir, identity, migrate=stage_configs.migrate_identity)
   source = batches if hasattr(batches, "updates") else IteratorSource(batches, data_iter)
   tx, sched = optim.adamw(opt, steps * updates_per_step)
   trainable, frozen, opt_state = init_state(params, cfg, part, tx, mesh)

@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-from bar_jax import sharding
+from bar_jax import sharding, stage_configs
 from bar_jax.data.tokenizer import Tokenizer
 from bar_jax.errors import BarError
 from bar_jax.io import artifact
@@ -25,12 +25,6 @@ from bar_jax.io import workdir as workdir_lib
 from bar_jax.model import transformer
 from bar_jax.model.config import ModelConfig
 from bar_jax.transforms import merge as merge_lib
-
-
-def _split(value) -> list[str]:
-  if isinstance(value, str):
-    return [v.strip() for v in value.split(",") if v.strip()]
-  return [str(v) for v in (value or [])]
 
 
 def check_branches(dirs: list[str]) -> tuple[list[dict[str, Any]], list[ModelConfig]]:
@@ -64,10 +58,10 @@ def check_branches(dirs: list[str]) -> tuple[list[dict[str, Any]], list[ModelCon
 
 
 def run(config, workdir: str) -> str:
-  identity = workdir_lib.identity(config)
-  if workdir_lib.resolve(workdir, identity) == workdir_lib.FINISHED:
+  config, identity, state = stage_configs.begin(config, workdir)
+  if state == workdir_lib.FINISHED:
     return workdir
-  dirs = _split(config.branches)
+  dirs = list(config.branches)
   if not dirs:
     raise BarError("no branches to merge: pass --config.branches=DIR1,DIR2,...")
   manifests, cfgs = check_branches(dirs)
@@ -90,11 +84,10 @@ def run(config, workdir: str) -> str:
       raise BarError(f"config.base {config.base} has fingerprint {str(base_manifest.get('fingerprint'))[:12]}, not "
                      f"the branches' base {manifests[0]['base_fingerprint'][:12]}: pass the base they were made from")
     base_params = artifact.open_params(config.base, verify=True)
-  weights = [float(w) for w in _split(config.weights)] or None
-  compute = config.compute
+  weights = list(config.weights) or None
   params, cfg = merge_lib.merge(base_params, branch_params, cfgs, rule=config.rule, weights=weights,
                                 ties_density=config.ties_density, ties_scale=config.ties_scale,
-                                top_k=compute.top_k, norm_topk=compute.norm_topk)
+                                top_k=config.moe.top_k, norm_topk=config.moe.norm_topk)
   if config.place_on_mesh:
     mesh = sharding.make_mesh(config.mesh.to_dict())
     params = jax.device_put(params, transformer.param_shardings(cfg, mesh, params))

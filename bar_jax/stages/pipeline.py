@@ -26,6 +26,7 @@ from typing import Any
 
 import ml_collections
 
+from bar_jax import schema, stage_configs
 from bar_jax.errors import BarError
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.model.config import ModelConfig
@@ -111,15 +112,16 @@ class Step:
 
   def identity(self) -> dict:
     """Computed when asked: a step's inputs are the outputs of the steps before it."""
-    return workdir_lib.identity(self.config)
+    return stage_configs.identity(self.config)
 
   def done(self) -> bool:
-    state, found = workdir_lib.recorded(self.outdir, self.result_file)
+    """A finished output whose identity (migrated when older code stored it) is this step's."""
+    state, found = stage_configs.recorded(self.outdir, self.result_file)
     return state == workdir_lib.FINISHED and found == self.identity()
 
   def run(self) -> str:
     """Runs the step's stage; a folder of another identity (or of none) is moved aside first, never deleted."""
-    _, found = workdir_lib.recorded(self.outdir, self.result_file)
+    _, found = stage_configs.recorded(self.outdir, self.result_file)
     if os.path.isdir(self.outdir) and os.listdir(self.outdir) and found != self.identity():
       stale = workdir_lib.set_aside(self.outdir)
       print(f"[pipeline] {self.outdir} was made with another config or other inputs; moved it to {stale} and "
@@ -145,10 +147,8 @@ def _phase_budget(config) -> tuple[int, int]:
 
 
 def branch_config(config, domain: str, base_dir: str) -> ml_collections.ConfigDict:
-  from bar_jax.data import capability
-  # A spec file takes the branch config's defaults (the arg names built-ins only) and is then set as the capability.
-  arg = ",".join([domain if domain in capability.BUILTIN else "math"] +
-                 [f for f in str(config.branch.arg).split(",") if f])
+  # configs/branch.py:<domain>[,flags]: a built-in's own defaults, a spec file's the generic ones (SFT only).
+  arg = ",".join(x for x in (domain, config.branch.arg) if x)
   bc = stage_config("branch", arg, config.branch.overrides)
   bc.capability = domain
   bc.base = base_dir
@@ -162,16 +162,19 @@ def branch_config(config, domain: str, base_dir: str) -> ml_collections.ConfigDi
 def router_config(config, merged_dir: str) -> ml_collections.ConfigDict:
   rc = stage_config("router", config.router.arg or None, config.router.overrides)
   rc.model = merged_dir
-  rc.eval = ml_collections.ConfigDict(dict(rc.eval.to_dict(), domains="none", before=False))  # the pipeline evaluates
+  rc.eval = ml_collections.ConfigDict(dict(rc.eval.to_dict(), domains=[], before=False))  # the pipeline evaluates
   return rc
 
 
 def eval_config(config, model_spec: str) -> ml_collections.ConfigDict:
-  return stage_config("evaluate", None, dict(config.eval.to_dict(), model=model_spec))
+  return stage_config("evaluate", None, dict(schema.plain(config.eval), model=model_spec))
 
 
 def plan(config, workdir: str) -> list[Step]:
+  """Every step of the pipeline config, each step's config read into its typed schema (so a bad setting anywhere
+  stops here, before any step runs)."""
   from bar_jax.stages import common
+  config = stage_configs.load(config)
   base_dir = os.path.join(workdir, "base")
   steps = [Step("base", "base", base_dir, ml_collections.ConfigDict({"stage": "base", "base": config.base}))]
   branch_dirs = []
@@ -197,6 +200,8 @@ def plan(config, workdir: str) -> list[Step]:
   for label, spec in eval_models(config, workdir, branch_dirs, merged, final):
     steps.append(Step(f"eval/{label}", "eval", os.path.join(workdir, "eval", label), eval_config(config, spec),
                       result_file=common.EVAL_JSON))
+  for step in steps:
+    step.config = stage_configs.load(step.config)
   return steps
 
 
@@ -222,10 +227,7 @@ def check_same_settings(rows) -> None:
 
 def router_enabled(config) -> bool:
   """config.router.enabled: True | False | "auto" (run it when bar_jax/stages/router.py and its config exist)."""
-  flag = config.router.enabled
-  if isinstance(flag, str):  # the field defaults to "auto", so the command line passes strings ("False")
-    flag = {"false": False, "0": False, "no": False, "": False, "true": True, "1": True, "yes": True}.get(
-        flag.strip().lower(), flag)
+  flag = stage_configs.load(config).router.enabled  # typed: the command line's "False" is False
   if flag == "auto":
     return stage_available("router")
   if flag and not stage_available("router"):
@@ -249,8 +251,8 @@ def eval_models(config, workdir: str, branch_dirs: list[str], merged: str, final
 def _write_base(config, outdir: str) -> str:
   """The dense base as an artifact in the workdir, so every branch (and the `base`/`ties` merge rules) reads it."""
   from bar_jax.stages import common
-  identity = workdir_lib.identity(config)
-  if workdir_lib.resolve(outdir, identity) == workdir_lib.FINISHED:
+  config, identity, state = stage_configs.begin(config, outdir)
+  if state == workdir_lib.FINISHED:
     return outdir
   base = common.load_model(config.base)
   if base.cfg.ffn != "dense":
@@ -413,6 +415,7 @@ def compilation_cache(config, workdir: str) -> None:
 
 
 def run(config, workdir: str) -> str:
+  config = stage_configs.load(config)
   if not config.domains:
     raise BarError("config.domains is empty: list the domains to branch, e.g. math,code,tool_use,safety")
   os.makedirs(workdir, exist_ok=True)

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import os
 
+from bar_jax import stage_configs
 from bar_jax.errors import BarError
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.stages import common, rollouts
 
 
 def run(config, workdir: str) -> str:
-  identity = workdir_lib.identity(config)
-  if workdir_lib.resolve(workdir, identity) == workdir_lib.FINISHED:
+  config, identity, state = stage_configs.begin(config, workdir)
+  if state == workdir_lib.FINISHED:
     return workdir
   if not config.model:
     raise BarError("rl needs an input branch: pass --config.model=BRANCH_DIR (an artifact written by the branch stage)")

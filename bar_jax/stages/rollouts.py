@@ -29,10 +29,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from bar_jax import sharding
+from bar_jax import sharding, stage_configs
 from bar_jax.errors import BarError
 from bar_jax.evals import verifiers
-from bar_jax.io import workdir
 from bar_jax.model import generate as gen
 from bar_jax.model import transformer
 from bar_jax.model.config import Compute, ModelConfig
@@ -235,7 +234,7 @@ def _record(config, cfg: ModelConfig, task: Task, n_trainable: int, history: lis
       "seconds": round(seconds, 1),
       "sec_per_step": float(np.mean([h["step_time"] for h in history])) if history else None,
       "gen_tokens_per_s": float(np.mean([h["gen_tokens_per_s"] for h in history])) if history else None,
-      "config": workdir.strip_runtime(config.to_dict()),
+      "config": stage_configs.strip_runtime(config.to_dict()),
   }
 
 

@@ -14,17 +14,18 @@ workdir contract (bar_jax/io/workdir.py).
 """
 from __future__ import annotations
 
+from bar_jax import stage_configs
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.stages import common
 from bar_jax.stages import router_training as rt
 
 
 def run(config, workdir: str) -> str:
-  identity = workdir_lib.identity(config)
-  if workdir_lib.resolve(workdir, identity) == workdir_lib.FINISHED:
+  config, identity, state = stage_configs.begin(config, workdir)
+  if state == workdir_lib.FINISHED:
     return workdir
   model = rt.load_moe(config.model)
-  cfg, compute = common.model_overrides(model.cfg, config.compute)
+  cfg, compute = common.model_overrides(model.cfg, config.compute, config.moe)
   experts = list(model.manifest.get("experts") or [f"expert{e}" for e in range(cfg.n_experts)])
   rc = config.router
   rt.load_capabilities(model.manifest, rt.expert_domains(model.manifest))  # a missing spec: one line, before work

@@ -54,7 +54,7 @@ def load_capabilities(manifest: Mapping[str, Any], names: Sequence[str], *, skip
 def data_domains(rc: ml_collections.ConfigDict, manifest: Mapping[str, Any]) -> list[str]:
   """router.domains ("" = every expert's capability plus general), each found through the manifest's capability
   records (or as a built-in name / spec path)."""
-  names = [d.strip() for d in str(rc.domains).split(",") if d.strip()]
+  names = list(rc.domains)
   if not names:
     names = expert_domains(manifest) + ([GENERAL] if rc.general else [])
   return load_capabilities(manifest, names)[0]
@@ -181,12 +181,11 @@ def check_only_router_changed(before, after, cfg, allowed_experts: Sequence[int]
 
 
 def eval_domains(config, experts: Sequence[str]) -> list[str]:
-  spec = str(config.eval.domains or "none")
-  if spec == "none":
-    return []
-  if spec == "auto":
+  """config.eval.domains (a typed list: [] = none, ["auto"] = the experts' domains + general)."""
+  domains = list(config.eval.domains)
+  if domains == ["auto"]:
     return list(dict.fromkeys(list(experts) + [GENERAL]))
-  return [d.strip() for d in spec.split(",") if d.strip()]
+  return domains
 
 
 def evaluate(config, cfg, params, tokenizer, mesh, experts: Sequence[str], compute: Compute = Compute()) -> dict:

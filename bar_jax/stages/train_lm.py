@@ -5,14 +5,15 @@ contract (bar_jax/io/workdir.py): the same config returns the finished artifact 
 """
 from __future__ import annotations
 
+from bar_jax import stage_configs
 from bar_jax.errors import BarError
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.stages import common
 
 
 def run(config, workdir: str) -> str:
-  identity = workdir_lib.identity(config)
-  if workdir_lib.resolve(workdir, identity) == workdir_lib.FINISHED:
+  config, identity, state = stage_configs.begin(config, workdir)
+  if state == workdir_lib.FINISHED:
     return workdir
   base = common.load_model(config.base)
   cfg, compute = common.model_overrides(base.cfg, config.compute)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bar_jax import stage_configs
 from bar_jax.errors import BarError
 from bar_jax.io import artifact
 from bar_jax.model.config import ModelConfig
@@ -72,14 +73,6 @@ def expert_index(spec, experts: list, n_experts: int) -> int:
   return spec
 
 
-def stage_identity(config) -> dict:
-  """The stage identity with config.expert canonical (2 and "2" are the same run; an index stays the int that
-  manifests written before names were accepted recorded)."""
-  d = config.to_dict()
-  d["expert"] = _as_index(d.get("expert", -1))
-  return workdir_lib.identity(d)
-
-
 def check(config, moe_manifest: dict, branch_manifest: dict, moe_cfg, branch_cfg) -> int:
   """The expert slot the branch goes into (replace, add) or stands for (oracle), or a BarError naming the problem."""
   check_modes(config)
@@ -115,8 +108,9 @@ def check(config, moe_manifest: dict, branch_manifest: dict, moe_cfg, branch_cfg
 
 
 def run(config, workdir: str) -> str:
-  ident = stage_identity(config)
-  if workdir_lib.resolve(workdir, ident) == workdir_lib.FINISHED:
+  # config.expert is canonical in the typed config: 2 and "2" are one run, a name stays a name.
+  config, ident, state = stage_configs.begin(config, workdir)
+  if state == workdir_lib.FINISHED:
     return workdir
   check_modes(config)
   if config.mode == "remove":
@@ -156,7 +150,7 @@ def run(config, workdir: str) -> str:
     params, cfg = upgrade_lib.add(model.params, model.cfg, branch.params, branch.cfg)
     replaced = None
     experts.append(domain)
-  cfg, compute = common.model_overrides(cfg, config.compute)
+  cfg, compute = common.model_overrides(cfg, config.compute, config.moe)
   mesh = common.mesh_from(config)
   workdir_lib.start(workdir, ident)
   metrics_before = rt.evaluate(config, cfg, params, model.tokenizer, mesh, [e for e in experts[1:] if e not in missing],
@@ -231,7 +225,7 @@ def _remove(config, workdir: str, ident: dict) -> str:
 
   model = rt.load_moe(config.model)
   params, cfg = upgrade_lib.remove(model.params, model.cfg, index)
-  cfg, compute = common.model_overrides(cfg, config.compute)
+  cfg, compute = common.model_overrides(cfg, config.compute, config.moe)
   mesh = common.mesh_from(config)
   workdir_lib.start(workdir, ident)
   found = [e for e in experts[1:] if e not in missing]
@@ -282,7 +276,7 @@ def _oracle(config, workdir: str, ident: dict, index: int) -> str:
   experts = [model.manifest.get("experts", ["anchor"])[0], domain]
   _, missing = rt.load_capabilities(dict(model.manifest, capabilities=capabilities), [domain], skip_missing=True)
   params, cfg = upgrade_lib.slice_experts(model.params, model.cfg, [0, index], router=branch.params)
-  cfg, compute = common.model_overrides(cfg, config.compute)
+  cfg, compute = common.model_overrides(cfg, config.compute, config.moe)
   mesh = common.mesh_from(config)
   check_kept(model.params, params, model.cfg, cfg, [0, index], router_changed=True)
   if not np.array_equal(merge_lib.flat(params)[upgrade_lib.ROUTER], b[upgrade_lib.ROUTER]):

@@ -63,7 +63,7 @@ def evaluate_row(a, label: str, spec: str, domains, model_overrides: dict | None
     cfg = pipeline.eval_config(a.pcfg, spec)
     cfg.domains = ",".join(domains)
     if model_overrides:
-      cfg.compute.update(model_overrides)
+      cfg.moe.update(model_overrides)  # routing: top_k, norm_topk
     evaluate.run(cfg, out)
   with open(os.path.join(out, common.EVAL_JSON)) as f:
     return dict(json.load(f)["models"][0], name=label)
