@@ -320,7 +320,7 @@ def _router_init() -> schema.Check:
   def ok(v):
     from bar_jax.transforms import router_init
     return v in router_init.METHODS
-  return ok, "merged (the merge's columns), embed or ridge (bar_jax/transforms/router_init.py METHODS)"
+  return ok, "one of bar_jax/transforms/router_init.py METHODS (merged: the merge's columns, the recipe)"
 
 
 @_section

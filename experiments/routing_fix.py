@@ -81,7 +81,6 @@ def own_weight_stats(per_row: np.ndarray) -> dict:
 
 def main(argv=None):
   a = parse(argv)
-  from bar_jax import train
   from bar_jax.errors import BarError
   from bar_jax.evals import routing
   from bar_jax.stages import common, pipeline
@@ -98,9 +97,10 @@ def main(argv=None):
     raise BarError(f"unknown arms {unknown}: use zeros, random, random_lr, pretrained, embed")
   os.makedirs(a.workdir, exist_ok=True)
   pipeline.compilation_cache(pcfg, a.workdir)
-  base_dir = os.path.join(a.workdir, "base")
-  if not common.done(base_dir):
-    pipeline.plan(pcfg, a.workdir)[0].run()  # the pipeline's base step: writes WORKDIR/base
+  base_step = pipeline.plan(pcfg, a.workdir)[0]  # the pipeline's base step: WORKDIR/base
+  if not base_step.done():
+    base_step.run()
+  base_dir = base_step.outdir
 
   branch_arms = {"zeros": {"router_init": "zeros"}, "random": {"router_init": "random"},
                  "random_lr": {"router_init": "random", "router_lr_mult": a.router_lr_mult},
@@ -108,9 +108,11 @@ def main(argv=None):
   needed = sorted({"random" if x == "embed" else x for x in arms}, key=list(branch_arms).index)
 
   def run_stage(out, config):
-    if not common.done(out):
-      print(f"[routing_fix] {os.path.relpath(out, a.workdir)}", flush=True)
-      train.run(config, out)
+    """A stage step by identity: reused when finished with these settings and inputs, else (moved aside and) run."""
+    step = pipeline.Step(os.path.relpath(out, a.workdir), config.stage, out, config)
+    if not step.done():
+      print(f"[routing_fix] {step.name}", flush=True)
+      step.run()
     return out
 
   merged = {}
@@ -156,10 +158,16 @@ def main(argv=None):
 def embed_merged(a, merged_dir: str, domains: list[str]) -> str:
   from bar_jax import pytree
   from bar_jax.evals import routing
+  from bar_jax.io import workdir
   from bar_jax.stages import common
   out = os.path.join(a.workdir, "embed", "merged")
-  if common.done(out):
+  settings = {"scale": a.embed_scale, "rows": 8, "seq_len": 128, "split": "train"}
+  identity = dict(settings, stage="router_from_domain_embeddings", input=workdir.input_fingerprint(merged_dir))
+  state, found = workdir.recorded(out)
+  if state == workdir.FINISHED and found == identity:
     return out
+  if found != identity:
+    workdir.set_aside(out)  # made from another merged model or with other settings: kept, made again
   m = common.load_model(merged_dir)
   experts = list(m.manifest["experts"])  # ["anchor", domain...]
   rows = routing.domain_rows(m.tokenizer, ["general"] + experts[1:], seq_len=128, max_rows=8, split="train")
@@ -167,9 +175,7 @@ def embed_merged(a, merged_dir: str, domains: list[str]) -> str:
   flat = dict(pytree.flatten(m.params))
   emb = np.asarray(flat["embed/embedding"])
   flat["layers/moe/router/kernel"] = domain_embedding_router(emb, tokens, m.cfg.n_layers, a.embed_scale)
-  settings = {"scale": a.embed_scale, "rows": 8, "seq_len": 128, "split": "train"}
   record = {"stage": "router_from_domain_embeddings", "steps": 0, "tokens": 0, "flops": 0, "config": settings}
-  identity = dict(settings, stage="router_from_domain_embeddings", input=m.manifest.get("fingerprint"))
   return common.write_artifact(out, m, pytree.unflatten(flat), m.cfg, "moe", [record],
                                [dict(m.manifest, role="input")], identity=identity, experts=experts,
                                base_fingerprint=m.manifest.get("base_fingerprint"),

@@ -169,10 +169,6 @@ def write_artifact(workdir: str, model: Model, params: Any, cfg: ModelConfig, ki
   return workdir
 
 
-def done(workdir: str) -> bool:
-  return artifact.is_complete(workdir)
-
-
 def evaluate(config, cfg: ModelConfig, params: Any, tokenizer, mesh, compute: Compute = Compute(),
              domains=None) -> dict:
   """The capability metrics of config.eval (empty when eval.domains is the empty list), for the manifest; `domains`

@@ -1,6 +1,7 @@
-"""Shared by the ablation sweeps: build a config from configs/*.py get_config + overrides, run it through
-bar_jax.train.run (skipped when its artifact is complete), evaluate it with the pipeline's eval settings, and append
-a markdown table to experiments/results/ablations_smollm2[_<variant>].md with the command that made it."""
+"""Shared by the ablation sweeps: build a config from configs/*.py get_config + overrides, run it as a stage step
+under the workdir contract (pipeline.Step: reused when finished with the same identity, moved aside and made again
+when its settings or inputs changed), evaluate it with the pipeline's eval settings the same way, and append a
+markdown table to experiments/results/ablations_smollm2[_<variant>].md with the command that made it."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bar_jax import train  # noqa: E402
-from bar_jax.stages import common, evaluate, pipeline  # noqa: E402
+from bar_jax.stages import common, pipeline  # noqa: E402
 
 
 def args(doc: str, domain: str = "tool_use"):
@@ -31,40 +31,39 @@ def args(doc: str, domain: str = "tool_use"):
   return a
 
 
+def run_step(step) -> str:
+  """A stage run under the workdir contract (pipeline.Step): a finished output of the same identity is reused, one
+  of another identity (other settings or inputs) is moved aside and made again, a started one resumes."""
+  if not step.done():
+    print(f"[sweep] {step.name}", flush=True)
+    step.run()
+  return step.outdir
+
+
 def base_dir(a) -> str:
-  """The pipeline's base artifact (written by running the pipeline's first step if absent)."""
-  d = os.path.join(a.pipeline_workdir, "base")
-  if not common.done(d):
-    pipeline.plan(a.pcfg, a.pipeline_workdir)[0].run()
-  return d
+  """The pipeline's base artifact (the pipeline's first step, run if not finished with its identity)."""
+  return run_step(pipeline.plan(a.pcfg, a.pipeline_workdir)[0])
 
 
 def branch(a, name: str, overrides: dict) -> str:
   """One branch of a.domain with the pipeline's recipe plus `overrides` (e.g. {"general_ratio": 0.5})."""
-  out = os.path.join(a.workdir, name)
-  if not common.done(out):
-    cfg = pipeline.apply_overrides(pipeline.branch_config(a.pcfg, a.domain, base_dir(a)), overrides)
-    print(f"[sweep] {name}", flush=True)
-    train.run(cfg, out)
-  return out
+  cfg = pipeline.apply_overrides(pipeline.branch_config(a.pcfg, a.domain, base_dir(a)), overrides)
+  return run_step(pipeline.Step(name, "branch", os.path.join(a.workdir, name), cfg))
 
 
 def stage(a, name: str, stage_name: str, overrides: dict) -> str:
-  out = os.path.join(a.workdir, name)
-  if not common.done(out):
-    print(f"[sweep] {name}", flush=True)
-    train.run(pipeline.stage_config(stage_name, None, overrides), out)
-  return out
+  cfg = pipeline.stage_config(stage_name, None, overrides)
+  return run_step(pipeline.Step(name, stage_name, os.path.join(a.workdir, name), cfg))
 
 
 def evaluate_row(a, label: str, spec: str, domains, model_overrides: dict | None = None) -> dict:
+  """The evaluate stage's row for `spec` (made again when its settings, domains or model changed)."""
   out = os.path.join(a.workdir, "eval", label)
-  if not os.path.isfile(os.path.join(out, common.EVAL_JSON)):
-    cfg = pipeline.eval_config(a.pcfg, spec)
-    cfg.domains = ",".join(domains)
-    if model_overrides:
-      cfg.moe.update(model_overrides)  # routing: top_k, norm_topk
-    evaluate.run(cfg, out)
+  cfg = pipeline.eval_config(a.pcfg, spec)
+  cfg.domains = ",".join(domains)
+  if model_overrides:
+    cfg.moe.update(model_overrides)  # routing: top_k, norm_topk
+  run_step(pipeline.Step(label, "eval", out, cfg, result_file=common.EVAL_JSON))
   with open(os.path.join(out, common.EVAL_JSON)) as f:
     return dict(json.load(f)["models"][0], name=label)
 
