@@ -191,3 +191,16 @@ def test_a_spec_file_capability_gets_the_generic_branch_defaults_not_maths():
   bc = stage_configs.load(pipeline.branch_config(p, spec, "base"))
   assert bc.capability == spec and bc.phase_order == ["sft"]  # math's would be midtrain, sft
   assert stage_configs.load(pipeline.branch_config(p, "math", "base")).phase_order == ["midtrain", "sft"]
+
+
+@pytest.mark.parametrize("name,arg", [
+    ("train_lm", None), ("train_lm", "tiny"), ("branch", None), ("branch", "code,lora"), ("branch", "safety,tiny"),
+    ("rl", "math"), ("rl", "tool_use,frozen"), ("merge", None), ("router", None), ("router", "tiny"),
+    ("upgrade", None), ("upgrade", "tiny"), ("evaluate", None), ("export_hf", None), ("import_smollm2", None),
+    ("bar_smollm2", None), ("bar_smollm2", "quick"), ("bar_smollm2", "table"), ("bar_smollm2", "tiny"),
+    ("bar_testbed", "n=16,expert=ffn"), ("bar_testbed", "n=2,tiny")])
+def test_every_config_file_reads_into_its_schema(name, arg):
+  """The defaults in configs/ are complete and in range: each variant is a valid typed config as it stands."""
+  c = stage_configs.load(pipeline.stage_config(name, arg))
+  assert isinstance(c, stage_configs.SCHEMAS[c.stage])
+  assert json.loads(json.dumps(stage_configs.identity(c)))["schema"] == stage_configs.SCHEMA_VERSION
