@@ -39,7 +39,6 @@ def main(argv=None):
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
   args = ap.parse_args(argv)
 
-  from bar_jax import train
   from bar_jax.errors import BarError
   from bar_jax.evals import report
   from bar_jax.io import artifact
@@ -54,20 +53,22 @@ def main(argv=None):
       raise BarError(f"{need} is not a finished artifact: run the pipeline first "
                      f"(python -m bar_jax.train --config={args.config} --workdir={args.workdir})")
 
+  def run_step(step):  # by identity: reused when finished with these settings and inputs, else (moved aside and) run
+    if not step.done():
+      step.run()
+    return step.outdir
+
   new_branch = os.path.join(args.workdir, f"branch_{args.domain}_v2")
-  if not artifact.is_complete(new_branch):
-    bc = pipeline.branch_config(config, args.domain, base)
-    bc.phases.sft.steps = args.sft_steps
-    train.run(bc, new_branch)
+  bc = pipeline.branch_config(config, args.domain, base)
+  bc.phases.sft.steps = args.sft_steps
+  run_step(pipeline.Step(os.path.basename(new_branch), "branch", new_branch, bc))
   upgraded = {}
   for update in [u.strip() for u in args.updates.split(",") if u.strip()]:
     out = os.path.join(args.workdir, f"upgraded_{args.domain}_{update}")
-    if not artifact.is_complete(out):
-      uc = pipeline.stage_config("upgrade", config.router.get("arg") or None, config.router.overrides)
-      uc.model, uc.branch, uc.router_update = routed, new_branch, update
-      uc.eval = type(uc)(dict(uc.eval.to_dict(), domains="", before=False))  # evaluated below
-      train.run(uc, out)
-    upgraded[update] = out
+    uc = pipeline.stage_config("upgrade", config.router.get("arg") or None, config.router.overrides)
+    uc.model, uc.branch, uc.router_update = routed, new_branch, update
+    uc.eval = type(uc)(dict(uc.eval.to_dict(), domains="", before=False))  # evaluated below
+    upgraded[update] = run_step(pipeline.Step(os.path.basename(out), "upgrade", out, uc))
 
   edir = lambda label: os.path.join(args.workdir, "eval", label)
   rows = [_eval_row(pipeline, config, routed, edir("bar"), "bar (before)")]
