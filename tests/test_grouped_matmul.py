@@ -165,3 +165,16 @@ def test_h100_auto_grouped_ffn_has_no_group_times_rows_temporary():
   assert c["largest_temp_elems"] < 8 * 4096 * 2048, c
   assert targets.grouped_ffn_temps("gpu:h100x8", "ragged", m=4096, d=1024, f=2048,
                                    groups=8)["largest_temp_elems"] >= 8 * 4096 * 2048   # the check can fail
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="jax-cuda12-plugin not installed (requirements-gpu.txt: bash setup.sh gpu)")
+def test_h100_mosaic_gpu_grouped_matmul_forward_compiles_without_temporaries():
+  """The Hopper kernel (not picked by auto until a device has checked it): its forward compiles deviceless for an
+  H100 with no temporary at all; the largest array is the weights [G, K, N] themselves."""
+  from bar_jax import targets
+  t = targets.get("gpu:h100x8")
+  x, w, s = targets._one_device(t, ((8192, 2048), jnp.bfloat16), ((8, 2048, 5632), jnp.bfloat16),
+                                ((8,), jnp.int32))
+  c = jax.jit(lambda x, w, s: dispatch.grouped_matmul(x, w, s, "mosaic_gpu")).lower(x, w, s).compile()
+  assert c.memory_analysis().temp_size_in_bytes == 0
+  assert targets.largest_array(c.as_text()) == 8 * 2048 * 5632

@@ -29,9 +29,9 @@ The grouped matmul (`impl`), chosen per backend by "auto" (`auto_impl`) so that 
             densely over the G groups, on TPU its weight gradient is a dense masked matmul over all groups
             (docs/DESIGN.md; experiments/results/aot_targets.md measures both).
 
-A Mosaic-GPU grouped matmul (`jax.experimental.pallas.ops.gpu.ragged_dot_mgpu` forward,
-`transposed_ragged_dot_mgpu` for d(W)) compiles for H100 but has no VJP; until one is written and checked on a
-device, the GPU runs "scanned".
+  mosaic_gpu  (Hopper) jax's Mosaic-GPU kernels (`ragged_dot_mgpu` forward and d(x), `transposed_ragged_dot_mgpu`
+            for d(W)) under one VJP (`mosaic_gpu_grouped_matmul`). Not picked by "auto": no device has run it yet,
+            so until a device check compares it with the dense reference the GPU runs "scanned".
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ BATCH_AXES = ("data", "fsdp", "expert")
 CPU_IMPL = "scanned"  # the grouped matmul `impl="auto"` picks on the CPU (experiments/bench_moe.py times both)
 GPU_IMPL = "scanned"  # ... on GPU: the padded blocks until a Mosaic-GPU kernel with a VJP is verified on a device
 TPU_IMPL = "megablox"
-IMPLS = ("scanned", "blocked", "megablox", "ragged")
+IMPLS = ("scanned", "blocked", "megablox", "ragged", "mosaic_gpu")
+RAGGED_IMPLS = ("ragged", "megablox", "mosaic_gpu")   # grouped matmuls over ragged groups (no padding to blocks)
 
 
 def platform(mesh=None) -> str:
@@ -69,7 +70,7 @@ def run(kind: str, x, weights, idx, gate, up, down, capacity_factor: float = 0.0
   """x [N, D], weights [N, E] (zero off the top-k), idx [N, k] -> (y [N, D], dropped token copies, int32 scalar).
 
   impl: "auto" (`auto_impl`) or one of IMPLS, the grouped matmul. expert_parallel's exchange is ragged
-  (`ragged_all_to_all`) for "ragged" and "megablox" and padded to the capacity otherwise.
+  (`ragged_all_to_all`) for RAGGED_IMPLS and padded to the capacity otherwise.
   """
   if impl == "auto":
     impl = auto_impl(mesh)
@@ -134,7 +135,7 @@ def dropless(x, weights, idx, gate, up, down, *, impl: str = "blocked", block: i
   order = jnp.argsort(flat_e, stable=True)                   # copies sorted by expert
   sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
   xs = x[order // k]                                         # [N*k, D] sorted copies
-  if impl in ("ragged", "megablox"):
+  if impl in RAGGED_IMPLS:
     ys = _ragged_swiglu(xs, sizes, gate, up, down, impl, interpret)
   else:
     ys = _padded_grouped_ffn(xs, flat_e[order], sizes, gate, up, down, block or default_block(N * k, E, impl), impl)
@@ -166,10 +167,12 @@ def dropless_sharded(x, weights, idx, gate, up, down, mesh, *, impl: str = "bloc
 
 def grouped_matmul(x, w, sizes, impl: str = "megablox", *, interpret: bool | None = None):
   """x [M, K] with rows sorted by group, w [G, K, N], sizes [G] int32 (sum <= M) -> [M, N] in x's dtype; rows past
-  sum(sizes) are zero. impl "megablox" (interpret mode when the default backend is the CPU, unless told) or
-  "ragged" (`lax.ragged_dot`)."""
+  sum(sizes) are zero. impl "megablox" (interpret mode when the default backend is the CPU, unless told),
+  "ragged" (`lax.ragged_dot`) or "mosaic_gpu" (Hopper only; compiled, not yet run: `mosaic_gpu_grouped_matmul`)."""
   if impl == "ragged":
     return jax.lax.ragged_dot(x, w, sizes)
+  if impl == "mosaic_gpu":
+    return mosaic_gpu_grouped_matmul(x, w.astype(x.dtype), sizes.astype(jnp.int32))
   from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
@@ -183,6 +186,38 @@ def grouped_matmul(x, w, sizes, impl: str = "megablox", *, interpret: bool | Non
   # Positional: gmm is a custom_vjp with nondiff_argnums (preferred_element_type, tiling, transpose_rhs, interpret).
   y = megablox.gmm(xp, w.astype(x.dtype), sizes.astype(jnp.int32), x.dtype, tiling, None, None, False, interpret)[:M]
   return jnp.where(grouped, y, 0).astype(x.dtype)
+
+
+# Hopper's Mosaic-GPU grouped matmuls from jax (`ragged_dot_mgpu` forward and d(x), `transposed_ragged_dot_mgpu`
+# for d(W)) under one VJP; no device has run it, so "auto" does not pick it until a device check compares it with
+# the dense reference. Its forward compiles for an H100 from a CPU host (tests/test_grouped_matmul.py); the d(W)
+# kernel reads the live device's SM count (`jax.devices()[0].core_count`) while tracing, so its gradient compiles
+# only on a GPU host.
+# Tiles: 128 x 128 output blocks, 64-deep contraction (the kernels' own sweep ranges); K, and for d(W) also the
+# weight's two dims, must be multiples of them.
+_MGPU_TILES = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
+
+
+@jax.custom_vjp
+def mosaic_gpu_grouped_matmul(x, w, sizes):
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+  return ragged_dot_mgpu.ragged_dot(x, w, group_sizes=sizes, **_MGPU_TILES)
+
+
+def _mgpu_fwd(x, w, sizes):
+  return mosaic_gpu_grouped_matmul(x, w, sizes), (x, w, sizes)
+
+
+def _mgpu_bwd(res, dy):
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+  x, w, sizes = res
+  dy = dy.astype(x.dtype)
+  dx = ragged_dot_mgpu.ragged_dot(dy, w, group_sizes=sizes, transpose_rhs=True, **_MGPU_TILES)
+  dw = transposed_ragged_dot_mgpu.transposed_ragged_dot(x, dy, group_sizes=sizes, **_MGPU_TILES)
+  return dx, dw.astype(w.dtype), None
+
+
+mosaic_gpu_grouped_matmul.defvjp(_mgpu_fwd, _mgpu_bwd)
 
 
 def megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
@@ -307,7 +342,7 @@ def expert_parallel(x, weights, idx, gate, up, down, mesh, capacity_factor: floa
                    f"make batch*seq a multiple of {shards}")
   n = N // shards
   C = capacity(n, k, E, capacity_factor)
-  body = (functools.partial(_ragged_body, impl=impl, interpret=interpret) if impl in ("ragged", "megablox")
+  body = (functools.partial(_ragged_body, impl=impl, interpret=interpret) if impl in RAGGED_IMPLS
           else _padded_body)
   tok, exp = P(BATCH_AXES), P("expert")
 
