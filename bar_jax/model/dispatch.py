@@ -28,7 +28,6 @@ The grouped matmul (`impl`), chosen per backend by "auto" (`auto_impl`) so that 
   ragged    `jax.lax.ragged_dot`. Never picked by "auto": on GPU (jax 0.10.2) its forward and gradient expand
             densely over the G groups, on TPU its weight gradient is a dense masked matmul over all groups
             (docs/DESIGN.md; experiments/results/aot_targets.md measures both).
-
   mosaic_gpu  (Hopper) jax's Mosaic-GPU kernels (`ragged_dot_mgpu` forward and d(x), `transposed_ragged_dot_mgpu`
             for d(W)) under one VJP (`mosaic_gpu_grouped_matmul`). Not picked by "auto": no device has run it yet,
             so until a device check compares it with the dense reference the GPU runs "scanned".
