@@ -10,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PY:-python}"
 PIP="${PIP:-$PY -m pip}"
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1  # quiet as root (CI, containers)
 EXTRAS=()
 for arg in "$@"; do
   case "$arg" in
