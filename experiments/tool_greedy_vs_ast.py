@@ -56,10 +56,12 @@ def main(argv=None) -> int:
   from bar_jax.evals import validation
   from bar_jax.stages import common
   model = common.load_model(model_dir)
+  t1 = time.time()
   res = validation.greedy_vs_generated(model.params, model.cfg, model.tokenizer, "tool_use", n=args.n,
                                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-  res.update(command=command, model=model_dir, fingerprint=model.manifest.get("fingerprint"),
-             train_seconds=round(train_seconds, 1))
+  res.update(command=command, model=os.path.basename(os.path.normpath(model_dir)),
+             fingerprint=model.manifest.get("fingerprint"), train_seconds=round(train_seconds, 1),
+             compare_seconds=round(time.time() - t1, 1))
   md = validation.format_agreement(res, title="Tool use: teacher-forced greedy match vs generative AST match")
   md += f"\nCommand: `{command}`\n"
   print(md, flush=True)
