@@ -208,6 +208,15 @@ def test_compare_resamples_code_by_file_and_safety_by_half():
       {"id": f"s{i}", "kind": k, "ok": o} for i, (k, o) in enumerate(zip(kinds, oks))]}
   c = report.compare_domain(saf(ok_a), saf(ok_b))
   assert c["change"] == pytest.approx(0.0) and c["ci"][0] < 0 < c["ci"][1]  # (+50 - 50) / 2, not the item mean +25
+  # A teacher-forced domain (call_greedy): McNemar on ok, and the answer NLL's token-weighted paired change beside it
+  toks = rng.integers(5, 30, 40)
+  nll_a, nll_b = rng.normal(1.0, 0.2, 40), rng.normal(0.8, 0.2, 40)
+  tf = lambda oks, nll: {"metric": "call_greedy", "value": 0.0, "items": [
+      {"id": f"t{i}", "kind": "call_match", "ok": o, "nll_sum": float(x * t), "tokens": int(t)}
+      for i, (o, x, t) in enumerate(zip(oks, nll, toks))]}
+  c = report.compare_domain(tf(ok_a, nll_a), tf(ok_b, nll_b))
+  assert c["test"] == "exact McNemar" and (c["a_only"], c["b_only"]) == (5, 15)
+  assert c["nll_change"] == pytest.approx(np.average(nll_b, weights=toks) - np.average(nll_a, weights=toks))
 
 
 def test_equivalence_is_tost_per_domain_with_holm_across_them():
