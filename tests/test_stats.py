@@ -163,6 +163,13 @@ def test_two_constant_clusters_give_the_hand_computed_interval():
                                                                                                           abs=0.03)
   lo, hi = stats.bootstrap(v)
   assert 0.2 < lo < 0.35 and 0.65 < hi < 0.8
+  # One file: resampling it shows no spread, so no interval, no significance and no equivalence (not a zero-width
+  # interval with p = 1/n_boot, which the first tiny pipeline table marked significant).
+  one = stats.paired_bootstrap(v, v + 0.1, clusters=["a.py"] * 20)
+  assert one["change"] == pytest.approx(0.1) and all(math.isnan(x) for x in one["ci"]) and one["p"] == 1.0
+  t = stats.tost_paired(v, v + 0.001, 0.05, clusters=["a.py"] * 20)
+  assert not t["equivalent"] and t["p"] == 1.0
+  assert all(math.isnan(x) for x in stats.bootstrap(v, clusters=["a.py"] * 20))
 
 
 def test_holm_hand_computed_and_against_the_closed_testing_definition():

@@ -148,12 +148,18 @@ def paired_draws(a: Sequence[float], b: Sequence[float], weights_a: Sequence[flo
   stratum = np.zeros(a.size, np.int64) if strata is None else _codes(strata, a.size, "strata")
   ones = np.ones((1, a.size))
   change = float(_stratified_means(b, wb, ones, stratum)[0] - _stratified_means(a, wa, ones, stratum)[0])
+  cluster = np.arange(a.size) if clusters is None else _codes(clusters, a.size, "clusters")
+  if any(len(set(stratum[cluster == c])) > 1 for c in np.unique(cluster)):
+    raise ValueError("a cluster spans two strata: give each cluster's items one stratum")
+  if min(len(set(cluster[stratum == s])) for s in range(int(stratum.max()) + 1)) < 2:
+    # a stratum of one resampling unit (e.g. all code items from one file): resampling cannot see any spread
+    return change, np.full(n_boot, np.nan)
   counts = resample_counts(a.size, strata=strata, clusters=clusters, n_boot=n_boot, seed=seed)
   return change, _stratified_means(b, wb, counts, stratum) - _stratified_means(a, wa, counts, stratum)
 
 
 def _two_sided_p(diffs: np.ndarray, n_boot: int) -> float:
-  if np.all(diffs == 0):
+  if np.all(diffs == 0) or np.isnan(diffs).any():  # no change, or no resampling possible: no evidence
     return 1.0
   return float(min(1.0, max(1.0 / n_boot, 2.0 * min(np.mean(diffs <= 0), np.mean(diffs >= 0)))))
 
@@ -244,6 +250,9 @@ def tost_paired(a: Sequence[float], b: Sequence[float], margin: float, *, weight
   else:
     change, diffs = paired_draws(a, b, weights_a, weights_b, strata=strata, clusters=clusters, n_boot=n_boot,
                                  seed=seed)
+  if np.isnan(diffs).any():  # one resampling unit: nothing shows equivalence
+    return {"n": int(a.size), "change": change, "ci90": (float("nan"), float("nan")), "margin": margin, "p": 1.0,
+            "equivalent": False}
   lo, hi = np.quantile(diffs, [ALPHA, 1 - ALPHA])
   p = max(float(np.mean(diffs <= -margin)), float(np.mean(diffs >= margin)), 1.0 / n_boot)
   return {"n": int(a.size), "change": change, "ci90": (float(lo), float(hi)), "margin": margin,
