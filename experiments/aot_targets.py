@@ -295,18 +295,23 @@ What the table says (2026-12-07; the rows above are the evidence):
 - **The 5-expert MoE with experts trainable (SFT of the merged MoE; the upgrade stage trains a subset of its
   leaves) needs remat=full on 8 H100s at fsdp=8**: 46.70 GB (dense) / 49.40 GB (dropless) per GPU, against 83.55 /
   83.98 GB at remat=dots, over the 78.7 GB usable. The SLURM recipe therefore runs remat=full; a branch fits at dots
-  (36.38 GB SFT, 39.68 GB RL) and, with cuDNN attention, even at none (45.09 GB). On 8 v5p chips every 7B step
-  measured fits at dots (60.43 GB for the 5-expert SFT step with megablox, 65.27 GB for the router step), so the TPU
-  recipe keeps dots.
+  (36.38 GB SFT, 39.68 GB RL) and, with cuDNN attention, even at none (45.09 GB). On 8 v5p chips a branch (43.38 GB
+  SFT, 49.05 GB RL) and the router step (65.27 GB dense) fit at dots, so the TPU recipe keeps dots; the 5-expert SFT
+  step at dots does not with the wide FFN (95.54 GB, over the 95 GB of a chip and within 0.2% of XLA:TPU's own
+  limit) and fits with megablox (60.43 GB) or at remat=full (54.22 GB dense, 18.8 TFLOP per chip against 19.8 for
+  megablox at dots): MoE SFT and upgrade runs on TPU pass remat=full.
 - **Attention dominates the activations at 4096 tokens**: the branch step without remat is 150.72 GB per H100 with
   XLA attention and 45.09 GB with cuDNN's; on v5p splash attention takes the branch step at dots from 43.38 to
   37.39 GB and from 4.75 to 3.77 TFLOP per chip.
 - **The grouped matmul** (last table): on TPU megablox's gradient is 2.00x its forward in flops, ragged_dot's 9.00x
   (its weight gradient is a dense masked product over all groups); on an H100 ragged_dot (a G x M x F array) and the
-  gathered-weights "blocked" path (1.2 x G x M x F) densify, the scanned blocks do not. At top-4 of 5, dropless
-  moves the peak by 6% or less against the wide FFN with remat (the moe5 rows) and costs far more without it
-  (115.98 against 63.68 GB for the router step on H100): dispatch=dense, the stage configs' default, stays right
-  for k close to E; the grouped paths pay where k << E.
+  gathered-weights "blocked" path (1.2 x G x M x F) densify, the scanned blocks do not. At top-4 of 5 on H100,
+  dropless (scanned) moves the peak by 6% or less against the wide FFN with remat and costs far more without it
+  (115.98 against 63.68 GB for the router step). On v5p, dropless (megablox) halves the router step's peak at dots
+  (30.99 against 65.27 GB) but doubles its flops (15.2 against 7.4 TFLOP): the layer's dots policy saves dot
+  outputs, and a pallas_call is not one, so the grouped matmuls are recomputed in the backward pass (naming their
+  outputs for the policy, as the wide FFN's projections are, is the fix). dispatch=dense, the stage configs'
+  default, stays right for k close to E.
 - Compile times are on a 2-core CPU shared with other jobs (a v5p 7B step: 200-570 s, an H100 7B step: 50-90 s).
   No autotuning runs deviceless, so an on-device compile can choose other kernels; real out-of-memory margins
   (allocator, NCCL and cuDNN workspaces) need a device.
