@@ -49,6 +49,12 @@ def _class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
   return (1.0 / (n_classes * counts))[labels]
 
 
+def _one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
+  y = np.zeros((len(labels), n_classes))
+  y[np.arange(len(labels)), labels] = 1.0
+  return y
+
+
 def embedding_columns(x: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
   """[N, D] inputs, [N] labels -> [D, E]: class means centred over the classes, with the direction of the mean
   input projected out (the router has no bias: along it, x . c_e would be a per-column offset that grows with the
@@ -73,8 +79,7 @@ def ridge_columns(x: np.ndarray, labels: np.ndarray, n_classes: int, ridge: floa
   w = _class_weights(labels, n_classes)
   gram = (x * w[:, None]).T @ x
   if targets is None:
-    targets = np.zeros((len(x), n_classes))
-    targets[np.arange(len(x)), labels] = 1.0
+    targets = _one_hot(labels, n_classes)
   cross = (x * w[:, None]).T @ targets
   lam = ridge * np.trace(gram) / gram.shape[0]
   return np.linalg.solve(gram + lam * np.eye(gram.shape[0]), cross)
@@ -82,9 +87,8 @@ def ridge_columns(x: np.ndarray, labels: np.ndarray, n_classes: int, ridge: floa
 
 def pair_targets(labels: np.ndarray, n_classes: int) -> np.ndarray:
   """[N] labels -> [N, E] regression targets of `pair`: 1 at the anchor (0) and at the token's own expert."""
-  y = np.zeros((len(labels), n_classes))
+  y = _one_hot(labels, n_classes)
   y[:, 0] = 1.0
-  y[np.arange(len(labels)), labels] = 1.0
   return y
 
 
@@ -115,8 +119,7 @@ def fit_scale(logits: np.ndarray, labels: np.ndarray, n_classes: int, *, max_log
   z = np.asarray(logits, np.float64)
   w = _class_weights(labels, n_classes)
   if targets is None:
-    targets = np.zeros_like(z)
-    targets[np.arange(len(z)), labels] = 1.0
+    targets = _one_hot(labels, n_classes)
   base = np.zeros_like(z) if offset is None else np.asarray(offset, np.float64)
   zq = (targets * z).sum(-1)
   spread = float(np.max(z.max(-1) - z.min(-1))) if len(z) else 0.0
