@@ -263,7 +263,7 @@ class Branch(StageConfig):
   lora_rank: int = setting(at_least(1))
   lora_alpha: float = setting(positive())
   expert_init: str = setting()                      # "": the base's FFN; or a dense artifact dir
-  router_init: str = setting(one_of("random", "zeros"))
+  router_init: str = setting(one_of("random", "zeros", "expert_share"))
   general_ratio: float = setting(or_minus_one(in_range(0.0, 1.0, hi_open=True)))
   frozen_experts: list[int] = setting(every(((lambda e: e >= 0), "expert indices >= 0")))
   schedule: Schedule = setting()
@@ -275,6 +275,10 @@ class Branch(StageConfig):
   keep_checkpoints: bool = setting(runtime=True)
   self_contained: bool = setting(runtime=True)       # False: over a base dir, store only the leaves training changed
   distributed: bool = setting(runtime=True)
+  # router_init=expert_share: the expert's mean weight at the start, and the packed rows of the first phase's data
+  # mix it is set on (defaults here only for identities stored before they existed; configs/branch.py sets them)
+  router_expert_share: float = setting(in_range(0.5, 1.0, hi_open=True), default=0.9)
+  router_calibration_rows: int = setting(at_least(1), default=8)
 
   def validate(self, path):
     _check_capabilities(f"{path}.capability", [self.capability], allow_general=False)
@@ -282,7 +286,11 @@ class Branch(StageConfig):
 
   def canonical_dict(self, d):
     run = [p for p in PHASES if p in self.phase_order]
-    return dict(d, phases={k: d["phases"][k] for k in run}, schedule={k: d["schedule"][k] for k in run})
+    d = dict(d, phases={k: d["phases"][k] for k in run}, schedule={k: d["schedule"][k] for k in run})
+    if self.router_init != "expert_share":  # settings of expert_share only: other branches keep their identities
+      d.pop("router_expert_share")
+      d.pop("router_calibration_rows")
+    return d
 
 
 @_section

@@ -61,7 +61,11 @@ def get_config(arg=None):
   c.lora_rank = 16
   c.lora_alpha = 32.0
   c.expert_init = ""          # another dense artifact whose FFN seeds the domain expert (the paper: the pre-trained)
-  c.router_init = "random"    # "random" (OLMo-core default: trunc. normal, std 0.02; the recipe) | "zeros"
+  # "random" (OLMo-core default: trunc. normal, std 0.02; the recipe) | "zeros" | "expert_share" (random, then the
+  # expert's column offset so the expert starts with router_expert_share of the weight on the branch's data)
+  c.router_init = "random"
+  c.router_expert_share = 0.9
+  c.router_calibration_rows = 8  # packed rows (first phase's seq_len) per domain of its data mix
   c.general_ratio = -1.0      # share of general data in each phase; -1 = the spec's general.weight (built-ins 0.25)
   c.frozen_experts = [0]      # the anchor
   c.schedule = ml_collections.ConfigDict({k: list(v) for k, v in freeze.SCHEDULE.items() if k in

@@ -63,6 +63,10 @@ def parse(argv=None):
   ap.add_argument("--diag_seq", type=int, default=256)
   ap.add_argument("--sft_steps", type=int, default=0, help="branch SFT steps (0 = configs/bar_testbed.py's)")
   ap.add_argument("--router_steps", type=int, default=0, help="router training steps cap (0 = the config's)")
+  ap.add_argument("--branch_router_init", default="", help="the branches' router_init ('' = configs/branch.py's; "
+                  "expert_share: the expert starts with --branch_share of the weight)")
+  ap.add_argument("--branch_share", type=float, default=0.0, help="router_expert_share of expert_share (0 = the "
+                  "config's)")
   ap.add_argument("--config_arg", default="", help="extra configs/bar_testbed.py args, e.g. tiny")
   ap.add_argument("--workdir", default="")
   ap.add_argument("--results", default=os.path.join(ROOT, "experiments", "results"))
@@ -80,6 +84,8 @@ def parse(argv=None):
   a.topk_arms = [x for x in a.topk_arms.split(",") if x in a.arms]
   a.taus = [float(t) for t in a.taus.split(",") if t]
   a.name = f"routing_testbed_n{a.n}_{a.expert}" + (f"_{a.config_arg}" if a.config_arg else "")
+  if a.branch_router_init:
+    a.name += f"_{a.branch_router_init}" + (f"{a.branch_share:g}" if a.branch_share else "")
   a.workdir = a.workdir or os.path.join("runs", a.name)
   given = list(argv if argv is not None else sys.argv[1:])
   a.command = "python " + " ".join(["experiments/routing_testbed.py"] + given)
@@ -146,6 +152,10 @@ def main(argv=None):
     config.branch.phases.sft.steps = a.sft_steps
   if a.router_steps:
     config.router.overrides.router.max_steps = a.router_steps
+  if a.branch_router_init:
+    config.branch.overrides.router_init = a.branch_router_init
+  if a.branch_share:
+    config.branch.overrides.router_expert_share = a.branch_share
   wd = a.workdir
   os.makedirs(wd, exist_ok=True)
   pipeline.compilation_cache(config, wd)

@@ -265,3 +265,43 @@ def test_own_share_leaves_the_anchor_out():
   assert routing.own_share(report, "1", "b") == {"share": 0.4, "rank": 2}
   assert "0.70" in routing.format_diagnostics({**report, "tokens": {"a": 1, "b": 1}, "own": {"1": {
       "a": {"weight": 0.14, "rank": 2}, "b": {"weight": 0.2, "rank": 3}}}, "entropy": {"1": {"a": 0.5, "b": 0.9}}})
+
+
+def test_expert_share_columns_reach_the_share_on_their_inputs():
+  x, _ = _two_domains()
+  kernel = np.random.default_rng(2).standard_normal((x.shape[1], 2)) * 0.02
+  new, rec = router_init.expert_share_columns(x, kernel, 0.9)
+  p = 1.0 / (1.0 + np.exp(-(x @ (new[:, 1] - new[:, 0]))))
+  # bisection to ~1e-17 on the offset; the kernel is stored in float32 (relative 6e-8 on logits of ~2)
+  np.testing.assert_allclose(p.mean(), 0.9, atol=1e-5)
+  assert rec["min_share"] > 0.7  # x . w ~ 1 on every token, not a few tokens pushed to 1 and the rest left
+  np.testing.assert_array_equal(new[:, 0], kernel[:, 0].astype(np.float32))  # the anchor's column is untouched
+  with pytest.raises(BarError, match="router_expert_share=0.3"):
+    router_init.expert_share_columns(x, kernel, 0.3)
+
+
+@pytest.mark.parametrize("kind", ["lora", "ffn"])
+def test_expert_share_branch_starts_at_the_share_and_still_computes_the_base(kind):
+  """A fresh branch under expert_share: the scanned forward's own router means (routing_stats, another path than
+  the layer-by-layer fit) give the expert the share on the calibration rows, and the logits are the dense base's
+  (both experts are the same function, so the weights sum it back: fp32 rounding only)."""
+  from bar_jax.transforms import upcycle
+  cfg = tiny(vocab_size=256, max_seq_len=64).validate()
+  base = jax.tree.map(np.asarray, transformer.init_params(cfg, jax.random.key(5)))
+  params, bcfg = upcycle.upcycle(base, cfg, expert_kind=kind, key=jax.random.key(0))
+  rows = _rows(7, 0, 256, rows=6)
+  batches = [{k: v[i:i + 1] for k, v in rows.items()} for i in range(6)]
+  fitted, records = router_init.expert_share(params, bcfg, batches, 0.9)
+  assert len(records) == bcfg.n_layers and all(abs(r["share"] - 0.9) < 1e-4 for r in records)
+  stats = routing.routing_stats(fitted, bcfg, {"d": rows}, batch_size=6)
+  before = routing.routing_stats(params, bcfg, {"d": rows}, batch_size=6)
+  # fp32 forward vs the float64 fit on the same inputs: ~1e-6
+  np.testing.assert_allclose(np.asarray(stats["domains"]["d"]["mean_weight"])[:, 1], 0.9, atol=1e-4)
+  assert np.all(np.abs(np.asarray(before["domains"]["d"]["mean_weight"])[:, 1] - 0.5) < 0.1)  # not vacuous
+  x = {k: rows[k] for k in ("inputs", "positions", "segment_ids")}
+  dense = transformer.forward(base, x["inputs"], cfg, positions=x["positions"], segment_ids=x["segment_ids"])[0]
+  moe = transformer.forward(fitted, x["inputs"], bcfg, positions=x["positions"], segment_ids=x["segment_ids"])[0]
+  # logits of O(1) after 2 fp32 layers; w0 h + w1 h vs h differs by a few ulps per FFN
+  np.testing.assert_allclose(np.asarray(moe), np.asarray(dense), atol=2e-5)
+  for path in ("embed", "final_norm"):
+    np.testing.assert_array_equal(jax.tree.leaves(fitted[path]), jax.tree.leaves(params[path]))

@@ -52,6 +52,31 @@ def phase_configs(config) -> dict[str, ml_collections.ConfigDict]:
   return out
 
 
+def _expert_share_router(config, tokenizer, params, cfg, phases, compute):
+  """The router of router_init=expert_share, set on config.router_calibration_rows packed rows of each domain in the
+  first phase's data mix (the train split's stratified sample, system prompt masked); returns (params, record)."""
+  import time
+  import numpy as np
+  from bar_jax.data import pipeline
+  from bar_jax.evals import routing
+  from bar_jax.transforms import router_init
+  start, first = time.time(), next(iter(phases.values()))
+  if "data" not in first or not first.data.mix:
+    raise BarError("router_init=expert_share: the first branch phase has no data mix to set the router on; use "
+                   "router_init=random")
+  batches = []
+  for domain in first.data.mix:
+    convs = pipeline.stratified_sample([domain], 1.0, seed=config.seed)[domain]
+    rows = routing.conversation_rows(tokenizer, convs, seq_len=int(first.data.seq_len),
+                                     max_rows=int(config.router_calibration_rows))
+    batches += [{k: v[i:i + 1] for k, v in rows.items()} for i in range(len(rows["inputs"]))]
+  params, layers = router_init.expert_share(common.to_host(params), cfg, batches, float(config.router_expert_share),
+                                            compute=compute)
+  return params, {"stage": "router_init", "method": "expert_share", "share": float(config.router_expert_share),
+                  "tokens": int(sum(np.sum(b["mask"]) for b in batches)), "steps": 0,
+                  "seconds": round(time.time() - start, 1), "layers": layers}
+
+
 def run(config, workdir: str) -> str:
   config, identity, state = stage_configs.begin(config, workdir)
   if state == workdir_lib.FINISHED:
@@ -62,11 +87,15 @@ def run(config, workdir: str) -> str:
 
   base = common.load_model(config.base)
   init = common.load_model(config.expert_init).params if config.expert_init else None
-  # Router init: "random" (OLMo-core's default, the recipe's) or "zeros" (a fresh branch is the base exactly).
+  # Router init: "random" (OLMo-core's default, the recipe's), "zeros" (a fresh branch is the base exactly), or
+  # "expert_share" (random, then the expert's column offset so it starts with that share of the weight).
   params, cfg = upcycle.upcycle(base.params, base.cfg, expert_kind=config.expert_kind, lora_rank=config.lora_rank,
                                 lora_alpha=config.lora_alpha, expert_init=init, key=jax.random.key(config.seed),
-                                router_init=config.router_init)
+                                router_init="random" if config.router_init == "expert_share" else config.router_init)
   cfg, compute = common.model_overrides(cfg, config.compute)
+  router_record = None
+  if config.router_init == "expert_share":
+    params, router_record = _expert_share_router(config, base.tokenizer, params, cfg, phases, compute)
   # Check every phase's trainable set now, before any data is built or anything is written.
   for name, phase in phases.items():
     freeze.make_partition(params, cfg, list(config.schedule[name]), list(config.frozen_experts))
@@ -89,6 +118,8 @@ def run(config, workdir: str) -> str:
                                           trainable=list(config.schedule[name]),
                                           frozen_experts=list(config.frozen_experts), compute=compute)
     stages.append(record)
+  if router_record:
+    stages.insert(0, router_record)
   metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute, eval_domains)
   parent = dict(base.manifest, role="base")
   # Over a base artifact directory, the branch stores only what its training changed (the anchor and every leaf its

@@ -194,3 +194,54 @@ def fit(params: Any, cfg: ModelConfig, batches: Sequence[dict[str, np.ndarray]],
   out = transformer.layerwise(params, [{k: b[k] for k in ("inputs", "positions", "segment_ids")} for b in batches],
                               cfg, visit, compute=compute)
   return out, records
+
+
+def expert_share_columns(x: np.ndarray, kernel: np.ndarray, share: float, ridge: float = 1e-2
+                         ) -> tuple[np.ndarray, dict[str, float]]:
+  """A branch layer's [D, 2] router kernel with the expert's column moved by k * w so that the expert's mean weight
+  on the inputs x [N, D] is `share`: w is the ridge regression of the constant 1 on x (x . w ~ 1 on every token: the
+  bias the router lacks, carried by the component every hidden state shares), k the scalar found by bisection."""
+  if not 0.5 <= share < 1.0:
+    raise BarError(f"router_expert_share={share} must be in [0.5, 1): the expert's mean weight at the branch's start")
+  x = np.asarray(x, np.float64)
+  k0 = np.asarray(kernel, np.float64)
+  gram = x.T @ x
+  lam = ridge * np.trace(gram) / gram.shape[0]
+  w = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), x.sum(0))
+  base, proj = x @ (k0[:, 1] - k0[:, 0]), x @ w
+  mean_share = lambda k: float(np.mean(1.0 / (1.0 + np.exp(-np.clip(base + k * proj, -60, 60)))))  # noqa: E731
+  lo, hi = 0.0, 64.0
+  if mean_share(hi) < share:
+    raise BarError(f"router_expert_share={share}: the layer's inputs reach only {mean_share(hi):.3f} (too few tokens "
+                   "share a direction); lower the share or use router_init=random")
+  for _ in range(60):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if mean_share(mid) < share else (lo, mid)
+  k = 0.5 * (lo + hi)
+  out = k0.copy()
+  out[:, 1] += k * w
+  return out.astype(np.float32), {"offset": round(k, 6), "share": round(mean_share(k), 4),
+                                  "min_share": round(float(np.min(1 / (1 + np.exp(-(base + k * proj))))), 4)}
+
+
+def expert_share(params: Any, cfg: ModelConfig, batches: Sequence[dict[str, np.ndarray]], share: float, *,
+                 ridge: float = 1e-2, compute: Compute = Compute()) -> tuple[Any, list[dict]]:
+  """A fresh 2-expert branch's router set layer by layer (`expert_share_columns`) so its domain expert starts with
+  `share` of the weight on the branch's own data ({inputs, positions, segment_ids, mask [B, T]}). Why: an expert
+  trained at weight p learns an update sized for p; the merged router that sends a domain's tokens to its own
+  expert (ridge) then applies it at ~1/p of that, unless the branch already trained it near 1. Exact at the start:
+  both experts are the same function, so the branch still computes the base."""
+  if cfg.ffn != "moe" or cfg.n_experts != 2:
+    raise BarError("router_init=expert_share: needs a fresh 2-expert branch (upcycle's output)")
+  keep = [np.asarray(b["mask"], bool) for b in batches]
+  records: list[dict] = []
+
+  def visit(layer, inputs, kernel):
+    new, rec = expert_share_columns(np.concatenate([h[m] for h, m in zip(inputs, keep)]), kernel, share, ridge)
+    records.append({"layer": layer, **rec})
+    return new
+
+  out = transformer.layerwise(params, [{k: b[k] for k in ("inputs", "positions", "segment_ids")} for b in batches],
+                              cfg, visit, compute=compute)
+  return out, records
+
