@@ -425,6 +425,8 @@ class Evaluate(StageConfig):
   drift_dir: str = setting(runtime=True)            # where drift sets are kept ("": WORKDIR/../drift)
   protocol: int = setting(at_least(0))              # bar_jax/evals/protocol.py VERSION: another protocol is redone
   compute: Compute = setting()
+  # where each model's per-domain results are kept ("": WORKDIR/../eval_cache); default only for stored identities
+  cache_dir: str = setting(runtime=True, default="")
 
   def canonical_dict(self, d):
     if not self.drift_base:  # no drift set: its size and budget change nothing

@@ -44,5 +44,8 @@ def get_config(arg=None):
   c.drift_n = 128
   c.drift_tokens = 128
   c.drift_dir = ""
+  # Each model's per-domain results, keyed by everything that decides them ("" = WORKDIR/../eval_cache): a re-run
+  # on more domains scores only the new ones.
+  c.cache_dir = ""
   c.protocol = protocol.VERSION  # in the identity: an evaluation of another protocol is redone, never reused
   return c

@@ -360,6 +360,32 @@ def test_evaluate_stage_writes_json_and_table(tmp_path):
     evaluate.run(config, str(tmp_path / "other"))
 
 
+def test_evaluate_stage_scores_only_the_domains_no_finished_evaluation_has(tmp_path, monkeypatch):
+  """Per-domain results are kept beside the eval workdirs under the model, the capability and the settings: a
+  second evaluation on more domains computes only the new one (the cached one is the first run's, item for item);
+  another setting or another model computes everything again."""
+  from bar_jax import evals
+  from bar_jax.stages import evaluate
+  from configs.evaluate import get_config
+  calls = []
+  real = evals.evaluate_model
+  monkeypatch.setattr(evals, "evaluate_model", lambda *a, **k: calls.append(list(a[3])) or real(*a, **k))
+  config = get_config()
+  config.update(dict(model="tiny", domains="general", n_per_domain=2, batch_size=2, nll_seq_len=128))
+  first = json.load(open(os.path.join(evaluate.run(config, str(tmp_path / "a")), "eval.json")))["models"][0]
+  assert calls == [["general"]] and first["cached_domains"] == []
+  config.domains = "general,code"
+  second = json.load(open(os.path.join(evaluate.run(config, str(tmp_path / "b")), "eval.json")))["models"][0]
+  assert calls == [["general"], ["code"]] and second["cached_domains"] == ["general"]
+  assert second["domains"]["general"] == first["domains"]["general"]
+  config.n_per_domain = 3                       # another setting: nothing is reused
+  evaluate.run(config, str(tmp_path / "c"))
+  assert calls[2:] == [["general"], ["code"]]
+  config.model = "tiny:1"                       # another model (seed 1): nothing is reused
+  evaluate.run(config, str(tmp_path / "d"))
+  assert calls[4:] == [["general"], ["code"]]
+
+
 def test_drift_set_is_made_once_per_base_and_scored_on_every_model(tmp_path, monkeypatch):
   """drift_base: the base's greedy replies to the first IFBench prompts, stored once as drift/drift_<fingerprint>.json
   beside the eval workdirs; each reply equals greedy decoding of that prompt alone (bar_jax.model.generate, batch

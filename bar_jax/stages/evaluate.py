@@ -4,9 +4,16 @@ Reads each model (an artifact dir of any kind — dense, branch, moe — or "smo
 its GGUF), runs bar_jax.evals.evaluate_model, and writes WORKDIR/eval.json (everything, per model) and
 WORKDIR/eval.md (the table: rows = models, columns = domains, overall mean). Returns WORKDIR. eval.json records the
 stage identity (bar_jax/io/workdir.py): the same config returns it, another one is refused.
+
+Per domain, each model's result is also kept in config.cache_dir (default WORKDIR/../eval_cache, shared by the
+evaluations beside this one) under a key of everything that decides it: the model's fingerprint, the capability's
+fingerprint (its data and metric), the protocol and the stage's scoring settings (all of the identity but the model
+and domain lists). Re-scoring a model on more domains, or a killed run, recomputes only the domains no finished
+evaluation with those settings has scored; a changed setting or model misses the cache, so no score is stale.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -36,11 +43,7 @@ def run(config, workdir: str) -> str:
     t0 = time.time()
     model = common.load_model(spec)
     cfg, compute = common.model_overrides(model.cfg, config.compute, config.moe)
-    report = evals.evaluate_model(model.params, cfg, model.tokenizer, config.domains,
-                                  n_per_domain=config.n_per_domain, max_new_tokens=config.max_new_tokens,
-                                  batch_size=config.batch_size, max_prompt_tokens=config.max_prompt_tokens,
-                                  nll_seq_len=config.nll_seq_len, nll_batch_rows=config.nll_batch_rows,
-                                  compute=compute)
+    report = _evaluate_domains(config, identity, workdir, model, cfg, compute)
     if drift_set is not None:
       from bar_jax.evals import drift
       t1 = time.time()
@@ -57,6 +60,54 @@ def run(config, workdir: str) -> str:
                                 json.dumps({"identity": identity, "models": rows}, indent=1, default=str))
   print(table, flush=True)
   return workdir
+
+
+def _domain_key(identity: dict, fingerprint: str, capability_fingerprint: str) -> str:
+  """The cache key of one model's score on one domain: the identity without its model and domain lists."""
+  settings = {k: v for k, v in identity.items() if k not in ("model", "domains", "drift_base", "drift_n",
+                                                              "drift_tokens")}
+  payload = json.dumps({"settings": settings, "model": fingerprint, "capability": capability_fingerprint},
+                       sort_keys=True, default=str)
+  return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def _evaluate_domains(config, identity, workdir, model, cfg, compute) -> dict:
+  """evaluate_model's report for config.domains, each domain read from the cache when a finished evaluation with
+  the same key scored it, else computed and added to the cache."""
+  from bar_jax import evals
+  from bar_jax.data import capability
+  from bar_jax.evals import runner
+  root = str(config.get("cache_dir", "") or "") or os.path.join(os.path.dirname(os.path.abspath(workdir)),
+                                                                 "eval_cache")
+  t0 = time.time()
+  fingerprint = str(model.manifest.get("fingerprint", ""))
+  domains, cached = {}, []
+  for domain in capability.resolve(config.domains):
+    path = os.path.join(root, f"{_domain_key(identity, fingerprint, domain.fingerprint)}.json")
+    if fingerprint and os.path.exists(path):
+      with open(path) as f:
+        domains[domain.name] = json.load(f)["result"]
+      cached.append(domain.name)
+      continue
+    one = evals.evaluate_model(model.params, cfg, model.tokenizer, [domain.name],
+                               n_per_domain=config.n_per_domain, max_new_tokens=config.max_new_tokens,
+                               batch_size=config.batch_size, max_prompt_tokens=config.max_prompt_tokens,
+                               nll_seq_len=config.nll_seq_len, nll_batch_rows=config.nll_batch_rows, compute=compute)
+    domains[domain.name] = one["domains"][domain.name]
+    if fingerprint:  # a model without a fingerprint (none today) is never cached
+      os.makedirs(root, exist_ok=True)
+      workdir_lib.write_text_atomic(path, json.dumps({"model": fingerprint, "domain": domain.name,
+                                                      "result": domains[domain.name]}, default=str))
+  report: dict = {"domains": domains}
+  report["overall"], report["overall_ci"] = runner.overall(domains)
+  report["settings"] = dict(n_per_domain=config.n_per_domain, max_new_tokens=config.max_new_tokens,
+                            batch_size=config.batch_size, max_prompt_tokens=config.max_prompt_tokens,
+                            nll_seq_len=config.nll_seq_len, nll_batch_rows=config.nll_batch_rows,
+                            overall="mean of the percentage scores; NLL domains reported beside it as change vs "
+                                    "the base")
+  report["cached_domains"] = cached
+  report["seconds"] = round(time.time() - t0, 2)
+  return report
 
 
 def _drift_set(config, workdir: str) -> dict | None:
