@@ -88,7 +88,6 @@ def _err(e: Exception) -> str:
 def grouped(a, dtype, peak):
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from bar_jax.model import dispatch, moe
   M, D, F, G, k = a.tokens, a.d_model, a.d_ff, a.experts, a.top_k
   ks = jax.random.split(jax.random.key(1), 6)

@@ -387,10 +387,13 @@ def evaluate_model(params, cfg: ModelConfig, tokenizer, domains: Sequence[str] |
     if jax.process_index() == 0:  # progress: a model's evaluation takes minutes on a CPU
       print(f"[eval] {domain.name}: score {res['score']:.1f} (n={res.get('n')}) in {res['seconds']:.0f} s", flush=True)
   report["overall"], report["overall_ci"] = overall(report["domains"])
-  report["settings"] = dict(n_per_domain=n_per_domain, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                            max_prompt_tokens=max_prompt_tokens, nll_seq_len=nll_seq_len,
-                            nll_batch_rows=nll_batch_rows,
-                            overall="mean of the percentage scores; NLL domains reported beside it as change vs "
-                                    "the base")
+  report["settings"] = report_settings(n_per_domain=n_per_domain, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+                                       nll_seq_len=nll_seq_len, nll_batch_rows=nll_batch_rows)
   report["seconds"] = round(time.time() - t_start, 2)
   return report
+
+
+def report_settings(**settings) -> dict[str, Any]:
+  """The settings block of an evaluate_model report: the scoring settings and how `overall` is formed."""
+  return dict(settings, overall="mean of the percentage scores; NLL domains reported beside it as change vs the base")

@@ -69,7 +69,7 @@ def _expert_share_router(config, tokenizer, params, cfg, phases, compute):
     convs = pipeline.stratified_sample([domain], 1.0, seed=config.seed)[domain]
     rows = routing.conversation_rows(tokenizer, convs, seq_len=int(first.data.seq_len),
                                      max_rows=int(config.router_calibration_rows))
-    batches += [{k: v[i:i + 1] for k, v in rows.items()} for i in range(len(rows["inputs"]))]
+    batches.append(rows)
   params, layers = router_init.expert_share(common.to_host(params), cfg, batches, float(config.router_expert_share),
                                             compute=compute)
   return params, {"stage": "router_init", "method": "expert_share", "share": float(config.router_expert_share),
@@ -107,7 +107,7 @@ def run(config, workdir: str) -> str:
     eval_domains = list(dict.fromkeys([cap.name, capability.get(cap.general[1]).name]))
   metrics_before = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute, eval_domains) \
       if config.eval.before else {}
-  stages = []
+  stages = [router_record] if router_record else []
   for name, phase in phases.items():
     if name == "rl":
       params, record = rollouts.run_rl(params, cfg, base.tokenizer, phase, os.path.join(workdir, "phases", name),
@@ -118,8 +118,6 @@ def run(config, workdir: str) -> str:
                                           trainable=list(config.schedule[name]),
                                           frozen_experts=list(config.frozen_experts), compute=compute)
     stages.append(record)
-  if router_record:
-    stages.insert(0, router_record)
   metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute, eval_domains)
   parent = dict(base.manifest, role="base")
   # Over a base artifact directory, the branch stores only what its training changed (the anchor and every leaf its

@@ -26,7 +26,6 @@ from bar_jax.stages import common
 
 
 def run(config, workdir: str) -> str:
-  from bar_jax import evals
   from bar_jax.data import capability
   config, identity, state = stage_configs.begin(config, workdir, common.EVAL_JSON)
   if state == workdir_lib.FINISHED:
@@ -77,10 +76,12 @@ def _evaluate_domains(config, identity, workdir, model, cfg, compute) -> dict:
   from bar_jax import evals
   from bar_jax.data import capability
   from bar_jax.evals import runner
-  root = str(config.get("cache_dir", "") or "") or os.path.join(os.path.dirname(os.path.abspath(workdir)),
-                                                                 "eval_cache")
+  root = str(config.cache_dir) or os.path.join(os.path.dirname(os.path.abspath(workdir)), "eval_cache")
   t0 = time.time()
   fingerprint = str(model.manifest.get("fingerprint", ""))
+  settings = dict(n_per_domain=config.n_per_domain, max_new_tokens=config.max_new_tokens,
+                  batch_size=config.batch_size, max_prompt_tokens=config.max_prompt_tokens,
+                  nll_seq_len=config.nll_seq_len, nll_batch_rows=config.nll_batch_rows)
   domains, cached = {}, []
   for domain in capability.resolve(config.domains):
     path = os.path.join(root, f"{_domain_key(identity, fingerprint, domain.fingerprint)}.json")
@@ -89,10 +90,7 @@ def _evaluate_domains(config, identity, workdir, model, cfg, compute) -> dict:
         domains[domain.name] = json.load(f)["result"]
       cached.append(domain.name)
       continue
-    one = evals.evaluate_model(model.params, cfg, model.tokenizer, [domain.name],
-                               n_per_domain=config.n_per_domain, max_new_tokens=config.max_new_tokens,
-                               batch_size=config.batch_size, max_prompt_tokens=config.max_prompt_tokens,
-                               nll_seq_len=config.nll_seq_len, nll_batch_rows=config.nll_batch_rows, compute=compute)
+    one = evals.evaluate_model(model.params, cfg, model.tokenizer, [domain.name], **settings, compute=compute)
     domains[domain.name] = one["domains"][domain.name]
     if fingerprint:  # a model without a fingerprint (none today) is never cached
       os.makedirs(root, exist_ok=True)
@@ -100,11 +98,7 @@ def _evaluate_domains(config, identity, workdir, model, cfg, compute) -> dict:
                                                       "result": domains[domain.name]}, default=str))
   report: dict = {"domains": domains}
   report["overall"], report["overall_ci"] = runner.overall(domains)
-  report["settings"] = dict(n_per_domain=config.n_per_domain, max_new_tokens=config.max_new_tokens,
-                            batch_size=config.batch_size, max_prompt_tokens=config.max_prompt_tokens,
-                            nll_seq_len=config.nll_seq_len, nll_batch_rows=config.nll_batch_rows,
-                            overall="mean of the percentage scores; NLL domains reported beside it as change vs "
-                                    "the base")
+  report["settings"] = runner.report_settings(**settings)
   report["cached_domains"] = cached
   report["seconds"] = round(time.time() - t0, 2)
   return report

@@ -179,15 +179,22 @@ def fit(params: Any, cfg: ModelConfig, batches: Sequence[dict[str, np.ndarray]],
     raise BarError(f"unknown router init {method!r}: use one of {METHODS}")
   if cfg.ffn != "moe":
     raise BarError("router init needs an MoE model: pass the merge stage's output")
-  keep = [np.asarray(b["mask"], bool) for b in batches]
-  labels = np.concatenate([np.asarray(b["labels"])[m] for b, m in zip(batches, keep)])
+  labels = np.concatenate([np.asarray(b["labels"])[np.asarray(b["mask"], bool)] for b in batches])
   if labels.size and (labels.min() < 0 or labels.max() >= cfg.n_experts):
     raise BarError(f"router init: labels outside 0..{cfg.n_experts - 1}; label each token with its expert's index")
+  return _each_layer(params, cfg, batches, lambda x, kernel: fit_layer(x, labels, cfg.n_experts, method, ridge,
+                                                                      max_logit, kernel=kernel), compute)
+
+
+def _each_layer(params: Any, cfg: ModelConfig, batches: Sequence[dict[str, np.ndarray]], fit_one,
+                compute: Compute) -> tuple[Any, list[dict]]:
+  """One layer-by-layer pass (`transformer.layerwise`): fit_one(the layer's masked inputs [N, D], its kernel) ->
+  (new kernel, record). Returns (params with the new kernels, the per-layer records)."""
+  keep = [np.asarray(b["mask"], bool) for b in batches]
   records: list[dict] = []
 
   def visit(layer, inputs, kernel):
-    x = np.concatenate([h[m] for h, m in zip(inputs, keep)])
-    new, rec = fit_layer(x, labels, cfg.n_experts, method, ridge, max_logit, kernel=kernel)
+    new, rec = fit_one(np.concatenate([h[m] for h, m in zip(inputs, keep)]), kernel)
     records.append({"layer": layer, **rec})
     return new
 
@@ -205,23 +212,22 @@ def expert_share_columns(x: np.ndarray, kernel: np.ndarray, share: float, ridge:
     raise BarError(f"router_expert_share={share} must be in [0.5, 1): the expert's mean weight at the branch's start")
   x = np.asarray(x, np.float64)
   k0 = np.asarray(kernel, np.float64)
-  gram = x.T @ x
-  lam = ridge * np.trace(gram) / gram.shape[0]
-  w = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), x.sum(0))
+  n = len(x)  # one class, every token's target 1: the ridge fit of the constant
+  w = ridge_columns(x, np.zeros(n, int), 1, ridge, targets=np.ones((n, 1)))[:, 0]
   base, proj = x @ (k0[:, 1] - k0[:, 0]), x @ w
-  mean_share = lambda k: float(np.mean(1.0 / (1.0 + np.exp(-np.clip(base + k * proj, -60, 60)))))  # noqa: E731
+  shares = lambda k: 1.0 / (1.0 + np.exp(-np.clip(base + k * proj, -60, 60)))  # noqa: E731
   lo, hi = 0.0, 64.0
-  if mean_share(hi) < share:
-    raise BarError(f"router_expert_share={share}: the layer's inputs reach only {mean_share(hi):.3f} (too few tokens "
-                   "share a direction); lower the share or use router_init=random")
+  if shares(hi).mean() < share:
+    raise BarError(f"router_expert_share={share}: the layer's inputs reach only {shares(hi).mean():.3f} (too few "
+                   "tokens share a direction); lower the share or use router_init=random")
   for _ in range(60):
     mid = 0.5 * (lo + hi)
-    lo, hi = (mid, hi) if mean_share(mid) < share else (lo, mid)
+    lo, hi = (mid, hi) if shares(mid).mean() < share else (lo, mid)
   k = 0.5 * (lo + hi)
   out = k0.copy()
   out[:, 1] += k * w
-  return out.astype(np.float32), {"offset": round(k, 6), "share": round(mean_share(k), 4),
-                                  "min_share": round(float(np.min(1 / (1 + np.exp(-(base + k * proj))))), 4)}
+  return out.astype(np.float32), {"offset": round(k, 6), "share": round(float(shares(k).mean()), 4),
+                                  "min_share": round(float(shares(k).min()), 4)}
 
 
 def expert_share(params: Any, cfg: ModelConfig, batches: Sequence[dict[str, np.ndarray]], share: float, *,
@@ -233,15 +239,4 @@ def expert_share(params: Any, cfg: ModelConfig, batches: Sequence[dict[str, np.n
   both experts are the same function, so the branch still computes the base."""
   if cfg.ffn != "moe" or cfg.n_experts != 2:
     raise BarError("router_init=expert_share: needs a fresh 2-expert branch (upcycle's output)")
-  keep = [np.asarray(b["mask"], bool) for b in batches]
-  records: list[dict] = []
-
-  def visit(layer, inputs, kernel):
-    new, rec = expert_share_columns(np.concatenate([h[m] for h, m in zip(inputs, keep)]), kernel, share, ridge)
-    records.append({"layer": layer, **rec})
-    return new
-
-  out = transformer.layerwise(params, [{k: b[k] for k in ("inputs", "positions", "segment_ids")} for b in batches],
-                              cfg, visit, compute=compute)
-  return out, records
-
+  return _each_layer(params, cfg, batches, lambda x, kernel: expert_share_columns(x, kernel, share, ridge), compute)
