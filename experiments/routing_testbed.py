@@ -60,6 +60,8 @@ def parse(argv=None):
   ap.add_argument("--topk_arms", default="ridge,recipe")
   ap.add_argument("--taus", default="1,3,10,30", help="sharpening factors of the diagnostics (merged, recipe)")
   ap.add_argument("--diag_rows", type=int, default=8, help="held-out rows of --diag_seq tokens per capability")
+  ap.add_argument("--diag_replies", action="store_true", help="also the own expert's weight over the assistant's "
+                  "reply tokens only (the tokens generated when scored)")
   ap.add_argument("--diag_seq", type=int, default=256)
   ap.add_argument("--sft_steps", type=int, default=0, help="branch SFT steps (0 = configs/bar_testbed.py's)")
   ap.add_argument("--router_steps", type=int, default=0, help="router training steps cap (0 = the config's)")
@@ -116,18 +118,22 @@ def _items(edir, domain):
   return {it["id"]: float(it["ok"]) for it in res["items"]}, res, row
 
 
-def _diagnostics(label, mdir, domains, taus, a, wd, routing, artifact):
-  """token_diagnostics of one model, cached in WD/diag_<label>.json under its fingerprint and settings."""
+def _diagnostics(label, mdir, domains, taus, a, wd, routing, artifact, replies=False):
+  """token_diagnostics of one model, cached in WD/diag_<label>.json under its fingerprint and settings; replies:
+  over the assistant's reply tokens only (the tokens the model generates when scored)."""
   m = artifact.read(mdir)
   key = {"fingerprint": m.manifest["fingerprint"], "taus": taus, "rows": a.diag_rows, "seq": a.diag_seq}
-  path = os.path.join(wd, f"diag_{label}.json")
+  if replies:
+    key["replies"] = True
+  path = os.path.join(wd, f"diag_{label}{'_replies' if replies else ''}.json")
   if os.path.exists(path):
     with open(path) as f:
       cached = json.load(f)
     if cached.get("key") == key:
       return cached["report"]
   t1 = time.time()
-  rows = routing.domain_rows(m.tokenizer, list(domains), seq_len=a.diag_seq, max_rows=a.diag_rows, mask_system=True)
+  rows = routing.domain_rows(m.tokenizer, list(domains), seq_len=a.diag_seq, max_rows=a.diag_rows, mask_system=True,
+                             replies_only=replies)
   experts = ["general" if i == 0 else e for i, e in enumerate(m.manifest["experts"])]
   report = routing.token_diagnostics(m.params, m.cfg, rows, experts, taus=taus)
   report["seconds"] = round(time.time() - t1, 1)
@@ -207,6 +213,9 @@ def main(argv=None):
         taus = a.taus if label in ("merged", "recipe") and e == a.n else [1.0]
         diags[(label, e)] = _diagnostics(f"E{e}_{label}", mdir, [spec_of[n] for n in names[:e]], taus, a, wd,
                                          routing, artifact)
+        if a.diag_replies:
+          diags[(label, e, "replies")] = _diagnostics(f"E{e}_{label}", mdir, [spec_of[n] for n in names[:e]], [1.0],
+                                                      a, wd, routing, artifact, replies=True)
 
   # Withdrawing a capability, and the oracle rows (upgrade stage modes), at E = n.
   def upgrade_step(label, **kw):
@@ -247,7 +256,8 @@ def main(argv=None):
            "base) on the same items, paired bootstrap 95% interval (`undefined` where the branch's own gain has a "
            "95% interval touching 0); own = the capability's own expert's mean router weight on its held-out tokens "
            "(layer mean, shared system prompt masked), (rank among the E + 1 experts); then its share of the domain "
-           "experts' weight, own / (1 - anchor).", ""]
+           "experts' weight, own / (1 - anchor); with --diag_replies, replies = the own expert's weight and rank "
+           "over the assistant's reply tokens only (the tokens a scored model generates).", ""]
 
   def row_cells(e, label, edir, name):
     ids = sorted(base_items[name])
@@ -263,8 +273,12 @@ def main(argv=None):
                                                              "own_share": share}
     ret = (f"{100 * r['retention']:.0f}% [{100 * r['ci'][0]:.0f}, {100 * r['ci'][1]:.0f}]" if r["defined"]
            else "undefined")
-    return f"{100 * m_.mean():.1f}, {ret}, " + (f"{own['weight']:.2f} ({own['rank']}); {share['share']:.2f}"
-                                                if own else "-")
+    rep_own = diags.get((label, e, "replies"), {}).get("own", {}).get("1", {}).get(name)
+    if rep_own:
+      result["rows"][f"E{e}_{label}"][name]["own_replies"] = rep_own
+    return (f"{100 * m_.mean():.1f}, {ret}, " + (f"{own['weight']:.2f} ({own['rank']}); {share['share']:.2f}"
+                                                 if own else "-")
+            + (f"; replies {rep_own['weight']:.2f} ({rep_own['rank']})" if rep_own else ""))
 
   arm_labels = [lab for (e, lab) in evals if e == a.n]
   lines += [f"## E = {a.n}: the arms", "", f"Uniform router weight = {1 / (a.n + 1):.3f}.", "",

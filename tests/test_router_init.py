@@ -203,6 +203,22 @@ def test_system_mask_drops_only_the_system_block():
   assert routing.system_mask(tok, own, ids2) == [1] * len(ids2)
 
 
+def test_replies_only_counts_exactly_the_assistant_tokens():
+  from bar_jax.stages import common
+  tok = common.load_model("tiny").tokenizer
+  convs = [[{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": str(2 * i)}]
+           for i in range(6)]
+  rows = routing.conversation_rows(tok, convs, seq_len=32, max_rows=4, replies_only=True)
+  # Reference: the rendered conversations laid end to end, cut to the packed slots; counted = the loss mask.
+  ids = sum((tok.render_chat(c)[0] for c in convs), [])
+  loss = sum((tok.render_chat(c)[1] for c in convs), [])
+  n = rows["inputs"].size
+  assert n > 0 and list(rows["inputs"].ravel()) == ids[:n]
+  assert list(rows["mask"].ravel()) == loss[:n]
+  counted = tok.decode([t for t, m in zip(ids[:n], loss[:n]) if m])
+  assert "0" in counted and "<|im_end|>" in counted and "What" not in counted  # replies, never the prompts
+
+
 def test_column_updates():
   rng = np.random.default_rng(0)
   init = rng.standard_normal((2, 8, 3))

@@ -70,14 +70,18 @@ def system_mask(tokenizer, messages: Sequence[dict], ids: Sequence[int]) -> list
 
 
 def conversation_rows(tokenizer, conversations, *, seq_len: int, max_rows: int,
-                      mask_system: bool = True) -> dict[str, np.ndarray]:
+                      mask_system: bool = True, replies_only: bool = False) -> dict[str, np.ndarray]:
   """Conversations (message lists) rendered with the chat template and packed by pack_rows; with mask_system the
-  system block is masked out (`system_mask`)."""
+  system block is masked out (`system_mask`); with replies_only only the assistant's tokens count (the loss mask:
+  the tokens a model generates, where routing decides the score)."""
   convs, masks, need = [], [], seq_len * max_rows
   for messages in conversations:
-    ids, _ = tokenizer.render_chat(messages)
+    ids, loss_mask = tokenizer.render_chat(messages)
     convs.append(ids)
-    masks.append(system_mask(tokenizer, messages, ids) if mask_system else [1] * len(ids))
+    if replies_only:
+      masks.append(list(loss_mask))
+    else:
+      masks.append(system_mask(tokenizer, messages, ids) if mask_system else [1] * len(ids))
     need -= len(ids)
     if need <= 0:
       break
@@ -85,12 +89,14 @@ def conversation_rows(tokenizer, conversations, *, seq_len: int, max_rows: int,
 
 
 def domain_rows(tokenizer, domains: Sequence[str], *, seq_len: int = 256, max_rows: int = 8,
-                split: str = "eval", mask_system: bool = False) -> dict[str, dict[str, np.ndarray]]:
+                split: str = "eval", mask_system: bool = False,
+                replies_only: bool = False) -> dict[str, dict[str, np.ndarray]]:
   """Each capability's held-out conversations (every token of the template), packed by pack_rows; with
-  mask_system the shared system prompt is masked out of the statistics that read `mask` (`token_diagnostics`)."""
+  mask_system the shared system prompt is masked out of the statistics that read `mask` (`token_diagnostics`), with
+  replies_only everything but the assistant's replies."""
   from bar_jax.data import capability
   return {d.name: conversation_rows(tokenizer, d.chat_examples(split), seq_len=seq_len, max_rows=max_rows,
-                                    mask_system=mask_system)
+                                    mask_system=mask_system, replies_only=replies_only)
           for d in capability.resolve(list(domains))}
 
 
