@@ -13,16 +13,14 @@ line goes into every manifest written.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import os
 import sys
-import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bar_jax import invocation
+from bar_jax import config_files, invocation
 from bar_jax.errors import PREEMPTED_EXIT, BarError, Preempted, os_failure
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (path[:arg]).",
@@ -160,28 +158,6 @@ def main(argv):
   print(out)
 
 
-def load_config_file(path: str, arg: str | None):
-  """configs/X.py's get_config(arg); a file that fails to import or run is one BarError line: file, line, error."""
-  abspath = os.path.abspath(path)
-  try:
-    spec = importlib.util.spec_from_file_location("bar_jax_cli_config", abspath)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-      raise BarError(f"config file {path} defines no get_config(); add one that returns an ml_collections ConfigDict")
-    return module.get_config(arg) if arg is not None else module.get_config()
-  except BarError:
-    raise
-  except SyntaxError as e:
-    raise BarError(f"config file {e.filename or path}:{e.lineno}: SyntaxError: {e.msg}; fix that line") from None
-  except Exception as e:  # noqa: BLE001 - any error of the user's file becomes one line naming where it happened
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == abspath]
-    where = f"{path}:{frames[-1].lineno}" if frames else path
-    msg = " ".join(str(e).split())
-    raise BarError(f"config file {where}: {type(e).__name__}: {msg}"
-                   + ("" if isinstance(e, ValueError) else "; fix that line")) from None
-
-
 def _list_overrides(argv: list[str], config) -> tuple[list[str], list[tuple[str, list]]]:
   """Takes --config.KEY=a,b out of argv where KEY holds a list (ml_collections cannot override lists) and returns
   (the rest of argv, [(KEY, [a, b])]), each item converted to the type of the list's current items."""
@@ -227,7 +203,7 @@ def parse_flags(argv):
     if not os.path.isfile(path):
       _fail(f"config file {path} not found; pass an existing file, e.g. --config=configs/bar_smollm2.py")
     try:  # import it here once, so its errors are one line and its list-valued keys are known
-      argv, lists = _list_overrides(argv, load_config_file(path, arg))
+      argv, lists = _list_overrides(argv, config_files.load_config_file(path, arg))
     except BarError as e:
       _fail(str(e))
     _LIST_OVERRIDES[:] = lists

@@ -68,7 +68,7 @@ def get_config(arg=None):
   # drift_base: "" = no drift NLL; "smollm2" = the base's greedy replies to IFBench prompts (bar_jax/evals/drift.py)
   c.eval = ml_collections.ConfigDict(dict(domains="all", n_per_domain=16, max_new_tokens=40, batch_size=16,
                                           nll_seq_len=256, drift_base=""))
-  # The progress estimate until this run has timed its own steps (bar_jax/stages/pipeline.py Clock): training at this
+  # The progress estimate until this run has timed its own steps (bar_jax/stages/progress.py Clock): training at this
   # fraction of the matmul rate measured at the start (a 2-core CPU's SmolLM2 step reaches ~0.4-0.5); one model's
   # evaluation as timed on a 2-core CPU of ~170 GFLOP/s, scaled by the measured rate.
   c.estimate = ml_collections.ConfigDict(dict(fraction_of_peak=0.4, eval_seconds_per_model=120.0,

@@ -75,7 +75,7 @@ def get_config(arg=None):
   # (nll_seq_len x nll_batch_rows tokens per forward).
   c.eval = ml_collections.ConfigDict(dict(domains=",".join(c.domains), n_per_domain=200, max_new_tokens=16,
                                           batch_size=16, nll_seq_len=512, nll_batch_rows=4))
-  # The progress estimate until this run has timed its own steps (bar_jax/stages/pipeline.py Clock).
+  # The progress estimate until this run has timed its own steps (bar_jax/stages/progress.py Clock).
   c.estimate = ml_collections.ConfigDict(dict(fraction_of_peak=0.4, eval_seconds_per_model=60.0 * a.n,
                                               reference_gflops=170.0, other_seconds=20.0))
   c.compilation_cache = ""             # "" = WORKDIR/jax_cache

@@ -30,13 +30,13 @@ def main(argv=None):
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
   args = ap.parse_args(argv)
 
-  from bar_jax import train
+  from bar_jax import config_files, train
   from bar_jax.errors import BarError
   from bar_jax.evals import report
   from bar_jax.io import artifact
   from bar_jax.stages import pipeline
   path, _, variant = args.config.partition(":")
-  config = pipeline.stage_config(os.path.splitext(os.path.basename(path))[0], variant or None)
+  config = config_files.stage_config(os.path.splitext(os.path.basename(path))[0], variant or None)
   if "lora" in str(config.branch.arg):
     raise BarError("this run's branches are lora already; pass a run made with ffn experts")
   base = os.path.join(args.workdir, "base")
@@ -46,7 +46,7 @@ def main(argv=None):
     for kind in ("ffn", "lora"):
       bdir = os.path.join(args.workdir, f"branch_{domain}" + ("_lora" if kind == "lora" else ""))
       if kind == "lora" and not artifact.is_complete(bdir):
-        lora_config = pipeline.stage_config(os.path.splitext(os.path.basename(path))[0], variant or None)
+        lora_config = config_files.stage_config(os.path.splitext(os.path.basename(path))[0], variant or None)
         lora_config.branch.arg = ",".join(f for f in ("lora", str(config.branch.arg)) if f)
         train.run(pipeline.branch_config(lora_config, domain, base), bdir)
       if not artifact.is_complete(bdir):
@@ -73,7 +73,7 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   with open(stem + ".md", "w") as f:
     f.write("# Branch experts: ffn vs lora (SmolLM2-135M-Instruct, real data, the pipeline's branch recipe)\n\n"
-            f"Made by: `{command}`\n\n{table}\n\n{pipeline.settings_note([base_eval])}\n")
+            f"Made by: `{command}`\n\n{table}\n\n{report.settings_note([base_eval])}\n")
   with open(stem + ".json", "w") as f:
     json.dump({"command": command, "base_eval": report.slim(base_eval), "rows": rows}, f, indent=1, default=str)
   print(table)

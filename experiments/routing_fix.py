@@ -81,11 +81,12 @@ def own_weight_stats(per_row: np.ndarray) -> dict:
 
 def main(argv=None):
   a = parse(argv)
+  from bar_jax import config_files
   from bar_jax.errors import BarError
   from bar_jax.evals import routing
   from bar_jax.stages import common, pipeline
 
-  pcfg = pipeline.stage_config("bar_smollm2", a.variant)
+  pcfg = config_files.stage_config("bar_smollm2", a.variant)
   domains = [d for d in (a.domains or ("math,tool_use" if a.quick else ",".join(pcfg.domains))).split(",") if d]
   arms = [x for x in a.arms.split(",") if x]
   if a.expert_init and "pretrained" not in arms:
@@ -122,12 +123,12 @@ def main(argv=None):
       bc = pipeline.branch_config(pcfg, d, base_dir)
       over = dict(branch_arms[arm])
       mult = over.pop("router_lr_mult", None)
-      bc = pipeline.apply_overrides(bc, over)
+      bc = config_files.apply_overrides(bc, over)
       if mult is not None:
         for name in bc.phases:
           bc.phases[name].opt.router_lr_mult = float(mult)
       dirs.append(run_stage(os.path.join(a.workdir, arm, f"branch_{d}"), bc))
-    mc = pipeline.stage_config("merge", None, pcfg.merge)
+    mc = config_files.stage_config("merge", None, pcfg.merge)
     mc.branches, mc.base = ",".join(dirs), base_dir
     merged[arm] = run_stage(os.path.join(a.workdir, arm, "merged"), mc)
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 import numpy as np
 
-from bar_jax import stage_configs
+from bar_jax import config_files, stage_configs
 from bar_jax.errors import BarError
 from bar_jax.evals import report
 from bar_jax.io import workdir as workdir_lib
@@ -99,7 +99,7 @@ def run_step(step) -> str:
 
 
 def train(name: str, cfg, base: str, out: str) -> str:
-  cfg = pipeline.apply_overrides(cfg, {"base": base})
+  cfg = config_files.apply_overrides(cfg, {"base": base})
   return run_step(pipeline.Step(name, "train_lm", out, cfg))
 
 
@@ -144,7 +144,7 @@ def pipeline_config(variant: str, domains: Sequence[str] | None = None, eval_dom
     over["domains"] = list(domains)
   if eval_domains:
     over["eval.domains"] = eval_domains
-  return pipeline.stage_config("bar_smollm2", None if variant == "default" else variant, over)
+  return config_files.stage_config("bar_smollm2", None if variant == "default" else variant, over)
 
 
 def run(variant: str, workdir: str, pipeline_workdir: str, results_dir: str, command: str,
@@ -196,7 +196,7 @@ def run(variant: str, workdir: str, pipeline_workdir: str, results_dir: str, com
 # Results.
 
 def write_results(rows: list[dict], variant: str, results_dir: str, command: str, name: str = "bar_smollm2") -> str:
-  pipeline.check_same_settings(rows)
+  report.check_same_settings(rows)
   os.makedirs(results_dir, exist_ok=True)
   stem = os.path.join(results_dir, name + ("" if variant == "default" else f"_{variant}"))
   s = rows[0].get("settings", {})

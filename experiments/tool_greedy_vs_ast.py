@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def branch_config(steps: int):
   """The tool-use branch this experiment trains (SFT only, 4 x 512 tokens, lr 5e-4, no branch evaluation)."""
-  from bar_jax.stages import pipeline
-  return pipeline.stage_config("branch", "tool_use", {
+  from bar_jax import config_files
+  return config_files.stage_config("branch", "tool_use", {
       "phase_order": ["sft"], "general_ratio": 0.25, "eval.domains": "", "eval.before": False,
       "phases.sft.steps": steps, "phases.sft.batch_size": 4, "phases.sft.data.seq_len": 512,
       "phases.sft.opt.lr": 5e-4, "phases.sft.opt.warmup_steps": 2, "phases.sft.checkpoint_every": 4,

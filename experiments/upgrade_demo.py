@@ -39,13 +39,14 @@ def main(argv=None):
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
   args = ap.parse_args(argv)
 
+  from bar_jax import config_files
   from bar_jax.errors import BarError
   from bar_jax.evals import report
   from bar_jax.io import artifact
   from bar_jax.stages import common, pipeline
   from bar_jax.transforms import upgrade as upgrade_lib
   path, _, variant = args.config.partition(":")
-  config = pipeline.stage_config(os.path.splitext(os.path.basename(path))[0], variant or None)
+  config = config_files.stage_config(os.path.splitext(os.path.basename(path))[0], variant or None)
   routed, base = os.path.join(args.workdir, "routed"), os.path.join(args.workdir, "base")
   old_branch = os.path.join(args.workdir, f"branch_{args.domain}")
   for need in (routed, base, old_branch):
@@ -65,7 +66,7 @@ def main(argv=None):
   upgraded = {}
   for update in [u.strip() for u in args.updates.split(",") if u.strip()]:
     out = os.path.join(args.workdir, f"upgraded_{args.domain}_{update}")
-    uc = pipeline.stage_config("upgrade", config.router.get("arg") or None, config.router.overrides)
+    uc = config_files.stage_config("upgrade", config.router.get("arg") or None, config.router.overrides)
     uc.model, uc.branch, uc.router_update = routed, new_branch, update
     uc.eval = type(uc)(dict(uc.eval.to_dict(), domains="", before=False))  # evaluated below
     upgraded[update] = run_step(pipeline.Step(os.path.basename(out), "upgrade", out, uc))
@@ -77,7 +78,7 @@ def main(argv=None):
   rows += [_eval_row(pipeline, config, old_branch, edir(f"branch_{args.domain}"), f"branch_{args.domain} (v1)"),
            _eval_row(pipeline, config, new_branch, edir(f"branch_{args.domain}_v2"),
                      f"branch_{args.domain}_v2 ({args.sft_steps} SFT steps)")]
-  pipeline.check_same_settings(rows)
+  report.check_same_settings(rows)
 
   before = rows[0]["domains"]
   m_in = artifact.read_manifest(routed)
@@ -85,7 +86,7 @@ def main(argv=None):
   changes, identity = {}, {}
   lines = [f"# Upgrading the {args.domain} expert of `{args.workdir}`\n",
            f"Made by: `python experiments/upgrade_demo.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n",
-           common.format_table(rows), pipeline.settings_note(rows), "",
+           common.format_table(rows), report.settings_note(rows), "",
            "| upgrade | " + " | ".join(f"{d} change [95% CI] (p)" for d in before) + " | experts bit-identical |",
            "|---" * (len(before) + 2) + "|"]
   for u, d in upgraded.items():

@@ -11,7 +11,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from bar_jax import stage_configs, train
+from bar_jax import config_files, stage_configs, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "experiments", "launch")
@@ -62,7 +62,7 @@ def cli_config(argv: list[str]):
   private FlagValues, so nothing global changes)."""
   spec = [a for a in argv if a.startswith("--config=")][-1].split("=", 1)[1]
   path, arg = (spec.split(":", 1) + [None])[:2]
-  argv, lists = train._list_overrides(["bar_jax.train"] + argv, train.load_config_file(path, arg))
+  argv, lists = train._list_overrides(["bar_jax.train"] + argv, config_files.load_config_file(path, arg))
   config_args = [a for a in argv if a == argv[0] or a.startswith("--config")]
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=config_args)

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from bar_jax import stage_configs
+from bar_jax import config_files, stage_configs
 from bar_jax.errors import BarError
 from bar_jax.model.config import COMPUTE_KEYS
-from bar_jax.stages import pipeline
+from bar_jax.stages import pipeline, progress
 from tests.run_helpers import one_device_env, walk_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +79,7 @@ def test_killed_pipeline_resumes_and_chains(tmp_path):
   # The ledger counts each branch's training once and the shared base once.
   assert merged["ledger"]["tokens"] == pytest.approx(sum(b["ledger"]["tokens"] for b in branches.values()))
   final = os.path.join(work, "merged")
-  if pipeline.stage_available("router"):
+  if config_files.stage_available("router"):
     routed = _manifest(os.path.join(work, "routed"))
     assert [p["fingerprint"] for p in routed["parents"]] == [merged["fingerprint"]]
     assert routed["ledger"]["tokens"] > merged["ledger"]["tokens"]
@@ -130,8 +130,8 @@ def test_killed_pipeline_resumes_and_chains(tmp_path):
 
 def test_overrides_reject_unknown_keys():
   with pytest.raises(BarError, match="phases.sft.stepz"):
-    pipeline.stage_config("branch", "math,tiny", {"phases": {"sft": {"stepz": 3}}})
-  c = pipeline.stage_config("branch", "math,tiny", {"phases.sft.steps": 3, "general_ratio": 0.5})
+    config_files.stage_config("branch", "math,tiny", {"phases": {"sft": {"stepz": 3}}})
+  c = config_files.stage_config("branch", "math,tiny", {"phases.sft.steps": 3, "general_ratio": 0.5})
   assert (c.phases.sft.steps, c.general_ratio) == (3, 0.5)
 
 
@@ -143,7 +143,7 @@ def test_an_eval_of_another_model_is_redone_not_reused(tmp_path, monkeypatch):
   edir.mkdir(parents=True)
   (model / "manifest.json").write_text(json.dumps({"fingerprint": "old"}))
   step = pipeline.Step("eval/bar", "eval", str(edir), pipeline.eval_config(
-      pipeline.stage_config("bar_smollm2", "tiny"), str(model)), result_file="eval.json")
+      config_files.stage_config("bar_smollm2", "tiny"), str(model)), result_file="eval.json")
   (edir / "eval.json").write_text(json.dumps({"identity": step.identity(), "models": [{"fingerprint": "old"}]}))
   (edir / "eval.md").write_text("old table")
   assert step.done()
@@ -179,7 +179,7 @@ def test_first_estimate_comes_from_this_machines_measured_rate(tmp_path, monkeyp
   the rate: half the time); afterwards the rate the finished branch measured replaces it."""
   from bar_jax.model import transformer
   from bar_jax.model.config import tiny
-  config = pipeline.stage_config("bar_smollm2", "tiny")
+  config = config_files.stage_config("bar_smollm2", "tiny")
   base_cfg = tiny(vocab_size=259)
   base_dir = tmp_path / "base"
   base_dir.mkdir()
@@ -190,8 +190,8 @@ def test_first_estimate_comes_from_this_machines_measured_rate(tmp_path, monkeyp
 
   estimates = {}
   for rate in (1e10, 2e10):
-    monkeypatch.setattr(pipeline, "matmul_flops_per_second", lambda rate=rate: rate)
-    clock = pipeline.Clock(config)
+    monkeypatch.setattr(progress, "matmul_flops_per_second", lambda rate=rate: rate)
+    clock = progress.Clock(config)
     assert not clock.known()
     clock.observe(steps["base"], 0.0, str(tmp_path))
     assert clock.known()
@@ -209,4 +209,4 @@ def test_first_estimate_comes_from_this_machines_measured_rate(tmp_path, monkeyp
   assert clock.estimate(branch) == pytest.approx(
       branch.train_steps * branch.tokens_per_step * 0.01 + config.estimate.other_seconds)
   monkeypatch.undo()
-  assert 1e6 < pipeline.matmul_flops_per_second(n=256, repeats=2) < 1e16  # the real measurement: a finite rate
+  assert 1e6 < progress.matmul_flops_per_second(n=256, repeats=2) < 1e16  # the real measurement: a finite rate

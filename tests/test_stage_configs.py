@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from bar_jax import stage_configs
+from bar_jax import config_files, stage_configs
 from bar_jax.errors import BarError
 from bar_jax.io import workdir
 from bar_jax.model.config import Compute
@@ -19,7 +19,7 @@ V1 = json.load(open(os.path.join(HERE, "data", "identities_v1.json")))
 
 
 def cfg(name, arg=None, **over):
-  c = pipeline.stage_config(name, arg)
+  c = config_files.stage_config(name, arg)
   for key, value in over.items():
     node = c
     *parents, last = key.split(".")
@@ -48,7 +48,7 @@ def today():
       "import_smollm2": cfg("import_smollm2", None),
   }
   for name, arg in (("bar_testbed", "n=2,tiny"), ("bar_smollm2", "tiny"), ("bar_smollm2", "table")):
-    for step in pipeline.plan(pipeline.stage_config(name, arg), "runs/none/pipeline"):
+    for step in pipeline.plan(config_files.stage_config(name, arg), "runs/none/pipeline"):
       cases[f"{name}:{arg} {step.name}"] = step.config
   return cases
 
@@ -107,11 +107,11 @@ def test_an_identity_that_does_not_migrate_is_refused_with_how_to_recreate_it(tm
 
 
 def test_identity_is_stable_under_override_order_and_list_spelling():
-  a = pipeline.apply_overrides(pipeline.stage_config("router", "tiny"),
+  a = config_files.apply_overrides(config_files.stage_config("router", "tiny"),
                                {"router": {"fraction": 0.1, "domains": "math,code"}, "model": "x", "seed": 3})
-  b = pipeline.apply_overrides(pipeline.stage_config("router", "tiny"),
+  b = config_files.apply_overrides(config_files.stage_config("router", "tiny"),
                                {"seed": 3, "model": "x", "router.domains": "math, code", "router.fraction": 0.1})
-  c = pipeline.apply_overrides(pipeline.stage_config("router", "tiny"), {"seed": 3, "model": "x"})
+  c = config_files.apply_overrides(config_files.stage_config("router", "tiny"), {"seed": 3, "model": "x"})
   c.router.domains = "math,code"
   c.router.fraction = 0.1
   ids = [stage_configs.identity(x) for x in (a, b, c)]
@@ -185,7 +185,7 @@ def test_typed_lists_and_one_spelling_of_no_eval():
 
 
 def test_a_spec_file_capability_gets_the_generic_branch_defaults_not_maths():
-  p = pipeline.stage_config("bar_testbed", "n=2,tiny")
+  p = config_files.stage_config("bar_testbed", "n=2,tiny")
   del p.branch.overrides["phase_order"]
   spec = p.domains[0]
   bc = stage_configs.load(pipeline.branch_config(p, spec, "base"))
@@ -201,6 +201,6 @@ def test_a_spec_file_capability_gets_the_generic_branch_defaults_not_maths():
     ("bar_testbed", "n=16,expert=ffn"), ("bar_testbed", "n=2,tiny")])
 def test_every_config_file_reads_into_its_schema(name, arg):
   """The defaults in configs/ are complete and in range: each variant is a valid typed config as it stands."""
-  c = stage_configs.load(pipeline.stage_config(name, arg))
+  c = stage_configs.load(config_files.stage_config(name, arg))
   assert isinstance(c, stage_configs.SCHEMAS[c.stage])
   assert json.loads(json.dumps(stage_configs.identity(c)))["schema"] == stage_configs.SCHEMA_VERSION

@@ -13,16 +13,22 @@ tested against the first (the reference, usually the base) item by item, and sig
                       bootstrap stratified by domain (stats.standardised_gain).
   format_table(rows)  the markdown table (rows = models, columns = domains, overall = mean of percentage metrics,
                       and for two rows or more the paired overall against the first row).
+  write_table(workdir, rows, title, command)  the pipeline's WORKDIR/results.md (the table, the command that made
+                      it, the eval settings) and results.json (every row with its per-item outcomes, replies left out).
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from bar_jax.errors import BarError
 from bar_jax.evals import protocol, stats
 
+RESULTS_MD, RESULTS_JSON = "results.md", "results.json"
 MARK = "*"  # after a cell whose difference from the reference row has p < 0.05
 
 
@@ -214,3 +220,47 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
           "first = the mean over domains of each domain's paired change in pooled per-item standard deviations "
           "(positive = better; bootstrap stratified by domain).\n" if paired else "")
   return "\n".join(lines) + "\n" + note
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline's results files.
+
+def check_same_settings(rows) -> None:
+  """Rows of one table must share their eval settings (a resumed run with a changed eval config would mix them)."""
+  settings = {json.dumps(r.get("settings", {}), sort_keys=True) for r in rows}
+  if len(settings) > 1:
+    raise BarError("the table's models were evaluated with different eval settings; delete the eval/ folders made "
+                   "with the old settings and run again")
+
+
+def made_by(config) -> str:
+  """The command that ran (recorded by the CLI, overrides included), else the config's own example command."""
+  from bar_jax import invocation
+  return invocation.command() or config.command
+
+
+def settings_note(rows) -> str:
+  s = rows[0].get("settings", {}) if rows else {}
+  return (f"Eval: {s.get('n_per_domain')} held-out items per domain, {s.get('max_new_tokens')} new tokens; "
+          "math = exact match %, code/general = per-token NLL (change vs the first row), tool_use = teacher-forced "
+          "greedy match of the canonical call %, safety = mean of refusal (harmful) and answer (benign) rates; "
+          "overall = mean of the percentage columns.")
+
+
+def write_table(workdir: str, rows: Sequence[dict], title: str, command: str) -> str:
+  """WORKDIR/results.md and results.json from eval.json rows (one per model, each named); returns the table."""
+  from bar_jax.io import workdir as workdir_lib
+  check_same_settings(rows)
+  table = format_table(rows)
+  md = (f"# BAR pipeline results: {title}\n\n"
+        f"Made by: `{command}`\n\n"
+        f"{table}\n{settings_note(rows)}\n")
+  workdir_lib.write_text_atomic(os.path.join(workdir, RESULTS_MD), md)
+  slim = [{k: v for k, v in r.items() if k != "domains"} | {"domains": {d: {k: x for k, x in res.items()
+                                                                          if k != "samples"} | {
+      "items": [{k: x for k, x in it.items() if k != "response"} for it in res.get("items", [])]}
+                                                                      for d, res in r["domains"].items()}}
+          for r in rows]  # per-item outcomes stay (paired tests can be re-run from results.json), replies go
+  workdir_lib.write_text_atomic(os.path.join(workdir, RESULTS_JSON),
+                                json.dumps({"command": command, "models": slim}, indent=1, default=str))
+  return table

@@ -13,12 +13,13 @@ identity is skipped, so a killed pipeline started again with the same command re
 killed half-way resumes from its own checkpoints. A step whose identity changed (another config, or an input that
 was redone) is run again after its old folder is moved aside to <step>.stale[N] (kept, never deleted); the steps
 after it then see new inputs and are redone the same way. Every step's config is derived from the stage's own
-configs/<stage>.py get_config plus this config's overrides (nothing is re-implemented here).
+configs/<stage>.py get_config plus this config's overrides (bar_jax/config_files.py; nothing is re-implemented
+here). The time estimates are stages/progress.py's Clock; the table is written by bar_jax/evals/report.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import importlib
 import json
 import os
 import time
@@ -27,74 +28,11 @@ from typing import Any
 import ml_collections
 
 from bar_jax import schema, stage_configs
+from bar_jax.config_files import apply_overrides, stage_available, stage_config
 from bar_jax.errors import BarError
+from bar_jax.evals import report
 from bar_jax.io import workdir as workdir_lib
-from bar_jax.model.config import ModelConfig
-
-RESULTS_MD, RESULTS_JSON = "results.md", "results.json"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Config helpers (also used by experiments/: baselines and sweeps build their configs the same way).
-
-def config_module(name: str):
-  """The module configs/<name>.py, imported as the package `configs` (the repository root on the path: run from it,
-  or install the checkout with pip install -e .)."""
-  try:
-    return importlib.import_module(f"configs.{name}")
-  except ModuleNotFoundError as e:
-    if e.name in ("configs", f"configs.{name}"):
-      raise BarError(f"cannot import configs.{name}: run from the repository root (where configs/ is), or pip "
-                     "install -e . there") from None
-    raise
-
-
-def stage_config(name: str, arg: str | None = None, overrides: Any = None) -> ml_collections.ConfigDict:
-  """configs/<name>.py get_config(arg), updated recursively with `overrides` (a dict or ConfigDict)."""
-  try:
-    config = config_module(name).get_config(arg)
-  except ValueError as e:  # the variant parser's one line
-    raise BarError(f"configs/{name}.py:{arg}: {e}") from None
-  return apply_overrides(config, overrides)
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Any) -> ml_collections.ConfigDict:
-  """Recursive update; dotted keys ("phases.sft.steps") are allowed too. Unknown keys raise one line."""
-  if not overrides:
-    return config
-  d = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
-  nested = {k: v for k, v in d.items() if "." not in k}
-  dotted = {k: v for k, v in d.items() if "." in k}
-  config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy: the caller's config is left alone
-  _check_keys(config, nested, "")
-  config.update(nested)
-  for k, v in dotted.items():
-    *parents, last = k.split(".")
-    node = config
-    for p in parents:
-      if p not in node:
-        raise BarError(f"override {k!r}: the config has no {p!r}; check the key against configs/*.py")
-      node = node[p]
-    if last not in node:
-      raise BarError(f"override {k!r} is not a key of the stage config; check it against configs/*.py")
-    node[last] = v
-  return config
-
-
-def _check_keys(config, d: dict, prefix: str) -> None:
-  for k, v in d.items():
-    if k not in config:
-      raise BarError(f"override {prefix + k!r} is not a key of the stage config; check it against configs/*.py")
-    if isinstance(v, dict) and isinstance(config[k], ml_collections.ConfigDict) and v:
-      _check_keys(config[k], v, prefix + k + ".")
-
-
-def stage_available(name: str) -> bool:
-  try:
-    return (importlib.util.find_spec(f"bar_jax.stages.{name}") is not None
-            and importlib.util.find_spec(f"configs.{name}") is not None)
-  except ModuleNotFoundError:
-    return False
+from bar_jax.stages.progress import Clock, duration
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,14 +155,6 @@ def evaluate_once(config, model_dir: str, edir: str) -> dict:
   return row
 
 
-def check_same_settings(rows) -> None:
-  """Rows of one table must share their eval settings (a resumed run with a changed eval config would mix them)."""
-  settings = {json.dumps(r.get("settings", {}), sort_keys=True) for r in rows}
-  if len(settings) > 1:
-    raise BarError("the table's models were evaluated with different eval settings; delete the eval/ folders made "
-                   "with the old settings and run again")
-
-
 def router_enabled(config) -> bool:
   """config.router.enabled: True | False | "auto" (run it when bar_jax/stages/router.py and its config exist)."""
   flag = stage_configs.load(config).router.enabled  # typed: the command line's "False" is False
@@ -265,105 +195,10 @@ def _write_base(config, outdir: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Progress: what runs, how far, how long to go (from step budgets and the rates measured so far).
-
-def matmul_flops_per_second(n: int = 1024, repeats: int = 5) -> float:
-  """This machine's fp32 matmul rate on one device: the best of a few n x n products after a warm-up (~1 s)."""
-  import jax
-  import jax.numpy as jnp
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(f(a))
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(f(a))
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
-
-
-class Clock:
-  """How long each step should take, from this machine and this run.
-
-  Until a training step has finished, its seconds per token are the model FLOPs per token of the step's model (the
-  base with 2 experts for a branch, N + 1 for the router) over this machine's measured matmul rate times
-  config.estimate.fraction_of_peak; afterwards, the rate the finished steps measured. An evaluation is first
-  config.estimate.eval_seconds_per_model (timed on a machine of config.estimate.reference_gflops) scaled by this
-  machine's rate, afterwards the time the last evaluation took.
-  """
-
-  def __init__(self, config):
-    self.estimate_config = config.estimate
-    self.n_experts = len(config.domains) + 1
-    self.flops = None              # matmul FLOP/s, measured when the base's shape is known
-    self.base_cfg = None
-    self.sec_per_token = None      # measured by a finished training step
-    self.eval_seconds = None       # measured by a finished evaluation
-    self.other_seconds = float(config.estimate.other_seconds)
-
-  def calibrate(self, base_dir: str) -> None:
-    """Reads the base's shape from its manifest and measures the matmul rate (once)."""
-    m = _manifest(base_dir)
-    if self.flops is None and m.get("model"):
-      self.base_cfg = ModelConfig.from_dict(m["model"])
-      self.flops = matmul_flops_per_second()
-      print(f"[pipeline] this machine: {self.flops / 1e9:.0f} GFLOP/s fp32 matmul on one device; first estimates "
-            f"assume {float(self.estimate_config.fraction_of_peak):.0%} of it until a step measures its own rate",
-            flush=True)
-
-  def observe(self, step: Step, seconds: float, workdir: str) -> None:
-    if step.kind == "base":
-      self.calibrate(step.outdir)
-    elif step.kind in ("branch", "router") and step.train_steps:
-      m = _manifest(os.path.join(workdir, step.name))
-      train_s = sum(s.get("seconds", 0) or 0 for s in m.get("stages", []))
-      tokens = sum(s.get("tokens", 0) or 0 for s in m.get("stages", []))
-      if train_s and tokens:
-        self.sec_per_token = train_s / tokens
-    elif step.kind == "eval":
-      self.eval_seconds = seconds
-
-  def known(self) -> bool:
-    return self.flops is not None or self.sec_per_token is not None
-
-  def _flops_per_token(self, step: Step) -> float:
-    from bar_jax.model import transformer
-    e = 2 if step.kind == "branch" else self.n_experts
-    seq = int(step.tokens_per_step or 256)
-    return transformer.train_flops_per_token(self.base_cfg.replace(ffn="moe", n_experts=e, top_k=0), seq)
-
-  def estimate(self, step: Step) -> float:
-    e = self.estimate_config
-    if step.kind == "eval":
-      if self.eval_seconds is not None:
-        return self.eval_seconds
-      return float(e.eval_seconds_per_model) * float(e.reference_gflops) * 1e9 / self.flops
-    if not step.train_steps:
-      return self.other_seconds
-    if self.sec_per_token is not None:
-      rate = self.sec_per_token
-    else:
-      rate = self._flops_per_token(step) / (self.flops * float(e.fraction_of_peak))
-    return step.train_steps * step.tokens_per_step * rate + self.other_seconds
-
-
-def _manifest(d: str) -> dict:
-  try:
-    with open(os.path.join(d, workdir_lib.MANIFEST)) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return {}
-
-
-def _fmt(seconds: float) -> str:
-  return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The table.
 
-def write_table(config, workdir: str) -> str:
-  """WORKDIR/results.md and results.json from the per-model eval.json files (one row per model)."""
+def table_rows(config, workdir: str) -> list[dict]:
+  """The eval.json row of every model in the pipeline's table, in the plan's order, each named by its step."""
   from bar_jax.stages import common
   rows = []
   for step in plan(config, workdir):
@@ -373,37 +208,11 @@ def write_table(config, workdir: str) -> str:
       (row,) = json.load(f)["models"]
     row["name"] = step.name.split("/", 1)[1]
     rows.append(row)
-  check_same_settings(rows)
-  table = common.format_table(rows)
-  md = (f"# BAR pipeline results: {config.title}\n\n"
-        f"Made by: `{made_by(config)}`\n\n"
-        f"{table}\n{settings_note(rows)}\n")
-  workdir_lib.write_text_atomic(os.path.join(workdir, RESULTS_MD), md)
-  slim = [{k: v for k, v in r.items() if k != "domains"} | {"domains": {d: {k: x for k, x in res.items()
-                                                                          if k != "samples"} | {
-      "items": [{k: x for k, x in it.items() if k != "response"} for it in res.get("items", [])]}
-                                                                      for d, res in r["domains"].items()}}
-          for r in rows]  # per-item outcomes stay (paired tests can be re-run from results.json), replies go
-  workdir_lib.write_text_atomic(os.path.join(workdir, RESULTS_JSON),
-                                json.dumps({"command": made_by(config), "models": slim}, indent=1, default=str))
-  return table
-
-
-def made_by(config) -> str:
-  """The command that ran (recorded by the CLI, overrides included), else the config's own example command."""
-  from bar_jax import invocation
-  return invocation.command() or config.command
-
-
-def settings_note(rows) -> str:
-  s = rows[0].get("settings", {}) if rows else {}
-  return (f"Eval: {s.get('n_per_domain')} held-out items per domain, {s.get('max_new_tokens')} new tokens; "
-          "math = exact match %, code/general = per-token NLL (change vs the first row), tool_use = teacher-forced "
-          "greedy match of the canonical call %, safety = mean of refusal (harmful) and answer (benign) rates; "
-          "overall = mean of the percentage columns.")
+  return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Running.
 
 def compilation_cache(config, workdir: str) -> None:
   """Branches share shapes, so their train steps lower to the same program: a persistent compilation cache turns
@@ -436,16 +245,16 @@ def run(config, workdir: str) -> str:
     if clock.known():
       left = sum(clock.estimate(s) for s in steps[i - 1:] if not os.path.exists(os.path.join(s.outdir,
                                                                                                s.result_file)))
-      print(f"[pipeline {i}/{len(steps)}] {step.name}: running ({what}, ~{_fmt(clock.estimate(step))}); "
-            f"~{_fmt(max(left, clock.estimate(step)))} left in the pipeline", flush=True)
+      print(f"[pipeline {i}/{len(steps)}] {step.name}: running ({what}, ~{duration(clock.estimate(step))}); "
+            f"~{duration(max(left, clock.estimate(step)))} left in the pipeline", flush=True)
     else:  # the base: the estimate follows from its shape and this machine's measured rate, once it is written
       print(f"[pipeline {i}/{len(steps)}] {step.name}: running ({what})", flush=True)
     t0 = time.time()
     step.run()
     dt = time.time() - t0
     clock.observe(step, dt, workdir)
-    print(f"[pipeline {i}/{len(steps)}] {step.name}: finished in {_fmt(dt)}", flush=True)
-  table = write_table(config, workdir)
-  print(f"[pipeline] all steps complete in {_fmt(time.time() - t_start)}; table in "
-        f"{os.path.join(workdir, RESULTS_MD)}\n{table}", flush=True)
+    print(f"[pipeline {i}/{len(steps)}] {step.name}: finished in {duration(dt)}", flush=True)
+  table = report.write_table(workdir, table_rows(config, workdir), config.title, report.made_by(config))
+  print(f"[pipeline] all steps complete in {duration(time.time() - t_start)}; table in "
+        f"{os.path.join(workdir, report.RESULTS_MD)}\n{table}", flush=True)
   return workdir

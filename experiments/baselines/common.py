@@ -6,6 +6,7 @@ Every config here is a function of the pipeline config (configs/bar_smollm2.py:<
 
 import ml_collections
 
+from bar_jax import config_files
 from bar_jax.stages import pipeline
 
 
@@ -13,7 +14,7 @@ def dense_sft(pcfg, mix: dict, steps_scale: int = 1) -> ml_collections.ConfigDic
   """A train_lm config (base filled in by the runner) with one SFT phase like a branch's, on `mix`."""
   branch = pipeline.branch_config(pcfg, "math", "")
   sft = branch.phases.sft
-  c = pipeline.stage_config("train_lm")
+  c = config_files.stage_config("train_lm")
   c.phase_order = ["sft"]
   c.phases = ml_collections.ConfigDict({"sft": dict(
       data=dict(kind="sft", mix=mix, seq_len=sft.data.seq_len, max_examples=sft.data.max_examples),

@@ -11,6 +11,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bar_jax import config_files  # noqa: E402
 from bar_jax.stages import common, pipeline  # noqa: E402
 
 
@@ -25,7 +26,7 @@ def args(doc: str, domain: str = "tool_use"):
   suffix = "" if a.variant == "default" else f"_{a.variant}"
   a.pipeline_workdir = a.pipeline_workdir or os.path.join("runs", f"bar_smollm2{suffix}")
   a.workdir = a.workdir or os.path.join("runs", f"sweeps{suffix}")
-  a.pcfg = pipeline.stage_config("bar_smollm2", None if a.variant == "default" else a.variant)
+  a.pcfg = config_files.stage_config("bar_smollm2", None if a.variant == "default" else a.variant)
   pipeline.compilation_cache(a.pcfg, a.pipeline_workdir)  # same shapes as the pipeline's: reuse its compiles
   a.command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
   return a
@@ -47,12 +48,12 @@ def base_dir(a) -> str:
 
 def branch(a, name: str, overrides: dict) -> str:
   """One branch of a.domain with the pipeline's recipe plus `overrides` (e.g. {"general_ratio": 0.5})."""
-  cfg = pipeline.apply_overrides(pipeline.branch_config(a.pcfg, a.domain, base_dir(a)), overrides)
+  cfg = config_files.apply_overrides(pipeline.branch_config(a.pcfg, a.domain, base_dir(a)), overrides)
   return run_step(pipeline.Step(name, "branch", os.path.join(a.workdir, name), cfg))
 
 
 def stage(a, name: str, stage_name: str, overrides: dict) -> str:
-  cfg = pipeline.stage_config(stage_name, None, overrides)
+  cfg = config_files.stage_config(stage_name, None, overrides)
   return run_step(pipeline.Step(name, stage_name, os.path.join(a.workdir, name), cfg))
 
 
