@@ -13,6 +13,10 @@ domain the token comes from; general data = the anchor, expert 0):
   ridge   closed form (DUME style): the ridge regression from the layer's inputs to the one-hot expert labels,
           class-balanced, W = (X'WX + lam tr(X'WX)/D I)^-1 X'WY: one linear solve of size D per layer.
 
+  split   every column fitted at once by softmax regression onto the branches' own splits: a domain-d token's
+          target is branch d's anchor/expert-d split (from the merge's columns 0 and d), 0 for every other expert;
+          class-balanced cross-entropy with the ridge's relative L2 penalty (L-BFGS). What `pair` approximates with
+          one linear term, fitted directly, so the other experts are muted as hard as the penalty allows at any E.
   pair    the merge's columns kept, plus s x R, R the ridge regression onto "the anchor or my own expert" (1 at
           column 0 and at the token's expert, 0 elsewhere; general tokens: 1 at column 0 only). On domain d's
           tokens the other experts are pushed down by s while the anchor-vs-expert-d logit difference stays branch
@@ -36,7 +40,7 @@ from bar_jax.errors import BarError
 from bar_jax.model import transformer
 from bar_jax.model.config import Compute, ModelConfig
 
-METHODS = ("merged", "embed", "ridge", "pair")  # merged = keep the merge's columns (the recipe)
+METHODS = ("merged", "embed", "ridge", "pair", "split")  # merged = keep the merge's columns (the recipe)
 
 
 def _class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -105,6 +109,46 @@ def branch_split(logits: np.ndarray, labels: np.ndarray, n_classes: int) -> np.n
   return q
 
 
+def split_columns(x: np.ndarray, labels: np.ndarray, n_classes: int, kernel: np.ndarray, ridge: float = 1e-2,
+                  max_iter: int = 500) -> tuple[np.ndarray, dict[str, float]]:
+  """[N, D] inputs, [N] labels, the merge's [D, E] kernel -> the [D, E] kernel K minimising
+  sum_i w_i CE(q_i, softmax(x_i K)) + lam / 2 ||K||^2, q = branch_split(x @ kernel) (each domain's token split
+  as its branch split it, nothing to the other experts), w the class weights, lam = ridge x the mean eigenvalue
+  of the weighted Gram matrix (as in ridge_columns). Convex: L-BFGS from the merge's kernel."""
+  from scipy import optimize
+  x = np.asarray(x, np.float64)
+  w = _class_weights(labels, n_classes)
+  k0 = np.asarray(kernel, np.float64)
+  q = branch_split(x @ k0, labels, n_classes)
+  lam = ridge * float(np.sum(w * np.einsum("nd,nd->n", x, x))) / x.shape[1]
+  shape = k0.shape
+
+  def loss_and_grad(flat):
+    k = flat.reshape(shape)
+    z = x @ k
+    zmax = z.max(-1, keepdims=True)
+    lse = np.log(np.exp(z - zmax).sum(-1)) + zmax[:, 0]
+    p = np.exp(z - lse[:, None])
+    loss = float(np.sum(w * (lse - (q * z).sum(-1)))) + 0.5 * lam * float(np.sum(k * k))
+    grad = x.T @ (w[:, None] * (p - q)) + lam * k
+    return loss, grad.ravel()
+
+  res = optimize.minimize(loss_and_grad, k0.ravel(), jac=True, method="L-BFGS-B",
+                          options={"maxiter": max_iter, "gtol": 1e-9, "ftol": 1e-12})
+  k = res.x.reshape(shape)
+  p = _softmax(x @ k)
+  n = np.arange(len(x))
+  dom = labels > 0
+  kept = p[:, 0] + np.where(dom, p[n, labels], 0.0)
+  g_fit = p[n, labels] / np.maximum(p[n, labels] + p[:, 0], 1e-30)
+  top = np.argmax(p, -1)
+  return k.astype(np.float32), {
+      "iterations": int(res.nit), "converged": bool(res.success),
+      "train_top1_accuracy": round(float(np.mean((top == labels) | (top == 0))), 4),
+      "leak": round(float(np.mean(1.0 - kept[dom])) if dom.any() else 0.0, 5),  # weight off {anchor, own}
+      "split_error": round(float(np.mean(np.abs(g_fit - q[n, labels])[dom])) if dom.any() else 0.0, 5)}
+
+
 def _softmax(z: np.ndarray) -> np.ndarray:
   z = z - z.max(-1, keepdims=True)
   e = np.exp(z)
@@ -145,9 +189,11 @@ def fit_layer(x: np.ndarray, labels: np.ndarray, n_classes: int, method: str, ri
   the share of tokens whose largest weight is their own expert, for pair their anchor or own expert). `kernel`
   (the merge's [D, E]) is what `pair` adds to."""
   x = np.asarray(x, np.float64)
+  if method in ("pair", "split") and kernel is None:
+    raise BarError(f"router init {method}: needs the merge's router kernel (its branches' splits)")
+  if method == "split":
+    return split_columns(x, labels, n_classes, kernel, ridge)
   if method == "pair":
-    if kernel is None:
-      raise BarError("router init pair: needs the merge's router kernel to add to")
     base_k = np.asarray(kernel, np.float64)
     cols = ridge_columns(x, labels, n_classes, ridge, targets=pair_targets(labels, n_classes))
     offset, z = x @ base_k, x @ cols
