@@ -355,12 +355,14 @@ def main(argv=None):
         score, rest = cell.split(", ", 1)
         lines.append(f"| {e} | {name} | {score} | {rest} | {d['entropy']['1'][name]:.3f} |")
   lines += ["", "## Routing diagnostics (held-out tokens; tau = every router kernel x tau, the model run with it)", ""]
-  for (label, e), rep in diags.items():
-    lines += [f"**E = {e}, {label}** ({rep.get('seconds', '?')} s)", "", routing.format_diagnostics(rep)]
+  for (label, e, *tokens), rep in diags.items():
+    lines += [f"**E = {e}, {label}{', reply tokens' if tokens else ''}** ({rep.get('seconds', '?')} s)", "",
+              routing.format_diagnostics(rep)]
   lines += ["CPU seconds of the steps this invocation ran (a step found finished counts 0): " +
             ", ".join(f"{os.path.relpath(k, wd) if k.startswith(wd) else k}: {v}" for k, v in timings.items()), ""]
-  result["diagnostics"] = {f"E{e}_{lab}": {kk: v[kk] for kk in ("own", "entropy", "tokens")}
-                           for (lab, e), v in diags.items()}
+  result["diagnostics"] = {f"E{e}_{lab}{'_replies' if tokens else ''}": {kk: v[kk] for kk in ("own", "entropy",
+                                                                                               "tokens")}
+                           for (lab, e, *tokens), v in diags.items()}
   os.makedirs(a.results, exist_ok=True)
   with open(os.path.join(a.results, a.name + ".md"), "w") as f:
     f.write("\n".join(lines) + "\n")
