@@ -1,5 +1,5 @@
 """Content fingerprints of parameters: pure functions of arrays (numpy and hashlib only), shared by the artifact
-reader and writer and by the transforms that prove which leaves or experts changed.
+reader and writer and by the transforms that prove which leaves or experts changed; and of settings (config_hash).
 
 Each leaf's fingerprint is sha256 over its '/'-joined path, shape, dtype and little-endian C-order bytes; a parameter
 dict's is sha256 over the sorted "path:leaf_fingerprint" lines. So a fingerprint covers names, shapes, dtypes and
@@ -8,7 +8,8 @@ bytes.
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping
+import json
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -37,3 +38,8 @@ def combine(leaf_fps: Mapping[str, str]) -> str:
 def fingerprint(params) -> str:
   """sha256 over sorted leaf paths, shapes, dtypes and bytes (via the per-leaf fingerprints)."""
   return combine(leaf_fingerprints(params))
+
+
+def config_hash(d: Any) -> str:
+  """16 hex digits of sha256 over d as sorted-key JSON (str() for what JSON cannot hold): a phase's data spec."""
+  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -30,8 +30,8 @@ def complete(model: str, prompt: str, *, raw: bool = False, system: str | None =
   check_sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
   import jax
   from bar_jax.model import generate as gen
-  from bar_jax.stages import common
-  m = common.load_model(model)
+  from bar_jax.io import models
+  m = models.load_model(model)
   tok = m.tokenizer
   ids = tok.encode(prompt) if raw else tok.format_prompt(prompt, system=system)
   if len(ids) + max_new_tokens > m.cfg.max_seq_len:  # the model would stop at its context, mid-answer, silently

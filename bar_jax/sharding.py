@@ -61,6 +61,11 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None, devices=No
   return Mesh(np.asarray(devices).reshape(dims), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def mesh_from(config) -> Mesh:
+  """The mesh of a stage config's `mesh` section (stage_configs.Mesh: axis sizes, one may be -1)."""
+  return make_mesh(config.mesh.to_dict())
+
+
 def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
   """PartitionSpec for one array from its logical axes; a mesh axis is used once and only where it divides.
 

@@ -52,6 +52,7 @@ def main(argv=None):
   from bar_jax import evals
   from bar_jax.data import capability
   from bar_jax.evals import report
+  from bar_jax.io import models
   from bar_jax.stages import common
   from configs.evaluate import get_config
   c = get_config()
@@ -62,7 +63,7 @@ def main(argv=None):
   rows = []
   for spec in [s.strip() for s in args.models.split(",") if s.strip()]:
     mdir = os.path.join(args.out, re.sub(r"[^\w.-]+", "_", spec.strip("/")))
-    model = common.load_model(spec)
+    model = models.load_model(spec)
     cfg, compute = common.model_overrides(model.cfg, c.compute)
     results = evaluate_domains(model, cfg, compute, c, names, mdir, spec)
     overall, overall_ci = evals.runner.overall(results)

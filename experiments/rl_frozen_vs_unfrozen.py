@@ -49,8 +49,8 @@ def main():
   args = ap.parse_args()
 
   if args.branch:  # e.g. the pipeline's SFT'd math branch: RL as the paper's last stage of a branch
-    from bar_jax.stages import common
-    m = common.load_model(args.branch)
+    from bar_jax.io import models
+    m = models.load_model(args.branch)
     if m.cfg.ffn != "moe":
       raise SystemExit(f"--branch={args.branch} is a {m.cfg.ffn} model; pass a branch artifact (or leave it out)")
     params, cfg, tok = m.params, m.cfg, m.tokenizer

@@ -84,7 +84,8 @@ def main(argv=None):
   from bar_jax import config_files
   from bar_jax.errors import BarError
   from bar_jax.evals import routing
-  from bar_jax.stages import common, pipeline
+  from bar_jax.io import models
+  from bar_jax.stages import pipeline
 
   pcfg = config_files.stage_config("bar_smollm2", a.variant)
   domains = [d for d in (a.domains or ("math,tool_use" if a.quick else ",".join(pcfg.domains))).split(",") if d]
@@ -141,7 +142,7 @@ def main(argv=None):
   if not a.skip_full:
     budgets["full"] = 0  # max_steps 0: the recipe's 2 epochs of the stratified sample
   results = []
-  base = common.load_model(base_dir)
+  base = models.load_model(base_dir)
   rows = routing.domain_rows(base.tokenizer, domains + ["general"], seq_len=int(rc0.routing.seq_len),
                              max_rows=rows_n)
   for arm in arms:
@@ -159,8 +160,8 @@ def main(argv=None):
 def embed_merged(a, merged_dir: str, domains: list[str]) -> str:
   from bar_jax import pytree
   from bar_jax.evals import routing
+  from bar_jax.io import models
   from bar_jax.io import workdir
-  from bar_jax.stages import common
   out = os.path.join(a.workdir, "embed", "merged")
   settings = {"scale": a.embed_scale, "rows": 8, "seq_len": 128, "split": "train"}
   identity = dict(settings, stage="router_from_domain_embeddings", input=workdir.input_fingerprint(merged_dir))
@@ -169,7 +170,7 @@ def embed_merged(a, merged_dir: str, domains: list[str]) -> str:
     return out
   if found != identity:
     workdir.set_aside(out)  # made from another merged model or with other settings: kept, made again
-  m = common.load_model(merged_dir)
+  m = models.load_model(merged_dir)
   experts = list(m.manifest["experts"])  # ["anchor", domain...]
   rows = routing.domain_rows(m.tokenizer, ["general"] + experts[1:], seq_len=128, max_rows=8, split="train")
   tokens = [rows[d]["inputs"] for d in ["general"] + experts[1:]]
@@ -177,7 +178,7 @@ def embed_merged(a, merged_dir: str, domains: list[str]) -> str:
   emb = np.asarray(flat["embed/embedding"])
   flat["layers/moe/router/kernel"] = domain_embedding_router(emb, tokens, m.cfg.n_layers, a.embed_scale)
   record = {"stage": "router_from_domain_embeddings", "steps": 0, "tokens": 0, "flops": 0, "config": settings}
-  return common.write_artifact(out, m, pytree.unflatten(flat), m.cfg, "moe", [record],
+  return models.write_artifact(out, m, pytree.unflatten(flat), m.cfg, "moe", [record],
                                [dict(m.manifest, role="input")], identity=identity, experts=experts,
                                base_fingerprint=m.manifest.get("base_fingerprint"),
                                merge_rule=m.manifest.get("merge_rule"), note="beyond the paper: router columns from "
@@ -186,8 +187,8 @@ def embed_merged(a, merged_dir: str, domains: list[str]) -> str:
 
 def measure(a, arm: str, budget: str, model_dir: str, rows: dict) -> dict:
   from bar_jax.evals import routing
-  from bar_jax.stages import common
-  m = common.load_model(model_dir)
+  from bar_jax.io import models
+  m = models.load_model(model_dir)
   names = list(m.manifest.get("experts") or [])
   report = routing.weight_table(m.params, m.cfg, rows, batch_size=1, names=names)
   report["title"] = f"{arm}, {budget}"

@@ -29,8 +29,8 @@ def main(argv=None):
 
   from bar_jax.errors import BarError
   from bar_jax.evals import routing as routing_lib
-  from bar_jax.stages import common
-  model = common.load_model(args.model)
+  from bar_jax.io import models
+  model = models.load_model(args.model)
   if model.cfg.ffn != "moe":
     raise BarError(f"{args.model} is a {model.cfg.ffn} model: routing diagnostics need an moe artifact")
   names = model.manifest.get("experts") or [f"expert_{i}" for i in range(model.cfg.n_experts)]

@@ -36,6 +36,7 @@ import numpy as np
 from bar_jax import config_files, stage_configs
 from bar_jax.errors import BarError
 from bar_jax.evals import report
+from bar_jax.io import models
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.stages import common, pipeline
 from bar_jax.transforms import baselines as builders
@@ -57,8 +58,8 @@ class Built:
   outdir: str
   config: Any                            # the baseline's ConfigDict (stage, builder, ...)
   inputs: dict[str, list[str]]           # role -> input artifact dirs (or packaged names), as the parents
-  # {role: [common.Model]} -> (params, ModelConfig, kind, manifest fields)
-  build: Callable[[dict[str, list[common.Model]]], tuple[Any, Any, str, dict]]
+  # {role: [models.Model]} -> (params, ModelConfig, kind, manifest fields)
+  build: Callable[[dict[str, list[models.Model]]], tuple[Any, Any, str, dict]]
 
   def identity(self) -> dict:
     d = dict(stage_configs.strip_runtime(self.config.to_dict()),
@@ -78,12 +79,12 @@ class Built:
             flush=True)
     if workdir_lib.resolve(self.outdir, ident) == workdir_lib.FINISHED:
       return self.outdir
-    models = {role: [common.load_model(d) for d in dirs] for role, dirs in self.inputs.items()}
-    params, cfg, kind, fields = self.build(models)
-    parents = [dict(m.manifest, role=role) for role, ms in models.items() for m in ms]
-    like = next(iter(models.values()))[0]  # the first input's tokenizer goes with the artifact
+    loaded = {role: [models.load_model(d) for d in dirs] for role, dirs in self.inputs.items()}
+    params, cfg, kind, fields = self.build(loaded)
+    parents = [dict(m.manifest, role=role) for role, ms in loaded.items() for m in ms]
+    like = next(iter(loaded.values()))[0]  # the first input's tokenizer goes with the artifact
     record = {"stage": self.config.stage, "steps": 0, "tokens": 0, "flops": 0}
-    return common.write_artifact(self.outdir, like, params, cfg, kind, [record], parents, identity=ident, **fields)
+    return models.write_artifact(self.outdir, like, params, cfg, kind, [record], parents, identity=ident, **fields)
 
 
 def run_step(step) -> str:
@@ -104,8 +105,8 @@ def train(name: str, cfg, base: str, out: str) -> str:
 
 
 def build_dense_merge(pcfg, dense: dict[str, str], base: str, out: str) -> str:
-  def build(models):
-    fine = models["parent"]
+  def build(inputs):
+    fine = inputs["parent"]
     return (builders.average_dense([m.params for m in fine]), fine[0].cfg, "dense",
             dict(base_fingerprint=fine[0].manifest["base_fingerprint"], domain="merged"))
   inputs = {"parent": [dense[d] for d in pcfg.domains]}
@@ -115,9 +116,9 @@ def build_dense_merge(pcfg, dense: dict[str, str], base: str, out: str) -> str:
 def build_btx(pcfg, dense: dict[str, str], base: str, out: str) -> str:
   bc = btx.get_config(pcfg)
 
-  def build(models):
-    (b,) = models["base"]
-    params, cfg = builders.btx_moe(b.params, [m.params for m in models["expert"]], b.cfg, rule=bc.rule)
+  def build(inputs):
+    (b,) = inputs["base"]
+    params, cfg = builders.btx_moe(b.params, [m.params for m in inputs["expert"]], b.cfg, rule=bc.rule)
     return params, cfg, "moe", dict(experts=["anchor"] + list(pcfg.domains), merge_rule=bc.rule,
                                     base_fingerprint=b.manifest["fingerprint"])
   merged = run_step(Built("btx_merged", out, bc, {"expert": [dense[d] for d in pcfg.domains], "base": [base]},
@@ -167,10 +168,10 @@ def run(variant: str, workdir: str, pipeline_workdir: str, results_dir: str, com
     base = run_step(pipeline.Step("base", "base", os.path.join(workdir, "base"),
                                   ml_collections.ConfigDict({"stage": "base", "base": pcfg.base})))
 
-  models = []
+  made = []
   if "monolithic" in only:
-    models.append(("monolithic", train("monolithic", monolithic.get_config(pcfg), base,
-                                       os.path.join(workdir, "monolithic"))))
+    made.append(("monolithic", train("monolithic", monolithic.get_config(pcfg), base,
+                                     os.path.join(workdir, "monolithic"))))
   if set(only) & {"sequential", "dense_merge", "btx"}:
     dense = {d: train(f"dense_{d}", dense_domain.get_config(pcfg, d), base, os.path.join(workdir, f"dense_{d}"))
              for d in pcfg.domains}
@@ -180,14 +181,14 @@ def run(variant: str, workdir: str, pipeline_workdir: str, results_dir: str, com
       for i, d in enumerate(seq.order):  # step 1 is the first domain's dense fine-tune itself
         out = dense[d] if i == 0 else os.path.join(workdir, f"sequential_{i + 1}_{d}")
         prev = dense[d] if i == 0 else train(f"sequential_{i + 1}_{d}", seq.steps[d], prev, out)
-        models.append((f"sequential_{i + 1}_{d}", prev))
+        made.append((f"sequential_{i + 1}_{d}", prev))
     if "dense_merge" in only:
-      models.append(("dense_merge", build_dense_merge(pcfg, dense, base, os.path.join(workdir, "dense_merge"))))
+      made.append(("dense_merge", build_dense_merge(pcfg, dense, base, os.path.join(workdir, "dense_merge"))))
     if "btx" in only:
-      models.append(("btx", build_btx(pcfg, dense, base, os.path.join(workdir, "btx_merged"))))
+      made.append(("btx", build_btx(pcfg, dense, base, os.path.join(workdir, "btx_merged"))))
   if not bar:
-    models.insert(0, ("base", base))
-  for label, model in models:
+    made.insert(0, ("base", base))
+  for label, model in made:
     rows.append(evaluate(pcfg, label, model, os.path.join(workdir, "eval", label)))
   return write_results(rows, variant, results_dir, command, "bar_smollm2" if bar else "baselines")
 
@@ -204,7 +205,7 @@ def write_results(rows: list[dict], variant: str, results_dir: str, command: str
                     "produced (plumbing), not quality.\n\n",
             "quick": "A few training steps and eval items: a plumbing demo, not a measurement.\n\n"}.get(variant, "")
   md = (f"# BAR vs baselines, SmolLM2-135M-Instruct ({variant})\n\nMade by: `{command}`\n\n{caveat}"
-        + common.format_table(rows) +
+        + report.format_table(rows) +
         f"\nEval: {s.get('n_per_domain')} held-out items per domain, {s.get('max_new_tokens')} new tokens; math = "
         "exact match %, code/general = 100*exp(-NLL), tool_use = teacher-forced call match %, safety = mean of "
         "refusal (harmful) "

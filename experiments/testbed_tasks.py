@@ -35,10 +35,10 @@ def measure(task: str, tokenizer) -> dict:
 def base_scores(tasks, n: int) -> dict[str, float]:
   """The packaged base's greedy_match on the first n held-out items of each task."""
   from bar_jax import evals
-  from bar_jax.stages import common
+  from bar_jax.io import models
   from configs.bar_testbed import get_config, spec_path
   c = get_config().eval
-  base = common.load_model("smollm2")
+  base = models.load_model("smollm2")
   rep = evals.evaluate_model(base.params, base.cfg, base.tokenizer, [spec_path(t) for t in tasks], n_per_domain=n,
                              nll_seq_len=c.nll_seq_len, nll_batch_rows=c.nll_batch_rows)
   return {t: rep["domains"][t] for t in tasks}

@@ -54,8 +54,8 @@ def main(argv=None) -> int:
   if args.train_only:
     return 0
   from bar_jax.evals import validation
-  from bar_jax.stages import common
-  model = common.load_model(model_dir)
+  from bar_jax.io import models
+  model = models.load_model(model_dir)
   t1 = time.time()
   res = validation.greedy_vs_generated(model.params, model.cfg, model.tokenizer, "tool_use", n=args.n,
                                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)

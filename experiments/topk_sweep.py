@@ -38,6 +38,7 @@ def main(argv=None):
   from bar_jax.data import capability
   from bar_jax.errors import BarError
   from bar_jax.evals import report
+  from bar_jax.io import models
   from bar_jax.model import transformer
   from bar_jax.stages import common
   from configs.evaluate import get_config
@@ -46,7 +47,7 @@ def main(argv=None):
   for k in ("n_per_domain", "max_new_tokens", "batch_size"):
     if getattr(args, k) is not None:
       c[k] = getattr(args, k)
-  model = common.load_model(args.model)
+  model = models.load_model(args.model)
   if model.cfg.ffn != "moe":
     raise BarError(f"{args.model} is not an MoE: pass a merge/router/upgrade artifact")
   suffix = "_norm" if args.norm_topk else ""

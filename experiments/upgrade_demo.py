@@ -43,7 +43,7 @@ def main(argv=None):
   from bar_jax.errors import BarError
   from bar_jax.evals import report
   from bar_jax.io import artifact
-  from bar_jax.stages import common, pipeline
+  from bar_jax.stages import pipeline
   from bar_jax.transforms import upgrade as upgrade_lib
   path, _, variant = args.config.partition(":")
   config = config_files.stage_config(os.path.splitext(os.path.basename(path))[0], variant or None)
@@ -86,7 +86,7 @@ def main(argv=None):
   changes, identity = {}, {}
   lines = [f"# Upgrading the {args.domain} expert of `{args.workdir}`\n",
            f"Made by: `python experiments/upgrade_demo.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n",
-           common.format_table(rows), report.settings_note(rows), "",
+           report.format_table(rows), report.settings_note(rows), "",
            "| upgrade | " + " | ".join(f"{d} change [95% CI] (p)" for d in before) + " | experts bit-identical |",
            "|---" * (len(before) + 2) + "|"]
   for u, d in upgraded.items():

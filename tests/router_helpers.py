@@ -1,6 +1,6 @@
 """Tiny branch and MoE artifacts shared by tests/test_router.py and tests/test_upgrade.py (built once a session).
 
-The tiny random model with the real tokenizer (stages.common.load_model("tiny")), branches "as if trained" (domain
+The tiny random model with the real tokenizer (io.models.load_model("tiny")), branches "as if trained" (domain
 expert, router and shared leaves moved off the base by seeded noise), written as real artifacts, merged by the merge
 stage. Domains math, tool_use and general are the registry's quickest to load.
 """
@@ -10,9 +10,9 @@ import jax
 import numpy as np
 
 from bar_jax.io import artifact
+from bar_jax.io import models
 from bar_jax.model import transformer
 from bar_jax.model.config import tiny
-from bar_jax.stages import common
 from bar_jax.stages import merge as merge_stage
 from bar_jax.transforms.upcycle import upcycle
 from configs import merge as merge_config
@@ -55,7 +55,7 @@ def tiny_artifacts(tmp_path_factory) -> dict:
   if _CACHE:
     return _CACHE
   root = str(tmp_path_factory.mktemp("tiny_bar"))
-  base = common.load_model("tiny")
+  base = models.load_model("tiny")
   fp = base.manifest["fingerprint"]
   dirs = {}
   for name, domain, seed in (("math", "math", 1), ("tool_use", "tool_use", 2), ("tool_use_v2", "tool_use", 3)):

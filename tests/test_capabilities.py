@@ -309,7 +309,8 @@ def tiny_moe(tmp_path_factory):
 def test_user_capability_branch_add_evaluate_rl(kind, tmp_path, tiny_moe, verifier_module):
   from configs import branch as branch_config, evaluate as evaluate_config, upgrade as upgrade_config
   from bar_jax import sharding
-  from bar_jax.stages import common, rollouts
+  from bar_jax.io import models
+  from bar_jax.stages import rollouts
   from configs.rl import rl_config
   name = f"user_{kind}"  # one name per capability in a process: the registry refuses two different "sums_..."
   spec = _write_spec(tmp_path, name, data=dict(_formats(tmp_path)[kind], reference="" if "chat" in kind else "value"),
@@ -345,7 +346,7 @@ def test_user_capability_branch_add_evaluate_rl(kind, tmp_path, tiny_moe, verifi
   # One GRPO step on the branch, rewarded by the user's verifier.
   calls = sys.modules[verifier_module].CALLS
   calls.clear()
-  model = common.load_model(branch_dir)
+  model = models.load_model(branch_dir)
   rc = rl_config(name, steps=1, prompts_per_step=2, group_size=4, max_prompt_len=64, max_response_len=8)
   _, record = rollouts.run_rl(model.params, model.cfg, model.tokenizer, rc, str(tmp_path / "rl"),
                               mesh=sharding.make_mesh(), identity={"test": "rl"})

@@ -160,8 +160,8 @@ def test_an_apart_group_leaves_the_headline_and_keeps_its_items():
   """evaluate_model scores a group put apart on its own (value, interval, items with replies) and leaves it out of
   the headline rate and its items, which a paired comparison reads."""
   from bar_jax import evals
-  from bar_jax.stages import common
-  model = common.load_model("tiny")
+  from bar_jax.io import models
+  model = models.load_model("tiny")
   rep = evals.evaluate_model(model.params, model.cfg, model.tokenizer, "math", n_per_domain=8, max_new_tokens=256,
                              batch_size=8, max_prompt_tokens=256)
   res = rep["domains"]["math"]
@@ -392,15 +392,16 @@ def test_drift_set_is_made_once_per_base_and_scored_on_every_model(tmp_path, mon
   of one), each model gets a "drift" NLL domain over them, and a second evaluation reads the stored set (nothing is
   generated again); a stored set of other settings is refused."""
   from bar_jax.evals import drift
+  from bar_jax.io import models
   from bar_jax.model import generate as gen
-  from bar_jax.stages import common, evaluate
+  from bar_jax.stages import evaluate
   from configs.evaluate import get_config
   config = get_config()
   config.update(dict(model="tiny,tiny:1", domains="general", n_per_domain=2, batch_size=2, nll_seq_len=256,
                      drift_base="tiny", drift_n=3, drift_tokens=6))
   out = evaluate.run(config, str(tmp_path / "eval_a"))
   rows = json.load(open(os.path.join(out, "eval.json")))["models"]
-  base = common.load_model("tiny")
+  base = models.load_model("tiny")
   (stored,) = [json.load(open(tmp_path / "drift" / f)) for f in os.listdir(tmp_path / "drift")]
   assert os.listdir(tmp_path / "drift") == [f"drift_{base.manifest['fingerprint'][:16]}.json"]
   assert stored["base_fingerprint"] == base.manifest["fingerprint"] and len(stored["items"]) >= 1
@@ -424,7 +425,7 @@ def test_drift_set_is_made_once_per_base_and_scored_on_every_model(tmp_path, mon
 
 
 def test_format_table_marks_only_significant_paired_differences():
-  from bar_jax.stages.common import format_table
+  from bar_jax.evals.report import format_table
   items = lambda oks: [{"id": f"q{i}", "kind": "exact_match", "ok": ok} for i, ok in enumerate(oks)]
   nll_items = lambda per: [{"id": f"t{i}", "nll_sum": 10.0 * x, "tokens": 10} for i, x in enumerate(per)]
   base_per = [1.0 + 0.5 * (i % 7) for i in range(40)]

@@ -23,6 +23,16 @@ def lm():
   return lm_eval_model.BarJaxLM(loaded=(cfg, params, tok), batch_size=4, max_gen_toks=6)
 
 
+def test_load_is_the_stages_model_loader():
+  """lm-eval's load goes through bar_jax/io/models.py: the same model (config and every leaf) as the stages load."""
+  from bar_jax import fingerprints
+  from bar_jax.io import models
+  cfg, params, tok = lm_eval_model.load("tiny:3")
+  model = models.load_model("tiny:3")
+  assert cfg == model.cfg and tok.vocab_size == model.tokenizer.vocab_size
+  assert fingerprints.fingerprint(params) == model.manifest["fingerprint"]
+
+
 class _Req:
   def __init__(self, *args):
     self.args = args

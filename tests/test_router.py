@@ -12,9 +12,10 @@ from bar_jax import sharding
 from bar_jax.errors import BarError
 from bar_jax.evals import routing
 from bar_jax.io import artifact
+from bar_jax.io import models
 from bar_jax.model import transformer
 from bar_jax.model.config import tiny
-from bar_jax.stages import common, loop
+from bar_jax.stages import loop
 from bar_jax.stages import router as router_stage
 from configs.common import opt_defaults
 from bar_jax.transforms import freeze
@@ -59,7 +60,7 @@ def test_router_training_routes_each_domain_to_its_expert(tmp_path):
   def phase(name, params, cfg, trainable, frozen, domains, steps, lr):
     part = freeze.make_partition(params, cfg, trainable, frozen)
     opt = opt_defaults(lr=lr, warmup_steps=0, schedule="constant")
-    return common.to_host(loop.train(
+    return models.to_host(loop.train(
         params=params, cfg=cfg, part=part, loss_fn=loop.lm_loss(cfg, mesh, z_loss=1e-3),
         batches=stream(domains, len(name)), opt=opt, steps=steps, workdir=str(tmp_path / name), mesh=mesh,
         identity={"phase": name}, log_every=steps, checkpoint_every=steps).params)
@@ -159,7 +160,7 @@ def test_topk_sweep_matches_the_evaluator_and_resumes(dirs, tmp_path):
   spec = importlib.util.spec_from_file_location("topk_sweep", path)
   sweep = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(sweep)
-  moe = common.load_model(dirs["moe3"])
+  moe = models.load_model(dirs["moe3"])
   E = moe.cfg.n_experts
   wd, out = str(tmp_path / "wd"), str(tmp_path / "out")
   argv = [f"--model={dirs['moe3']}", "--domains=general", "--n_per_domain=2", f"--top_ks={E},1", f"--workdir={wd}",

@@ -140,8 +140,8 @@ def test_greedy_match_through_evaluate_model_and_its_reward():
   tokenizer): per-item outcomes by the items' ids, a rate with its interval, answer NLLs; its reward is the
   generative form (the reply equals the answer)."""
   from bar_jax import evals
-  from bar_jax.stages import common
-  model = common.load_model("tiny")
+  from bar_jax.io import models
+  model = models.load_model("tiny")
   rep = evals.evaluate_model(model.params, model.cfg, model.tokenizer, [spec_path("gcd")], n_per_domain=6,
                              nll_seq_len=128, nll_batch_rows=2)
   res = rep["domains"]["gcd"]

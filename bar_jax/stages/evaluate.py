@@ -20,7 +20,8 @@ import time
 
 from bar_jax import stage_configs
 from bar_jax.errors import BarError
-from bar_jax.evals import protocol
+from bar_jax.evals import protocol, report
+from bar_jax.io import models
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.stages import common
 
@@ -40,20 +41,20 @@ def run(config, workdir: str) -> str:
   rows = []
   for spec in specs:
     t0 = time.time()
-    model = common.load_model(spec)
+    model = models.load_model(spec)
     cfg, compute = common.model_overrides(model.cfg, config.compute, config.moe)
-    report = _evaluate_domains(config, identity, workdir, model, cfg, compute)
+    result = _evaluate_domains(config, identity, workdir, model, cfg, compute)
     if drift_set is not None:
       from bar_jax.evals import drift
       t1 = time.time()
-      report["domains"]["drift"] = dict(drift.score(model.params, cfg, model.tokenizer, drift_set,
+      result["domains"]["drift"] = dict(drift.score(model.params, cfg, model.tokenizer, drift_set,
                                                     batch_size=config.nll_batch_rows, seq_len=config.nll_seq_len,
                                                     compute=compute), seconds=round(time.time() - t1, 2))
-    rows.append({"name": model.manifest.get("name", spec) if spec == common.SMOLLM2 else spec, "model": spec,
+    rows.append({"name": model.manifest.get("name", spec) if spec == models.SMOLLM2 else spec, "model": spec,
                  "kind": model.manifest.get("kind"), "fingerprint": model.manifest.get("fingerprint"),
-                 "load_and_eval_seconds": round(time.time() - t0, 2), **report})
-    print(f"evaluate: {spec}: overall {report['overall']:.1f} in {report['seconds']:.0f} s", flush=True)
-  table = common.format_table(rows)
+                 "load_and_eval_seconds": round(time.time() - t0, 2), **result})
+    print(f"evaluate: {spec}: overall {result['overall']:.1f} in {result['seconds']:.0f} s", flush=True)
+  table = report.format_table(rows)
   workdir_lib.write_text_atomic(os.path.join(workdir, common.EVAL_MD), table)
   workdir_lib.write_text_atomic(os.path.join(workdir, common.EVAL_JSON),  # last: it marks the stage finished
                                 json.dumps({"identity": identity, "models": rows}, indent=1, default=str))
@@ -115,7 +116,7 @@ def _drift_set(config, workdir: str) -> dict | None:
 
   def load():
     if not loaded:
-      loaded.append(common.load_model(base))
+      loaded.append(models.load_model(base))
     return loaded[0]
   fingerprint = workdir_lib.input_fingerprint(base)
   if fingerprint == base:  # a packaged name: the loaded model's own fingerprint

@@ -180,15 +180,15 @@ def eval_models(config, workdir: str, branch_dirs: list[str], merged: str, final
 
 def _write_base(config, outdir: str) -> str:
   """The dense base as an artifact in the workdir, so every branch (and the `base`/`ties` merge rules) reads it."""
-  from bar_jax.stages import common
+  from bar_jax.io import models
   config, identity, state = stage_configs.begin(config, outdir)
   if state == workdir_lib.FINISHED:
     return outdir
-  base = common.load_model(config.base)
+  base = models.load_model(config.base)
   if base.cfg.ffn != "dense":
     raise BarError(f"config.base {config.base!r} is a {base.cfg.ffn} model; BAR branches from a dense post-trained "
                    "model")
-  return common.write_artifact(outdir, base, base.params, base.cfg, "dense", [], [], identity=identity,
+  return models.write_artifact(outdir, base, base.params, base.cfg, "dense", [], [], identity=identity,
                                name=base.manifest.get("name", config.base),
                                source=base.manifest.get("source", config.base),
                                ledger_note="the base's own pre/post-training is outside this ledger")

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 
-from bar_jax import stage_configs
+from bar_jax import sharding, stage_configs
 from bar_jax.errors import BarError
+from bar_jax.io import models
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.stages import common, rollouts
 
@@ -23,12 +24,12 @@ def run(config, workdir: str) -> str:
     return workdir
   if not config.model:
     raise BarError("rl needs an input branch: pass --config.model=BRANCH_DIR (an artifact written by the branch stage)")
-  model = common.load_model(config.model)
+  model = models.load_model(config.model)
   if model.cfg.ffn != "moe":
     raise BarError(f"{config.model} is a {model.manifest.get('kind', 'dense')} model; RL runs on a branch "
                    "(upcycle it with the branch stage first)")
   cfg, compute = common.model_overrides(model.cfg, config.compute)
-  mesh = common.mesh_from(config)
+  mesh = sharding.mesh_from(config)
   rc = config.rl
   metrics = {}
   eval_task = rollouts.capability_task(rc, model.tokenizer, split="eval") if rc.eval_n else None
@@ -42,7 +43,7 @@ def run(config, workdir: str) -> str:
     metrics[f"{eval_task.name}_after"] = rollouts.evaluate_task(params, cfg, model.tokenizer, eval_task, **ev)
   record["metrics"] = metrics
   parent = dict(model.manifest, role="parent")
-  return common.write_artifact(workdir, model, params, cfg, "branch", [record], [parent], identity=identity,
+  return models.write_artifact(workdir, model, params, cfg, "branch", [record], [parent], identity=identity,
                                keep_checkpoints=config.keep_checkpoints, metrics=metrics,
                                base_fingerprint=model.manifest.get("base_fingerprint", model.manifest["fingerprint"]),
                                domain=model.manifest.get("domain", rc.capability))

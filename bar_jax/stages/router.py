@@ -14,7 +14,7 @@ workdir contract (bar_jax/io/workdir.py).
 """
 from __future__ import annotations
 
-from bar_jax import stage_configs
+from bar_jax import sharding, stage_configs
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.stages import common
 from bar_jax.stages import router_training as rt
@@ -30,7 +30,7 @@ def run(config, workdir: str) -> str:
   rc = config.router
   rt.load_capabilities(model.manifest, rt.expert_domains(model.manifest))  # a missing spec: one line, before work
   fractions = {d: float(rc.fraction) for d in rt.data_domains(rc, model.manifest)}
-  mesh = common.mesh_from(config)
+  mesh = sharding.mesh_from(config)
   workdir_lib.start(workdir, identity)
   metrics_before = rt.evaluate(config, cfg, model.params, model.tokenizer, mesh, experts[1:], compute) \
       if config.eval.before else {}

@@ -15,6 +15,7 @@ import ml_collections
 
 from bar_jax.errors import BarError
 from bar_jax.io import artifact
+from bar_jax.io import models
 from bar_jax.model import transformer
 from bar_jax.model.config import Compute
 from bar_jax.stages import common
@@ -116,7 +117,7 @@ def calibration_batches(tokenizer, fractions: Mapping[str, float], experts: Sequ
   return out
 
 
-def init_router(model: common.Model, cfg, params, rc: ml_collections.ConfigDict, fractions: Mapping[str, float],
+def init_router(model: models.Model, cfg, params, rc: ml_collections.ConfigDict, fractions: Mapping[str, float],
                 experts: Sequence[str], *, seed: int, compute: Compute = Compute()) -> tuple[Any, dict]:
   """rc.init's router (transforms/router_init.py) fitted on calibration_batches; returns (params, record)."""
   import time
@@ -127,7 +128,7 @@ def init_router(model: common.Model, cfg, params, rc: ml_collections.ConfigDict,
     raise BarError(f"router.init={rc.init!r}: use one of {router_init.METHODS}")
   start = time.time()
   batches = calibration_batches(model.tokenizer, fractions, experts, rc, seed)
-  params, layers = router_init.fit(common.to_host(params), cfg, batches, rc.init, ridge=float(rc.init_ridge),
+  params, layers = router_init.fit(models.to_host(params), cfg, batches, rc.init, ridge=float(rc.init_ridge),
                                    max_logit=float(rc.init_max_logit), compute=compute)
   tokens = int(sum(b["mask"].sum() for b in batches))
   return params, {"stage": "router_init", "method": rc.init, "tokens": tokens, "steps": 0,
@@ -136,7 +137,7 @@ def init_router(model: common.Model, cfg, params, rc: ml_collections.ConfigDict,
                   "seconds": round(time.time() - start, 1), "layers": layers}
 
 
-def train_router(model: common.Model, cfg, params, rc: ml_collections.ConfigDict, fractions: Mapping[str, float],
+def train_router(model: models.Model, cfg, params, rc: ml_collections.ConfigDict, fractions: Mapping[str, float],
                  workdir: str, mesh, *, seed: int, identity: dict, name: str = "router",
                  frozen_experts: Sequence[int] = (), compute: Compute = Compute(),
                  experts: Sequence[str] | None = None) -> tuple[Any, dict]:
@@ -150,7 +151,7 @@ def train_router(model: common.Model, cfg, params, rc: ml_collections.ConfigDict
                      "here: use router.init=merged with a local router update")
     params, init_record = init_router(model, cfg, params, rc, fractions, experts or [], seed=seed, compute=compute)
   if float(rc.epochs) == 0:
-    return common.to_host(params), {"stage": name, "steps": 0, "tokens": 0, "flops": init_record.get("flops", 0.0),
+    return models.to_host(params), {"stage": name, "steps": 0, "tokens": 0, "flops": init_record.get("flops", 0.0),
                                     "init": init_record, "data": {"fractions": dict(fractions)}}
   batches, rows = sample_batches(model.tokenizer, fractions, rc, seed)
   phase = router_phase(rc, rows)
@@ -162,7 +163,7 @@ def train_router(model: common.Model, cfg, params, rc: ml_collections.ConfigDict
   record.update(sample_rows=rows, epochs_configured=float(rc.epochs),
                 epochs=round(phase.steps * rc.batch_size / max(rows, 1), 4), init=init_record)
   record["flops"] = record["flops"] + init_record.get("flops", 0.0)
-  return common.to_host(params), record
+  return models.to_host(params), record
 
 
 def check_only_router_changed(before, after, cfg, allowed_experts: Sequence[int] = ()) -> None:
@@ -206,7 +207,7 @@ def routing(config, cfg, params, tokenizer, mesh, names: Sequence[str], domains:
   return routing_lib.routing_stats(params, cfg, rows, batch_size=r.batch_size, mesh=mesh, names=names, compute=compute)
 
 
-def finish(config, workdir: str, model: common.Model, cfg, params, stages: list[dict], parents: list[dict],
+def finish(config, workdir: str, model: models.Model, cfg, params, stages: list[dict], parents: list[dict],
            experts: list[str], mesh, *, identity: dict, metrics_before: dict, compute: Compute = Compute(),
            **fields) -> str:
   """Routing diagnostics (routing.json/png), eval after, then the moe artifact (manifest last)."""
@@ -218,7 +219,7 @@ def finish(config, workdir: str, model: common.Model, cfg, params, stages: list[
   if report:
     routing_lib.write(report, workdir)
   metrics = evaluate(config, cfg, params, model.tokenizer, mesh, [e for e in experts[1:] if e not in missing], compute)
-  return common.write_artifact(
+  return models.write_artifact(
       workdir, model, params, cfg, "moe", stages, parents, identity=identity,
       keep_checkpoints=config.keep_checkpoints, experts=experts,
       base_fingerprint=model.manifest.get("base_fingerprint"), metrics=metrics, metrics_before=metrics_before,
@@ -226,10 +227,10 @@ def finish(config, workdir: str, model: common.Model, cfg, params, stages: list[
           params, cfg), **fields)
 
 
-def load_moe(spec: str, what: str = "config.model") -> common.Model:
+def load_moe(spec: str, what: str = "config.model") -> models.Model:
   if not spec:
     raise BarError(f"{what} is empty: pass --{what}=DIR, an moe artifact written by the merge stage")
-  model = common.load_model(spec)
+  model = models.load_model(spec)
   if model.manifest.get("kind") != "moe":
     raise BarError(f"{spec} is a {model.manifest.get('kind')!r} artifact, not an moe: pass the merge stage's output")
   return model

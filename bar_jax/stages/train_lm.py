@@ -5,8 +5,9 @@ contract (bar_jax/io/workdir.py): the same config returns the finished artifact 
 """
 from __future__ import annotations
 
-from bar_jax import stage_configs
+from bar_jax import sharding, stage_configs
 from bar_jax.errors import BarError
+from bar_jax.io import models
 from bar_jax.io import workdir as workdir_lib
 from bar_jax.stages import common
 
@@ -15,11 +16,11 @@ def run(config, workdir: str) -> str:
   config, identity, state = stage_configs.begin(config, workdir)
   if state == workdir_lib.FINISHED:
     return workdir
-  base = common.load_model(config.base)
+  base = models.load_model(config.base)
   cfg, compute = common.model_overrides(base.cfg, config.compute)
   if cfg.ffn != "dense":
     raise BarError(f"train_lm trains dense models; {config.base} is {cfg.ffn}: use the branch or router stage")
-  mesh = common.mesh_from(config)
+  mesh = sharding.mesh_from(config)
   workdir_lib.start(workdir, identity)
   params, stages = base.params, []
   for name in config.phase_order:
@@ -30,6 +31,6 @@ def run(config, workdir: str) -> str:
     stages.append(record)
   metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute)
   parent = dict(base.manifest, role="base")
-  return common.write_artifact(workdir, base, params, cfg, "dense", stages, [parent], identity=identity,
+  return models.write_artifact(workdir, base, params, cfg, "dense", stages, [parent], identity=identity,
                                keep_checkpoints=config.keep_checkpoints, metrics=metrics,
                                base_fingerprint=base.manifest["fingerprint"], domain=config.domain_label)

@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from bar_jax import stage_configs
+from bar_jax import sharding, stage_configs
 from bar_jax.errors import BarError
 from bar_jax.io import artifact
-from bar_jax.model.config import ModelConfig
+from bar_jax.io import models
 from bar_jax.io import workdir as workdir_lib
+from bar_jax.model.config import ModelConfig
 from bar_jax.stages import common
 from bar_jax.stages import router_training as rt
 from bar_jax.transforms import merge as merge_lib
@@ -139,7 +140,7 @@ def run(config, workdir: str) -> str:
     rt.load_capabilities(lookup, [domain])  # the new expert's data is needed: its one-line error
 
   model = rt.load_moe(config.model)
-  branch = common.load_model(config.branch)
+  branch = models.load_model(config.branch)
   experts = list(model.manifest.get("experts"))
   domain = branch.manifest["domain"]
   if config.mode == "replace":
@@ -151,7 +152,7 @@ def run(config, workdir: str) -> str:
     replaced = None
     experts.append(domain)
   cfg, compute = common.model_overrides(cfg, config.compute, config.moe)
-  mesh = common.mesh_from(config)
+  mesh = sharding.mesh_from(config)
   workdir_lib.start(workdir, ident)
   metrics_before = rt.evaluate(config, cfg, params, model.tokenizer, mesh, [e for e in experts[1:] if e not in missing],
                                compute) \
@@ -226,7 +227,7 @@ def _remove(config, workdir: str, ident: dict) -> str:
   model = rt.load_moe(config.model)
   params, cfg = upgrade_lib.remove(model.params, model.cfg, index)
   cfg, compute = common.model_overrides(cfg, config.compute, config.moe)
-  mesh = common.mesh_from(config)
+  mesh = sharding.mesh_from(config)
   workdir_lib.start(workdir, ident)
   found = [e for e in experts[1:] if e not in missing]
   metrics_before = rt.evaluate(config, cfg, params, model.tokenizer, mesh, found, compute) if config.eval.before else {}
@@ -254,7 +255,7 @@ def _oracle(config, workdir: str, ident: dict, index: int) -> str:
     raise BarError(f"mode=oracle keeps the branch's own router columns, so router_update={config.router_update!r} "
                    "has nothing to do: pass --config.router_update=none")
   model = rt.load_moe(config.model)
-  branch = common.load_model(config.branch)
+  branch = models.load_model(config.branch)
   domain = branch.manifest["domain"]
   m, b = merge_lib.flat(model.params), merge_lib.flat(branch.params)
   # Expert `index` must be this branch's domain expert (merge copies it bit for bit); an MoE upgraded since, or
@@ -277,7 +278,7 @@ def _oracle(config, workdir: str, ident: dict, index: int) -> str:
   _, missing = rt.load_capabilities(dict(model.manifest, capabilities=capabilities), [domain], skip_missing=True)
   params, cfg = upgrade_lib.slice_experts(model.params, model.cfg, [0, index], router=branch.params)
   cfg, compute = common.model_overrides(cfg, config.compute, config.moe)
-  mesh = common.mesh_from(config)
+  mesh = sharding.mesh_from(config)
   check_kept(model.params, params, model.cfg, cfg, [0, index], router_changed=True)
   if not np.array_equal(merge_lib.flat(params)[upgrade_lib.ROUTER], b[upgrade_lib.ROUTER]):
     raise RuntimeError("bug: the oracle's router is not the branch's; nothing was written")

@@ -12,6 +12,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bar_jax import config_files  # noqa: E402
+from bar_jax.evals import report  # noqa: E402
 from bar_jax.stages import common, pipeline  # noqa: E402
 
 
@@ -72,7 +73,7 @@ def evaluate_row(a, label: str, spec: str, domains, model_overrides: dict | None
 def append(a, title: str, rows: list[dict], note: str = "") -> str:
   os.makedirs(a.results, exist_ok=True)
   path = os.path.join(a.results, "ablations_smollm2" + ("" if a.variant == "default" else f"_{a.variant}") + ".md")
-  text = f"\n## {title}\n\nMade by: `{a.command}`\n\n{common.format_table(rows)}\n{note}\n"
+  text = f"\n## {title}\n\nMade by: `{a.command}`\n\n{report.format_table(rows)}\n{note}\n"
   with open(path, "a") as f:
     f.write(text)
   print(text, flush=True)
