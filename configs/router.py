@@ -45,7 +45,9 @@ def get_config(arg=None):
       checkpoint_every=50, log_every=10,
       # Router columns set from data before any step (bar_jax/transforms/router_init.py): "merged" keeps the
       # merge's columns (the recipe), "embed" domain embeddings, "ridge" the closed form, "pair" the merge's
-      # columns plus a closed-form term keeping each domain on {anchor, own expert}. epochs=0 then trains
+      # columns plus a closed-form term keeping each domain on {anchor, own expert}, "split" a softmax regression
+      # onto each branch's own anchor/expert split (experiments/results/routing.md: routes like the oracle at
+      # E = 8). epochs=0 then trains
       # nothing. Fitted on init_rows x init_seq_len tokens per domain of the same sample, system prompt masked.
       init="merged", init_rows=16, init_seq_len=256, init_ridge=1e-2, init_max_logit=30.0,
   ))
