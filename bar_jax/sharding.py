@@ -1,4 +1,5 @@
-"""Sharding is data: logical axis names on every parameter, one table of rules mapping them to mesh axes.
+"""Sharding is data: logical axis names on every parameter, one table of rules mapping them to mesh axes; and the
+placement of a training state (a partition's sliced leaves, the optimiser state, the checkpointed step).
 
 Mesh axes are always ("data", "fsdp", "expert", "tensor"). The batch is split over (data, fsdp, expert) — the expert
 axis shards tokens too (MaxText-style), so expert-parallel dispatch starts with each expert shard owning its tokens.
@@ -12,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from bar_jax.errors import BarError
@@ -122,3 +124,48 @@ def constrain_batch(x: jax.Array, mesh: Mesh | None) -> jax.Array:
 
 def batch_divisor(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training state: the partition's slices, the optimiser state, the checkpointed step.
+
+def step_array(n: int, mesh: Mesh) -> jax.Array:
+  """The checkpointed step as a replicated global array: orbax refuses a single-device array from several processes."""
+  return jax.device_put(np.asarray(n, np.int32), replicated(mesh))
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, trainable: dict, mesh: Mesh) -> Any:
+  """Each optimiser-state leaf shaped like a parameter (Adam's mu, nu) sharded like it; scalars replicated.
+
+  jit(tx.init) alone does not propagate them: zeros_like ignores its input's layout, and the moments would land
+  unsharded on one device, i.e. replicated (2 x the trainable bytes on every device).
+  """
+  return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, trainable),
+                               {k: v.sharding for k, v in trainable.items()},
+                               transform_non_params=lambda _: replicated(mesh),
+                               is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+
+def slice_sharding(full: NamedSharding, x) -> NamedSharding:
+  """The leaf's sharding for a slice of it. A mesh axis that no longer divides its dimension (a 2-expert leaf cut to
+  one expert on an expert axis of 2) moves onto another sharded dimension that it divides, so the slice stays split
+  over as many devices as the full leaf was."""
+  mesh = full.mesh
+  spec = list(tuple(full.spec) + (None,) * (x.ndim - len(full.spec)))
+  names = lambda a: () if a is None else a if isinstance(a, tuple) else (a,)
+  freed = []
+  for i, a in enumerate(spec):
+    if a is not None and x.shape[i] % _axis_size(mesh, a):
+      freed += names(a)
+      spec[i] = None
+  for name in freed:
+    for i, a in enumerate(spec):
+      if a is not None and x.shape[i] % (_axis_size(mesh, a) * mesh.shape[name]) == 0:
+        spec[i] = names(a) + (name,)
+        break
+  return NamedSharding(mesh, P(*spec))
+
+
+def _axis_size(mesh, a) -> int:
+  names = a if isinstance(a, tuple) else (a,)
+  return int(np.prod([mesh.shape[n] for n in names]))

@@ -115,11 +115,11 @@ def _lower_train(cfg, compute, mesh, schedule):
   part = freeze.make_partition(shapes, cfg, freeze.SCHEDULE[schedule])
   full = pytree.flatten(transformer.param_shardings(cfg, mesh, shapes))
   t_shapes, f_shapes = jax.eval_shape(lambda p: freeze.split(p, part), shapes)
-  trainable = _abstract(t_shapes, {k: loop.slice_sharding(full[k], v) for k, v in t_shapes.items()})
-  frozen = _abstract(f_shapes, {k: loop.slice_sharding(full[k], v) for k, v in f_shapes.items()})
+  trainable = _abstract(t_shapes, {k: sharding.slice_sharding(full[k], v) for k, v in t_shapes.items()})
+  frozen = _abstract(f_shapes, {k: sharding.slice_sharding(full[k], v) for k, v in f_shapes.items()})
   tx, _ = optim.adamw(opt_defaults(lr=1e-5), 1000)
   opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                           jax.eval_shape(tx.init, trainable), loop.opt_state_shardings(tx, trainable, mesh))
+                           jax.eval_shape(tx.init, trainable), sharding.opt_state_shardings(tx, trainable, mesh))
   bspec = NamedSharding(mesh, P(None, sharding.BATCH_AXES, None))
   tok = jax.ShapeDtypeStruct((1, BATCH, SEQ), jnp.int32, sharding=bspec)
   batch = {"inputs": tok, "targets": tok, "positions": tok, "segment_ids": tok,

@@ -159,10 +159,10 @@ class StepRunner:
     flat = pytree.flatten(pshard)
     trainable, frozen = freeze.split(params, part)
     del params
-    self.trainable = {k: jax.device_put(v, loop.slice_sharding(flat[k], v)) for k, v in trainable.items()}
-    self.frozen = {k: jax.device_put(v, loop.slice_sharding(flat[k], v)) for k, v in frozen.items()}
+    self.trainable = {k: jax.device_put(v, sharding.slice_sharding(flat[k], v)) for k, v in trainable.items()}
+    self.frozen = {k: jax.device_put(v, sharding.slice_sharding(flat[k], v)) for k, v in frozen.items()}
     tx, _ = optim.adamw(opt_defaults(warmup_steps=0, weight_decay=0.01), 1000)
-    self.opt_state = jax.jit(tx.init, out_shardings=loop.opt_state_shardings(tx, self.trainable, mesh))(
+    self.opt_state = jax.jit(tx.init, out_shardings=sharding.opt_state_shardings(tx, self.trainable, mesh))(
         self.trainable)
     loss_fn = loop.lm_loss(cfg, mesh, compute=compute) if loss == "full" else \
         chunked_lm_loss(cfg, mesh, int(loss.split("=")[1]), compute)

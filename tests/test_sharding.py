@@ -89,10 +89,9 @@ def test_bad_mesh():
 def test_expert_slices_stay_split_over_every_device():
   """A branch's trainable expert slice [L, 1, D, F] cannot use the expert axis on its size-1 dimension: the axis
   moves onto the embed dimension, so on (fsdp=2, expert=2, tensor=2) the slice is still split 8 ways."""
-  from bar_jax.stages import loop
   mesh = sharding.make_mesh(MESH_SHAPE)
   full = transformer.param_shardings(CFG, mesh)["layers"]["moe"]["experts"]["gate"]
   sliced = jax.ShapeDtypeStruct((CFG.n_layers, 1, CFG.d_model, CFG.d_ff), np.float32)
-  s = loop.slice_sharding(full, sliced)
+  s = sharding.slice_sharding(full, sliced)
   assert s.spec == P(None, None, ("fsdp", "expert"), "tensor")
   assert math.prod(s.shard_shape(sliced.shape)) * 8 == math.prod(sliced.shape)

@@ -170,7 +170,7 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
   history_path = os.path.join(workdir, "metrics.jsonl")
   if start:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            {"trainable": trainable, "opt_state": opt_state, "step": step_array(0, mesh)})
+                            {"trainable": trainable, "opt_state": opt_state, "step": sharding.step_array(0, mesh)})
     state = ckpt.restore(start, abstract, source.data_iter)
     trainable, opt_state = state["trainable"], state["opt_state"]
   history = read_history(history_path, upto=start)
@@ -227,7 +227,7 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
       for h in hooks:
         h.step(done)
       if done % checkpoint_every == 0 or done == steps or stop:
-        ckpt.save(done, {"trainable": trainable, "opt_state": opt_state, "step": step_array(done, mesh)},
+        ckpt.save(done, {"trainable": trainable, "opt_state": opt_state, "step": sharding.step_array(done, mesh)},
                   source.data_iter)
         for h in hooks:
           h.flush()
@@ -303,11 +303,6 @@ def mean_metrics(outs: list[dict]) -> dict:
   return {k: sum(o[k] for o in outs) / (1 if k == "tokens" else len(outs)) for k in outs[0]}
 
 
-def step_array(n: int, mesh) -> jax.Array:
-  """The checkpointed step as a replicated global array: orbax refuses a single-device array from several processes."""
-  return jax.device_put(np.asarray(n, np.int32), sharding.replicated(mesh))
-
-
 def init_state(params: dict, cfg: ModelConfig, part: freeze.Partition, tx: optax.GradientTransformation, mesh
                ) -> tuple[dict, dict, Any]:
   """(trainable, frozen, optimiser state) placed on the mesh by the logical-axis rules.
@@ -318,47 +313,11 @@ def init_state(params: dict, cfg: ModelConfig, part: freeze.Partition, tx: optax
   full = transformer.param_shardings(cfg, mesh, params)
   flat_shardings = pytree.flatten(full)
   trainable, frozen = freeze.split(jax.tree.map(jax.device_put, params, full), part)
-  trainable = {k: jnp.copy(jax.device_put(v, slice_sharding(flat_shardings[k], v))) for k, v in trainable.items()}
-  frozen = {k: jax.device_put(v, slice_sharding(flat_shardings[k], v)) for k, v in frozen.items()}
-  opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, mesh))(trainable)
+  trainable = {k: jnp.copy(jax.device_put(v, sharding.slice_sharding(flat_shardings[k], v)))
+               for k, v in trainable.items()}
+  frozen = {k: jax.device_put(v, sharding.slice_sharding(flat_shardings[k], v)) for k, v in frozen.items()}
+  opt_state = jax.jit(tx.init, out_shardings=sharding.opt_state_shardings(tx, trainable, mesh))(trainable)
   return trainable, frozen, opt_state
-
-
-def opt_state_shardings(tx: optax.GradientTransformation, trainable: dict, mesh) -> Any:
-  """Each optimiser-state leaf shaped like a parameter (Adam's mu, nu) sharded like it; scalars replicated.
-
-  jit(tx.init) alone does not propagate them: zeros_like ignores its input's layout, and the moments would land
-  unsharded on one device, i.e. replicated (2 x the trainable bytes on every device).
-  """
-  return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, trainable),
-                               {k: v.sharding for k, v in trainable.items()},
-                               transform_non_params=lambda _: sharding.replicated(mesh),
-                               is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-
-
-def slice_sharding(full: jax.sharding.NamedSharding, x) -> jax.sharding.NamedSharding:
-  """The leaf's sharding for a slice of it. A mesh axis that no longer divides its dimension (a 2-expert leaf cut to
-  one expert on an expert axis of 2) moves onto another sharded dimension that it divides, so the slice stays split
-  over as many devices as the full leaf was."""
-  mesh = full.mesh
-  spec = list(tuple(full.spec) + (None,) * (x.ndim - len(full.spec)))
-  names = lambda a: () if a is None else a if isinstance(a, tuple) else (a,)
-  freed = []
-  for i, a in enumerate(spec):
-    if a is not None and x.shape[i] % _axis_size(mesh, a):
-      freed += names(a)
-      spec[i] = None
-  for name in freed:
-    for i, a in enumerate(spec):
-      if a is not None and x.shape[i] % (_axis_size(mesh, a) * mesh.shape[name]) == 0:
-        spec[i] = names(a) + (name,)
-        break
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-
-
-def _axis_size(mesh, a) -> int:
-  names = a if isinstance(a, tuple) else (a,)
-  return int(np.prod([mesh.shape[n] for n in names]))
 
 
 def read_history(path: str, upto: int) -> list[dict]:
