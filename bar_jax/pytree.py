@@ -15,6 +15,16 @@ def flatten(tree: Any, is_leaf=None) -> dict[str, Any]:
   return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
 
 
+def as_flat(tree: Mapping[str, Any]) -> Mapping[str, Any]:
+  """`flatten(tree)` for a nested parameter dict; a mapping that is already flat ({"a/b/c": leaf}, e.g. the artifact
+  reader's lazy mapping, which loads a leaf when indexed) is returned untouched, so nothing is loaded or copied. Every
+  parameter path has at least two parts, so a key holding "/" marks a flat mapping. (Leaves come in flatten's order:
+  sorted paths.)"""
+  if any("/" in k for k in tree):
+    return tree
+  return flatten(tree)
+
+
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
   tree: dict[str, Any] = {}
   for path, x in flat.items():

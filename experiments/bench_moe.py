@@ -182,12 +182,13 @@ def merge_worker(n_branches: int = 4) -> dict:
   import tracemalloc
 
 
+  from bar_jax import pytree
   from bar_jax.model import transformer
   from bar_jax.model.config import ModelConfig
   from bar_jax.transforms import merge as merge_lib
 
   cfg = ModelConfig(ffn="moe", n_experts=2)  # SmolLM2-135M shapes, 2-expert ffn branch
-  shapes = {k: v for k, v in merge_lib.flat(transformer.param_shapes(cfg)).items()}
+  shapes = {k: v for k, v in pytree.as_flat(transformer.param_shapes(cfg)).items()}
   branches = [RandomBranch(shapes, seed) for seed in range(n_branches)]
   t = time.perf_counter()
   for path in shapes:  # the cost of producing ("reading") every leaf once, without merging
@@ -201,7 +202,7 @@ def merge_worker(n_branches: int = 4) -> dict:
   seconds = time.perf_counter() - t
   peak = tracemalloc.get_traced_memory()[1] - base_mem
   tracemalloc.stop()
-  out_bytes = sum(x.nbytes for x in merge_lib.flat(merged).values())
+  out_bytes = sum(x.nbytes for x in pytree.as_flat(merged).values())
   del merged
   return {"branches": n_branches, "seconds": seconds, "read_seconds_est": read_one * n_branches,
           "peak_bytes": peak, "out_bytes": out_bytes, "read_bytes": sum(b.bytes_read for b in branches),

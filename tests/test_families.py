@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from bar_jax import sharding
+from bar_jax import pytree, sharding
 from bar_jax.errors import BarError
 from bar_jax.io import hf
 from bar_jax.model import transformer
@@ -189,9 +189,9 @@ def test_upcycle_train_merge_export_matches_transformers(family, tmp_path):
   # Upgrade: adding a branch's expert carries the new leaves along untouched.
   grown, gcfg = upgrade.add(merged, mcfg, branches[1], bcfg)
   assert gcfg.n_experts == 4
-  for p, x in merge.flat(merged).items():
+  for p, x in pytree.as_flat(merged).items():
     if not p.startswith("layers/moe/"):
-      np.testing.assert_array_equal(merge.flat(grown)[p], x)
+      np.testing.assert_array_equal(pytree.as_flat(grown)[p], x)
 
   # And the export reads back as the same model (the MoE classes round-trip through import too).
   cfg2, params2, _ = hf.load_dir(tmp_path / "merged")

@@ -54,6 +54,21 @@ def base():
 # ----------------------------------------------------------------------------------------------------------------
 # The transform.
 
+def test_as_flat_reads_nested_and_passes_flat_mappings_through():
+  """The merge and upgrade transforms read parameters through pytree.as_flat: a nested dict gives flatten's paths
+  and leaves (the same objects), a flat mapping (a lazy reader's) comes back as it is, nothing indexed."""
+  nested = {"embed": {"embedding": np.zeros(2)}, "layers": {"attn": {"q": {"kernel": np.ones(3)}}}}
+  flat = pytree.as_flat(nested)
+  assert flat == pytree.flatten(nested) and set(flat) == {"embed/embedding", "layers/attn/q/kernel"}
+  assert flat["layers/attn/q/kernel"] is nested["layers"]["attn"]["q"]["kernel"]
+
+  class Lazy(dict):
+    def __getitem__(self, k):
+      raise AssertionError("read")
+  lazy = Lazy({"embed/embedding": None})
+  assert pytree.as_flat(lazy) is lazy
+
+
 def test_rules_on_hand_checked_numbers():
   cfg = tiny(ffn="moe", n_experts=2)
   base = {"embed/embedding": np.ones((1, 4), np.float32)}

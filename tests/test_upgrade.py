@@ -9,7 +9,6 @@ from bar_jax.errors import BarError
 from bar_jax import pytree
 from bar_jax.io import artifact
 from bar_jax.stages import upgrade as upgrade_stage
-from bar_jax.transforms import merge as merge_lib
 from bar_jax.transforms import upgrade as upgrade_lib
 from configs import upgrade as upgrade_config
 from router_helpers import tiny_artifacts
@@ -40,7 +39,7 @@ def shared_paths(flat):
 
 def test_transforms_touch_only_the_named_slot(dirs):
   (moe, m), (br, b) = read(dirs["moe3"]), read(dirs["tool_use_v2"])
-  out = merge_lib.flat(upgrade_lib.replace(moe.params, moe.cfg, br.params, br.cfg, 2))
+  out = pytree.as_flat(upgrade_lib.replace(moe.params, moe.cfg, br.params, br.cfg, 2))
   for p in shared_paths(m):
     np.testing.assert_array_equal(out[p], m[p])
   for p in (GATE, "layers/moe/experts/down", ROUTER):
@@ -50,7 +49,7 @@ def test_transforms_touch_only_the_named_slot(dirs):
     np.testing.assert_array_equal(take(out[p], 2), take(b[p], 1))
     assert not np.array_equal(take(out[p], 2), take(m[p], 2))
   added, cfg = upgrade_lib.add(moe.params, moe.cfg, br.params, br.cfg)
-  added = merge_lib.flat(added)
+  added = pytree.as_flat(added)
   assert cfg.n_experts == 4 and added[GATE].shape[1] == 4 and added[ROUTER].shape[-1] == 4
   np.testing.assert_array_equal(added[GATE][:, :3], m[GATE])
   np.testing.assert_array_equal(added[GATE][:, 3], b[GATE][:, 1])

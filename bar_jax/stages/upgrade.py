@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bar_jax import sharding, stage_configs
+from bar_jax import pytree, sharding, stage_configs
 from bar_jax.errors import BarError
 from bar_jax.io import artifact
 from bar_jax.io import models
@@ -40,7 +40,6 @@ from bar_jax.io import workdir as workdir_lib
 from bar_jax.model.config import ModelConfig
 from bar_jax.stages import common
 from bar_jax.stages import router_training as rt
-from bar_jax.transforms import merge as merge_lib
 from bar_jax.transforms import upgrade as upgrade_lib
 
 MODES = ("replace", "add", "remove", "oracle")
@@ -257,7 +256,7 @@ def _oracle(config, workdir: str, ident: dict, index: int) -> str:
   model = rt.load_moe(config.model)
   branch = models.load_model(config.branch)
   domain = branch.manifest["domain"]
-  m, b = merge_lib.flat(model.params), merge_lib.flat(branch.params)
+  m, b = pytree.as_flat(model.params), pytree.as_flat(branch.params)
   # Expert `index` must be this branch's domain expert (merge copies it bit for bit); an MoE upgraded since, or
   # merged from another branch of the domain, would pair the branch's router columns with another expert.
   for path in m:
@@ -280,7 +279,7 @@ def _oracle(config, workdir: str, ident: dict, index: int) -> str:
   cfg, compute = common.model_overrides(cfg, config.compute, config.moe)
   mesh = sharding.mesh_from(config)
   check_kept(model.params, params, model.cfg, cfg, [0, index], router_changed=True)
-  if not np.array_equal(merge_lib.flat(params)[upgrade_lib.ROUTER], b[upgrade_lib.ROUTER]):
+  if not np.array_equal(pytree.as_flat(params)[upgrade_lib.ROUTER], b[upgrade_lib.ROUTER]):
     raise RuntimeError("bug: the oracle's router is not the branch's; nothing was written")
   workdir_lib.start(workdir, ident)
   record = {"mode": "oracle", "expert": index, "domain": domain, "moe": model.manifest.get("fingerprint"),

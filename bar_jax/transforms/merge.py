@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from bar_jax.errors import BarError
-from bar_jax.pytree import unflatten
+from bar_jax.pytree import as_flat, unflatten
 from bar_jax.model.config import ModelConfig
 
 RULES = ("average", "average_branches", "base", "weighted", "ties")
@@ -61,22 +61,6 @@ def check_stackable(branch_cfg: ModelConfig, into_cfg: ModelConfig, *, what: str
     raise BarError(f"{what} has a different architecture from {into} ({diff}): {fix}")
 
 
-def flat(tree: Mapping[str, Any]) -> Mapping[str, Any]:
-  """A nested param dict -> {"a/b/c": leaf}; an already flat (possibly lazy) mapping is returned untouched."""
-  if any("/" in k for k in tree):  # every parameter path has at least two parts
-    return tree
-  out: dict[str, Any] = {}
-
-  def walk(node, prefix):
-    for k, v in node.items():
-      if isinstance(v, Mapping):
-        walk(v, prefix + k + "/")
-      else:
-        out[prefix + k] = v
-  walk(tree, "")
-  return out
-
-
 def merge(base_params: Mapping[str, Any] | None, branch_params: Sequence[Mapping[str, Any]],
           branch_cfgs: Sequence[ModelConfig], *, rule: str = "average", weights: Sequence[float] | None = None,
           ties_density: float = 0.2, ties_scale: float = 1.0, top_k: int = 0,
@@ -86,8 +70,8 @@ def merge(base_params: Mapping[str, Any] | None, branch_params: Sequence[Mapping
   the merged model's routing; the config is the branches' architecture, nothing of how they were trained or run."""
   n = len(branch_params)
   cfg = _check(base_params, branch_params, branch_cfgs, rule, weights, ties_density)
-  branches = [flat(b) for b in branch_params]
-  base = flat(base_params) if base_params is not None else None
+  branches = [as_flat(b) for b in branch_params]
+  base = as_flat(base_params) if base_params is not None else None
   w = None
   if rule == "weighted":
     w = np.asarray(weights, np.float64) / float(np.sum(weights))

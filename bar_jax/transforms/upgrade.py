@@ -25,7 +25,7 @@ import numpy as np
 
 from bar_jax.errors import BarError
 from bar_jax.fingerprints import leaf_fingerprint
-from bar_jax.pytree import unflatten
+from bar_jax.pytree import as_flat, unflatten
 from bar_jax.model.config import ModelConfig
 from bar_jax.transforms import merge as merge_lib
 
@@ -45,7 +45,7 @@ def check_compatible(moe_cfg: ModelConfig, branch_cfg: ModelConfig, *, what: str
 
 
 def _copy_flat(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  return {p: np.array(x) for p, x in merge_lib.flat(tree).items()}
+  return {p: np.array(x) for p, x in as_flat(tree).items()}
 
 
 def replace(moe: Mapping[str, Any], cfg: ModelConfig, branch: Mapping[str, Any], branch_cfg: ModelConfig,
@@ -55,7 +55,7 @@ def replace(moe: Mapping[str, Any], cfg: ModelConfig, branch: Mapping[str, Any],
   if not 1 <= index < cfg.n_experts:
     raise BarError(f"expert index {index} is out of range: this MoE has experts 1..{cfg.n_experts - 1} "
                    "(0 is the frozen anchor); pass one of those")
-  out, b = _copy_flat(moe), merge_lib.flat(branch)
+  out, b = _copy_flat(moe), as_flat(branch)
   out[ROUTER][..., index] = np.asarray(b[ROUTER])[..., 1]
   for path in out:
     if path.startswith(EXPERTS) and cfg.expert_kind == "ffn":
@@ -69,7 +69,7 @@ def add(moe: Mapping[str, Any], cfg: ModelConfig, branch: Mapping[str, Any],
         branch_cfg: ModelConfig) -> tuple[dict[str, Any], ModelConfig]:
   """(the MoE with the branch's domain expert appended as expert E, the config with n_experts = E + 1)."""
   check_compatible(cfg, branch_cfg)
-  m, b = merge_lib.flat(moe), merge_lib.flat(branch)
+  m, b = as_flat(moe), as_flat(branch)
   out: dict[str, np.ndarray] = {}
   for path, x in m.items():
     x = np.asarray(x)
@@ -131,7 +131,7 @@ def slice_experts(moe: Mapping[str, Any], cfg: ModelConfig, keep: Sequence[int],
   if n < 2 or keep[0] != 0 or len(set(keep)) != n or not all(0 <= e < cfg.n_experts for e in keep):
     raise BarError(f"keep={keep} must list distinct experts of 0..{cfg.n_experts - 1}, the anchor 0 first and at "
                    "least one domain expert after it")
-  m = merge_lib.flat(moe)
+  m = as_flat(moe)
   out: dict[str, np.ndarray] = {}
   for path, x in m.items():
     if path == ROUTER:
@@ -143,14 +143,14 @@ def slice_experts(moe: Mapping[str, Any], cfg: ModelConfig, keep: Sequence[int],
     else:
       out[path] = np.array(x)
   if router is not None:
-    r = merge_lib.flat(router).get(ROUTER)
+    r = as_flat(router).get(ROUTER)
     want = out[ROUTER].shape
     if r is None or np.shape(r) != want:
       raise BarError(f"the router tree's {ROUTER} has shape {None if r is None else np.shape(r)}, not {want} "
                      f"({len(keep)} columns for keep={keep}): pass a model with one router column per kept expert")
     out[ROUTER] = np.array(r, dtype=out[ROUTER].dtype)
   if shared is not None:
-    s = merge_lib.flat(shared)
+    s = as_flat(shared)
     mine = sorted(p for p in out if not p.startswith(MOE))
     theirs = sorted(p for p in s if not p.startswith(MOE))
     bad = [p for p in mine if p in s and np.shape(s[p]) != out[p].shape]
@@ -174,7 +174,7 @@ def expert_fingerprints(params: Mapping[str, Any], cfg: ModelConfig,
   """
   name = (lambda s: s) if slots is None else (lambda s: int(slots[s]))  # noqa: E731
   out = {}
-  for path, x in merge_lib.flat(params).items():
+  for path, x in as_flat(params).items():
     x = np.asarray(x)
     if path == ROUTER:
       slices = {name(e): x[..., e] for e in range(x.shape[-1])}
