@@ -229,6 +229,7 @@ class TrainLm(StageConfig):
   mesh: Mesh = setting(runtime=True)
   keep_checkpoints: bool = setting(runtime=True)
   distributed: bool = setting(runtime=True)
+  checkpoint_fallback: bool = setting(runtime=True)  # a damaged latest checkpoint: resume from the one before
 
   def validate(self, path):
     _check_phase_order(path, self.phase_order, list(self.phases))
@@ -275,6 +276,7 @@ class Branch(StageConfig):
   keep_checkpoints: bool = setting(runtime=True)
   self_contained: bool = setting(runtime=True)       # False: over a base dir, store only the leaves training changed
   distributed: bool = setting(runtime=True)
+  checkpoint_fallback: bool = setting(runtime=True)  # a damaged latest checkpoint: resume from the one before
   # router_init=expert_share: the expert's mean weight at the start, and the packed rows of the first phase's data
   # mix it is set on (defaults here only for identities stored before they existed; configs/branch.py sets them)
   router_expert_share: float = setting(in_range(0.5, 1.0, hi_open=True), default=0.9)
@@ -303,6 +305,7 @@ class RlStage(StageConfig):
   mesh: Mesh = setting(runtime=True)
   keep_checkpoints: bool = setting(runtime=True)
   distributed: bool = setting(runtime=True)
+  checkpoint_fallback: bool = setting(runtime=True)  # a damaged latest checkpoint: resume from the one before
 
 
 @_section
@@ -379,6 +382,7 @@ class Router(StageConfig):
   mesh: Mesh = setting(runtime=True)
   keep_checkpoints: bool = setting(runtime=True)
   distributed: bool = setting(runtime=True)
+  checkpoint_fallback: bool = setting(runtime=True)  # a damaged latest checkpoint: resume from the one before
 
 
 def _expert(v: Any) -> Any:
@@ -503,6 +507,7 @@ class Pipeline(StageConfig):
   eval: Any = setting()                             # configs/evaluate.py keys
   estimate: Estimate = setting()
   compilation_cache: str = setting(runtime=True)    # "": WORKDIR/jax_cache
+  checkpoint_fallback: bool = setting(runtime=True)  # given to every step that trains (branches, router)
 
   def validate(self, path):
     _check_capabilities(f"{path}.domains", self.domains, allow_general=False)

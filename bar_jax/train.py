@@ -28,7 +28,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of this run's artifact, checkpoints and metrics.")
 _FALLBACK = flags.DEFINE_bool("checkpoint_fallback", False,
                               "Resume from the previous good checkpoint when the latest fails its checksums "
-                              "(the damaged one is moved to checkpoints.damaged/).")
+                              "(the damaged one is moved to checkpoints.damaged/): --config.checkpoint_fallback=True "
+                              "of a stage that trains (a pipeline passes it to each such step).")
 _MIN_FREE_MB = flags.DEFINE_float("min_free_mb", 256, "Refuse to start with less free disk (MiB) under --workdir.")
 
 _LIST_OVERRIDES: list[tuple[str, list]] = []  # --config.KEY=a,b for list-valued KEYs, applied after flag parsing
@@ -139,8 +140,8 @@ def main(argv):
     for p in parents:
       node = node[p]
     node[last] = type(node[last])(value)  # list stays list, tuple stays tuple
-  from bar_jax.io import checkpoint
-  checkpoint.FALLBACK = _FALLBACK.value
+  if _FALLBACK.value and "checkpoint_fallback" in config:  # a stage without the key keeps no training checkpoints
+    config.checkpoint_fallback = True
   try:
     out = run(config, _WORKDIR.value, min_free_mb=_MIN_FREE_MB.value)
   except BarError as e:

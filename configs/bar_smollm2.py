@@ -74,6 +74,7 @@ def get_config(arg=None):
   c.estimate = ml_collections.ConfigDict(dict(fraction_of_peak=0.4, eval_seconds_per_model=120.0,
                                               reference_gflops=170.0, other_seconds=20.0))
   c.compilation_cache = ""           # "" = WORKDIR/jax_cache; runs of the same shapes can share one
+  c.checkpoint_fallback = False      # True: each training step resumes past a damaged latest checkpoint
 
   if variant == "quick":  # < 5 min on 2 cores: 2 steps of 2 x 256 tokens per branch and the router; base and bar rows
     c.branch.phases.sft.update(dict(steps=2, batch_size=2, accum=1, checkpoint_every=2))

@@ -79,6 +79,7 @@ def get_config(arg=None):
   c.estimate = ml_collections.ConfigDict(dict(fraction_of_peak=0.4, eval_seconds_per_model=60.0 * a.n,
                                               reference_gflops=170.0, other_seconds=20.0))
   c.compilation_cache = ""             # "" = WORKDIR/jax_cache
+  c.checkpoint_fallback = False        # True: every training step resumes past a damaged latest checkpoint
   if a.tiny:  # plumbing for tests and experiments' dry runs: the random tiny model, 2 steps, 4 items per task
     c.base = "tiny"
     c.branch.arg = ",".join(x for x in (c.branch.arg, "tiny") if x)

@@ -56,6 +56,7 @@ def get_config(arg=None):
   c.keep_checkpoints = False  # True: keep phases/*/checkpoints after the artifact is written
   c.self_contained = False    # False: over a base artifact dir, store only the leaves training changed
   c.distributed = False
+  c.checkpoint_fallback = False  # True: resume from the checkpoint before a damaged latest one (--checkpoint_fallback)
   c.compute = compute_config()
   c.expert_kind = "lora" if a.lora else "ffn"
   c.lora_rank = 16

@@ -52,6 +52,7 @@ def get_config(arg=None):
   c.distributed = False
   c.compute = compute_config()  # run-time ModelConfig knobs
   c.keep_checkpoints = False   # True: keep rl/checkpoints after the artifact is written
+  c.checkpoint_fallback = False  # True: resume from the checkpoint before a damaged latest one (--checkpoint_fallback)
   c.rl = rl_config(a.domain, eval_n=64)
   if a.frozen:
     c.rl.trainable = list(freeze.SCHEDULE["midtrain"])  # domain expert + router only

@@ -28,6 +28,7 @@ def get_config(arg=None):
   c.mesh = mesh_config()
   c.distributed = False
   c.keep_checkpoints = False    # True: keep the router phase's checkpoints after the artifact is written
+  c.checkpoint_fallback = False  # True: resume from the checkpoint before a damaged latest one (--checkpoint_fallback)
   c.compute = compute_config(dispatch="dense")  # how the run computes (run-time)
   # The routing the router trains under and the written model keeps: top_k=0 = every expert runs (the paper).
   c.moe = ml_collections.ConfigDict(dict(top_k=0, norm_topk=False))

@@ -28,6 +28,7 @@ def get_config(arg=None):
   c.mesh = mesh_config()
   c.keep_checkpoints = False  # True: keep phases/*/checkpoints after the artifact is written
   c.distributed = False
+  c.checkpoint_fallback = False  # True: resume from the checkpoint before a damaged latest one (--checkpoint_fallback)
   c.compute = compute_config()
   c.domain_label = "mixed"      # the manifest's `domain` (the baselines name theirs)
   c.phase_order = ["midtrain"]

@@ -250,6 +250,43 @@ def test_damaged_checkpoint_is_refused_or_falls_back_when_asked(tmp_path):
   ck.close()
 
 
+def test_the_cli_fallback_flag_reaches_a_stages_checkpoints(tmp_path, monkeypatch):
+  """--checkpoint_fallback sets the stage config's checkpoint_fallback, which reaches the stage's Checkpointer: a
+  train_lm run stopped after its step-4 checkpoint, that step damaged, is refused by the same command without the flag
+  and resumed from step 2 with it."""
+  config = _tiny_lm_config()
+  config.phases.midtrain.steps, config.phases.midtrain.checkpoint_every = 6, 2
+  wd = str(tmp_path / "lm")
+
+  class Stop(Exception):
+    pass
+
+  save = checkpoint.Checkpointer.save
+
+  def save_then_stop(self, step, *a, **k):
+    save(self, step, *a, **k)
+    if step == 4:
+      raise Stop  # a run killed after its step-4 checkpoint
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_stop)
+  with pytest.raises(Stop):
+    train.run(config, wd)
+  monkeypatch.undo()
+  ckpts = os.path.join(wd, "phases", "midtrain", "checkpoints")
+  state = os.path.join(ckpts, "4", "state")
+  _flip(max((os.path.join(r, f) for r, _, fs in os.walk(state) for f in fs), key=os.path.getsize))
+  argv = [sys.executable, "-m", "bar_jax.train", "--config=configs/train_lm.py:tiny", f"--workdir={wd}",
+          "--config.phases.midtrain.steps=6", "--config.phases.midtrain.checkpoint_every=2"]
+  refused = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True)
+  assert refused.returncode == 2 and re.search(r"checkpoint .*/4 is damaged .*--checkpoint_fallback to resume from "
+                                               r"the previous good step \(2\)", one_line(refused.stderr.strip()))
+  resumed = subprocess.run(argv + ["--checkpoint_fallback"], cwd=REPO, env=ENV, capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert re.search(r"/4 is damaged .*resuming from 2", resumed.stdout), resumed.stdout[-2000:]
+  assert os.path.isdir(os.path.join(ckpts + ".damaged", "4"))
+  assert artifact.read_manifest(wd)["stages"][0]["steps"] == 6
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Operating-system failures are one line.
 

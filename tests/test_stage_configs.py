@@ -130,6 +130,17 @@ def test_run_time_keys_come_from_compute_and_never_reach_the_identity():
   assert stage_configs.identity(cfg("router", "tiny", **{"moe.top_k": 2})) != base  # routing is the function
 
 
+def test_the_pipelines_checkpoint_fallback_reaches_every_training_step_and_no_identity():
+  """config.checkpoint_fallback (the CLI's --checkpoint_fallback) is run-time: the pipeline passes it to each branch
+  and the router step, and no step's identity changes."""
+  plans = {on: pipeline.plan(config_files.stage_config("bar_smollm2", "tiny", {"checkpoint_fallback": on}),
+                             "runs/none/pipeline") for on in (False, True)}
+  trains = [s for s in plans[True] if s.kind in ("branch", "router")]
+  assert {s.kind for s in trains} == {"branch", "router"} and all(s.config.checkpoint_fallback for s in trains)
+  assert not any(s.config.get("checkpoint_fallback") for s in plans[False])
+  assert [s.identity() for s in plans[False]] == [s.identity() for s in plans[True]]
+
+
 @pytest.mark.parametrize("name,arg,over,match", [
     ("branch", "math,tiny", {"phases.sft.steps": 0},
      r"^config.phases.sft.steps=0 is invalid: it must be an integer >= 1; set --config.phases.sft.steps"),

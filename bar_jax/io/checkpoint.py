@@ -5,8 +5,8 @@ Frozen parameters are not saved: they are the input artifact's, which the stage 
 
 Every saved step is sealed with the sha256 of each of its files (STEP/bar_checksums.json, written once orbax has
 finished the step). A resume verifies the step it restores: a damaged one is refused with one line, or, when asked
-(`--checkpoint_fallback`, or Checkpointer(fallback=True)), moved aside to checkpoints.damaged/ and the previous good
-step restored instead.
+(Checkpointer(fallback=True): a stage config's `checkpoint_fallback`, set by the CLI's `--checkpoint_fallback`),
+moved aside to checkpoints.damaged/ and the previous good step restored instead.
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ def _is_grain_iterator(it) -> bool:
 
 
 CHECKSUMS = "bar_checksums.json"
-FALLBACK = False  # the CLI's --checkpoint_fallback: resume from the previous good step instead of refusing
 
 
 def file_digests(directory: str) -> dict[str, str]:
@@ -83,10 +82,10 @@ def check_disk_room(directory: str, nbytes: int, what: str) -> None:
 class Checkpointer:
   """orbax CheckpointManager over {state: pytree, data: iterator state}; keeps the last `max_to_keep`."""
 
-  def __init__(self, directory: str, max_to_keep: int = 2, fallback: bool | None = None):
+  def __init__(self, directory: str, max_to_keep: int = 2, fallback: bool = False):
     self.directory = os.path.abspath(directory)
     self.max_to_keep = max_to_keep
-    self.fallback = FALLBACK if fallback is None else fallback
+    self.fallback = fallback  # a damaged latest step: moved aside and the previous one used, instead of refused
     self._verified: set[int] = set()
     self.manager = self._open()
 

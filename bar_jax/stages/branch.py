@@ -112,12 +112,14 @@ def run(config, workdir: str) -> str:
   for name, phase in phases.items():
     if name == "rl":
       params, record = rollouts.run_rl(params, cfg, base.tokenizer, phase, os.path.join(workdir, "phases", name),
-                                       mesh=mesh, identity={"stage": identity, "phase": name}, compute=compute)
+                                       mesh=mesh, identity={"stage": identity, "phase": name}, compute=compute,
+                                       checkpoint_fallback=config.checkpoint_fallback)
     else:
       params, record = common.train_phase(name=name, model=base, cfg=cfg, params=params, phase=phase,
                                           workdir=workdir, mesh=mesh, seed=config.seed, identity=identity,
                                           trainable=list(config.schedule[name]),
-                                          frozen_experts=list(config.frozen_experts), compute=compute)
+                                          frozen_experts=list(config.frozen_experts), compute=compute,
+                                          checkpoint_fallback=config.checkpoint_fallback)
     stages.append(record)
   metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute, eval_domains)
   parent = dict(base.manifest, role="base")

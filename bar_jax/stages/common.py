@@ -60,7 +60,7 @@ def data_batches(data: ml_collections.ConfigDict, tokenizer, *, seed: int, batch
 
 def train_phase(*, name: str, model: Model, cfg: ModelConfig, params: Any, phase: ml_collections.ConfigDict,
                 workdir: str, mesh, seed: int, identity: dict, trainable, frozen_experts=(0,),
-                batches=None, compute: Compute = Compute()) -> tuple[Any, dict]:
+                batches=None, compute: Compute = Compute(), checkpoint_fallback: bool = False) -> tuple[Any, dict]:
   """One training phase (mid-training, SFT, dense LM, router): data, partition, loop.train; returns (params, record).
 
   identity: the stage's identity (bar_jax/io/workdir.py); the phase's checkpoints are claimed for it and the phase
@@ -83,7 +83,7 @@ def train_phase(*, name: str, model: Model, cfg: ModelConfig, params: Any, phase
                       opt=phase.opt, steps=phase.steps, workdir=phase_dir, mesh=mesh,
                       identity={"stage": identity, "phase": name}, accum=accum,
                       checkpoint_every=phase.checkpoint_every, log_every=phase.log_every, desc=name, data_iter=it,
-                      divergence_factor=phase.divergence_factor)
+                      divergence_factor=phase.divergence_factor, checkpoint_fallback=checkpoint_fallback)
   tokens = float(phase.steps * batch_size * phase.data.seq_len)
   trainable_tree, _ = freeze.split(params, part)
   record = {

@@ -152,12 +152,14 @@ class Hook:
 def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: LossFn, batches, opt, steps: int,
           workdir: str, mesh, identity: dict, accum: int = 1, checkpoint_every: int = 100, log_every: int = 10,
           desc: str = "train", data_iter=None, updates_per_step: int = 1, hooks: Sequence[Hook] = (),
-          divergence_factor: float = 10.0) -> Result:
+          divergence_factor: float = 10.0, checkpoint_fallback: bool = False) -> Result:
   """Trains `part`'s trainable leaves of `params` for `steps` steps; resumes from workdir/checkpoints if present.
 
   batches: a BatchSource, or an iterator of this process's share of each global batch ([B_local, ...] numpy dicts);
   data_iter (if it has get_state/set_state, e.g. a grain iterator) is checkpointed with the state so the data resumes
   exactly. updates_per_step: optimiser updates per step (RL: epochs x minibatches), for the schedule's length.
+  checkpoint_fallback: a latest checkpoint that fails its checksums is moved aside and the previous one resumed
+  (a stage config's `checkpoint_fallback`, the CLI's --checkpoint_fallback); else the run is refused.
   Built-in hooks: metrics.jsonl + TensorBoard (process 0) and a progress bar; `hooks` come after them.
   """
   workdir_lib.claim_checkpoints(workdir, identity, migrate=stage_configs.migrate_identity)
@@ -165,7 +167,7 @@ def train(*, params: dict, cfg: ModelConfig, part: freeze.Partition, loss_fn: Lo
   tx, sched = optim.adamw(opt, steps * updates_per_step)
   trainable, frozen, opt_state = init_state(params, cfg, part, tx, mesh)
 
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), fallback=checkpoint_fallback)
   start = ckpt.latest_step() or 0
   history_path = os.path.join(workdir, "metrics.jsonl")
   if start:

@@ -90,6 +90,7 @@ def branch_config(config, domain: str, base_dir: str) -> ml_collections.ConfigDi
   bc = stage_config("branch", arg, config.branch.overrides)
   bc.capability = domain
   bc.base = base_dir
+  bc.checkpoint_fallback = config.checkpoint_fallback  # run-time: the pipeline's, for every step that trains
   for name, phase_over in config.branch.phases.items():
     if name in bc.phases:
       bc.phases[name] = apply_overrides(bc.phases[name], phase_over)
@@ -100,6 +101,7 @@ def branch_config(config, domain: str, base_dir: str) -> ml_collections.ConfigDi
 def router_config(config, merged_dir: str) -> ml_collections.ConfigDict:
   rc = stage_config("router", config.router.arg or None, config.router.overrides)
   rc.model = merged_dir
+  rc.checkpoint_fallback = config.checkpoint_fallback
   rc.eval = ml_collections.ConfigDict(dict(rc.eval.to_dict(), domains=[], before=False))  # the pipeline evaluates
   return rc
 

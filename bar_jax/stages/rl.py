@@ -38,7 +38,8 @@ def run(config, workdir: str) -> str:
   if eval_task:
     metrics[f"{eval_task.name}_before"] = rollouts.evaluate_task(model.params, cfg, model.tokenizer, eval_task, **ev)
   params, record = rollouts.run_rl(model.params, cfg, model.tokenizer, rc, os.path.join(workdir, "rl"), mesh=mesh,
-                                   identity=identity, compute=compute)
+                                   identity=identity, compute=compute,
+                                   checkpoint_fallback=config.checkpoint_fallback)
   if eval_task:
     metrics[f"{eval_task.name}_after"] = rollouts.evaluate_task(params, cfg, model.tokenizer, eval_task, **ev)
   record["metrics"] = metrics

@@ -181,7 +181,8 @@ class Console(loop.Hook):
 
 
 def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, mesh, identity: dict,
-           task: Task | None = None, compute: Compute = Compute()) -> tuple[dict, dict]:
+           task: Task | None = None, compute: Compute = Compute(), checkpoint_fallback: bool = False
+           ) -> tuple[dict, dict]:
   """GRPO on `params` for config.steps rollout steps through loop.train; resumes from workdir/checkpoints.
 
   config: a full RL config (configs/rl.py rl_config()). Returns (params, record): the manifest's stage entry with
@@ -208,7 +209,8 @@ def run_rl(params, cfg: ModelConfig, tokenizer, config, workdir: str, *, mesh, i
                                                                                       n_prompts=len(task.prompts)),
                       accum=config.accum, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
                       desc="rl", updates_per_step=config.ppo_epochs * config.minibatches,
-                      hooks=[Console(source, config.steps)], divergence_factor=0.0)
+                      hooks=[Console(source, config.steps)], divergence_factor=0.0,
+                      checkpoint_fallback=checkpoint_fallback)
   return result.params, _record(config, cfg, task, n_trainable, result.history, time.time() - t0)
 
 

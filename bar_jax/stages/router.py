@@ -35,7 +35,8 @@ def run(config, workdir: str) -> str:
   metrics_before = rt.evaluate(config, cfg, model.params, model.tokenizer, mesh, experts[1:], compute) \
       if config.eval.before else {}
   params, record = rt.train_router(model, cfg, model.params, rc, fractions, workdir, mesh, seed=config.seed,
-                                   identity=identity, compute=compute, experts=experts)
+                                   identity=identity, compute=compute, experts=experts,
+                                   checkpoint_fallback=config.checkpoint_fallback)
   rt.check_only_router_changed(model.params, params, cfg)
   parent = dict(model.manifest, role="moe")
   return rt.finish(config, workdir, model, cfg, params, [record], [parent], experts, mesh, identity=identity,

@@ -140,7 +140,7 @@ def init_router(model: models.Model, cfg, params, rc: ml_collections.ConfigDict,
 def train_router(model: models.Model, cfg, params, rc: ml_collections.ConfigDict, fractions: Mapping[str, float],
                  workdir: str, mesh, *, seed: int, identity: dict, name: str = "router",
                  frozen_experts: Sequence[int] = (), compute: Compute = Compute(),
-                 experts: Sequence[str] | None = None) -> tuple[Any, dict]:
+                 experts: Sequence[str] | None = None, checkpoint_fallback: bool = False) -> tuple[Any, dict]:
   """Only the router kernel trains (its frozen_experts columns excepted), after rc.init sets its columns from data
   (`init_router`; experts names the MoE's experts, anchor first); rc.epochs = 0 trains nothing (a pure closed-form
   router). Returns (params, stage record; an init's record under "init")."""
@@ -158,7 +158,7 @@ def train_router(model: models.Model, cfg, params, rc: ml_collections.ConfigDict
   params, record = common.train_phase(name=name, model=model, cfg=cfg, params=params, phase=phase, workdir=workdir,
                                       mesh=mesh, seed=seed, identity=identity,
                                       trainable=list(freeze.SCHEDULE["router"]), frozen_experts=list(frozen_experts),
-                                      batches=batches, compute=compute)
+                                      batches=batches, compute=compute, checkpoint_fallback=checkpoint_fallback)
   # max_steps may cut the configured epochs short: record the passes actually made over the sample.
   record.update(sample_rows=rows, epochs_configured=float(rc.epochs),
                 epochs=round(phase.steps * rc.batch_size / max(rows, 1), 4), init=init_record)

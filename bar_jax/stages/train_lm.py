@@ -27,7 +27,8 @@ def run(config, workdir: str) -> str:
     phase = config.phases[name]
     params, record = common.train_phase(name=name, model=base, cfg=cfg, params=params, phase=phase,
                                         workdir=workdir, mesh=mesh, seed=config.seed, identity=identity,
-                                        trainable=phase.trainable, frozen_experts=(), compute=compute)
+                                        trainable=phase.trainable, frozen_experts=(), compute=compute,
+                                        checkpoint_fallback=config.checkpoint_fallback)
     stages.append(record)
   metrics = common.evaluate(config, cfg, params, base.tokenizer, mesh, compute)
   parent = dict(base.manifest, role="base")

@@ -172,7 +172,8 @@ def run(config, workdir: str) -> str:
       frozen = [e for e in range(cfg.n_experts) if e != index]
     params, record = rt.train_router(model, cfg, params, rc, fractions, workdir, mesh, seed=config.seed,
                                      identity=ident, name=f"router_{config.router_update}",
-                                     frozen_experts=frozen, compute=compute, experts=experts)
+                                     frozen_experts=frozen, compute=compute, experts=experts,
+                                     checkpoint_fallback=config.checkpoint_fallback)
     record["router_update"] = config.router_update
     stages.append(record)
   # Bit-identity guard: against the input MoE, only the new expert (slot `index`) and the router may differ.
@@ -237,7 +238,8 @@ def _remove(config, workdir: str, ident: dict) -> str:
     rc = config.router
     fractions = {d: float(rc.fraction) for d in rt.data_domains(rc, lookup)}
     params, record = rt.train_router(model, cfg, params, rc, fractions, workdir, mesh, seed=config.seed,
-                                     identity=ident, name="router_full", compute=compute, experts=experts)
+                                     identity=ident, name="router_full", compute=compute, experts=experts,
+                                     checkpoint_fallback=config.checkpoint_fallback)
     record["router_update"] = "full"
     stages.append(record)
   check_kept(model.params, params, model.cfg, cfg, keep, router_changed=config.router_update != "none")
