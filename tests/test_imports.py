@@ -1,6 +1,7 @@
 """The layering, read from the source with ast (nothing is imported): no import cycle inside bar_jax, no stage
-importing another stage, a functional core (bar_jax/model, bar_jax/transforms) that does no I/O, no arrow up from
-data/ to evals/, an io/ that knows no stage, and tests that never import experiments/ (they run it)."""
+importing another stage, nothing outside bar_jax/stages importing it, a functional core (bar_jax/model,
+bar_jax/transforms) that does no I/O, no arrow up from data/ to evals/, an io/ that knows no stage, and tests that
+never import experiments/ (they run it)."""
 import ast
 import os
 
@@ -113,6 +114,23 @@ def test_no_stage_imports_another_stage():
   assert {"bar_jax.stages.merge", "bar_jax.stages.branch"} <= stages
   bad = sorted(f"{s} imports {i}" for s in stages for i in imports(s) if i in stages and i != s)
   assert not bad, "; ".join(bad)
+
+
+def shell_imports() -> list[str]:
+  """Modules outside bar_jax/stages that import from it. The shell imports the library, never the reverse: the
+  report, config loading and model loading live below it, and the CLI reaches a stage by name (importlib)."""
+  return sorted(f"{m} imports {i}" for m in MODULES if not m.startswith("bar_jax.stages")
+                for i in imports(m) if i.startswith("bar_jax.stages"))
+
+
+def test_the_library_never_imports_the_shell():
+  TREES["bar_jax.evals._probe"] = ast.parse("def f():\n  from bar_jax.stages import common")
+  MODULES["bar_jax.evals._probe"] = "_probe.py"
+  try:
+    assert shell_imports() == ["bar_jax.evals._probe imports bar_jax.stages.common"]  # the check can fail
+  finally:
+    del TREES["bar_jax.evals._probe"], MODULES["bar_jax.evals._probe"]
+  assert not shell_imports(), "; ".join(shell_imports())
 
 
 def test_functional_core_does_no_io():
